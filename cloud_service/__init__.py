@@ -1,0 +1,1 @@
+"""The cloud side of splitkd: teacher, split-KD sessions, model registry, gRPC + HTTP."""

@@ -1,0 +1,93 @@
+"""The cloud's HTTP API (FastAPI): health, model registry, sessions."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Path
+from fastapi.responses import FileResponse
+
+from cloud_service.service import CloudService
+from splitkd import __version__
+from splitkd.errors import SplitKDError
+
+_HTTP_STATUS = {"INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "FAILED_PRECONDITION": 409, "RESOURCE_EXHAUSTED": 429}
+NAME = Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", description="model name, e.g. student-edge-0")
+VERSION = Path(ge=1, le=1_000_000, description="model version, from 1")
+
+
+def _http_error(exc: SplitKDError) -> HTTPException:
+    return HTTPException(status_code=_HTTP_STATUS.get(exc.status, 500), detail=str(exc))
+
+
+def create_app(service: CloudService) -> FastAPI:
+    app = FastAPI(title="splitkd cloud", version=__version__)
+    started = time.time()
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, Any]:
+        teacher = service.teacher
+        return {
+            "status": "ok",
+            "uptime_seconds": round(time.time() - started, 3),
+            "teacher": {
+                "spec": teacher.spec.describe(),
+                "parameters": teacher.parameters,
+                "accuracy": teacher.accuracy,
+                "signature": teacher.signature.describe(),
+            },
+            "sessions": len(service.sessions),
+        }
+
+    @app.get("/v1/models")
+    def list_models() -> dict[str, Any]:
+        models = []
+        for name in service.registry.names():
+            versions = service.registry.versions(name)
+            if versions:
+                models.append({"name": name, "latest": versions[-1].version, "versions": [v.version for v in versions]})
+        return {"models": models}
+
+    @app.get("/v1/models/{name}/versions/{version}")
+    def model_metadata(name: str = NAME, version: int = VERSION) -> dict[str, object]:
+        try:
+            return service.registry.get(name, version).to_dict()
+        except SplitKDError as exc:
+            raise _http_error(exc) from exc
+
+    @app.get("/v1/models/{name}/versions/{version}/model.onnx")
+    def model_file(name: str = NAME, version: int = VERSION) -> FileResponse:
+        try:
+            record = service.registry.get(name, version)
+            path = service.registry.path(name, version)
+        except SplitKDError as exc:
+            raise _http_error(exc) from exc
+        return FileResponse(
+            path,
+            media_type="application/octet-stream",
+            filename=f"{name}-v{version}.onnx",
+            headers={"X-Model-SHA256": record.sha256},
+        )
+
+    @app.get("/v1/sessions")
+    def list_sessions() -> dict[str, Any]:
+        return {
+            "sessions": [
+                {
+                    # A prefix only: the full id is the session's bearer secret.
+                    "session": s.session_id[:8],
+                    "device_id": s.device_id,
+                    "steps": s.next_step,
+                    "student_cut": s.student_cut,
+                    "teacher_cut": s.teacher_cut,
+                    "model_name": s.model_name,
+                    "finished_version": s.finished_version,
+                    "device_profile": s.device_profile,
+                    "link_profile": s.link_profile,
+                }
+                for s in service.sessions.all()
+            ]
+        }
+
+    return app

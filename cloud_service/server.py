@@ -1,0 +1,82 @@
+"""Build and run the cloud process: one gRPC server and one HTTP server."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from types import FrameType
+
+import grpc
+import uvicorn
+
+from cloud_service.http_api import create_app
+from cloud_service.service import CloudService
+from cloud_service.servicer import SplitTrainingServicer
+from splitkd.grpc_options import DEFAULT_MAX_MESSAGE_BYTES, server_options
+from splitkd.v1 import splitkd_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+
+def build_grpc_server(
+    service: CloudService,
+    address: str,
+    *,
+    max_workers: int = 16,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+) -> tuple[grpc.Server, int]:
+    """A started-ready gRPC server bound to ``address``; returns it and the bound port."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
+        options=server_options(max_message_bytes),
+    )
+    pb_grpc.add_SplitTrainingServicer_to_server(SplitTrainingServicer(service), server)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot listen for gRPC on {address} (port in use?)")
+    return server, port
+
+
+@dataclass
+class ServeOptions:
+    host: str = "0.0.0.0"
+    grpc_port: int = 50051
+    http_port: int = 8000
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    grace_seconds: float = 5.0
+
+
+def serve(service: CloudService, options: ServeOptions) -> None:
+    """Run until SIGINT/SIGTERM; then stop taking calls and let running ones finish."""
+    grpc_server, grpc_port = build_grpc_server(
+        service, f"{options.host}:{options.grpc_port}", max_message_bytes=options.max_message_bytes
+    )
+    grpc_server.start()
+    config = uvicorn.Config(
+        create_app(service), host=options.host, port=options.http_port, log_level="warning", access_log=False
+    )
+    http_server = uvicorn.Server(config)
+    # uvicorn installs no signal handlers outside the main thread, so the main
+    # thread owns SIGTERM/SIGINT and stops both servers together.
+    http_thread = threading.Thread(target=http_server.run, name="http", daemon=True)
+    http_thread.start()
+    stopping = threading.Event()
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        log.info("signal %d: draining (%.0f s grace)", signum, options.grace_seconds)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    log.info("cloud ready: gRPC on %s:%d, HTTP on %s:%d", options.host, grpc_port, options.host, options.http_port)
+    while not stopping.wait(0.5):
+        if not http_thread.is_alive():
+            grpc_server.stop(0)
+            raise OSError(f"the HTTP server stopped (is port {options.http_port} in use?)")
+    http_server.should_exit = True
+    grpc_server.stop(options.grace_seconds).wait()
+    http_thread.join(options.grace_seconds)
+    log.info("cloud stopped")

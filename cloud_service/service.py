@@ -1,0 +1,142 @@
+"""The cloud's application logic: register, step, evaluate, finish, download.
+
+Takes and returns domain values (numpy arrays, dataclasses); the gRPC
+servicer and the HTTP API are thin adapters over this class.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cloud_service.registry import ModelRecord, ModelRegistry
+from cloud_service.session import Session, StepResult
+from cloud_service.sessions import SessionStore
+from cloud_service.teacher import Teacher
+from splitkd.errors import FailedPrecondition, InvalidArgument
+from splitkd.hyper import Hyperparameters
+from splitkd.models import zoo
+from splitkd.models.spec import ModelSpec
+from splitkd.onnx_export import export_checked
+from splitkd.signature import DatasetSignature
+
+log = logging.getLogger(__name__)
+
+_DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# 1 MiB chunks: well under gRPC's 4 MiB default receive limit on any client.
+DOWNLOAD_CHUNK_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class CloudConfig:
+    student_cut: int = 1
+    teacher_cut: int = 1
+    hyper: Hyperparameters = Hyperparameters()
+    student_spec: ModelSpec | None = None
+
+
+class CloudService:
+    def __init__(self, teacher: Teacher, registry: ModelRegistry, sessions: SessionStore, config: CloudConfig) -> None:
+        self.teacher = teacher
+        self.registry = registry
+        self.sessions = sessions
+        self.config = config
+        self.student_spec = config.student_spec or zoo.default_student(teacher.signature)
+        self.student_spec.check_cut(config.student_cut, "student cut")
+        teacher.spec.check_cut(config.teacher_cut, "teacher cut")
+        self._export_lock = threading.Lock()
+
+    def register(
+        self,
+        device_id: str,
+        signature: DatasetSignature,
+        *,
+        requested_epochs: int = 0,
+        device_profile: str = "",
+        link_profile: str = "",
+    ) -> Session:
+        if not _DEVICE_ID.match(device_id):
+            raise InvalidArgument(f"device id {device_id!r} must be 1-64 letters, digits, '.', '_' or '-'")
+        if requested_epochs < 0:
+            raise InvalidArgument(f"requested epochs must be >= 0, got {requested_epochs}")
+        self.teacher.check_serves(signature)
+        hyper = self.config.hyper.with_epochs(requested_epochs)
+        session = Session(
+            session_id=SessionStore.new_id(),
+            device_id=device_id,
+            student_spec=self.student_spec,
+            teacher_spec=self.teacher.spec,
+            student_cut=self.config.student_cut,
+            teacher_cut=self.config.teacher_cut,
+            hyper=hyper,
+            model_name=f"student-{device_id}",
+            student=zoo.build(self.student_spec, hyper.seed),
+            teacher=self.teacher.model,
+            device_profile=device_profile,
+            link_profile=link_profile,
+        )
+        self.sessions.add(session)
+        log.info("session %s… registered for device %s (%s)", session.session_id[:8], device_id, signature.describe())
+        return session
+
+    def step(
+        self, session_id: str, step: int, student_act: np.ndarray, teacher_act: np.ndarray, labels: np.ndarray
+    ) -> StepResult:
+        session = self.sessions.get(session_id)
+        with session.lock:
+            return session.step(step, student_act, teacher_act, labels)
+
+    def evaluate(self, session_id: str, student_act: np.ndarray) -> np.ndarray:
+        session = self.sessions.get(session_id)
+        with session.lock:
+            return session.evaluate(student_act)
+
+    def finish(self, session_id: str, head_state: dict[str, np.ndarray], steps: int) -> ModelRecord:
+        session = self.sessions.get(session_id)
+        with session.lock:
+            if session.finished_version is not None:
+                return self.registry.get(session.model_name, session.finished_version)
+            if steps != session.next_step:
+                raise FailedPrecondition(
+                    f"the edge applied {steps} steps but the cloud applied {session.next_step}; "
+                    "resume training before finishing"
+                )
+            student = session.assemble(head_state)
+            # Export is CPU-heavy and rare: one at a time keeps steps of other sessions flowing.
+            with self._export_lock:
+                onnx_bytes, diff = export_checked(student, self.student_spec.input_shape)
+                record = self.registry.publish(
+                    session.model_name,
+                    onnx_bytes,
+                    parameters=zoo.parameter_count(self.student_spec),
+                    max_abs_diff=diff,
+                    input_shape=list(self.student_spec.input_shape),
+                    num_classes=self.student_spec.num_classes,
+                    device_id=session.device_id,
+                    steps=session.next_step,
+                )
+            session.finished_version = record.version
+            log.info("session %s… finished: %s v%d (%d bytes)", session_id[:8], record.name, record.version, record.size_bytes)
+            return record
+
+    def open_download(self, name: str, version: int, offset: int) -> tuple[ModelRecord, Iterator[tuple[int, bytes]]]:
+        """The model's record (checked now) and an iterator of ``(offset, chunk)`` from ``offset``."""
+        record = self.registry.get(name, version)
+        if not 0 <= offset <= record.size_bytes:
+            raise InvalidArgument(f"offset {offset} is outside the model's {record.size_bytes} bytes")
+        path: Path = self.registry.path(name, record.version)
+        return record, _chunks(path, offset)
+
+
+def _chunks(path: Path, offset: int) -> Iterator[tuple[int, bytes]]:
+    with path.open("rb") as handle:
+        handle.seek(offset)
+        while chunk := handle.read(DOWNLOAD_CHUNK_BYTES):
+            yield offset, chunk
+            offset += len(chunk)

@@ -1,0 +1,194 @@
+"""One edge's split-KD session: the cloud half of every training step.
+
+No network here: the servicer decodes messages into numpy arrays and calls
+these methods, so the logic is tested in-process and the wire separately.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from splitkd.errors import FailedPrecondition, InvalidArgument
+from splitkd.hyper import Hyperparameters
+from splitkd.kd import kd_loss
+from splitkd.models import zoo
+from splitkd.models.spec import ModelSpec
+from splitkd.models.staged import StagedModel
+from splitkd.training import make_optimizer
+
+# One batch is at most this many samples; the edge's batch size is far below.
+MAX_BATCH = 4096
+
+
+@dataclass(frozen=True)
+class StepResult:
+    step: int
+    gradient: np.ndarray
+    loss: float
+    kd_loss: float
+    ce_loss: float
+    correct: int
+    replayed: bool = False
+
+
+@dataclass
+class SessionTimes:
+    """Seconds of cloud compute in the last step, by part (for metrics)."""
+
+    teacher_seconds: float = 0.0
+    student_seconds: float = 0.0
+
+
+@dataclass
+class Session:
+    session_id: str
+    device_id: str
+    student_spec: ModelSpec
+    teacher_spec: ModelSpec
+    student_cut: int
+    teacher_cut: int
+    hyper: Hyperparameters
+    model_name: str
+    student: StagedModel
+    teacher: StagedModel  # shared with every session, frozen, never trained here
+    device_profile: str = ""
+    link_profile: str = ""
+    next_step: int = 0
+    created: float = field(default_factory=time.monotonic)
+    last_seen: float = field(default_factory=time.monotonic)
+    finished_version: int | None = None
+    times: SessionTimes = field(default_factory=SessionTimes)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _optimizer: torch.optim.Optimizer | None = field(default=None, repr=False)
+    _last: StepResult | None = field(default=None, repr=False)
+    _last_digest: bytes = field(default=b"", repr=False)
+    _student_shape: tuple[int, ...] = ()
+    _teacher_shape: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.student_spec.check_cut(self.student_cut, "student cut")
+        self.teacher_spec.check_cut(self.teacher_cut, "teacher cut")
+        tail = self.student.stages[self.student_cut :]
+        self._optimizer = make_optimizer(tail.parameters(), self.hyper)
+        self._student_shape = zoo.activation_shape(self.student_spec, self.student_cut)
+        self._teacher_shape = zoo.activation_shape(self.teacher_spec, self.teacher_cut)
+
+    @property
+    def student_activation_shape(self) -> tuple[int, ...]:
+        return self._student_shape
+
+    @property
+    def teacher_activation_shape(self) -> tuple[int, ...]:
+        return self._teacher_shape
+
+    @property
+    def num_classes(self) -> int:
+        return self.student_spec.num_classes
+
+    def touch(self) -> None:
+        self.last_seen = time.monotonic()
+
+    def _check_batch(self, student_act: np.ndarray, labels: np.ndarray | None) -> int:
+        batch = student_act.shape[0]
+        if not 1 <= batch <= MAX_BATCH:
+            raise InvalidArgument(f"batch of {batch} samples is outside 1..{MAX_BATCH}")
+        if labels is not None:
+            if labels.shape != (batch,):
+                raise InvalidArgument(f"labels have shape {list(labels.shape)}, expected [{batch}]")
+            if labels.min() < 0 or labels.max() >= self.num_classes:
+                raise InvalidArgument(f"labels must be in 0..{self.num_classes - 1}")
+        return batch
+
+    def step(
+        self, step: int, student_act: np.ndarray, teacher_act: np.ndarray, labels: np.ndarray
+    ) -> StepResult:
+        """Finish both forward passes, apply the KD loss, update the tail, return the cut gradient.
+
+        Callers hold ``self.lock``. A resent last step (same number, same bytes)
+        returns the stored result and changes nothing.
+        """
+        digest = _digest(step, student_act, teacher_act, labels)
+        if self._last is not None and step == self._last.step:
+            if digest == self._last_digest:
+                return StepResult(**{**self._last.__dict__, "replayed": True})
+            raise FailedPrecondition(f"step {step} was already applied with different data")
+        if self.finished_version is not None:
+            raise FailedPrecondition("this session is finished; register again to train more")
+        if step != self.next_step:
+            raise FailedPrecondition(f"step {step} is out of order: the cloud expects step {self.next_step}")
+        batch = self._check_batch(student_act, labels)
+        if teacher_act.shape[0] != batch:
+            raise InvalidArgument(
+                f"teacher activations have {teacher_act.shape[0]} samples, student activations {batch}"
+            )
+
+        started = time.perf_counter()
+        with torch.no_grad():
+            teacher_logits = self.teacher.run(
+                torch.from_numpy(teacher_act.astype(np.float32)), self.teacher_cut, len(self.teacher.stages)
+            )
+        teacher_done = time.perf_counter()
+
+        self.student.train()
+        cut = torch.from_numpy(student_act.astype(np.float32)).requires_grad_(True)
+        student_logits = self.student.run(cut, self.student_cut, len(self.student.stages))
+        loss = kd_loss(
+            student_logits,
+            teacher_logits,
+            torch.from_numpy(labels.astype(np.int64)),
+            self.hyper.kd_alpha,
+            self.hyper.kd_temperature,
+        )
+        assert self._optimizer is not None
+        self._optimizer.zero_grad()
+        loss.total.backward()
+        self._optimizer.step()
+        assert cut.grad is not None
+        correct = int((student_logits.detach().argmax(dim=1).numpy() == labels).sum())
+        self.times = SessionTimes(teacher_done - started, time.perf_counter() - teacher_done)
+
+        result = StepResult(
+            step=step,
+            gradient=cut.grad.numpy(),
+            loss=float(loss.total.detach()),
+            kd_loss=float(loss.kd.detach()),
+            ce_loss=float(loss.ce.detach()),
+            correct=correct,
+        )
+        self._last, self._last_digest = result, digest
+        self.next_step = step + 1
+        return result
+
+    def evaluate(self, student_act: np.ndarray) -> np.ndarray:
+        self._check_batch(student_act, None)
+        self.student.eval()
+        with torch.no_grad():
+            logits = self.student.run(
+                torch.from_numpy(student_act.astype(np.float32)), self.student_cut, len(self.student.stages)
+            )
+        return logits.numpy()
+
+    def assemble(self, head_state: dict[str, np.ndarray]) -> StagedModel:
+        """The whole student: the edge's trained head plus the cloud's trained tail."""
+        whole = zoo.build(self.student_spec)
+        whole.load_state_dict(self.student.state_dict())
+        whole.load_part(0, self.student_cut, head_state)
+        whole.eval()
+        return whole
+
+    def head_shapes(self) -> dict[str, tuple[int, ...]]:
+        return self.student.part_shapes(0, self.student_cut)
+
+
+def _digest(step: int, *arrays: np.ndarray) -> bytes:
+    h = hashlib.blake2b(str(step).encode(), digest_size=16)
+    for a in arrays:
+        h.update(str(a.shape).encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.digest()

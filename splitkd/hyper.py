@@ -1,0 +1,41 @@
+"""Training hyperparameters shared by the cloud (which chooses them) and the edge."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from splitkd.errors import InvalidArgument
+from splitkd.kd_defaults import DEFAULT_ALPHA, DEFAULT_TEMPERATURE
+
+OPTIMIZERS = ("adam", "sgd")
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    optimizer: str = "adam"
+    learning_rate: float = 0.01
+    batch_size: int = 32
+    epochs: int = 30
+    kd_alpha: float = DEFAULT_ALPHA
+    kd_temperature: float = DEFAULT_TEMPERATURE
+    seed: int = 0
+    wire_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise InvalidArgument(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if not 0 < self.learning_rate < 10:
+            raise InvalidArgument(f"learning rate must be in (0, 10), got {self.learning_rate}")
+        if not 1 <= self.batch_size <= 4096:
+            raise InvalidArgument(f"batch size must be in 1..4096, got {self.batch_size}")
+        if not 1 <= self.epochs <= 10_000:
+            raise InvalidArgument(f"epochs must be in 1..10000, got {self.epochs}")
+        if not 0.0 <= self.kd_alpha <= 1.0:
+            raise InvalidArgument(f"KD alpha must be in [0, 1], got {self.kd_alpha}")
+        if not 0.0 < self.kd_temperature <= 100.0:
+            raise InvalidArgument(f"KD temperature must be in (0, 100], got {self.kd_temperature}")
+        if self.wire_dtype not in ("float32", "float16"):
+            raise InvalidArgument(f"wire dtype must be float32 or float16, got {self.wire_dtype!r}")
+
+    def with_epochs(self, epochs: int) -> Hyperparameters:
+        return replace(self, epochs=epochs) if epochs > 0 else self

@@ -1,0 +1,37 @@
+"""The knowledge-distillation loss (Hinton et al.; torchdistill's formulation).
+
+loss = alpha * tau^2 * KL(p_t || p_s) + (1 - alpha) * CE(z_s, y), with
+p = softmax(z / tau). torchdistill writes the KL term as
+``KLDivLoss(log_softmax(z_s / tau), softmax(z_t / tau))``; the tau^2 factor
+keeps the gradient scale independent of the temperature.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+
+from splitkd.kd_defaults import DEFAULT_ALPHA, DEFAULT_TEMPERATURE
+
+
+class KDLoss(NamedTuple):
+    total: torch.Tensor
+    kd: torch.Tensor
+    ce: torch.Tensor
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    alpha: float = DEFAULT_ALPHA,
+    temperature: float = DEFAULT_TEMPERATURE,
+) -> KDLoss:
+    log_p_student = F.log_softmax(student_logits / temperature, dim=1)
+    p_teacher = F.softmax(teacher_logits / temperature, dim=1)
+    kd = F.kl_div(log_p_student, p_teacher, reduction="batchmean") * temperature * temperature
+    ce = F.cross_entropy(student_logits, labels)
+    return KDLoss(alpha * kd + (1.0 - alpha) * ce, kd, ce)

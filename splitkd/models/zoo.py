@@ -1,0 +1,134 @@
+"""Model families and the default teacher/student pair for a dataset signature.
+
+Families are registered by decorator; a spec can only name a registered
+family, so a config file or a peer never makes this process run new code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from math import prod
+
+import torch
+from torch import nn
+
+from splitkd.models.spec import ModelSpec
+from splitkd.models.staged import StagedModel, count_parameters
+from splitkd.signature import DatasetSignature
+
+Builder = Callable[[ModelSpec], list[nn.Module]]
+_FAMILIES: dict[str, Builder] = {}
+
+# The teacher must be much larger than the student (the brief asks for >= 50x);
+# we aim a little higher so that rounding widths never lands under the bar.
+MIN_TEACHER_RATIO = 64
+
+
+def register_family(name: str) -> Callable[[Builder], Builder]:
+    def wrap(builder: Builder) -> Builder:
+        _FAMILIES[name] = builder
+        return builder
+
+    return wrap
+
+
+def _classifier_stages(in_features: int, spec: ModelSpec, flatten: bool) -> list[nn.Module]:
+    stages: list[nn.Module] = []
+    width = in_features
+    for i, hidden in enumerate(spec.hidden):
+        layers: list[nn.Module] = [nn.Flatten()] if flatten and i == 0 else []
+        stages.append(nn.Sequential(*layers, nn.Linear(width, hidden), nn.ReLU()))
+        width = hidden
+    final: list[nn.Module] = [nn.Flatten()] if flatten and not spec.hidden else []
+    stages.append(nn.Sequential(*final, nn.Linear(width, spec.num_classes)))
+    return stages
+
+
+@register_family("mlp")
+def _mlp(spec: ModelSpec) -> list[nn.Module]:
+    stages: list[nn.Module] = []
+    width = spec.input_shape[0]
+    for w in spec.widths:
+        stages.append(nn.Sequential(nn.Linear(width, w), nn.ReLU()))
+        width = w
+    return stages + _classifier_stages(width, spec, flatten=False)
+
+
+@register_family("cnn1d")
+def _cnn1d(spec: ModelSpec) -> list[nn.Module]:
+    channels, length = spec.input_shape
+    stages: list[nn.Module] = []
+    for w in spec.widths:
+        # Pool while there is something left to pool: short sensor windows keep their length.
+        pool: list[nn.Module] = [nn.MaxPool1d(2)] if length >= 2 else []
+        stages.append(nn.Sequential(nn.Conv1d(channels, w, 3, padding=1), nn.ReLU(), *pool))
+        channels, length = w, (length // 2 if length >= 2 else length)
+    return stages + _classifier_stages(channels * length, spec, flatten=True)
+
+
+@register_family("cnn2d")
+def _cnn2d(spec: ModelSpec) -> list[nn.Module]:
+    channels, height, width = spec.input_shape
+    stages: list[nn.Module] = []
+    for w in spec.widths:
+        can_pool = height >= 2 and width >= 2
+        pool: list[nn.Module] = [nn.MaxPool2d(2)] if can_pool else []
+        stages.append(nn.Sequential(nn.Conv2d(channels, w, 3, padding=1), nn.ReLU(), *pool))
+        channels = w
+        if can_pool:
+            height, width = height // 2, width // 2
+    return stages + _classifier_stages(channels * height * width, spec, flatten=True)
+
+
+def build(spec: ModelSpec, seed: int = 0) -> StagedModel:
+    """Build ``spec`` with weights initialised deterministically from ``seed``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return StagedModel(_FAMILIES[spec.family](spec))
+
+
+def _family_for(signature: DatasetSignature) -> str:
+    return {"features": "mlp", "sequence": "cnn1d", "image": "cnn2d"}[signature.kind]
+
+
+def default_student(signature: DatasetSignature) -> ModelSpec:
+    family = _family_for(signature)
+    shape, classes = signature.input_shape, signature.num_classes
+    if family == "mlp":
+        return ModelSpec(family, shape, classes, widths=(16,))
+    if family == "cnn1d":
+        return ModelSpec(family, shape, classes, widths=(8, 16))
+    return ModelSpec(family, shape, classes, widths=(8, 16))
+
+
+def default_teacher(signature: DatasetSignature, student: ModelSpec | None = None) -> ModelSpec:
+    """The smallest teacher of our ladder with >= MIN_TEACHER_RATIO x the student's parameters."""
+    family = _family_for(signature)
+    shape, classes = signature.input_shape, signature.num_classes
+    student_params = parameter_count(student or default_student(signature))
+    spec = None
+    for scale in (1, 2, 4, 8, 16):
+        if family == "mlp":
+            spec = ModelSpec(family, shape, classes, widths=(256 * scale, 256 * scale), hidden=(256 * scale,))
+        else:
+            spec = ModelSpec(family, shape, classes, widths=(32 * scale, 128 * scale, 256 * scale), hidden=(256 * scale,))
+        if parameter_count(spec) >= MIN_TEACHER_RATIO * student_params:
+            return spec
+    assert spec is not None
+    return spec
+
+
+def parameter_count(spec: ModelSpec) -> int:
+    return count_parameters(StagedModel(_FAMILIES[spec.family](spec)))
+
+
+def activation_shape(spec: ModelSpec, cut: int) -> tuple[int, ...]:
+    """Per-sample shape of the activations at ``cut`` (what crosses the network)."""
+    model = build(spec)
+    with torch.no_grad():
+        out = model.run(torch.zeros((1, *spec.input_shape)), 0, cut)
+    return tuple(out.shape[1:])
+
+
+def activation_elements(spec: ModelSpec, cut: int) -> int:
+    return prod(activation_shape(spec, cut))
