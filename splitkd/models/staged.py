@@ -55,7 +55,7 @@ class StagedModel(nn.Module):
             for name, value in state.items():
                 if tuple(value.shape) != expected[name]:
                     raise InvalidArgument(f"weight {name} has shape {list(value.shape)}, expected {list(expected[name])}")
-                own[name].copy_(torch.from_numpy(np.asarray(value, dtype=np.float32)))
+                own[name].copy_(torch.from_numpy(np.array(value, dtype=np.float32)))
 
 
 def count_parameters(model: nn.Module) -> int:

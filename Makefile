@@ -1,0 +1,50 @@
+# One entry point for developers and CI. Every target creates .venv when absent.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: help venv demo test lint typecheck unit proto proto-check bench testbed compose-check clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch is pinned to 2.13.0 (its CPU wheel is local on our machines);
+	# installing it first keeps any other requirement from pulling a CUDA build.
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP) ## create .venv with everything installed
+
+demo: $(STAMP) ## cloud + two edges on digits, split KD, ONNX, report in runs/latest
+	$(BIN)/python -m splitkd.demo
+
+test: $(STAMP) proto-check lint typecheck unit ## everything CI runs: protos, ruff, mypy, pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+unit: $(STAMP)
+	$(BIN)/pytest -q
+
+proto: $(STAMP) ## regenerate splitkd/v1 from protos/ (commit the result)
+	PATH=$(BIN):$$PATH $(BIN)/python -m grpc_tools.protoc -I protos --python_out=. --grpc_python_out=. \
+	  --mypy_out=. --mypy_grpc_out=. protos/splitkd/v1/splitkd.proto
+
+proto-check: $(STAMP) ## fail when the committed stubs drift from the .proto
+	$(BIN)/python scripts/check_protos.py
+
+bench: $(STAMP) ## split step vs in-process step, wire bytes vs raw tensor bytes
+	$(BIN)/python -m benchmarks.step_bench
+
+clean:
+	rm -rf runs .splitkd-cloud .mypy_cache .ruff_cache .pytest_cache

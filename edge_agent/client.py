@@ -1,0 +1,250 @@
+"""The edge's gRPC client: a context manager with plain methods over the stub.
+
+It hides the channel, encodes numpy arrays, translates gRPC errors into one
+line a person can act on, retries idempotent calls on transient failures,
+and counts the bytes of every message it sends and receives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import TypeVar
+
+import grpc
+import numpy as np
+
+from edge_agent.errors import CloudRefused, EdgeError
+from splitkd import codec
+from splitkd.grpc_options import DEFAULT_MAX_MESSAGE_BYTES, channel_options
+from splitkd.hyper import Hyperparameters
+from splitkd.models.spec import ModelSpec
+from splitkd.signature import DatasetSignature
+from splitkd.v1 import splitkd_pb2 as pb
+from splitkd.v1 import splitkd_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+# gRPC adds a 5-byte length prefix to every message on the stream.
+GRPC_FRAME_BYTES = 5
+_TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+_WIRE_DTYPE = {pb.DTYPE_FLOAT32: "float32", pb.DTYPE_FLOAT16: "float16"}
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    session_id: str
+    student_spec: ModelSpec
+    teacher_spec: ModelSpec
+    student_cut: int
+    teacher_cut: int
+    student_head: dict[str, np.ndarray]
+    teacher_head: dict[str, np.ndarray]
+    hyper: Hyperparameters
+    next_step: int
+    model_name: str
+
+
+@dataclass(frozen=True)
+class StepReply:
+    step: int
+    gradient: np.ndarray
+    loss: float
+    kd_loss: float
+    ce_loss: float
+    correct: int
+    replayed: bool
+
+
+@dataclass
+class Traffic:
+    bytes_up: int = 0
+    bytes_down: int = 0
+    calls: int = 0
+
+
+def _spec(message: pb.ModelSpec) -> ModelSpec:
+    return ModelSpec.from_json(message.family, message.spec_json)
+
+
+class CloudClient:
+    """``with CloudClient("host:port") as cloud: cloud.register(...)``."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout: float = 60.0,
+        connect_timeout: float = 10.0,
+        retries: int = 5,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.retries = retries
+        self.traffic = Traffic()
+        self.on_traffic: Callable[[int, int], None] | None = None
+        self._channel = grpc.insecure_channel(address, options=channel_options(max_message_bytes))
+        self._stub = pb_grpc.SplitTrainingStub(self._channel)  # type: ignore[no-untyped-call]
+
+    def __enter__(self) -> CloudClient:
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=self.connect_timeout)
+        except grpc.FutureTimeoutError:
+            self._channel.close()
+            raise EdgeError(
+                f"cannot reach the cloud at {self.address} within {self.connect_timeout:.0f} s "
+                "(is splitkd-cloud running, and is the address right?)"
+            ) from None
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self._channel.close()
+
+    def _count(self, up: int, down: int) -> None:
+        self.traffic.bytes_up += up + GRPC_FRAME_BYTES
+        self.traffic.bytes_down += down + GRPC_FRAME_BYTES
+        self.traffic.calls += 1
+        if self.on_traffic is not None:
+            self.on_traffic(up + GRPC_FRAME_BYTES, down + GRPC_FRAME_BYTES)
+
+    def _call(self, method: str, call: Callable[[], T], *, idempotent: bool) -> T:
+        attempt = 0
+        while True:
+            try:
+                return call()
+            except grpc.RpcError as exc:
+                code = exc.code()  # type: ignore[attr-defined]
+                details = exc.details() or ""  # type: ignore[attr-defined]
+                if idempotent and code in _TRANSIENT and attempt < self.retries:
+                    # Exponential backoff with full jitter: a fleet that lost the
+                    # cloud at the same moment does not come back in lockstep.
+                    delay = random.uniform(0, min(30.0, 0.5 * 2**attempt))
+                    log.warning("%s failed (%s: %s); retrying in %.1f s", method, code.name, details, delay)
+                    time.sleep(delay)
+                    attempt += 1
+                    continue
+                raise CloudRefused(method, code.name, details) from None
+
+    def register(
+        self,
+        device_id: str,
+        signature: DatasetSignature,
+        *,
+        requested_epochs: int = 0,
+        device_profile: str = "",
+        link_profile: str = "",
+    ) -> SessionInfo:
+        request = pb.RegisterRequest(
+            device_id=device_id,
+            profile=pb.DeviceProfile(name=device_profile, link=link_profile),
+            signature=pb.DatasetSignature(
+                input_shape=list(signature.input_shape), num_classes=signature.num_classes, name=signature.name
+            ),
+            requested_epochs=requested_epochs,
+        )
+        reply: pb.RegisterResponse = self._call(
+            "Register", lambda: self._stub.Register(request, timeout=self.timeout), idempotent=False
+        )
+        self._count(request.ByteSize(), reply.ByteSize())
+        h = reply.hyperparameters
+        return SessionInfo(
+            session_id=reply.session_id,
+            student_spec=_spec(reply.student),
+            teacher_spec=_spec(reply.teacher),
+            student_cut=reply.student_cut,
+            teacher_cut=reply.teacher_cut,
+            student_head=codec.decode_weights(reply.student_head, what="student_head"),
+            teacher_head=codec.decode_weights(reply.teacher_head, what="teacher_head"),
+            hyper=Hyperparameters(
+                optimizer=h.optimizer,
+                learning_rate=h.learning_rate,
+                batch_size=h.batch_size,
+                epochs=h.epochs,
+                kd_alpha=h.kd_alpha,
+                kd_temperature=h.kd_temperature,
+                seed=h.seed,
+                wire_dtype=_WIRE_DTYPE.get(h.wire_dtype, "float32"),
+            ),
+            next_step=reply.next_step,
+            model_name=reply.model_name,
+        )
+
+    def step(
+        self, session_id: str, step: int, student: np.ndarray, teacher: np.ndarray, labels: np.ndarray, wire_dtype: int
+    ) -> StepReply:
+        request = pb.StepRequest(
+            session_id=session_id,
+            step=step,
+            student_activations=codec.encode(student, wire_dtype),
+            teacher_activations=codec.encode(teacher, wire_dtype),
+            labels=codec.encode(labels.astype(np.int64)),
+        )
+        # Steps are idempotent by number on the cloud, so a retry is safe.
+        reply: pb.StepResponse = self._call(
+            "Step", lambda: self._stub.Step(request, timeout=self.timeout), idempotent=True
+        )
+        self._count(request.ByteSize(), reply.ByteSize())
+        gradient = codec.decode(
+            reply.gradient, what="gradient", shape=student.shape, finite=True
+        ).astype(np.float32)
+        return StepReply(
+            reply.step, gradient, reply.loss, reply.kd_loss, reply.ce_loss, reply.correct, reply.replayed
+        )
+
+    def evaluate(self, session_id: str, student: np.ndarray, wire_dtype: int) -> np.ndarray:
+        request = pb.EvaluateRequest(session_id=session_id, student_activations=codec.encode(student, wire_dtype))
+        reply: pb.EvaluateResponse = self._call(
+            "Evaluate", lambda: self._stub.Evaluate(request, timeout=self.timeout), idempotent=True
+        )
+        self._count(request.ByteSize(), reply.ByteSize())
+        return codec.decode(reply.logits, what="logits", shape=(student.shape[0], None))
+
+    def finish(self, session_id: str, head: dict[str, np.ndarray], steps: int) -> pb.ModelInfo:
+        request = pb.FinishRequest(session_id=session_id, student_head=codec.encode_weights(head), steps=steps)
+        # Finishing twice returns the same version, so a retry is safe.
+        reply: pb.FinishResponse = self._call(
+            "Finish", lambda: self._stub.Finish(request, timeout=max(self.timeout, 120.0)), idempotent=True
+        )
+        self._count(request.ByteSize(), reply.ByteSize())
+        return reply.model
+
+    def download(self, name: str, version: int, destination: Path, expected_sha256: str = "") -> pb.ModelChunk:
+        """Stream a model into ``destination``, resuming after a dropped stream; verify SHA-256."""
+        partial = destination.with_suffix(destination.suffix + ".part")
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_bytes(b"")
+        last: pb.ModelChunk | None = None
+        for attempt in range(self.retries + 1):
+            offset = partial.stat().st_size
+            request = pb.DownloadModelRequest(name=name, version=version, offset=offset)
+            try:
+                with partial.open("ab") as handle:
+                    for chunk in self._stub.DownloadModel(request, timeout=max(self.timeout, 120.0)):
+                        if chunk.offset != handle.tell():
+                            raise EdgeError(f"download of {name}: chunk at {chunk.offset}, expected {handle.tell()}")
+                        handle.write(chunk.data)
+                        self._count(request.ByteSize() if chunk.offset == offset else 0, chunk.ByteSize())
+                        last = chunk
+                break
+            except grpc.RpcError as exc:
+                code = exc.code()  # type: ignore[attr-defined]
+                if code not in _TRANSIENT or attempt == self.retries:
+                    raise CloudRefused("DownloadModel", code.name, exc.details() or "") from None  # type: ignore[attr-defined]
+                time.sleep(random.uniform(0, min(30.0, 0.5 * 2**attempt)))
+        if last is None:
+            raise EdgeError(f"download of {name} returned no data")
+        data = partial.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        if len(data) != last.total_size or digest != last.sha256 or (expected_sha256 and digest != expected_sha256):
+            partial.unlink(missing_ok=True)
+            raise EdgeError(f"download of {name} v{last.version} failed verification (SHA-256 {digest[:12]}…)")
+        partial.replace(destination)
+        return last

@@ -1,0 +1,56 @@
+"""ONNX inference with onnxruntime alone: no torch on the device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from splitkd.errors import InvalidArgument
+
+MAX_BATCH = 1024
+
+
+@dataclass(frozen=True)
+class Prediction:
+    classes: np.ndarray        # int64 [N]
+    probabilities: np.ndarray  # float32 [N, K]
+
+
+class Predictor:
+    def __init__(self, path: Path, input_shape: tuple[int, ...], threads: int = 1) -> None:
+        options = ort.SessionOptions()
+        # One thread per request keeps latency predictable on a 4-core Pi that
+        # also runs other services; raise it for throughput.
+        options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+        self.input_shape = input_shape
+
+    def predict(self, inputs: np.ndarray) -> Prediction:
+        """``inputs`` is one sample of ``input_shape`` or a batch of them."""
+        x = np.asarray(inputs, dtype=np.float32)
+        if x.shape == self.input_shape:
+            x = x[None]
+        if x.shape[1:] != self.input_shape:
+            raise InvalidArgument(
+                f"inputs of shape {list(x.shape)} do not fit the model: send one sample of shape "
+                f"{list(self.input_shape)} or a batch [N, {', '.join(map(str, self.input_shape))}]"
+            )
+        if not 1 <= x.shape[0] <= MAX_BATCH:
+            raise InvalidArgument(f"batch of {x.shape[0]} samples is outside 1..{MAX_BATCH}")
+        if not np.isfinite(x).all():
+            raise InvalidArgument("inputs contain NaN or Inf")
+        (logits,) = self.session.run(None, {self.input_name: x})
+        logits = np.asarray(logits, dtype=np.float32)
+        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probabilities = shifted / shifted.sum(axis=1, keepdims=True)
+        return Prediction(logits.argmax(axis=1), probabilities)
+
+    def accuracy(self, x: np.ndarray, y: np.ndarray, batch: int = MAX_BATCH) -> float:
+        correct = 0
+        for start in range(0, len(x), batch):
+            correct += int((self.predict(x[start : start + batch]).classes == y[start : start + batch]).sum())
+        return correct / max(1, len(x))

@@ -1,0 +1,193 @@
+"""The edge's half of split KD: heads forward, cloud round trip, head backward.
+
+Network-free: it talks to the cloud through a ``SplitTransport`` (the gRPC
+client in production, the cloud's logic directly in tests), so the same loop
+is what the equivalence test checks against centralised KD.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from edge_agent.client import SessionInfo, StepReply
+from splitkd.data.specs import Dataset
+from splitkd.models import zoo
+from splitkd.models.staged import StagedModel
+from splitkd.training import batch_order, make_optimizer, steps_per_epoch
+
+
+class SplitTransport(Protocol):
+    def step(self, step: int, student: np.ndarray, teacher: np.ndarray, labels: np.ndarray) -> StepReply: ...
+
+    def evaluate(self, student: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass
+class StepRecord:
+    """One step as the edge saw it; the run report and the metrics read these."""
+
+    step: int
+    epoch: int
+    batch: int
+    loss: float
+    kd_loss: float
+    ce_loss: float
+    correct: int
+    forward_seconds: float   # device compute: both heads forward
+    network_seconds: float   # round trip: encode, send, cloud compute, receive, decode
+    backward_seconds: float  # device compute: head backward + optimizer step
+    bytes_up: int = 0
+    bytes_down: int = 0
+    replayed: bool = False
+
+
+@dataclass
+class EvalRecord:
+    step: int
+    epoch: int
+    accuracy: float  # split model (device head + cloud tail) on the held-out split
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    history: list[StepRecord] = field(default_factory=list)
+    evaluations: list[EvalRecord] = field(default_factory=list)
+    wall_seconds: float = 0.0
+
+    def history_dicts(self) -> list[dict[str, Any]]:
+        return [asdict(r) for r in self.history]
+
+
+def build_head(spec_stages: StagedModel, cut: int, state: dict[str, np.ndarray]) -> torch.nn.Sequential:
+    spec_stages.load_part(0, cut, state)
+    return spec_stages.part(0, cut)
+
+
+class EdgeTrainer:
+    def __init__(self, session: SessionInfo, train: Dataset, heldout: Dataset, transport: SplitTransport) -> None:
+        self.session = session
+        self.train_data = train
+        self.heldout = heldout
+        self.transport = transport
+        self.hyper = session.hyper
+        # The student is built whole from its spec so that head state names match
+        # the cloud's; only the head is used and trained here.
+        self.student = zoo.build(session.student_spec)
+        self.student_head = build_head(self.student, session.student_cut, session.student_head)
+        # The teacher head is frozen: built from the spec, loaded, never trained.
+        teacher = zoo.build(session.teacher_spec)
+        self.teacher_head = build_head(teacher, session.teacher_cut, session.teacher_head)
+        self.teacher_head.requires_grad_(False)
+        self.teacher_head.eval()
+        self.optimizer = make_optimizer(self.student_head.parameters(), self.hyper)
+        self.next_step = session.next_step
+
+    @property
+    def total_steps(self) -> int:
+        return self.hyper.epochs * steps_per_epoch(len(self.train_data), self.hyper.batch_size)
+
+    def head_state(self) -> dict[str, np.ndarray]:
+        return self.student.part_state(0, self.session.student_cut)
+
+    def run(
+        self,
+        on_step: Callable[[StepRecord], None] | None = None,
+        on_eval: Callable[[EvalRecord], None] | None = None,
+        traffic: Callable[[], tuple[int, int]] | None = None,
+    ) -> TrainResult:
+        started = time.perf_counter()
+        x, y = torch.from_numpy(self.train_data.x), self.train_data.y
+        result = TrainResult(steps=0)
+        step = 0
+        for epoch in range(self.hyper.epochs):
+            self.student_head.train()
+            for index in batch_order(len(self.train_data), self.hyper.batch_size, self.hyper.seed, epoch):
+                if step < self.next_step:  # resuming: these steps were applied already
+                    step += 1
+                    continue
+                record = self._step(step, epoch, x[torch.from_numpy(index)], y[index], traffic)
+                result.history.append(record)
+                if on_step is not None:
+                    on_step(record)
+                step += 1
+            evaluation = EvalRecord(step, epoch, self.evaluate_split())
+            result.evaluations.append(evaluation)
+            if on_eval is not None:
+                on_eval(evaluation)
+        result.steps = step
+        result.wall_seconds = time.perf_counter() - started
+        return result
+
+    def _step(
+        self,
+        step: int,
+        epoch: int,
+        inputs: torch.Tensor,
+        labels: np.ndarray,
+        traffic: Callable[[], tuple[int, int]] | None,
+    ) -> StepRecord:
+        t0 = time.perf_counter()
+        student_act = self.student_head(inputs)
+        with torch.no_grad():
+            teacher_act = self.teacher_head(inputs)
+        t1 = time.perf_counter()
+        before = traffic() if traffic else (0, 0)
+        reply = self.transport.step(step, student_act.detach().numpy(), teacher_act.numpy(), labels)
+        after = traffic() if traffic else (0, 0)
+        t2 = time.perf_counter()
+        self.optimizer.zero_grad()
+        student_act.backward(torch.from_numpy(reply.gradient))
+        self.optimizer.step()
+        t3 = time.perf_counter()
+        self.next_step = step + 1
+        return StepRecord(
+            step=step,
+            epoch=epoch,
+            batch=len(labels),
+            loss=reply.loss,
+            kd_loss=reply.kd_loss,
+            ce_loss=reply.ce_loss,
+            correct=reply.correct,
+            forward_seconds=t1 - t0,
+            network_seconds=t2 - t1,
+            backward_seconds=t3 - t2,
+            bytes_up=after[0] - before[0],
+            bytes_down=after[1] - before[1],
+            replayed=reply.replayed,
+        )
+
+    @torch.no_grad()
+    def evaluate_split(self, batch_size: int = 256) -> float:
+        """Accuracy of head + cloud tail on the held-out split; labels never leave."""
+        self.student_head.eval()
+        correct = 0
+        for start in range(0, len(self.heldout), batch_size):
+            x = torch.from_numpy(self.heldout.x[start : start + batch_size])
+            logits = self.transport.evaluate(self.student_head(x).numpy())
+            correct += int((logits.argmax(axis=1) == self.heldout.y[start : start + batch_size]).sum())
+        self.student_head.train()
+        return correct / max(1, len(self.heldout))
+
+
+class GrpcTransport:
+    """``SplitTransport`` over the gRPC client for one session."""
+
+    def __init__(self, client: Any, session_id: str, wire_dtype: int) -> None:
+        self.client = client
+        self.session_id = session_id
+        self.wire_dtype = wire_dtype
+
+    def step(self, step: int, student: np.ndarray, teacher: np.ndarray, labels: np.ndarray) -> StepReply:
+        reply: StepReply = self.client.step(self.session_id, step, student, teacher, labels, self.wire_dtype)
+        return reply
+
+    def evaluate(self, student: np.ndarray) -> np.ndarray:
+        logits: np.ndarray = self.client.evaluate(self.session_id, student, self.wire_dtype)
+        return logits

@@ -1,0 +1,211 @@
+"""``make demo``: a cloud and two edges as separate processes, split KD on digits.
+
+Starts ``splitkd-cloud serve`` and two ``splitkd-edge train`` processes on
+loopback, follows their progress through the cloud's HTTP API, trains the
+same student without a teacher on the same edge data as the baseline, and
+writes ``runs/latest/report.json`` with a summary table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from splitkd.data.partition import DEFAULT_PRESUMED_FRACTION
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def http_json(url: str, timeout: float = 2.0) -> Any:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def wait_healthy(url: str, process: subprocess.Popen[bytes], log_path: Path, timeout: float = 120.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"the cloud exited with code {process.returncode}; see {log_path}")
+        try:
+            health: dict[str, Any] = http_json(url)
+            return health
+        except OSError:
+            time.sleep(0.3)
+    raise SystemExit(f"the cloud did not become healthy in {timeout:.0f} s; see {log_path}")
+
+
+def student_alone(edge_report: dict[str, Any], data: str, shard: str) -> float:
+    """The same student, same data, same hyperparameters, trained without a teacher."""
+    import torch
+
+    from splitkd.data import edge_split, load_dataset, parse_shard
+    from splitkd.hyper import Hyperparameters
+    from splitkd.models.spec import ModelSpec
+    from splitkd.training import accuracy_of, predict, train_supervised
+
+    torch.set_num_threads(1)
+    session = edge_report["session"]
+    spec = ModelSpec.from_json(session["student_model"]["family"], session["student_model"]["spec_json"])
+    hyper = Hyperparameters(**session["hyperparameters"])
+    split = edge_split(load_dataset(data), parse_shard(shard), presumed_fraction=DEFAULT_PRESUMED_FRACTION)
+    model = train_supervised(spec, split.train, hyper)
+    return accuracy_of(predict(model, split.heldout.x), split.heldout.y)
+
+
+def run(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(args.runs) / stamp
+    run_dir.mkdir(parents=True, exist_ok=True)
+    latest = Path(args.runs) / "latest"
+    if latest.is_symlink() or latest.exists():
+        latest.unlink()
+    latest.symlink_to(stamp)
+    grpc_port, http_port = free_port(), free_port()
+    python = sys.executable
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+    print(f"splitkd demo: run folder {run_dir}")
+    cloud_log = run_dir / "cloud.log"
+    cloud = subprocess.Popen(
+        [python, "-m", "cloud_service.cli", "serve", "--host", "127.0.0.1", "--grpc-port", str(grpc_port),
+         "--http-port", str(http_port), "--teacher-data", args.data, "--state-dir", str(run_dir / "cloud")],
+        stdout=cloud_log.open("wb"), stderr=subprocess.STDOUT, env=env,
+    )
+    edges: list[tuple[str, str, subprocess.Popen[bytes]]] = []
+    try:
+        print(f"[1/4] cloud: training the teacher on its presumed data (gRPC :{grpc_port}, HTTP :{http_port})…")
+        health = wait_healthy(f"http://127.0.0.1:{http_port}/healthz", cloud, cloud_log)
+        teacher = health["teacher"]
+        print(f"      teacher {teacher['spec']}: {teacher['parameters']:,} parameters, "
+              f"held-out accuracy {teacher['accuracy']:.4f}")
+        print(f"[2/4] {args.edges} edges: split KD over gRPC (raw digits stay in the edge processes)…")
+        for i in range(args.edges):
+            device, shard = f"edge-{i}", f"{i}/{args.edges}"
+            command = [python, "-m", "edge_agent.cli", "train", "--cloud", f"127.0.0.1:{grpc_port}",
+                       "--data", args.data, "--shard", shard, "--device-id", device,
+                       "--report", str(run_dir / f"{device}.json"), "--model-dir", str(run_dir / device / "models"),
+                       "--no-progress"]
+            if args.epochs:
+                command += ["--epochs", str(args.epochs)]
+            log_file = (run_dir / f"{device}.log").open("wb")
+            edges.append((device, shard, subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)))
+        _follow(edges, http_port)
+        failed = [(d, p.returncode) for d, _, p in edges if p.returncode != 0]
+        if failed:
+            for device, code in failed:
+                print(f"error: {device} exited with code {code}; see {run_dir / (device + '.log')}", file=sys.stderr)
+            return 1
+        print("[3/4] edges downloaded and verified the ONNX student; baseline: same student, no teacher…")
+        reports: dict[str, Any] = {}
+        alone: dict[str, float] = {}
+        for device, shard, _ in edges:
+            edge_report = json.loads((run_dir / f"{device}.json").read_text())
+            alone[device] = student_alone(edge_report, args.data, shard)
+            edge_report["student_alone"] = {"accuracy": alone[device]}
+            reports[device] = {k: v for k, v in edge_report.items() if k not in ("history", "evaluations")}
+    finally:
+        for _, _, process in edges:
+            if process.poll() is None:
+                process.kill()
+        cloud.send_signal(signal.SIGTERM)
+        try:
+            cloud.wait(10)
+        except subprocess.TimeoutExpired:
+            cloud.kill()
+
+    distilled = sum(r["student"]["accuracy"] for r in reports.values()) / len(reports)
+    baseline = sum(alone.values()) / len(alone)
+    summary = {
+        "teacher": {"accuracy": teacher["accuracy"], "parameters": teacher["parameters"], "spec": teacher["spec"]},
+        "edges": reports,
+        "student": {"accuracy": distilled, "parameters": next(iter(reports.values()))["student"]["parameters"]},
+        "student_alone": {"accuracy": baseline, "per_edge": alone},
+        "kd_gain": distilled - baseline,
+        "wall_seconds": time.monotonic() - started,
+        "run_dir": str(run_dir),
+    }
+    (run_dir / "report.json").write_text(json.dumps(summary, indent=2))
+    print("[4/4] plots…")
+    _plots(run_dir, [device for device, _, _ in edges])
+    _table(summary)
+    print(f"report: {latest / 'report.json'}")
+    return 0
+
+
+def _follow(edges: list[tuple[str, str, subprocess.Popen[bytes]]], http_port: int) -> None:
+    """A progress line from the cloud's view of the sessions until every edge exits."""
+    last = ""
+    while any(p.poll() is None for _, _, p in edges):
+        try:
+            sessions = http_json(f"http://127.0.0.1:{http_port}/v1/sessions")["sessions"]
+            line = "  ".join(f"{s['device_id']}: step {s['steps']}" for s in sessions)
+        except OSError:
+            line = last
+        if line != last and sys.stdout.isatty():
+            print(f"\r      {line}", end="", flush=True)
+        last = line
+        time.sleep(0.5)
+    if sys.stdout.isatty():
+        print()
+
+
+def _plots(run_dir: Path, devices: list[str]) -> None:
+    try:
+        from splitkd import plots
+    except ImportError:
+        return
+    paths = plots.write_run_plots(run_dir, devices)
+    for path in paths:
+        print(f"      {path}")
+
+
+def _table(summary: dict[str, Any]) -> None:
+    rows = [("device", "accuracy", "no-teacher", "steps", "MB up", "MB down", "seconds")]
+    for device, report in summary["edges"].items():
+        rows.append((
+            device,
+            f"{report['student']['accuracy']:.4f}",
+            f"{report['student_alone']['accuracy']:.4f}",
+            str(report["steps"]),
+            f"{report['traffic']['bytes_up'] / 1e6:.2f}",
+            f"{report['traffic']['bytes_down'] / 1e6:.2f}",
+            f"{report['wall_seconds']:.1f}",
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    print()
+    for row in rows:
+        print("  " + "  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)))
+    teacher, student = summary["teacher"], summary["student"]
+    print(f"\n  teacher {teacher['parameters']:,} parameters, accuracy {teacher['accuracy']:.4f}; "
+          f"student {student['parameters']:,} parameters ({teacher['parameters'] / student['parameters']:.0f}x "
+          f"smaller), distilled {student['accuracy']:.4f} vs no teacher {summary['student_alone']['accuracy']:.4f}")
+    print(f"  whole demo: {summary['wall_seconds']:.1f} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m splitkd.demo", description=__doc__)
+    parser.add_argument("--data", default="digits", help="dataset spec shared by the cloud and the edges")
+    parser.add_argument("--edges", type=int, default=2, help="number of edge processes (default 2)")
+    parser.add_argument("--epochs", type=int, default=0, help="epochs per edge (default: the cloud's)")
+    parser.add_argument("--runs", default="runs", help="folder for run outputs (default runs/)")
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
