@@ -28,33 +28,68 @@ def _parser() -> argparse.ArgumentParser:
         description="The splitkd cloud: holds the teacher, finishes split-KD training steps for edge "
         "devices over gRPC, exports the distilled student to ONNX and serves it over HTTP.",
     )
-    parser.add_argument("-v", "--verbose", action="count", default=1, help="more log detail (-vv for debug)")
-    parser.add_argument("-q", "--quiet", action="store_const", const=0, dest="verbose", help="warnings only")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=1, help="more log detail (-vv for debug)"
+    )
+    parser.add_argument(
+        "-q", "--quiet", action="store_const", const=0, dest="verbose", help="warnings only"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the gRPC training service and the HTTP API")
-    serve.add_argument("--host", default=_env("HOST", "0.0.0.0"), help="address to listen on (SPLITKD_HOST)")
-    serve.add_argument("--grpc-port", type=int, default=int(_env("GRPC_PORT", "50051") or 50051),
-                       help="gRPC port for edge agents (SPLITKD_GRPC_PORT, default 50051)")
-    serve.add_argument("--http-port", type=int, default=int(_env("HTTP_PORT", "8000") or 8000),
-                       help="HTTP port: /healthz, /v1/models, /v1/sessions (SPLITKD_HTTP_PORT, default 8000)")
+    serve.add_argument(
+        "--host", default=_env("HOST", "0.0.0.0"), help="address to listen on (SPLITKD_HOST)"
+    )
+    serve.add_argument(
+        "--grpc-port",
+        type=int,
+        default=int(_env("GRPC_PORT", "50051") or 50051),
+        help="gRPC port for edge agents (SPLITKD_GRPC_PORT, default 50051)",
+    )
+    serve.add_argument(
+        "--http-port",
+        type=int,
+        default=int(_env("HTTP_PORT", "8000") or 8000),
+        help="HTTP port: /healthz, /v1/models, /v1/sessions (SPLITKD_HTTP_PORT, default 8000)",
+    )
     source = serve.add_mutually_exclusive_group()
-    source.add_argument("--teacher", type=Path, default=_env("TEACHER"),
-                        help="teacher checkpoint (.safetensors from 'splitkd-cloud train-teacher')")
-    source.add_argument("--teacher-data", default=_env("TEACHER_DATA", "digits"),
-                        help="train the teacher at start-up on this data: digits, npz:PATH or csv:PATH "
-                        "(default digits)")
-    serve.add_argument("--state-dir", type=Path, default=Path(_env("STATE_DIR", ".splitkd-cloud") or "."),
-                       help="where models and the trained teacher are kept (SPLITKD_STATE_DIR)")
+    source.add_argument(
+        "--teacher",
+        type=Path,
+        default=_env("TEACHER"),
+        help="teacher checkpoint (.safetensors from 'splitkd-cloud train-teacher')",
+    )
+    source.add_argument(
+        "--teacher-data",
+        default=_env("TEACHER_DATA", "digits"),
+        help="train the teacher at start-up on this data: digits, npz:PATH or csv:PATH "
+        "(default digits)",
+    )
+    serve.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path(_env("STATE_DIR", ".splitkd-cloud") or "."),
+        help="where models and the trained teacher are kept (SPLITKD_STATE_DIR)",
+    )
     _training_options(serve)
-    serve.add_argument("--max-message-mb", type=float, default=16.0, help="largest gRPC message accepted (MiB)")
-    serve.add_argument("--session-timeout", type=float, default=900.0,
-                       help="seconds of silence after which a session expires")
+    serve.add_argument(
+        "--max-message-mb", type=float, default=16.0, help="largest gRPC message accepted (MiB)"
+    )
+    serve.add_argument(
+        "--session-timeout",
+        type=float,
+        default=900.0,
+        help="seconds of silence after which a session expires",
+    )
 
-    train = sub.add_parser("train-teacher", help="train a teacher on the cloud's presumed data and save it")
+    train = sub.add_parser(
+        "train-teacher", help="train a teacher on the cloud's presumed data and save it"
+    )
     train.add_argument("--data", default="digits", help="digits, npz:PATH or csv:PATH")
     train.add_argument("--out", type=Path, required=True, help="output .safetensors file")
-    train.add_argument("--presumed-fraction", type=float, default=None, help="share of the data the cloud keeps")
+    train.add_argument(
+        "--presumed-fraction", type=float, default=None, help="share of the data the cloud keeps"
+    )
     return parser
 
 
@@ -64,20 +99,41 @@ def _training_options(parser: argparse.ArgumentParser) -> None:
 
     d = Hyperparameters()
     group = parser.add_argument_group("training (sent to every edge with its session)")
-    group.add_argument("--presumed-fraction", type=float, default=DEFAULT_PRESUMED_FRACTION,
-                       help="share of --teacher-data kept as the cloud's presumed data; edges given the same "
-                       f"data never train on it (default {DEFAULT_PRESUMED_FRACTION})")
-    group.add_argument("--student-cut", type=int, default=1, help="student stages on the device (default 1)")
-    group.add_argument("--teacher-cut", type=int, default=1, help="frozen teacher stages on the device (default 1)")
-    group.add_argument("--epochs", type=int, default=d.epochs, help=f"default epochs per edge (default {d.epochs})")
+    group.add_argument(
+        "--presumed-fraction",
+        type=float,
+        default=DEFAULT_PRESUMED_FRACTION,
+        help="share of --teacher-data kept as the cloud's presumed data; edges given the same "
+        f"data never train on it (default {DEFAULT_PRESUMED_FRACTION})",
+    )
+    group.add_argument(
+        "--student-cut", type=int, default=1, help="student stages on the device (default 1)"
+    )
+    group.add_argument(
+        "--teacher-cut", type=int, default=1, help="frozen teacher stages on the device (default 1)"
+    )
+    group.add_argument(
+        "--epochs", type=int, default=d.epochs, help=f"default epochs per edge (default {d.epochs})"
+    )
     group.add_argument("--batch-size", type=int, default=d.batch_size)
     group.add_argument("--learning-rate", type=float, default=d.learning_rate)
     group.add_argument("--optimizer", choices=["adam", "sgd"], default=d.optimizer)
-    group.add_argument("--kd-alpha", type=float, default=d.kd_alpha, help="weight of the KD term (default 0.9)")
-    group.add_argument("--kd-temperature", type=float, default=d.kd_temperature, help="softmax temperature (default 4)")
+    group.add_argument(
+        "--kd-alpha", type=float, default=d.kd_alpha, help="weight of the KD term (default 0.9)"
+    )
+    group.add_argument(
+        "--kd-temperature",
+        type=float,
+        default=d.kd_temperature,
+        help="softmax temperature (default 4)",
+    )
     group.add_argument("--seed", type=int, default=d.seed)
-    group.add_argument("--wire-dtype", choices=["float32", "float16"], default=d.wire_dtype,
-                       help="dtype of activations and gradients on the wire")
+    group.add_argument(
+        "--wire-dtype",
+        choices=["float32", "float16"],
+        default=d.wire_dtype,
+        help="dtype of activations and gradients on the wire",
+    )
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -92,9 +148,14 @@ def _serve(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     hyper = Hyperparameters(
-        optimizer=args.optimizer, learning_rate=args.learning_rate, batch_size=args.batch_size,
-        epochs=args.epochs, kd_alpha=args.kd_alpha, kd_temperature=args.kd_temperature,
-        seed=args.seed, wire_dtype=args.wire_dtype,
+        optimizer=args.optimizer,
+        learning_rate=args.learning_rate,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        kd_alpha=args.kd_alpha,
+        kd_temperature=args.kd_temperature,
+        seed=args.seed,
+        wire_dtype=args.wire_dtype,
     )
     if args.teacher:
         teacher = Teacher.load(Path(args.teacher))
@@ -108,19 +169,30 @@ def _serve(args: argparse.Namespace) -> None:
         SessionStore(idle_timeout=args.session_timeout),
         CloudConfig(student_cut=args.student_cut, teacher_cut=args.teacher_cut, hyper=hyper),
     )
-    serve(service, ServeOptions(host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
-                                max_message_bytes=int(args.max_message_mb * 1024 * 1024)))
+    serve(
+        service,
+        ServeOptions(
+            host=args.host,
+            grpc_port=args.grpc_port,
+            http_port=args.http_port,
+            max_message_bytes=int(args.max_message_mb * 1024 * 1024),
+        ),
+    )
 
 
 def _train_teacher(args: argparse.Namespace) -> None:
     from cloud_service.teacher import train_teacher
     from splitkd.data.partition import DEFAULT_PRESUMED_FRACTION
 
-    fraction = DEFAULT_PRESUMED_FRACTION if args.presumed_fraction is None else args.presumed_fraction
+    fraction = (
+        DEFAULT_PRESUMED_FRACTION if args.presumed_fraction is None else args.presumed_fraction
+    )
     teacher = train_teacher(args.data, presumed_fraction=fraction)
     teacher.save(args.out)
-    print(f"teacher {teacher.spec.describe()}: {teacher.parameters} parameters, "
-          f"held-out accuracy {teacher.accuracy:.4f}, saved to {args.out}")
+    print(
+        f"teacher {teacher.spec.describe()}: {teacher.parameters} parameters, "
+        f"held-out accuracy {teacher.accuracy:.4f}, saved to {args.out}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

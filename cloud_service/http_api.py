@@ -12,8 +12,15 @@ from cloud_service.service import CloudService
 from splitkd import __version__
 from splitkd.errors import SplitKDError
 
-_HTTP_STATUS = {"INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "FAILED_PRECONDITION": 409, "RESOURCE_EXHAUSTED": 429}
-NAME = Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", description="model name, e.g. student-edge-0")
+_HTTP_STATUS = {
+    "INVALID_ARGUMENT": 400,
+    "NOT_FOUND": 404,
+    "FAILED_PRECONDITION": 409,
+    "RESOURCE_EXHAUSTED": 429,
+}
+NAME = Path(
+    pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", description="model name, e.g. student-edge-0"
+)
 VERSION = Path(ge=1, le=1_000_000, description="model version, from 1")
 
 
@@ -46,7 +53,13 @@ def create_app(service: CloudService) -> FastAPI:
         for name in service.registry.names():
             versions = service.registry.versions(name)
             if versions:
-                models.append({"name": name, "latest": versions[-1].version, "versions": [v.version for v in versions]})
+                models.append(
+                    {
+                        "name": name,
+                        "latest": versions[-1].version,
+                        "versions": [v.version for v in versions],
+                    }
+                )
         return {"models": models}
 
     @app.get("/v1/models/{name}/versions/{version}")

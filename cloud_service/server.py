@@ -56,7 +56,11 @@ def serve(service: CloudService, options: ServeOptions) -> None:
     )
     grpc_server.start()
     config = uvicorn.Config(
-        create_app(service), host=options.host, port=options.http_port, log_level="warning", access_log=False
+        create_app(service),
+        host=options.host,
+        port=options.http_port,
+        log_level="warning",
+        access_log=False,
     )
     http_server = uvicorn.Server(config)
     # uvicorn installs no signal handlers outside the main thread, so the main
@@ -71,7 +75,13 @@ def serve(service: CloudService, options: ServeOptions) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    log.info("cloud ready: gRPC on %s:%d, HTTP on %s:%d", options.host, grpc_port, options.host, options.http_port)
+    log.info(
+        "cloud ready: gRPC on %s:%d, HTTP on %s:%d",
+        options.host,
+        grpc_port,
+        options.host,
+        options.http_port,
+    )
     while not stopping.wait(0.5):
         if not http_thread.is_alive():
             grpc_server.stop(0)

@@ -10,7 +10,7 @@ import logging
 import re
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,12 +37,14 @@ DOWNLOAD_CHUNK_BYTES = 1 << 20
 class CloudConfig:
     student_cut: int = 1
     teacher_cut: int = 1
-    hyper: Hyperparameters = Hyperparameters()
+    hyper: Hyperparameters = field(default_factory=Hyperparameters)
     student_spec: ModelSpec | None = None
 
 
 class CloudService:
-    def __init__(self, teacher: Teacher, registry: ModelRegistry, sessions: SessionStore, config: CloudConfig) -> None:
+    def __init__(
+        self, teacher: Teacher, registry: ModelRegistry, sessions: SessionStore, config: CloudConfig
+    ) -> None:
         self.teacher = teacher
         self.registry = registry
         self.sessions = sessions
@@ -62,7 +64,9 @@ class CloudService:
         link_profile: str = "",
     ) -> Session:
         if not _DEVICE_ID.match(device_id):
-            raise InvalidArgument(f"device id {device_id!r} must be 1-64 letters, digits, '.', '_' or '-'")
+            raise InvalidArgument(
+                f"device id {device_id!r} must be 1-64 letters, digits, '.', '_' or '-'"
+            )
         if requested_epochs < 0:
             raise InvalidArgument(f"requested epochs must be >= 0, got {requested_epochs}")
         self.teacher.check_serves(signature)
@@ -82,11 +86,21 @@ class CloudService:
             link_profile=link_profile,
         )
         self.sessions.add(session)
-        log.info("session %s… registered for device %s (%s)", session.session_id[:8], device_id, signature.describe())
+        log.info(
+            "session %s… registered for device %s (%s)",
+            session.session_id[:8],
+            device_id,
+            signature.describe(),
+        )
         return session
 
     def step(
-        self, session_id: str, step: int, student_act: np.ndarray, teacher_act: np.ndarray, labels: np.ndarray
+        self,
+        session_id: str,
+        step: int,
+        student_act: np.ndarray,
+        teacher_act: np.ndarray,
+        labels: np.ndarray,
     ) -> StepResult:
         session = self.sessions.get(session_id)
         with session.lock:
@@ -122,14 +136,24 @@ class CloudService:
                     steps=session.next_step,
                 )
             session.finished_version = record.version
-            log.info("session %s… finished: %s v%d (%d bytes)", session_id[:8], record.name, record.version, record.size_bytes)
+            log.info(
+                "session %s… finished: %s v%d (%d bytes)",
+                session_id[:8],
+                record.name,
+                record.version,
+                record.size_bytes,
+            )
             return record
 
-    def open_download(self, name: str, version: int, offset: int) -> tuple[ModelRecord, Iterator[tuple[int, bytes]]]:
+    def open_download(
+        self, name: str, version: int, offset: int
+    ) -> tuple[ModelRecord, Iterator[tuple[int, bytes]]]:
         """The model's record (checked now) and an iterator of ``(offset, chunk)`` from ``offset``."""
         record = self.registry.get(name, version)
         if not 0 <= offset <= record.size_bytes:
-            raise InvalidArgument(f"offset {offset} is outside the model's {record.size_bytes} bytes")
+            raise InvalidArgument(
+                f"offset {offset} is outside the model's {record.size_bytes} bytes"
+            )
         path: Path = self.registry.path(name, record.version)
         return record, _chunks(path, offset)
 

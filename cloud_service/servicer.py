@@ -37,7 +37,10 @@ def _abort_on_error(method: F) -> F:
             context.abort(getattr(grpc.StatusCode, exc.status), str(exc))
         except Exception:
             log.exception("unexpected error in %s", method.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}; see the cloud's log")
+            context.abort(
+                grpc.StatusCode.INTERNAL,
+                f"internal error in {method.__name__}; see the cloud's log",
+            )
 
     return wrapper  # type: ignore[return-value]
 
@@ -66,7 +69,9 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
         self.service = service
 
     @_abort_on_error
-    def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.RegisterResponse:
+    def Register(
+        self, request: pb.RegisterRequest, context: grpc.ServicerContext
+    ) -> pb.RegisterResponse:
         sig = request.signature
         signature = DatasetSignature(tuple(sig.input_shape), sig.num_classes, sig.name)
         session = self.service.register(
@@ -125,7 +130,9 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
             shape=(None, *session.teacher_activation_shape),
             finite=True,
         )
-        labels = codec.decode(request.labels, what="labels", dtypes=(pb.DTYPE_INT64,), shape=(None,))
+        labels = codec.decode(
+            request.labels, what="labels", dtypes=(pb.DTYPE_INT64,), shape=(None,)
+        )
         result = self.service.step(request.session_id, request.step, student, teacher, labels)
         return pb.StepResponse(
             step=result.step,
@@ -138,7 +145,9 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
         )
 
     @_abort_on_error
-    def Evaluate(self, request: pb.EvaluateRequest, context: grpc.ServicerContext) -> pb.EvaluateResponse:
+    def Evaluate(
+        self, request: pb.EvaluateRequest, context: grpc.ServicerContext
+    ) -> pb.EvaluateResponse:
         _require_session_id(request.session_id)
         session = self.service.sessions.get(request.session_id)
         student = codec.decode(
@@ -155,7 +164,9 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
     def Finish(self, request: pb.FinishRequest, context: grpc.ServicerContext) -> pb.FinishResponse:
         _require_session_id(request.session_id)
         session = self.service.sessions.get(request.session_id)
-        head = codec.decode_weights(request.student_head, expected=session.head_shapes(), what="student_head")
+        head = codec.decode_weights(
+            request.student_head, expected=session.head_shapes(), what="student_head"
+        )
         record = self.service.finish(request.session_id, head, request.steps)
         return pb.FinishResponse(model=model_info(record))
 
@@ -172,5 +183,9 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
 def _stream(record: ModelRecord, chunks: Iterator[tuple[int, bytes]]) -> Iterator[pb.ModelChunk]:
     for offset, data in chunks:
         yield pb.ModelChunk(
-            data=data, offset=offset, total_size=record.size_bytes, sha256=record.sha256, version=record.version
+            data=data,
+            offset=offset,
+            total_size=record.size_bytes,
+            sha256=record.sha256,
+            version=record.version,
         )

@@ -121,7 +121,9 @@ class Session:
         if self.finished_version is not None:
             raise FailedPrecondition("this session is finished; register again to train more")
         if step != self.next_step:
-            raise FailedPrecondition(f"step {step} is out of order: the cloud expects step {self.next_step}")
+            raise FailedPrecondition(
+                f"step {step} is out of order: the cloud expects step {self.next_step}"
+            )
         batch = self._check_batch(student_act, labels)
         if teacher_act.shape[0] != batch:
             raise InvalidArgument(
@@ -131,7 +133,9 @@ class Session:
         started = time.perf_counter()
         with torch.no_grad():
             teacher_logits = self.teacher.run(
-                torch.from_numpy(teacher_act.astype(np.float32)), self.teacher_cut, len(self.teacher.stages)
+                torch.from_numpy(teacher_act.astype(np.float32)),
+                self.teacher_cut,
+                len(self.teacher.stages),
             )
         teacher_done = time.perf_counter()
 
@@ -170,7 +174,9 @@ class Session:
         self.student.eval()
         with torch.no_grad():
             logits = self.student.run(
-                torch.from_numpy(student_act.astype(np.float32)), self.student_cut, len(self.student.stages)
+                torch.from_numpy(student_act.astype(np.float32)),
+                self.student_cut,
+                len(self.student.stages),
             )
         return logits.numpy()
 

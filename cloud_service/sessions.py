@@ -60,7 +60,9 @@ class SessionStore:
             session = self._sessions.get(session_id)
             if session is None:
                 if session_id in self._expired:
-                    raise NotFound(f"session {session_id[:8]}… expired after {self.idle_timeout:.0f} s of silence; register again")
+                    raise NotFound(
+                        f"session {session_id[:8]}… expired after {self.idle_timeout:.0f} s of silence; register again"
+                    )
                 raise NotFound("unknown session; register again to get a new one")
             session.last_seen = self._clock()
             return session

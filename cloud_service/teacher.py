@@ -57,7 +57,11 @@ class Teacher:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".tmp")
         state = {k: v.contiguous() for k, v in self.model.state_dict().items()}
-        metadata = {"family": self.spec.family, "spec": self.spec.to_json(), "accuracy": str(self.accuracy or "")}
+        metadata = {
+            "family": self.spec.family,
+            "spec": self.spec.to_json(),
+            "accuracy": str(self.accuracy or ""),
+        }
         save_file(state, str(tmp), metadata=metadata)
         tmp.replace(path)
 
@@ -72,7 +76,9 @@ class Teacher:
                 metadata = handle.metadata() or {}
             state = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as exc:
-            raise InvalidArgument(f"{path} is not a safetensors teacher checkpoint ({exc})") from exc
+            raise InvalidArgument(
+                f"{path} is not a safetensors teacher checkpoint ({exc})"
+            ) from exc
         if "family" not in metadata or "spec" not in metadata:
             raise InvalidArgument(f"{path} has no splitkd architecture metadata (family, spec)")
         spec = ModelSpec.from_json(metadata["family"], metadata["spec"])
@@ -80,7 +86,9 @@ class Teacher:
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
-            raise InvalidArgument(f"{path}: weights do not match the spec {spec.describe()}") from exc
+            raise InvalidArgument(
+                f"{path}: weights do not match the spec {spec.describe()}"
+            ) from exc
         model.eval()
         accuracy = float(metadata["accuracy"]) if metadata.get("accuracy") else None
         return cls(spec, model, accuracy, path.stem)
@@ -99,7 +107,10 @@ def train_teacher(
     spec = spec or zoo.default_teacher(dataset.signature)
     log.info(
         "training teacher %s (%d parameters) on %d presumed samples of %s",
-        spec.describe(), zoo.parameter_count(spec), len(split.train), data_spec,
+        spec.describe(),
+        zoo.parameter_count(spec),
+        len(split.train),
+        data_spec,
     )
     model = train_supervised(spec, split.train, hyper)
     accuracy = accuracy_of(predict(model, split.heldout.x), split.heldout.y)

@@ -30,51 +30,108 @@ def _parser() -> argparse.ArgumentParser:
         description="The splitkd edge agent: trains a small student with a cloud teacher by split "
         "knowledge distillation (raw data never leaves this device), then serves it with onnxruntime.",
     )
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log detail (-vv for debug)")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more log detail (-vv for debug)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     model_dir = argparse.ArgumentParser(add_help=False)
-    model_dir.add_argument("--model-dir", type=Path, default=default_model_dir(),
-                           help="local model directory (SPLITKD_MODEL_DIR; default %(default)s)")
+    model_dir.add_argument(
+        "--model-dir",
+        type=Path,
+        default=default_model_dir(),
+        help="local model directory (SPLITKD_MODEL_DIR; default %(default)s)",
+    )
 
-    train = sub.add_parser("train", parents=[model_dir], help="split-train a student, then download and verify it",
-                           description="Split-train with the cloud: this device runs the student's head and the "
-                           "teacher's frozen head on its data and sends only activations; the cloud sends back "
-                           "gradients. At the end the ONNX student is downloaded, verified and evaluated here.")
-    train.add_argument("--cloud", default=_env("CLOUD"), required=_env("CLOUD") is None,
-                       help="cloud gRPC address HOST:PORT (SPLITKD_CLOUD)")
-    train.add_argument("--data", default=_env("DATA"), required=_env("DATA") is None,
-                       help="local data: digits, npz:PATH (arrays x, y) or csv:PATH (label last) (SPLITKD_DATA)")
-    train.add_argument("--shard", default=_env("SHARD"), help="use shard I of N of the data (I from 0), e.g. 0/2")
-    train.add_argument("--dirichlet-alpha", type=float, default=None,
-                       help="non-IID shards: Dirichlet concentration per class (default: IID)")
-    train.add_argument("--presumed-fraction", type=float, default=float(_env("PRESUMED_FRACTION", "0.4") or 0.4),
-                       help="share of the data reserved for the cloud's teacher when both are handed the same "
-                       "file; set 0 when this data is the device's own (default 0.4)")
-    train.add_argument("--device-id", default=_env("DEVICE_ID", socket.gethostname()),
-                       help="this device's id (SPLITKD_DEVICE_ID; default the host name)")
+    train = sub.add_parser(
+        "train",
+        parents=[model_dir],
+        help="split-train a student, then download and verify it",
+        description="Split-train with the cloud: this device runs the student's head and the "
+        "teacher's frozen head on its data and sends only activations; the cloud sends back "
+        "gradients. At the end the ONNX student is downloaded, verified and evaluated here.",
+    )
+    train.add_argument(
+        "--cloud",
+        default=_env("CLOUD"),
+        required=_env("CLOUD") is None,
+        help="cloud gRPC address HOST:PORT (SPLITKD_CLOUD)",
+    )
+    train.add_argument(
+        "--data",
+        default=_env("DATA"),
+        required=_env("DATA") is None,
+        help="local data: digits, npz:PATH (arrays x, y) or csv:PATH (label last) (SPLITKD_DATA)",
+    )
+    train.add_argument(
+        "--shard", default=_env("SHARD"), help="use shard I of N of the data (I from 0), e.g. 0/2"
+    )
+    train.add_argument(
+        "--dirichlet-alpha",
+        type=float,
+        default=None,
+        help="non-IID shards: Dirichlet concentration per class (default: IID)",
+    )
+    train.add_argument(
+        "--presumed-fraction",
+        type=float,
+        default=float(_env("PRESUMED_FRACTION", "0.4") or 0.4),
+        help="share of the data reserved for the cloud's teacher when both are handed the same "
+        "file; set 0 when this data is the device's own (default 0.4)",
+    )
+    train.add_argument(
+        "--device-id",
+        default=_env("DEVICE_ID", socket.gethostname()),
+        help="this device's id (SPLITKD_DEVICE_ID; default the host name)",
+    )
     train.add_argument("--epochs", type=int, default=0, help="epochs (default: the cloud's)")
-    train.add_argument("--report", type=Path, default=Path(_env("REPORT", "report.json") or "report.json"),
-                       help="JSON run report to write (default report.json)")
-    train.add_argument("--device-profile", default=_env("DEVICE_PROFILE", ""), help="e.g. raspberry-pi-4")
+    train.add_argument(
+        "--report",
+        type=Path,
+        default=Path(_env("REPORT", "report.json") or "report.json"),
+        help="JSON run report to write (default report.json)",
+    )
+    train.add_argument(
+        "--device-profile", default=_env("DEVICE_PROFILE", ""), help="e.g. raspberry-pi-4"
+    )
     train.add_argument("--link-profile", default=_env("LINK_PROFILE", ""), help="e.g. wifi, lte")
-    train.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for one cloud call")
+    train.add_argument(
+        "--timeout", type=float, default=60.0, help="seconds to wait for one cloud call"
+    )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    serve = sub.add_parser("serve", parents=[model_dir], help="HTTP inference API over the current student")
-    serve.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="address to listen on (default 127.0.0.1)")
-    serve.add_argument("--http-port", type=int, default=int(_env("HTTP_PORT", "8001") or 8001),
-                       help="port (SPLITKD_HTTP_PORT; default 8001)")
+    serve = sub.add_parser(
+        "serve", parents=[model_dir], help="HTTP inference API over the current student"
+    )
+    serve.add_argument(
+        "--host", default=_env("HOST", "127.0.0.1"), help="address to listen on (default 127.0.0.1)"
+    )
+    serve.add_argument(
+        "--http-port",
+        type=int,
+        default=int(_env("HTTP_PORT", "8001") or 8001),
+        help="port (SPLITKD_HTTP_PORT; default 8001)",
+    )
 
-    predict = sub.add_parser("predict", parents=[model_dir], help="classify once from the command line",
-                             description="Classify samples from a .npy or .json file (one sample or a batch) "
-                             "or from --json, with the current student.")
+    predict = sub.add_parser(
+        "predict",
+        parents=[model_dir],
+        help="classify once from the command line",
+        description="Classify samples from a .npy or .json file (one sample or a batch) "
+        "or from --json, with the current student.",
+    )
     source = predict.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", type=Path, help=".npy or .json file")
     source.add_argument("--json", help="inline JSON array")
 
-    pull = sub.add_parser("pull", parents=[model_dir], help="download a student over HTTP (no torch needed)")
-    pull.add_argument("--cloud-http", default=_env("CLOUD_HTTP"), required=_env("CLOUD_HTTP") is None,
-                      help="cloud HTTP base URL, e.g. http://cloud:8000 (SPLITKD_CLOUD_HTTP)")
+    pull = sub.add_parser(
+        "pull", parents=[model_dir], help="download a student over HTTP (no torch needed)"
+    )
+    pull.add_argument(
+        "--cloud-http",
+        default=_env("CLOUD_HTTP"),
+        required=_env("CLOUD_HTTP") is None,
+        help="cloud HTTP base URL, e.g. http://cloud:8000 (SPLITKD_CLOUD_HTTP)",
+    )
     pull.add_argument("--model", required=True, help="model name, e.g. student-edge-0")
     pull.add_argument("--version", type=int, default=0, help="version (default: latest)")
     return parser
@@ -84,24 +141,36 @@ def _train(args: argparse.Namespace) -> int:
     try:
         import torch
     except ImportError:
-        raise SplitKDError("training needs the [train] extra: pip install 'splitkd[train]'") from None
+        raise SplitKDError(
+            "training needs the [train] extra: pip install 'splitkd[train]'"
+        ) from None
     from edge_agent.run import TrainOptions, train
     from splitkd.data.partition import parse_shard
 
     torch.set_num_threads(1)  # small heads: threads cost more than they give
     options = TrainOptions(
-        cloud=args.cloud, data=args.data, shard=parse_shard(args.shard) if args.shard else None,
-        device_id=args.device_id, report=args.report, model_dir=args.model_dir, epochs=args.epochs,
-        dirichlet_alpha=args.dirichlet_alpha, presumed_fraction=args.presumed_fraction,
-        device_profile=args.device_profile, link_profile=args.link_profile,
-        progress=not args.no_progress, timeout=args.timeout,
+        cloud=args.cloud,
+        data=args.data,
+        shard=parse_shard(args.shard) if args.shard else None,
+        device_id=args.device_id,
+        report=args.report,
+        model_dir=args.model_dir,
+        epochs=args.epochs,
+        dirichlet_alpha=args.dirichlet_alpha,
+        presumed_fraction=args.presumed_fraction,
+        device_profile=args.device_profile,
+        link_profile=args.link_profile,
+        progress=not args.no_progress,
+        timeout=args.timeout,
     )
     report = train(options)
     student = report["student"]
-    print(f"{args.device_id}: student {student['name']} v{student['version']} accuracy {student['accuracy']:.4f} "
-          f"(onnxruntime, {report['data']['heldout_samples']} held-out samples), {report['steps']} steps, "
-          f"{report['traffic']['bytes_up'] / 1e6:.2f} MB up / {report['traffic']['bytes_down'] / 1e6:.2f} MB down, "
-          f"{report['wall_seconds']:.1f} s; report: {args.report}")
+    print(
+        f"{args.device_id}: student {student['name']} v{student['version']} accuracy {student['accuracy']:.4f} "
+        f"(onnxruntime, {report['data']['heldout_samples']} held-out samples), {report['steps']} steps, "
+        f"{report['traffic']['bytes_up'] / 1e6:.2f} MB up / {report['traffic']['bytes_down'] / 1e6:.2f} MB down, "
+        f"{report['wall_seconds']:.1f} s; report: {args.report}"
+    )
     return 0
 
 
@@ -111,8 +180,13 @@ def _serve(args: argparse.Namespace) -> int:
     from edge_agent.http_api import create_app
     from edge_agent.model_store import ModelStore
 
-    uvicorn.run(create_app(ModelStore(args.model_dir)), host=args.host, port=args.http_port,
-                log_level="warning", access_log=False)
+    uvicorn.run(
+        create_app(ModelStore(args.model_dir)),
+        host=args.host,
+        port=args.http_port,
+        log_level="warning",
+        access_log=False,
+    )
     return 0
 
 
@@ -158,8 +232,10 @@ def _pull(args: argparse.Namespace) -> int:
     from edge_agent.pull import pull
 
     model = pull(args.cloud_http, args.model, args.version, ModelStore(args.model_dir))
-    print(f"installed {model.name} v{model.version} ({model.metadata['size_bytes']} bytes, "
-          f"SHA-256 {model.metadata['sha256'][:12]}…) in {model.path.parent}")
+    print(
+        f"installed {model.name} v{model.version} ({model.metadata['size_bytes']} bytes, "
+        f"SHA-256 {model.metadata['sha256'][:12]}…) in {model.path.parent}"
+    )
     return 0
 
 

@@ -92,7 +92,7 @@ class CloudClient:
         self.traffic = Traffic()
         self.on_traffic: Callable[[int, int], None] | None = None
         self._channel = grpc.insecure_channel(address, options=channel_options(max_message_bytes))
-        self._stub = pb_grpc.SplitTrainingStub(self._channel)  # type: ignore[no-untyped-call]
+        self._stub = pb_grpc.SplitTrainingStub(self._channel)
 
     def __enter__(self) -> CloudClient:
         try:
@@ -105,7 +105,12 @@ class CloudClient:
             ) from None
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self._channel.close()
 
     def _count(self, up: int, down: int) -> None:
@@ -121,13 +126,15 @@ class CloudClient:
             try:
                 return call()
             except grpc.RpcError as exc:
-                code = exc.code()  # type: ignore[attr-defined]
-                details = exc.details() or ""  # type: ignore[attr-defined]
+                code = exc.code()
+                details = exc.details() or ""
                 if idempotent and code in _TRANSIENT and attempt < self.retries:
                     # Exponential backoff with full jitter: a fleet that lost the
                     # cloud at the same moment does not come back in lockstep.
                     delay = random.uniform(0, min(30.0, 0.5 * 2**attempt))
-                    log.warning("%s failed (%s: %s); retrying in %.1f s", method, code.name, details, delay)
+                    log.warning(
+                        "%s failed (%s: %s); retrying in %.1f s", method, code.name, details, delay
+                    )
                     time.sleep(delay)
                     attempt += 1
                     continue
@@ -146,7 +153,9 @@ class CloudClient:
             device_id=device_id,
             profile=pb.DeviceProfile(name=device_profile, link=link_profile),
             signature=pb.DatasetSignature(
-                input_shape=list(signature.input_shape), num_classes=signature.num_classes, name=signature.name
+                input_shape=list(signature.input_shape),
+                num_classes=signature.num_classes,
+                name=signature.name,
             ),
             requested_epochs=requested_epochs,
         )
@@ -178,7 +187,13 @@ class CloudClient:
         )
 
     def step(
-        self, session_id: str, step: int, student: np.ndarray, teacher: np.ndarray, labels: np.ndarray, wire_dtype: int
+        self,
+        session_id: str,
+        step: int,
+        student: np.ndarray,
+        teacher: np.ndarray,
+        labels: np.ndarray,
+        wire_dtype: int,
     ) -> StepReply:
         request = pb.StepRequest(
             session_id=session_id,
@@ -196,11 +211,19 @@ class CloudClient:
             reply.gradient, what="gradient", shape=student.shape, finite=True
         ).astype(np.float32)
         return StepReply(
-            reply.step, gradient, reply.loss, reply.kd_loss, reply.ce_loss, reply.correct, reply.replayed
+            reply.step,
+            gradient,
+            reply.loss,
+            reply.kd_loss,
+            reply.ce_loss,
+            reply.correct,
+            reply.replayed,
         )
 
     def evaluate(self, session_id: str, student: np.ndarray, wire_dtype: int) -> np.ndarray:
-        request = pb.EvaluateRequest(session_id=session_id, student_activations=codec.encode(student, wire_dtype))
+        request = pb.EvaluateRequest(
+            session_id=session_id, student_activations=codec.encode(student, wire_dtype)
+        )
         reply: pb.EvaluateResponse = self._call(
             "Evaluate", lambda: self._stub.Evaluate(request, timeout=self.timeout), idempotent=True
         )
@@ -208,15 +231,21 @@ class CloudClient:
         return codec.decode(reply.logits, what="logits", shape=(student.shape[0], None))
 
     def finish(self, session_id: str, head: dict[str, np.ndarray], steps: int) -> pb.ModelInfo:
-        request = pb.FinishRequest(session_id=session_id, student_head=codec.encode_weights(head), steps=steps)
+        request = pb.FinishRequest(
+            session_id=session_id, student_head=codec.encode_weights(head), steps=steps
+        )
         # Finishing twice returns the same version, so a retry is safe.
         reply: pb.FinishResponse = self._call(
-            "Finish", lambda: self._stub.Finish(request, timeout=max(self.timeout, 120.0)), idempotent=True
+            "Finish",
+            lambda: self._stub.Finish(request, timeout=max(self.timeout, 120.0)),
+            idempotent=True,
         )
         self._count(request.ByteSize(), reply.ByteSize())
         return reply.model
 
-    def download(self, name: str, version: int, destination: Path, expected_sha256: str = "") -> pb.ModelChunk:
+    def download(
+        self, name: str, version: int, destination: Path, expected_sha256: str = ""
+    ) -> pb.ModelChunk:
         """Stream a model into ``destination``, resuming after a dropped stream; verify SHA-256."""
         partial = destination.with_suffix(destination.suffix + ".part")
         partial.parent.mkdir(parents=True, exist_ok=True)
@@ -227,24 +256,36 @@ class CloudClient:
             request = pb.DownloadModelRequest(name=name, version=version, offset=offset)
             try:
                 with partial.open("ab") as handle:
-                    for chunk in self._stub.DownloadModel(request, timeout=max(self.timeout, 120.0)):
+                    for chunk in self._stub.DownloadModel(
+                        request, timeout=max(self.timeout, 120.0)
+                    ):
                         if chunk.offset != handle.tell():
-                            raise EdgeError(f"download of {name}: chunk at {chunk.offset}, expected {handle.tell()}")
+                            raise EdgeError(
+                                f"download of {name}: chunk at {chunk.offset}, expected {handle.tell()}"
+                            )
                         handle.write(chunk.data)
-                        self._count(request.ByteSize() if chunk.offset == offset else 0, chunk.ByteSize())
+                        self._count(
+                            request.ByteSize() if chunk.offset == offset else 0, chunk.ByteSize()
+                        )
                         last = chunk
                 break
             except grpc.RpcError as exc:
-                code = exc.code()  # type: ignore[attr-defined]
+                code = exc.code()
                 if code not in _TRANSIENT or attempt == self.retries:
-                    raise CloudRefused("DownloadModel", code.name, exc.details() or "") from None  # type: ignore[attr-defined]
+                    raise CloudRefused("DownloadModel", code.name, exc.details() or "") from None
                 time.sleep(random.uniform(0, min(30.0, 0.5 * 2**attempt)))
         if last is None:
             raise EdgeError(f"download of {name} returned no data")
         data = partial.read_bytes()
         digest = hashlib.sha256(data).hexdigest()
-        if len(data) != last.total_size or digest != last.sha256 or (expected_sha256 and digest != expected_sha256):
+        if (
+            len(data) != last.total_size
+            or digest != last.sha256
+            or (expected_sha256 and digest != expected_sha256)
+        ):
             partial.unlink(missing_ok=True)
-            raise EdgeError(f"download of {name} v{last.version} failed verification (SHA-256 {digest[:12]}…)")
+            raise EdgeError(
+                f"download of {name} v{last.version} failed verification (SHA-256 {digest[:12]}…)"
+            )
         partial.replace(destination)
         return last

@@ -73,7 +73,9 @@ def create_app(store: ModelStore) -> FastAPI:
         try:
             array = np.asarray(request.inputs, dtype=np.float32)
         except (ValueError, TypeError) as exc:
-            raise HTTPException(status_code=400, detail=f"inputs must be a numeric array: {exc}") from exc
+            raise HTTPException(
+                status_code=400, detail=f"inputs must be a numeric array: {exc}"
+            ) from exc
         started = time.perf_counter()
         try:
             result = predictor.predict(array)

@@ -15,7 +15,7 @@ MAX_BATCH = 1024
 
 @dataclass(frozen=True)
 class Prediction:
-    classes: np.ndarray        # int64 [N]
+    classes: np.ndarray  # int64 [N]
     probabilities: np.ndarray  # float32 [N, K]
 
 
@@ -52,5 +52,7 @@ class Predictor:
     def accuracy(self, x: np.ndarray, y: np.ndarray, batch: int = MAX_BATCH) -> float:
         correct = 0
         for start in range(0, len(x), batch):
-            correct += int((self.predict(x[start : start + batch]).classes == y[start : start + batch]).sum())
+            correct += int(
+                (self.predict(x[start : start + batch]).classes == y[start : start + batch]).sum()
+            )
         return correct / max(1, len(x))

@@ -49,12 +49,16 @@ class ModelStore:
     def folder(self, name: str, version: int) -> Path:
         return self.root / name / str(version)
 
-    def install(self, name: str, version: int, onnx_file: Path, metadata: dict[str, Any]) -> LocalModel:
+    def install(
+        self, name: str, version: int, onnx_file: Path, metadata: dict[str, Any]
+    ) -> LocalModel:
         """Move a downloaded file in, after checking its SHA-256; make it current."""
         expected = str(metadata.get("sha256", ""))
         actual = sha256_of(onnx_file)
         if not expected or actual != expected:
-            raise EdgeError(f"model {name} v{version}: SHA-256 {actual[:12]}… does not match {expected[:12] or 'nothing'}…")
+            raise EdgeError(
+                f"model {name} v{version}: SHA-256 {actual[:12]}… does not match {expected[:12] or 'nothing'}…"
+            )
         folder = self.folder(name, version)
         folder.mkdir(parents=True, exist_ok=True)
         target = folder / "model.onnx"
@@ -71,7 +75,9 @@ class ModelStore:
     def current(self) -> LocalModel:
         pointer = self.root / "CURRENT.json"
         if not pointer.is_file():
-            raise EdgeError(f"no model in {self.root}: run 'splitkd-edge train' or 'splitkd-edge pull' first")
+            raise EdgeError(
+                f"no model in {self.root}: run 'splitkd-edge train' or 'splitkd-edge pull' first"
+            )
         try:
             raw = json.loads(pointer.read_text())
             return self.load(str(raw["name"]), int(raw["version"]))
@@ -85,7 +91,9 @@ class ModelStore:
             raise EdgeError(f"model {name} v{version} is not in {self.root}")
         metadata = json.loads((folder / "metadata.json").read_text())
         if sha256_of(path) != metadata.get("sha256"):
-            raise EdgeError(f"model {name} v{version} in {folder} is corrupted (SHA-256 mismatch); pull it again")
+            raise EdgeError(
+                f"model {name} v{version} in {folder} is corrupted (SHA-256 mismatch); pull it again"
+            )
         return LocalModel(name, version, path, metadata)
 
     def pointer_mtime(self) -> float:

@@ -24,7 +24,9 @@ def _get(url: str, timeout: float) -> bytes:
         raise EdgeError(f"cannot reach {url}: {exc}") from None
 
 
-def pull(base_url: str, name: str, version: int, store: ModelStore, timeout: float = 60.0) -> LocalModel:
+def pull(
+    base_url: str, name: str, version: int, store: ModelStore, timeout: float = 60.0
+) -> LocalModel:
     base = base_url.rstrip("/")
     if version == 0:
         listing: dict[str, Any] = json.loads(_get(f"{base}/v1/models", timeout))

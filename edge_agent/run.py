@@ -48,10 +48,18 @@ def train(
     started = time.perf_counter()
     dataset = load_dataset(options.data)
     split = edge_split(
-        dataset, options.shard, alpha=options.dirichlet_alpha, presumed_fraction=options.presumed_fraction
+        dataset,
+        options.shard,
+        alpha=options.dirichlet_alpha,
+        presumed_fraction=options.presumed_fraction,
     )
-    log.info("%s: %d training and %d held-out samples (%s)", options.device_id, len(split.train),
-             len(split.heldout), dataset.signature.describe())
+    log.info(
+        "%s: %d training and %d held-out samples (%s)",
+        options.device_id,
+        len(split.train),
+        len(split.heldout),
+        dataset.signature.describe(),
+    )
     with CloudClient(options.cloud, timeout=options.timeout) as client:
         client.on_traffic = on_traffic
         session = client.register(
@@ -118,7 +126,10 @@ def train(
             "teacher_cut": session.teacher_cut,
             "student_spec": session.student_spec.describe(),
             "teacher_spec": session.teacher_spec.describe(),
-            "student_model": {"family": session.student_spec.family, "spec_json": session.student_spec.to_json()},
+            "student_model": {
+                "family": session.student_spec.family,
+                "spec_json": session.student_spec.to_json(),
+            },
             "hyperparameters": asdict(session.hyper),
         },
         "student": {
@@ -145,8 +156,10 @@ def train(
             "forward_seconds": sum(r.forward_seconds for r in result.history),
             "network_seconds": sum(r.network_seconds for r in result.history),
             "backward_seconds": sum(r.backward_seconds for r in result.history),
-            "step_seconds_mean": sum(r.forward_seconds + r.network_seconds + r.backward_seconds
-                                     for r in result.history) / steps,
+            "step_seconds_mean": sum(
+                r.forward_seconds + r.network_seconds + r.backward_seconds for r in result.history
+            )
+            / steps,
         },
         "steps": result.steps,
         "wall_seconds": time.perf_counter() - started,

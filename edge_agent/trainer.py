@@ -23,7 +23,9 @@ from splitkd.training import batch_order, make_optimizer, steps_per_epoch
 
 
 class SplitTransport(Protocol):
-    def step(self, step: int, student: np.ndarray, teacher: np.ndarray, labels: np.ndarray) -> StepReply: ...
+    def step(
+        self, step: int, student: np.ndarray, teacher: np.ndarray, labels: np.ndarray
+    ) -> StepReply: ...
 
     def evaluate(self, student: np.ndarray) -> np.ndarray: ...
 
@@ -39,8 +41,8 @@ class StepRecord:
     kd_loss: float
     ce_loss: float
     correct: int
-    forward_seconds: float   # device compute: both heads forward
-    network_seconds: float   # round trip: encode, send, cloud compute, receive, decode
+    forward_seconds: float  # device compute: both heads forward
+    network_seconds: float  # round trip: encode, send, cloud compute, receive, decode
     backward_seconds: float  # device compute: head backward + optimizer step
     bytes_up: int = 0
     bytes_down: int = 0
@@ -65,13 +67,17 @@ class TrainResult:
         return [asdict(r) for r in self.history]
 
 
-def build_head(spec_stages: StagedModel, cut: int, state: dict[str, np.ndarray]) -> torch.nn.Sequential:
+def build_head(
+    spec_stages: StagedModel, cut: int, state: dict[str, np.ndarray]
+) -> torch.nn.Sequential:
     spec_stages.load_part(0, cut, state)
     return spec_stages.part(0, cut)
 
 
 class EdgeTrainer:
-    def __init__(self, session: SessionInfo, train: Dataset, heldout: Dataset, transport: SplitTransport) -> None:
+    def __init__(
+        self, session: SessionInfo, train: Dataset, heldout: Dataset, transport: SplitTransport
+    ) -> None:
         self.session = session
         self.train_data = train
         self.heldout = heldout
@@ -108,7 +114,9 @@ class EdgeTrainer:
         step = 0
         for epoch in range(self.hyper.epochs):
             self.student_head.train()
-            for index in batch_order(len(self.train_data), self.hyper.batch_size, self.hyper.seed, epoch):
+            for index in batch_order(
+                len(self.train_data), self.hyper.batch_size, self.hyper.seed, epoch
+            ):
                 if step < self.next_step:  # resuming: these steps were applied already
                     step += 1
                     continue
@@ -171,7 +179,9 @@ class EdgeTrainer:
         for start in range(0, len(self.heldout), batch_size):
             x = torch.from_numpy(self.heldout.x[start : start + batch_size])
             logits = self.transport.evaluate(self.student_head(x).numpy())
-            correct += int((logits.argmax(axis=1) == self.heldout.y[start : start + batch_size]).sum())
+            correct += int(
+                (logits.argmax(axis=1) == self.heldout.y[start : start + batch_size]).sum()
+            )
         self.student_head.train()
         return correct / max(1, len(self.heldout))
 
@@ -184,8 +194,12 @@ class GrpcTransport:
         self.session_id = session_id
         self.wire_dtype = wire_dtype
 
-    def step(self, step: int, student: np.ndarray, teacher: np.ndarray, labels: np.ndarray) -> StepReply:
-        reply: StepReply = self.client.step(self.session_id, step, student, teacher, labels, self.wire_dtype)
+    def step(
+        self, step: int, student: np.ndarray, teacher: np.ndarray, labels: np.ndarray
+    ) -> StepReply:
+        reply: StepReply = self.client.step(
+            self.session_id, step, student, teacher, labels, self.wire_dtype
+        )
         return reply
 
     def evaluate(self, student: np.ndarray) -> np.ndarray:

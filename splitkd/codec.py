@@ -33,7 +33,9 @@ MAX_RANK = 8
 
 
 def dtype_name(code: int) -> str:
-    return str(pb.DType.Name(code)) if code in pb.DType.values() else f"unknown dtype {code}"
+    if code not in pb.DType.values():
+        return f"unknown dtype {code}"
+    return str(pb.DType.Name(pb.DType.ValueType(code)))
 
 
 def encode(array: np.ndarray, dtype: int | None = None) -> pb.Tensor:
@@ -42,9 +44,13 @@ def encode(array: np.ndarray, dtype: int | None = None) -> pb.Tensor:
         array = array.astype(_TO_NUMPY[dtype], copy=False)
     key = array.dtype.str.lstrip("<|=")
     if key not in _FROM_NUMPY:
-        raise InvalidArgument(f"dtype {array.dtype} cannot be sent; use float32, float16 or an int type")
+        raise InvalidArgument(
+            f"dtype {array.dtype} cannot be sent; use float32, float16 or an int type"
+        )
     array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
-    return pb.Tensor(dtype=_FROM_NUMPY[key], shape=list(array.shape), data=array.tobytes())
+    return pb.Tensor(
+        dtype=pb.DType.ValueType(_FROM_NUMPY[key]), shape=list(array.shape), data=array.tobytes()
+    )
 
 
 def decode(
@@ -65,7 +71,9 @@ def decode(
         raise InvalidArgument(f"{what}: {dtype_name(tensor.dtype)} is not a supported dtype")
     if dtypes is not None and tensor.dtype not in dtypes:
         allowed = ", ".join(dtype_name(d) for d in dtypes)
-        raise InvalidArgument(f"{what}: dtype {dtype_name(tensor.dtype)} is not allowed here (expected {allowed})")
+        raise InvalidArgument(
+            f"{what}: dtype {dtype_name(tensor.dtype)} is not allowed here (expected {allowed})"
+        )
     dims = list(tensor.shape)
     if len(dims) > MAX_RANK:
         raise InvalidArgument(f"{what}: rank {len(dims)} is above the limit of {MAX_RANK}")
@@ -75,10 +83,11 @@ def decode(
     count = prod(dims)
     if count > max_elements:
         raise ResourceExhausted(f"{what}: {count} elements is above the limit of {max_elements}")
-    if shape is not None:
-        if len(dims) != len(shape) or any(e is not None and e != d for d, e in zip(dims, shape, strict=False)):
-            expected = ["B" if e is None else e for e in shape]
-            raise InvalidArgument(f"{what}: shape {dims} does not match the expected {expected}")
+    if shape is not None and (len(dims) != len(shape) or any(
+        e is not None and e != d for d, e in zip(dims, shape, strict=False)
+    )):
+        expected = ["B" if e is None else e for e in shape]
+        raise InvalidArgument(f"{what}: shape {dims} does not match the expected {expected}")
     np_dtype = _TO_NUMPY[tensor.dtype]
     if len(tensor.data) != count * np_dtype.itemsize:
         raise InvalidArgument(
@@ -92,7 +101,9 @@ def decode(
 
 
 def encode_weights(state: Mapping[str, np.ndarray]) -> pb.ModelWeights:
-    return pb.ModelWeights(tensors=[pb.NamedTensor(name=k, tensor=encode(v)) for k, v in state.items()])
+    return pb.ModelWeights(
+        tensors=[pb.NamedTensor(name=k, tensor=encode(v)) for k, v in state.items()]
+    )
 
 
 def decode_weights(
@@ -107,7 +118,9 @@ def decode_weights(
         if named.name in out:
             raise InvalidArgument(f"{what}: tensor {named.name!r} appears twice")
         shape = None if expected is None or named.name not in expected else expected[named.name]
-        out[named.name] = decode(named.tensor, what=f"{what}[{named.name}]", shape=shape, finite=True)
+        out[named.name] = decode(
+            named.tensor, what=f"{what}[{named.name}]", shape=shape, finite=True
+        )
     if expected is not None:
         missing = sorted(set(expected) - set(out))
         extra = sorted(set(out) - set(expected))

@@ -36,7 +36,9 @@ def http_json(url: str, timeout: float = 2.0) -> Any:
         return json.loads(response.read())
 
 
-def wait_healthy(url: str, process: subprocess.Popen[bytes], log_path: Path, timeout: float = 120.0) -> dict[str, Any]:
+def wait_healthy(
+    url: str, process: subprocess.Popen[bytes], log_path: Path, timeout: float = 120.0
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -60,9 +62,13 @@ def student_alone(edge_report: dict[str, Any], data: str, shard: str) -> float:
 
     torch.set_num_threads(1)
     session = edge_report["session"]
-    spec = ModelSpec.from_json(session["student_model"]["family"], session["student_model"]["spec_json"])
+    spec = ModelSpec.from_json(
+        session["student_model"]["family"], session["student_model"]["spec_json"]
+    )
     hyper = Hyperparameters(**session["hyperparameters"])
-    split = edge_split(load_dataset(data), parse_shard(shard), presumed_fraction=DEFAULT_PRESUMED_FRACTION)
+    split = edge_split(
+        load_dataset(data), parse_shard(shard), presumed_fraction=DEFAULT_PRESUMED_FRACTION
+    )
     model = train_supervised(spec, split.train, hyper)
     return accuracy_of(predict(model, split.heldout.x), split.heldout.y)
 
@@ -83,42 +89,92 @@ def run(args: argparse.Namespace) -> int:
     print(f"splitkd demo: run folder {run_dir}")
     cloud_log = run_dir / "cloud.log"
     cloud = subprocess.Popen(
-        [python, "-m", "cloud_service.cli", "serve", "--host", "127.0.0.1", "--grpc-port", str(grpc_port),
-         "--http-port", str(http_port), "--teacher-data", args.data, "--state-dir", str(run_dir / "cloud")],
-        stdout=cloud_log.open("wb"), stderr=subprocess.STDOUT, env=env,
+        [
+            python,
+            "-m",
+            "cloud_service.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--grpc-port",
+            str(grpc_port),
+            "--http-port",
+            str(http_port),
+            "--teacher-data",
+            args.data,
+            "--state-dir",
+            str(run_dir / "cloud"),
+        ],
+        stdout=cloud_log.open("wb"),
+        stderr=subprocess.STDOUT,
+        env=env,
     )
     edges: list[tuple[str, str, subprocess.Popen[bytes]]] = []
     try:
-        print(f"[1/4] cloud: training the teacher on its presumed data (gRPC :{grpc_port}, HTTP :{http_port})…")
+        print(
+            f"[1/4] cloud: training the teacher on its presumed data (gRPC :{grpc_port}, HTTP :{http_port})…"
+        )
         health = wait_healthy(f"http://127.0.0.1:{http_port}/healthz", cloud, cloud_log)
         teacher = health["teacher"]
-        print(f"      teacher {teacher['spec']}: {teacher['parameters']:,} parameters, "
-              f"held-out accuracy {teacher['accuracy']:.4f}")
-        print(f"[2/4] {args.edges} edges: split KD over gRPC (raw digits stay in the edge processes)…")
+        print(
+            f"      teacher {teacher['spec']}: {teacher['parameters']:,} parameters, "
+            f"held-out accuracy {teacher['accuracy']:.4f}"
+        )
+        print(
+            f"[2/4] {args.edges} edges: split KD over gRPC (raw digits stay in the edge processes)…"
+        )
         for i in range(args.edges):
             device, shard = f"edge-{i}", f"{i}/{args.edges}"
-            command = [python, "-m", "edge_agent.cli", "train", "--cloud", f"127.0.0.1:{grpc_port}",
-                       "--data", args.data, "--shard", shard, "--device-id", device,
-                       "--report", str(run_dir / f"{device}.json"), "--model-dir", str(run_dir / device / "models"),
-                       "--no-progress"]
+            command = [
+                python,
+                "-m",
+                "edge_agent.cli",
+                "train",
+                "--cloud",
+                f"127.0.0.1:{grpc_port}",
+                "--data",
+                args.data,
+                "--shard",
+                shard,
+                "--device-id",
+                device,
+                "--report",
+                str(run_dir / f"{device}.json"),
+                "--model-dir",
+                str(run_dir / device / "models"),
+                "--no-progress",
+            ]
             if args.epochs:
                 command += ["--epochs", str(args.epochs)]
             log_file = (run_dir / f"{device}.log").open("wb")
-            edges.append((device, shard, subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)))
+            edges.append(
+                (
+                    device,
+                    shard,
+                    subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env),
+                )
+            )
         _follow(edges, http_port)
         failed = [(d, p.returncode) for d, _, p in edges if p.returncode != 0]
         if failed:
             for device, code in failed:
-                print(f"error: {device} exited with code {code}; see {run_dir / (device + '.log')}", file=sys.stderr)
+                print(
+                    f"error: {device} exited with code {code}; see {run_dir / (device + '.log')}",
+                    file=sys.stderr,
+                )
             return 1
-        print("[3/4] edges downloaded and verified the ONNX student; baseline: same student, no teacher…")
+        print(
+            "[3/4] edges downloaded and verified the ONNX student; baseline: same student, no teacher…"
+        )
         reports: dict[str, Any] = {}
         alone: dict[str, float] = {}
         for device, shard, _ in edges:
             edge_report = json.loads((run_dir / f"{device}.json").read_text())
             alone[device] = student_alone(edge_report, args.data, shard)
             edge_report["student_alone"] = {"accuracy": alone[device]}
-            reports[device] = {k: v for k, v in edge_report.items() if k not in ("history", "evaluations")}
+            reports[device] = {
+                k: v for k, v in edge_report.items() if k not in ("history", "evaluations")
+            }
     finally:
         for _, _, process in edges:
             if process.poll() is None:
@@ -132,9 +188,16 @@ def run(args: argparse.Namespace) -> int:
     distilled = sum(r["student"]["accuracy"] for r in reports.values()) / len(reports)
     baseline = sum(alone.values()) / len(alone)
     summary = {
-        "teacher": {"accuracy": teacher["accuracy"], "parameters": teacher["parameters"], "spec": teacher["spec"]},
+        "teacher": {
+            "accuracy": teacher["accuracy"],
+            "parameters": teacher["parameters"],
+            "spec": teacher["spec"],
+        },
         "edges": reports,
-        "student": {"accuracy": distilled, "parameters": next(iter(reports.values()))["student"]["parameters"]},
+        "student": {
+            "accuracy": distilled,
+            "parameters": next(iter(reports.values()))["student"]["parameters"],
+        },
         "student_alone": {"accuracy": baseline, "per_edge": alone},
         "kd_gain": distilled - baseline,
         "wall_seconds": time.monotonic() - started,
@@ -178,31 +241,39 @@ def _plots(run_dir: Path, devices: list[str]) -> None:
 def _table(summary: dict[str, Any]) -> None:
     rows = [("device", "accuracy", "no-teacher", "steps", "MB up", "MB down", "seconds")]
     for device, report in summary["edges"].items():
-        rows.append((
-            device,
-            f"{report['student']['accuracy']:.4f}",
-            f"{report['student_alone']['accuracy']:.4f}",
-            str(report["steps"]),
-            f"{report['traffic']['bytes_up'] / 1e6:.2f}",
-            f"{report['traffic']['bytes_down'] / 1e6:.2f}",
-            f"{report['wall_seconds']:.1f}",
-        ))
+        rows.append(
+            (
+                device,
+                f"{report['student']['accuracy']:.4f}",
+                f"{report['student_alone']['accuracy']:.4f}",
+                str(report["steps"]),
+                f"{report['traffic']['bytes_up'] / 1e6:.2f}",
+                f"{report['traffic']['bytes_down'] / 1e6:.2f}",
+                f"{report['wall_seconds']:.1f}",
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     print()
     for row in rows:
         print("  " + "  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)))
     teacher, student = summary["teacher"], summary["student"]
-    print(f"\n  teacher {teacher['parameters']:,} parameters, accuracy {teacher['accuracy']:.4f}; "
-          f"student {student['parameters']:,} parameters ({teacher['parameters'] / student['parameters']:.0f}x "
-          f"smaller), distilled {student['accuracy']:.4f} vs no teacher {summary['student_alone']['accuracy']:.4f}")
+    print(
+        f"\n  teacher {teacher['parameters']:,} parameters, accuracy {teacher['accuracy']:.4f}; "
+        f"student {student['parameters']:,} parameters ({teacher['parameters'] / student['parameters']:.0f}x "
+        f"smaller), distilled {student['accuracy']:.4f} vs no teacher {summary['student_alone']['accuracy']:.4f}"
+    )
     print(f"  whole demo: {summary['wall_seconds']:.1f} s")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m splitkd.demo", description=__doc__)
-    parser.add_argument("--data", default="digits", help="dataset spec shared by the cloud and the edges")
+    parser.add_argument(
+        "--data", default="digits", help="dataset spec shared by the cloud and the edges"
+    )
     parser.add_argument("--edges", type=int, default=2, help="number of edge processes (default 2)")
-    parser.add_argument("--epochs", type=int, default=0, help="epochs per edge (default: the cloud's)")
+    parser.add_argument(
+        "--epochs", type=int, default=0, help="epochs per edge (default: the cloud's)"
+    )
     parser.add_argument("--runs", default="runs", help="folder for run outputs (default runs/)")
     return run(parser.parse_args(argv))
 

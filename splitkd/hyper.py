@@ -15,7 +15,7 @@ class Hyperparameters:
     optimizer: str = "adam"
     learning_rate: float = 0.01
     batch_size: int = 32
-    epochs: int = 30
+    epochs: int = 60
     kd_alpha: float = DEFAULT_ALPHA
     kd_temperature: float = DEFAULT_TEMPERATURE
     seed: int = 0

@@ -13,7 +13,6 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-
 from splitkd.kd_defaults import DEFAULT_ALPHA, DEFAULT_TEMPERATURE
 
 

@@ -34,7 +34,7 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...]) -> bytes:
         torch.onnx.export(
             model,
             (example,),
-            buffer,
+            buffer,  # type: ignore[arg-type]  # a file object is accepted, the stub says path only
             dynamo=False,
             input_names=[INPUT_NAME],
             output_names=[OUTPUT_NAME],
@@ -54,7 +54,9 @@ def parity(model: nn.Module, onnx_bytes: bytes, inputs: np.ndarray) -> float:
     return float(np.max(np.abs(np.asarray(ort_logits) - torch_logits)))
 
 
-def export_checked(model: nn.Module, input_shape: tuple[int, ...], seed: int = 0) -> tuple[bytes, float]:
+def export_checked(
+    model: nn.Module, input_shape: tuple[int, ...], seed: int = 0
+) -> tuple[bytes, float]:
     """Export, then check parity on random inputs; refuse a model that does not match."""
     onnx_bytes = export_onnx(model, input_shape)
     inputs = np.random.default_rng(seed).standard_normal((64, *input_shape)).astype(np.float32)

@@ -32,7 +32,9 @@ class DatasetSignature:
                 f"input shape {list(self.input_shape)} has more than {MAX_SAMPLE_ELEMENTS} values"
             )
         if not 2 <= self.num_classes <= MAX_CLASSES:
-            raise InvalidArgument(f"number of classes must be in 2..{MAX_CLASSES}, got {self.num_classes}")
+            raise InvalidArgument(
+                f"number of classes must be in 2..{MAX_CLASSES}, got {self.num_classes}"
+            )
 
     @property
     def kind(self) -> str:

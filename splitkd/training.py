@@ -43,7 +43,9 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
 @torch.no_grad()
 def predict(model: nn.Module, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
     model.eval()
-    out = [model(torch.from_numpy(x[i : i + batch_size])).numpy() for i in range(0, len(x), batch_size)]
+    out = [
+        model(torch.from_numpy(x[i : i + batch_size])).numpy() for i in range(0, len(x), batch_size)
+    ]
     return np.concatenate(out)
 
 
@@ -72,7 +74,7 @@ def train_supervised(
             optimizer.step()
             step += 1
             if progress is not None:
-                progress(step, float(loss))
+                progress(step, float(loss.detach()))
     model.eval()
     return model
 
@@ -98,10 +100,12 @@ def train_kd_centralised(
             ix = torch.from_numpy(index)
             with torch.no_grad():
                 teacher_logits = teacher(x[ix])
-            loss = kd_loss(student(x[ix]), teacher_logits, y[ix], hyper.kd_alpha, hyper.kd_temperature)
+            loss = kd_loss(
+                student(x[ix]), teacher_logits, y[ix], hyper.kd_alpha, hyper.kd_temperature
+            )
             optimizer.zero_grad()
             loss.total.backward()
             optimizer.step()
-            run.losses.append(float(loss.total))
+            run.losses.append(float(loss.total.detach()))
     student.eval()
     return run

@@ -47,11 +47,13 @@ def presumed_split(n: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
     if not 0.0 <= fraction < 1.0:
         raise DataError(f"presumed fraction must be in [0, 1), got {fraction}")
     order = np.random.default_rng(PARTITION_SEED).permutation(n)
-    cut = int(round(n * fraction))
+    cut = round(n * fraction)
     return np.sort(order[:cut]), np.sort(order[cut:])
 
 
-def shard_indices(labels: np.ndarray, pool: np.ndarray, shard: Shard, alpha: float | None) -> np.ndarray:
+def shard_indices(
+    labels: np.ndarray, pool: np.ndarray, shard: Shard, alpha: float | None
+) -> np.ndarray:
     """Shard ``shard`` of ``pool``: IID when ``alpha`` is None, else Dirichlet(alpha) per class."""
     rng = np.random.default_rng(PARTITION_SEED + 1)
     if alpha is None:
@@ -68,9 +70,11 @@ def shard_indices(labels: np.ndarray, pool: np.ndarray, shard: Shard, alpha: flo
     return np.sort(np.concatenate(chosen))
 
 
-def train_heldout(index: np.ndarray, fraction: float = DEFAULT_HELDOUT_FRACTION) -> tuple[np.ndarray, np.ndarray]:
+def train_heldout(
+    index: np.ndarray, fraction: float = DEFAULT_HELDOUT_FRACTION
+) -> tuple[np.ndarray, np.ndarray]:
     order = np.random.default_rng(PARTITION_SEED + 2).permutation(index)
-    held = max(1, int(round(len(order) * fraction)))
+    held = max(1, round(len(order) * fraction))
     return np.sort(order[held:]), np.sort(order[:held])
 
 
@@ -96,7 +100,9 @@ def edge_split(
     return EdgeSplit(dataset.subset(train), dataset.subset(held))
 
 
-def cloud_split(dataset: Dataset, presumed_fraction: float = DEFAULT_PRESUMED_FRACTION) -> EdgeSplit:
+def cloud_split(
+    dataset: Dataset, presumed_fraction: float = DEFAULT_PRESUMED_FRACTION
+) -> EdgeSplit:
     """The cloud's presumed data, itself split into train and held-out for the teacher."""
     presumed, _ = presumed_split(len(dataset), presumed_fraction)
     if presumed_fraction == 0.0:

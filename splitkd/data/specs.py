@@ -47,7 +47,9 @@ def _npz(path: Path) -> tuple[np.ndarray, np.ndarray, str]:
     try:
         with np.load(path, allow_pickle=False) as archive:
             if "x" not in archive or "y" not in archive:
-                raise DataError(f"{path}: an npz dataset needs arrays 'x' and 'y', found {sorted(archive.files)}")
+                raise DataError(
+                    f"{path}: an npz dataset needs arrays 'x' and 'y', found {sorted(archive.files)}"
+                )
             x, y = archive["x"], archive["y"]
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise DataError(f"{path}: not a readable npz file ({exc})") from exc
@@ -95,9 +97,13 @@ def load_dataset(spec: str) -> Dataset:
 
 def _validated(x: np.ndarray, y: np.ndarray, name: str) -> Dataset:
     if x.ndim < 2 or x.ndim > 4:
-        raise DataError(f"{name}: x must be [N, F], [N, C, L] or [N, C, H, W], got shape {list(x.shape)}")
+        raise DataError(
+            f"{name}: x must be [N, F], [N, C, L] or [N, C, H, W], got shape {list(x.shape)}"
+        )
     if y.ndim != 1 or len(y) != len(x):
-        raise DataError(f"{name}: y must be a vector with one label per row of x ({len(x)}), got {list(y.shape)}")
+        raise DataError(
+            f"{name}: y must be a vector with one label per row of x ({len(x)}), got {list(y.shape)}"
+        )
     if len(y) < 10:
         raise DataError(f"{name}: {len(y)} samples are too few to train and evaluate")
     if x.dtype.kind not in "fiub" or y.dtype.kind not in "fiu":

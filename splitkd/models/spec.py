@@ -36,7 +36,9 @@ class ModelSpec:
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
-            raise InvalidArgument(f"unknown model family {self.family!r}; known: {', '.join(FAMILIES)}")
+            raise InvalidArgument(
+                f"unknown model family {self.family!r}; known: {', '.join(FAMILIES)}"
+            )
         DatasetSignature(self.input_shape, self.num_classes)  # same limits as a signature
         expected_rank = {"mlp": 1, "cnn1d": 2, "cnn2d": 3}[self.family]
         if len(self.input_shape) != expected_rank:
@@ -94,4 +96,6 @@ class ModelSpec:
                 f"{what} {cut} would send raw inputs over the network; the first stage must run on the device"
             )
         if cut >= self.num_stages:
-            raise InvalidArgument(f"{what} {cut} leaves no stage for the cloud (model has {self.num_stages} stages)")
+            raise InvalidArgument(
+                f"{what} {cut} leaves no stage for the cloud (model has {self.num_stages} stages)"
+            )

@@ -36,7 +36,9 @@ class StagedModel(nn.Module):
         """Named numpy copies of the parameters and buffers of stages ``[start, stop)``."""
         keep = tuple(f"stages.{i}." for i in range(start, stop))
         return {
-            k: v.detach().cpu().numpy().copy() for k, v in self.state_dict().items() if k.startswith(keep)
+            k: v.detach().cpu().numpy().copy()
+            for k, v in self.state_dict().items()
+            if k.startswith(keep)
         }
 
     def part_shapes(self, start: int, stop: int) -> dict[str, tuple[int, ...]]:
@@ -54,7 +56,9 @@ class StagedModel(nn.Module):
         with torch.no_grad():
             for name, value in state.items():
                 if tuple(value.shape) != expected[name]:
-                    raise InvalidArgument(f"weight {name} has shape {list(value.shape)}, expected {list(expected[name])}")
+                    raise InvalidArgument(
+                        f"weight {name} has shape {list(value.shape)}, expected {list(expected[name])}"
+                    )
                 own[name].copy_(torch.from_numpy(np.array(value, dtype=np.float32)))
 
 

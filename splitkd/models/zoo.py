@@ -109,9 +109,17 @@ def default_teacher(signature: DatasetSignature, student: ModelSpec | None = Non
     spec = None
     for scale in (1, 2, 4, 8, 16):
         if family == "mlp":
-            spec = ModelSpec(family, shape, classes, widths=(256 * scale, 256 * scale), hidden=(256 * scale,))
+            spec = ModelSpec(
+                family, shape, classes, widths=(256 * scale, 256 * scale), hidden=(256 * scale,)
+            )
         else:
-            spec = ModelSpec(family, shape, classes, widths=(32 * scale, 128 * scale, 256 * scale), hidden=(256 * scale,))
+            spec = ModelSpec(
+                family,
+                shape,
+                classes,
+                widths=(32 * scale, 128 * scale, 256 * scale),
+                hidden=(256 * scale,),
+            )
         if parameter_count(spec) >= MIN_TEACHER_RATIO * student_params:
             return spec
     assert spec is not None

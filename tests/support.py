@@ -1,0 +1,79 @@
+"""Shared fixtures: a cloud service (real logic) and a real gRPC server on loopback."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from cloud_service.registry import ModelRegistry
+from cloud_service.server import build_grpc_server
+from cloud_service.service import CloudConfig, CloudService
+from cloud_service.sessions import SessionStore
+from cloud_service.teacher import Teacher
+from splitkd.hyper import Hyperparameters
+from splitkd.models import zoo
+from splitkd.signature import DatasetSignature
+from splitkd.v1 import splitkd_pb2_grpc as pb_grpc
+
+torch.set_num_threads(1)
+DIGITS = DatasetSignature((1, 8, 8), 10, "digits")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def make_teacher(signature: DatasetSignature = DIGITS, seed: int = 7) -> Teacher:
+    """An untrained but fixed teacher: enough for protocol and equivalence tests."""
+    spec = zoo.default_teacher(signature)
+    model = zoo.build(spec, seed)
+    model.eval()
+    return Teacher(spec, model, None, signature.name)
+
+
+def make_service(
+    tmp_path: Path,
+    *,
+    hyper: Hyperparameters | None = None,
+    store: SessionStore | None = None,
+    teacher: Teacher | None = None,
+) -> CloudService:
+    return CloudService(
+        teacher or make_teacher(),
+        ModelRegistry(tmp_path / "models"),
+        SessionStore() if store is None else store,
+        CloudConfig(hyper=hyper or Hyperparameters(epochs=1, batch_size=16)),
+    )
+
+
+@dataclass
+class LiveCloud:
+    service: CloudService
+    address: str
+    stub: pb_grpc.SplitTrainingStub
+    channel: grpc.Channel
+
+
+@pytest.fixture
+def live_cloud(tmp_path: Path) -> Iterator[LiveCloud]:
+    service = make_service(tmp_path)
+    server, port = build_grpc_server(service, "127.0.0.1:0", max_message_bytes=4 * 1024 * 1024)
+    server.start()
+    address = f"127.0.0.1:{port}"
+    channel = grpc.insecure_channel(
+        address, options=[("grpc.max_send_message_length", 64 * 1024 * 1024)]
+    )
+    try:
+        yield LiveCloud(service, address, pb_grpc.SplitTrainingStub(channel), channel)  # type: ignore[no-untyped-call]
+    finally:
+        channel.close()
+        server.stop(0)
