@@ -5,12 +5,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Path
+from fastapi import FastAPI, HTTPException, Path, Response
 from fastapi.responses import FileResponse
 
 from cloud_service.service import CloudService
 from splitkd import __version__
 from splitkd.errors import SplitKDError
+from splitkd.telemetry import exposition
 
 _HTTP_STATUS = {
     "INVALID_ARGUMENT": 400,
@@ -31,6 +32,11 @@ def _http_error(exc: SplitKDError) -> HTTPException:
 def create_app(service: CloudService) -> FastAPI:
     app = FastAPI(title="splitkd cloud", version=__version__)
     started = time.time()
+
+    @app.get("/metrics")
+    def prometheus_metrics() -> Response:
+        body, content_type = exposition(service.metrics.registry)
+        return Response(content=body, media_type=content_type)
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:

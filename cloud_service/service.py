@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cloud_service.metrics import CloudMetrics
 from cloud_service.registry import ModelRecord, ModelRegistry
 from cloud_service.session import Session, StepResult
 from cloud_service.sessions import SessionStore
@@ -43,9 +44,16 @@ class CloudConfig:
 
 class CloudService:
     def __init__(
-        self, teacher: Teacher, registry: ModelRegistry, sessions: SessionStore, config: CloudConfig
+        self,
+        teacher: Teacher,
+        registry: ModelRegistry,
+        sessions: SessionStore,
+        config: CloudConfig,
+        metrics: CloudMetrics | None = None,
     ) -> None:
         self.teacher = teacher
+        self.metrics = metrics or CloudMetrics()
+        self.metrics.track_sessions(lambda: len(self.sessions))
         self.registry = registry
         self.sessions = sessions
         self.config = config
@@ -104,7 +112,10 @@ class CloudService:
     ) -> StepResult:
         session = self.sessions.get(session_id)
         with session.lock:
-            return session.step(step, student_act, teacher_act, labels)
+            result = session.step(step, student_act, teacher_act, labels)
+        if not result.replayed:
+            self.metrics.observe_step(session.times.teacher_seconds, session.times.student_seconds)
+        return result
 
     def evaluate(self, session_id: str, student_act: np.ndarray) -> np.ndarray:
         session = self.sessions.get(session_id)
@@ -136,6 +147,7 @@ class CloudService:
                     steps=session.next_step,
                 )
             session.finished_version = record.version
+            self.metrics.models_published.inc()
             log.info(
                 "session %s… finished: %s v%d (%d bytes)",
                 session_id[:8],

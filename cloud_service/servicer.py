@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
+from cloud_service.metrics import CloudMetrics
 from cloud_service.registry import ModelRecord
 from cloud_service.service import CloudService
 from splitkd import codec
@@ -28,18 +31,32 @@ FLOATS = (pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT16)
 _WIRE = {"float32": pb.DTYPE_FLOAT32, "float16": pb.DTYPE_FLOAT16}
 
 
-def _abort_on_error(method: F) -> F:
+def _rpc(method: F) -> F:
+    """Answer errors with a status and a one-line message; record latency and bytes."""
+    name = method.__name__
+
     @functools.wraps(method)
-    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+    def wrapper(self: SplitTrainingServicer, request: Any, context: grpc.ServicerContext) -> Any:
+        started = time.perf_counter()
+        code = "OK"
+        response = None
         try:
-            return method(self, request, context)
+            response = method(self, request, context)
+            return response
         except SplitKDError as exc:
+            code = exc.status
             context.abort(getattr(grpc.StatusCode, exc.status), str(exc))
         except Exception:
-            log.exception("unexpected error in %s", method.__name__)
+            code = "INTERNAL"
+            log.exception("unexpected error in %s", name)
             context.abort(
-                grpc.StatusCode.INTERNAL,
-                f"internal error in {method.__name__}; see the cloud's log",
+                grpc.StatusCode.INTERNAL, f"internal error in {name}; see the cloud's log"
+            )
+        finally:
+            # A streamed answer counts its bytes chunk by chunk in _stream.
+            sent = response.ByteSize() if isinstance(response, Message) else 0
+            self.metrics.observe_rpc(
+                name, code, time.perf_counter() - started, request.ByteSize(), sent
             )
 
     return wrapper  # type: ignore[return-value]
@@ -67,8 +84,9 @@ def model_info(record: ModelRecord) -> pb.ModelInfo:
 class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
     def __init__(self, service: CloudService) -> None:
         self.service = service
+        self.metrics: CloudMetrics = service.metrics
 
-    @_abort_on_error
+    @_rpc
     def Register(
         self, request: pb.RegisterRequest, context: grpc.ServicerContext
     ) -> pb.RegisterResponse:
@@ -112,7 +130,7 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
             model_name=session.model_name,
         )
 
-    @_abort_on_error
+    @_rpc
     def Step(self, request: pb.StepRequest, context: grpc.ServicerContext) -> pb.StepResponse:
         _require_session_id(request.session_id)
         session = self.service.sessions.get(request.session_id)
@@ -144,7 +162,7 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
             replayed=result.replayed,
         )
 
-    @_abort_on_error
+    @_rpc
     def Evaluate(
         self, request: pb.EvaluateRequest, context: grpc.ServicerContext
     ) -> pb.EvaluateResponse:
@@ -160,7 +178,7 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
         logits = self.service.evaluate(request.session_id, student)
         return pb.EvaluateResponse(logits=codec.encode(logits, pb.DTYPE_FLOAT32))
 
-    @_abort_on_error
+    @_rpc
     def Finish(self, request: pb.FinishRequest, context: grpc.ServicerContext) -> pb.FinishResponse:
         _require_session_id(request.session_id)
         session = self.service.sessions.get(request.session_id)
@@ -170,22 +188,26 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
         record = self.service.finish(request.session_id, head, request.steps)
         return pb.FinishResponse(model=model_info(record))
 
-    @_abort_on_error
+    @_rpc
     def DownloadModel(
         self, request: pb.DownloadModelRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.ModelChunk]:
         if request.version < 0:
             raise InvalidArgument(f"version must be >= 0 (0 = latest), got {request.version}")
         record, chunks = self.service.open_download(request.name, request.version, request.offset)
-        return _stream(record, chunks)
+        return _stream(record, chunks, self.metrics)
 
 
-def _stream(record: ModelRecord, chunks: Iterator[tuple[int, bytes]]) -> Iterator[pb.ModelChunk]:
+def _stream(
+    record: ModelRecord, chunks: Iterator[tuple[int, bytes]], metrics: CloudMetrics
+) -> Iterator[pb.ModelChunk]:
     for offset, data in chunks:
-        yield pb.ModelChunk(
+        chunk = pb.ModelChunk(
             data=data,
             offset=offset,
             total_size=record.size_bytes,
             sha256=record.sha256,
             version=record.version,
         )
+        metrics.sent_bytes.labels(method="DownloadModel").inc(chunk.ByteSize())
+        yield chunk

@@ -91,9 +91,30 @@ def _parser() -> argparse.ArgumentParser:
         help="JSON run report to write (default report.json)",
     )
     train.add_argument(
-        "--device-profile", default=_env("DEVICE_PROFILE", ""), help="e.g. raspberry-pi-4"
+        "--device-profile",
+        default=_env("DEVICE_PROFILE", "laptop-x86"),
+        help="device power profile for the energy estimate: raspberry-pi-4, raspberry-pi-5, "
+        "jetson-nano or laptop-x86 (SPLITKD_DEVICE_PROFILE; default %(default)s; docs/ENERGY.md)",
     )
-    train.add_argument("--link-profile", default=_env("LINK_PROFILE", ""), help="e.g. wifi, lte")
+    train.add_argument(
+        "--link-profile",
+        default=_env("LINK_PROFILE", "ethernet"),
+        help="network link profile for the radio energy estimate: ethernet, wifi, lte or nb-iot "
+        "(SPLITKD_LINK_PROFILE; default %(default)s)",
+    )
+    train.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(_env("METRICS_PORT", "0") or 0),
+        help="serve Prometheus metrics on this port while training (SPLITKD_METRICS_PORT; "
+        "default 0: off)",
+    )
+    train.add_argument(
+        "--metrics-host",
+        default=_env("METRICS_HOST", "0.0.0.0"),
+        help="address for --metrics-port (SPLITKD_METRICS_HOST; default %(default)s)",
+    )
+    train.add_argument("--no-plots", action="store_true", help="no PNG plots beside the report")
     train.add_argument(
         "--timeout", type=float, default=60.0, help="seconds to wait for one cloud call"
     )
@@ -144,10 +165,19 @@ def _train(args: argparse.Namespace) -> int:
         raise SplitKDError(
             "training needs the [train] extra: pip install 'splitkd[train]'"
         ) from None
+    from edge_agent.metrics import EdgeMetrics
     from edge_agent.run import TrainOptions, train
+    from splitkd import energy
     from splitkd.data.partition import parse_shard
 
+    # Check the profiles before any work: a typo should not cost a training run.
+    energy.device_profile(args.device_profile)
+    energy.link_profile(args.link_profile)
     torch.set_num_threads(1)  # small heads: threads cost more than they give
+    metrics = None
+    if args.metrics_port:
+        metrics = EdgeMetrics()
+        metrics.serve(args.metrics_port, args.metrics_host)
     options = TrainOptions(
         cloud=args.cloud,
         data=args.data,
@@ -162,6 +192,8 @@ def _train(args: argparse.Namespace) -> int:
         link_profile=args.link_profile,
         progress=not args.no_progress,
         timeout=args.timeout,
+        metrics=metrics,
+        plots=not args.no_plots,
     )
     report = train(options)
     student = report["student"]
@@ -169,7 +201,9 @@ def _train(args: argparse.Namespace) -> int:
         f"{args.device_id}: student {student['name']} v{student['version']} accuracy {student['accuracy']:.4f} "
         f"(onnxruntime, {report['data']['heldout_samples']} held-out samples), {report['steps']} steps, "
         f"{report['traffic']['bytes_up'] / 1e6:.2f} MB up / {report['traffic']['bytes_down'] / 1e6:.2f} MB down, "
-        f"{report['wall_seconds']:.1f} s; report: {args.report}"
+        f"{report['wall_seconds']:.1f} s, est. {report['energy']['estimate_joules']['total']:.1f} J "
+        f"({report['energy']['device_profile']}, {report['energy']['link_profile']}); "
+        f"report: {args.report}"
     )
     return 0
 

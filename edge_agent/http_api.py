@@ -11,14 +11,16 @@ import time
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Response
 from pydantic import BaseModel, Field
 
 from edge_agent.errors import EdgeError
 from edge_agent.inference import MAX_BATCH, Predictor
+from edge_agent.metrics import EdgeMetrics
 from edge_agent.model_store import LocalModel, ModelStore
 from splitkd import __version__
 from splitkd.errors import InvalidArgument
+from splitkd.telemetry import exposition
 
 
 class PredictRequest(BaseModel):
@@ -51,10 +53,17 @@ class ServedModel:
             return self._model, self._predictor
 
 
-def create_app(store: ModelStore) -> FastAPI:
+def create_app(store: ModelStore, metrics: EdgeMetrics | None = None) -> FastAPI:
     app = FastAPI(title="splitkd edge", version=__version__)
     served = ServedModel(store)
+    metrics = metrics or EdgeMetrics()
     app.state.served = served
+    app.state.metrics = metrics
+
+    @app.get("/metrics")
+    def prometheus_metrics() -> Response:
+        body, content_type = exposition(metrics.registry)
+        return Response(content=body, media_type=content_type)
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
@@ -66,6 +75,17 @@ def create_app(store: ModelStore) -> FastAPI:
 
     @app.post("/v1/predict")
     def predict(request: PredictRequest) -> dict[str, Any]:
+        started = time.perf_counter()
+        try:
+            answer = _predict(request)
+        except HTTPException:
+            metrics.inference_requests.labels(outcome="error").inc()
+            raise
+        metrics.inference_requests.labels(outcome="ok").inc()
+        metrics.inference_duration.observe(time.perf_counter() - started)
+        return answer
+
+    def _predict(request: PredictRequest) -> dict[str, Any]:
         try:
             model, predictor = served.get()
         except EdgeError as exc:

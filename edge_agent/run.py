@@ -12,7 +12,9 @@ from typing import Any
 
 from edge_agent.client import CloudClient
 from edge_agent.inference import Predictor
+from edge_agent.metrics import EdgeMetrics
 from edge_agent.model_store import ModelStore
+from edge_agent.telemetry import TrainingTelemetry
 from edge_agent.trainer import EdgeTrainer, EvalRecord, GrpcTransport, StepRecord
 from splitkd.data import edge_split, load_dataset
 from splitkd.data.partition import Shard
@@ -38,14 +40,20 @@ class TrainOptions:
     link_profile: str = ""
     progress: bool = True
     timeout: float = 60.0
+    metrics: EdgeMetrics | None = None
+    plots: bool = True
 
 
 def train(
     options: TrainOptions,
     on_step: Callable[[StepRecord], None] | None = None,
-    on_traffic: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     started = time.perf_counter()
+    telemetry = TrainingTelemetry(options.device_profile, options.link_profile, options.metrics)
+    if options.metrics is not None:
+        options.metrics.describe_device(
+            options.device_id, telemetry.device.name, telemetry.link.name
+        )
     dataset = load_dataset(options.data)
     split = edge_split(
         dataset,
@@ -61,13 +69,13 @@ def train(
         dataset.signature.describe(),
     )
     with CloudClient(options.cloud, timeout=options.timeout) as client:
-        client.on_traffic = on_traffic
+        client.on_traffic = telemetry.on_traffic
         session = client.register(
             options.device_id,
             dataset.signature,
             requested_epochs=options.epochs,
-            device_profile=options.device_profile,
-            link_profile=options.link_profile,
+            device_profile=telemetry.device.name,
+            link_profile=telemetry.link.name,
         )
         transport = GrpcTransport(client, session.session_id, _WIRE[session.hyper.wire_dtype])
         trainer = EdgeTrainer(session, split.train, split.heldout, transport)
@@ -78,14 +86,19 @@ def train(
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{record.loss:.3f}", refresh=False)
+            telemetry.on_step(record)
             if on_step is not None:
                 on_step(record)
+
+        def on_eval(record: EvalRecord) -> None:
+            last_eval.append(record)
+            telemetry.on_eval(record)
 
         def traffic() -> tuple[int, int]:
             return client.traffic.bytes_up, client.traffic.bytes_down
 
         try:
-            result = trainer.run(on_step=step_done, on_eval=last_eval.append, traffic=traffic)
+            result = trainer.run(on_step=step_done, on_eval=on_eval, traffic=traffic)
         finally:
             if bar is not None:
                 bar.close()
@@ -106,13 +119,14 @@ def train(
         }
         local = store.install(info.name, info.version, download, metadata)
         traffic_totals = asdict(client.traffic)
+    telemetry.finish()
     predictor = Predictor(local.path, dataset.signature.input_shape)
     accuracy = predictor.accuracy(split.heldout.x, split.heldout.y)
     steps = max(1, len(result.history))
     report = {
         "device_id": options.device_id,
-        "device_profile": options.device_profile,
-        "link_profile": options.link_profile,
+        "device_profile": telemetry.device.name,
+        "link_profile": telemetry.link.name,
         "cloud": options.cloud,
         "data": {
             "spec": options.data,
@@ -163,11 +177,31 @@ def train(
         },
         "steps": result.steps,
         "wall_seconds": time.perf_counter() - started,
-        "history": result.history_dicts(),
+        "energy": telemetry.report(),
+        "history": [
+            {**record, "energy_joules": joules}
+            for record, joules in zip(
+                result.history_dicts(), telemetry.cumulative_joules, strict=True
+            )
+        ],
         "evaluations": [asdict(e) for e in result.evaluations],
     }
     write_report(options.report, report)
+    if options.plots:
+        _plot(options.report, report)
     return report
+
+
+def _plot(report_path: Path, report: dict[str, Any]) -> None:
+    """PNG plots beside the report; skipped when matplotlib (the [plots] extra) is absent."""
+    try:
+        from splitkd import plots
+    except ImportError:
+        log.info("no plots: install the [plots] extra (matplotlib) for PNGs beside the report")
+        return
+    reports = {report["device_id"]: report}
+    for path in plots.write_plots(report_path.parent, reports, prefix=f"{report_path.stem}-"):
+        log.info("plot: %s", path)
 
 
 def write_report(path: Path, report: dict[str, Any]) -> None:

@@ -83,9 +83,10 @@ def decode(
     count = prod(dims)
     if count > max_elements:
         raise ResourceExhausted(f"{what}: {count} elements is above the limit of {max_elements}")
-    if shape is not None and (len(dims) != len(shape) or any(
-        e is not None and e != d for d, e in zip(dims, shape, strict=False)
-    )):
+    if shape is not None and (
+        len(dims) != len(shape)
+        or any(e is not None and e != d for d, e in zip(dims, shape, strict=False))
+    ):
         expected = ["B" if e is None else e for e in shape]
         raise InvalidArgument(f"{what}: shape {dims} does not match the expected {expected}")
     np_dtype = _TO_NUMPY[tensor.dtype]

@@ -23,6 +23,15 @@ from typing import Any
 
 from splitkd.data.partition import DEFAULT_PRESUMED_FRACTION
 
+# Each demo edge pretends to be a different device on a different link, so the
+# energy estimates show how device and radio change the bill for the same job.
+DEMO_PROFILES = [
+    ("raspberry-pi-4", "wifi"),
+    ("raspberry-pi-5", "ethernet"),
+    ("jetson-nano", "lte"),
+    ("laptop-x86", "ethernet"),
+]
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -143,6 +152,11 @@ def run(args: argparse.Namespace) -> int:
                 "--model-dir",
                 str(run_dir / device / "models"),
                 "--no-progress",
+                "--no-plots",
+                "--device-profile",
+                DEMO_PROFILES[i % len(DEMO_PROFILES)][0],
+                "--link-profile",
+                DEMO_PROFILES[i % len(DEMO_PROFILES)][1],
             ]
             if args.epochs:
                 command += ["--epochs", str(args.epochs)]
@@ -167,11 +181,13 @@ def run(args: argparse.Namespace) -> int:
             "[3/4] edges downloaded and verified the ONNX student; baseline: same student, no teacher…"
         )
         reports: dict[str, Any] = {}
+        full_reports: dict[str, Any] = {}
         alone: dict[str, float] = {}
         for device, shard, _ in edges:
             edge_report = json.loads((run_dir / f"{device}.json").read_text())
             alone[device] = student_alone(edge_report, args.data, shard)
             edge_report["student_alone"] = {"accuracy": alone[device]}
+            full_reports[device] = edge_report
             reports[device] = {
                 k: v for k, v in edge_report.items() if k not in ("history", "evaluations")
             }
@@ -205,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
     }
     (run_dir / "report.json").write_text(json.dumps(summary, indent=2))
     print("[4/4] plots…")
-    _plots(run_dir, [device for device, _, _ in edges])
+    _plots(run_dir, full_reports)
     _table(summary)
     print(f"report: {latest / 'report.json'}")
     return 0
@@ -228,27 +244,41 @@ def _follow(edges: list[tuple[str, str, subprocess.Popen[bytes]]], http_port: in
         print()
 
 
-def _plots(run_dir: Path, devices: list[str]) -> None:
+def _plots(run_dir: Path, reports: dict[str, Any]) -> None:
     try:
         from splitkd import plots
     except ImportError:
+        print("      (no plots: the [plots] extra, matplotlib, is not installed)")
         return
-    paths = plots.write_run_plots(run_dir, devices)
-    for path in paths:
+    for path in plots.write_plots(run_dir, reports):
         print(f"      {path}")
 
 
 def _table(summary: dict[str, Any]) -> None:
-    rows = [("device", "accuracy", "no-teacher", "steps", "MB up", "MB down", "seconds")]
+    rows = [
+        (
+            "device",
+            "profile",
+            "accuracy",
+            "no-teacher",
+            "steps",
+            "MB up",
+            "MB down",
+            "est. J",
+            "seconds",
+        )
+    ]
     for device, report in summary["edges"].items():
         rows.append(
             (
                 device,
+                f"{report['energy']['device_profile']}/{report['energy']['link_profile']}",
                 f"{report['student']['accuracy']:.4f}",
                 f"{report['student_alone']['accuracy']:.4f}",
                 str(report["steps"]),
                 f"{report['traffic']['bytes_up'] / 1e6:.2f}",
                 f"{report['traffic']['bytes_down'] / 1e6:.2f}",
+                f"{report['energy']['estimate_joules']['total']:.1f}",
                 f"{report['wall_seconds']:.1f}",
             )
         )

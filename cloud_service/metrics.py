@@ -1,0 +1,77 @@
+"""The cloud's Prometheus metrics: RPC latency by method and status, sessions, traffic, compute.
+
+Labels stay bounded: ``method`` is one of the service's five RPCs, ``code`` a
+gRPC status name, ``model`` teacher or student. Never a session or device id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from splitkd.telemetry import LATENCY_BUCKETS
+
+METHODS = ("Register", "Step", "Evaluate", "Finish", "DownloadModel")
+
+
+class CloudMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.rpc_duration = Histogram(
+            "splitkd_cloud_rpc_duration_seconds",
+            "Time to answer one gRPC call, by method and status code",
+            ["method", "code"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.sessions = Gauge(
+            "splitkd_cloud_sessions", "Active split-training sessions", registry=r
+        )
+        self.steps = Counter(
+            "splitkd_cloud_training_steps",
+            "Split-training steps applied (all sessions)",
+            registry=r,
+        )
+        self.received_bytes = Counter(
+            "splitkd_cloud_received_bytes",
+            "Bytes of gRPC requests received",
+            ["method"],
+            registry=r,
+        )
+        self.sent_bytes = Counter(
+            "splitkd_cloud_sent_bytes", "Bytes of gRPC responses sent", ["method"], registry=r
+        )
+        self.compute_duration = Histogram(
+            "splitkd_cloud_compute_duration_seconds",
+            "Cloud compute per step: teacher tail forward, student tail forward + backward",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.models_published = Counter(
+            "splitkd_cloud_models_published",
+            "ONNX students exported, checked and published",
+            registry=r,
+        )
+        for method in METHODS:
+            self.received_bytes.labels(method=method)
+            self.sent_bytes.labels(method=method)
+            self.rpc_duration.labels(method=method, code="OK")
+        for model in ("teacher", "student"):
+            self.compute_duration.labels(model=model)
+
+    def track_sessions(self, count: Callable[[], int]) -> None:
+        """Read the active session count at scrape time (never stale)."""
+        self.sessions.set_function(lambda: float(count()))
+
+    def observe_rpc(self, method: str, code: str, seconds: float, received: int, sent: int) -> None:
+        self.rpc_duration.labels(method=method, code=code).observe(seconds)
+        self.received_bytes.labels(method=method).inc(received)
+        self.sent_bytes.labels(method=method).inc(sent)
+
+    def observe_step(self, teacher_seconds: float, student_seconds: float) -> None:
+        self.steps.inc()
+        self.compute_duration.labels(model="teacher").observe(teacher_seconds)
+        self.compute_duration.labels(model="student").observe(student_seconds)
