@@ -163,6 +163,9 @@ def _serve(args: argparse.Namespace) -> None:
     else:
         teacher = train_teacher(args.teacher_data, presumed_fraction=args.presumed_fraction)
         teacher.save(args.state_dir / "teacher.safetensors")
+    # Serving: each step's tensors are tiny, so intra-op threads cost more in
+    # synchronisation than they give; sessions run in parallel on gRPC's pool.
+    torch.set_num_threads(1)
     service = CloudService(
         teacher,
         ModelRegistry(args.state_dir / "models"),

@@ -7,8 +7,10 @@ these methods, so the logic is tested in-process and the wire separately.
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,6 +23,10 @@ from splitkd.models import zoo
 from splitkd.models.spec import ModelSpec
 from splitkd.models.staged import StagedModel
 from splitkd.training import make_optimizer
+
+# Teacher tails of all sessions; as many workers as cores, since each one is
+# pure CPU work with the GIL released.
+_TEACHER_POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="teacher")
 
 # One batch is at most this many samples; the edge's batch size is far below.
 MAX_BATCH = 4096
@@ -130,18 +136,16 @@ class Session:
                 f"teacher activations have {teacher_act.shape[0]} samples, student activations {batch}"
             )
 
+        # The frozen teacher's tail and the student's tail do not depend on each
+        # other: run the teacher on a helper thread (torch releases the GIL in
+        # its kernels) while this thread runs the student. Same arithmetic as
+        # one after the other; the step's latency is the longer of the two.
+        teacher_future = _TEACHER_POOL.submit(self._teacher_logits, teacher_act)
         started = time.perf_counter()
-        with torch.no_grad():
-            teacher_logits = self.teacher.run(
-                torch.from_numpy(teacher_act.astype(np.float32)),
-                self.teacher_cut,
-                len(self.teacher.stages),
-            )
-        teacher_done = time.perf_counter()
-
         self.student.train()
         cut = torch.from_numpy(student_act.astype(np.float32)).requires_grad_(True)
         student_logits = self.student.run(cut, self.student_cut, len(self.student.stages))
+        teacher_logits, teacher_seconds = teacher_future.result()
         loss = kd_loss(
             student_logits,
             teacher_logits,
@@ -155,7 +159,7 @@ class Session:
         self._optimizer.step()
         assert cut.grad is not None
         correct = int((student_logits.detach().argmax(dim=1).numpy() == labels).sum())
-        self.times = SessionTimes(teacher_done - started, time.perf_counter() - teacher_done)
+        self.times = SessionTimes(teacher_seconds, time.perf_counter() - started)
 
         result = StepResult(
             step=step,
@@ -168,6 +172,16 @@ class Session:
         self._last, self._last_digest = result, digest
         self.next_step = step + 1
         return result
+
+    def _teacher_logits(self, teacher_act: np.ndarray) -> tuple[torch.Tensor, float]:
+        started = time.perf_counter()
+        with torch.no_grad():  # grad mode is per thread: set it here
+            logits = self.teacher.run(
+                torch.from_numpy(teacher_act.astype(np.float32)),
+                self.teacher_cut,
+                len(self.teacher.stages),
+            )
+        return logits, time.perf_counter() - started
 
     def evaluate(self, student_act: np.ndarray) -> np.ndarray:
         self._check_batch(student_act, None)
