@@ -46,5 +46,11 @@ proto-check: $(STAMP) ## fail when the committed stubs drift from the .proto
 bench: $(STAMP) ## split step vs in-process step, wire bytes vs raw tensor bytes
 	$(BIN)/python -m benchmarks.step_bench
 
+compose-check: $(STAMP) ## (root) build the images, run docker-compose.yml for real, check it, tear down
+	scripts/compose_check.sh
+
+testbed: $(STAMP) ## (root) cloud + 3 edges in network namespaces, shaped links, report in runs/testbed
+	$(BIN)/python -m testbed.run
+
 clean:
 	rm -rf runs .splitkd-cloud .mypy_cache .ruff_cache .pytest_cache

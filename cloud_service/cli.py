@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+from cloud_service import admin_cli, security
 from splitkd.errors import SplitKDError
 
 log = logging.getLogger("splitkd.cloud")
@@ -81,6 +82,7 @@ def _parser() -> argparse.ArgumentParser:
         default=900.0,
         help="seconds of silence after which a session expires",
     )
+    security.add_arguments(serve)
 
     train = sub.add_parser(
         "train-teacher", help="train a teacher on the cloud's presumed data and save it"
@@ -90,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--presumed-fraction", type=float, default=None, help="share of the data the cloud keeps"
     )
+    admin_cli.add_commands(sub)
     return parser
 
 
@@ -134,11 +137,19 @@ def _training_options(parser: argparse.ArgumentParser) -> None:
         default=d.wire_dtype,
         help="dtype of activations and gradients on the wire",
     )
+    group.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=d.checkpoint_every,
+        help="steps between session checkpoints on both sides; a fault repeats at most this many "
+        f"steps (default {d.checkpoint_every})",
+    )
 
 
 def _serve(args: argparse.Namespace) -> None:
     import torch
 
+    from cloud_service.checkpoints import SessionCheckpoints
     from cloud_service.registry import ModelRegistry
     from cloud_service.server import ServeOptions, serve
     from cloud_service.service import CloudConfig, CloudService
@@ -146,6 +157,8 @@ def _serve(args: argparse.Namespace) -> None:
     from cloud_service.teacher import Teacher, train_teacher
     from splitkd.hyper import Hyperparameters
 
+    # TLS files and the device registry are checked before minutes of teacher training.
+    cloud_security = security.CloudSecurity.from_args(args)
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     hyper = Hyperparameters(
         optimizer=args.optimizer,
@@ -156,6 +169,7 @@ def _serve(args: argparse.Namespace) -> None:
         kd_temperature=args.kd_temperature,
         seed=args.seed,
         wire_dtype=args.wire_dtype,
+        checkpoint_every=args.checkpoint_every,
     )
     if args.teacher:
         teacher = Teacher.load(Path(args.teacher))
@@ -171,6 +185,7 @@ def _serve(args: argparse.Namespace) -> None:
         ModelRegistry(args.state_dir / "models"),
         SessionStore(idle_timeout=args.session_timeout),
         CloudConfig(student_cut=args.student_cut, teacher_cut=args.teacher_cut, hyper=hyper),
+        checkpoints=SessionCheckpoints(args.state_dir / "sessions"),
     )
     serve(
         service,
@@ -179,6 +194,7 @@ def _serve(args: argparse.Namespace) -> None:
             grpc_port=args.grpc_port,
             http_port=args.http_port,
             max_message_bytes=int(args.max_message_mb * 1024 * 1024),
+            security=cloud_security,
         ),
     )
 
@@ -206,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             _serve(args)
+        elif args.command in admin_cli.COMMANDS:
+            return admin_cli.run(args)
         else:
             _train_teacher(args)
     except SplitKDError as exc:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Path, Response
+from fastapi import Depends, FastAPI, HTTPException, Path, Response
 from fastapi.responses import FileResponse
 
+from cloud_service.http_auth import caller_dependency, owns_model, require_model
+from cloud_service.security import CloudSecurity
 from cloud_service.service import CloudService
 from splitkd import __version__
 from splitkd.errors import SplitKDError
@@ -29,9 +31,12 @@ def _http_error(exc: SplitKDError) -> HTTPException:
     return HTTPException(status_code=_HTTP_STATUS.get(exc.status, 500), detail=str(exc))
 
 
-def create_app(service: CloudService) -> FastAPI:
+def create_app(service: CloudService, security: CloudSecurity | None = None) -> FastAPI:
     app = FastAPI(title="splitkd cloud", version=__version__)
     started = time.time()
+    # The calling device (None with authentication off): see cloud_service/http_auth.py.
+    caller = Depends(caller_dependency(service, security))
+    security_status = security.status if security is not None else CloudSecurity().status
 
     @app.get("/metrics")
     def prometheus_metrics() -> Response:
@@ -51,14 +56,15 @@ def create_app(service: CloudService) -> FastAPI:
                 "signature": teacher.signature.describe(),
             },
             "sessions": len(service.sessions),
+            **security_status(),
         }
 
     @app.get("/v1/models")
-    def list_models() -> dict[str, Any]:
+    def list_models(device: str | None = caller) -> dict[str, Any]:
         models = []
         for name in service.registry.names():
             versions = service.registry.versions(name)
-            if versions:
+            if versions and owns_model(service, device, name):
                 models.append(
                     {
                         "name": name,
@@ -69,14 +75,20 @@ def create_app(service: CloudService) -> FastAPI:
         return {"models": models}
 
     @app.get("/v1/models/{name}/versions/{version}")
-    def model_metadata(name: str = NAME, version: int = VERSION) -> dict[str, object]:
+    def model_metadata(
+        name: str = NAME, version: int = VERSION, device: str | None = caller
+    ) -> dict[str, object]:
+        require_model(service, device, name, version)
         try:
             return service.registry.get(name, version).to_dict()
         except SplitKDError as exc:
             raise _http_error(exc) from exc
 
     @app.get("/v1/models/{name}/versions/{version}/model.onnx")
-    def model_file(name: str = NAME, version: int = VERSION) -> FileResponse:
+    def model_file(
+        name: str = NAME, version: int = VERSION, device: str | None = caller
+    ) -> FileResponse:
+        require_model(service, device, name, version)
         try:
             record = service.registry.get(name, version)
             path = service.registry.path(name, version)
@@ -90,7 +102,7 @@ def create_app(service: CloudService) -> FastAPI:
         )
 
     @app.get("/v1/sessions")
-    def list_sessions() -> dict[str, Any]:
+    def list_sessions(device: str | None = caller) -> dict[str, Any]:
         return {
             "sessions": [
                 {
@@ -106,6 +118,7 @@ def create_app(service: CloudService) -> FastAPI:
                     "link_profile": s.link_profile,
                 }
                 for s in service.sessions.all()
+                if device is None or s.device_id == device
             ]
         }
 

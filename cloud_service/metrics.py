@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from splitkd.telemetry import LATENCY_BUCKETS
 
-METHODS = ("Register", "Step", "Evaluate", "Finish", "DownloadModel")
+METHODS = ("Register", "Step", "Evaluate", "Finish", "DownloadModel", "Resume", "Heartbeat")
 
 
 class CloudMetrics:

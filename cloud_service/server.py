@@ -13,6 +13,7 @@ import grpc
 import uvicorn
 
 from cloud_service.http_api import create_app
+from cloud_service.security import CloudSecurity
 from cloud_service.service import CloudService
 from cloud_service.servicer import SplitTrainingServicer
 from splitkd.grpc_options import DEFAULT_MAX_MESSAGE_BYTES, server_options
@@ -27,14 +28,23 @@ def build_grpc_server(
     *,
     max_workers: int = 16,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    security: CloudSecurity | None = None,
 ) -> tuple[grpc.Server, int]:
-    """A started-ready gRPC server bound to ``address``; returns it and the bound port."""
+    """A started-ready gRPC server bound to ``address``; returns it and the bound port.
+
+    ``security`` adds TLS (a certificate given) and device authentication.
+    """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
         options=server_options(max_message_bytes),
+        interceptors=security.interceptors(service) if security is not None else None,
     )
     pb_grpc.add_SplitTrainingServicer_to_server(SplitTrainingServicer(service), server)
-    port = server.add_insecure_port(address)
+    credentials = security.grpc_credentials() if security is not None else None
+    if credentials is not None:
+        port = server.add_secure_port(address, credentials)
+    else:
+        port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot listen for gRPC on {address} (port in use?)")
     return server, port
@@ -47,20 +57,26 @@ class ServeOptions:
     http_port: int = 8000
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     grace_seconds: float = 5.0
+    security: CloudSecurity | None = None
 
 
 def serve(service: CloudService, options: ServeOptions) -> None:
     """Run until SIGINT/SIGTERM; then stop taking calls and let running ones finish."""
+    security = options.security or CloudSecurity()
     grpc_server, grpc_port = build_grpc_server(
-        service, f"{options.host}:{options.grpc_port}", max_message_bytes=options.max_message_bytes
+        service,
+        f"{options.host}:{options.grpc_port}",
+        max_message_bytes=options.max_message_bytes,
+        security=security,
     )
     grpc_server.start()
     config = uvicorn.Config(
-        create_app(service),
+        create_app(service, security),
         host=options.host,
         port=options.http_port,
         log_level="warning",
         access_log=False,
+        **security.uvicorn_options(),
     )
     http_server = uvicorn.Server(config)
     # uvicorn installs no signal handlers outside the main thread, so the main
@@ -75,10 +91,13 @@ def serve(service: CloudService, options: ServeOptions) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    security.announce()
     log.info(
-        "cloud ready: gRPC on %s:%d, HTTP on %s:%d",
+        "cloud ready: gRPC on %s:%d (TLS %s), HTTP on %s://%s:%d",
         options.host,
         grpc_port,
+        security.status()["tls"],
+        security.scheme,
         options.host,
         options.http_port,
     )
@@ -88,5 +107,9 @@ def serve(service: CloudService, options: ServeOptions) -> None:
             raise OSError(f"the HTTP server stopped (is port {options.http_port} in use?)")
     http_server.should_exit = True
     grpc_server.stop(options.grace_seconds).wait()
+    # Nothing runs any more: the live state of every session goes to disk, so
+    # a restarted cloud resumes exactly where this one stopped.
+    saved = service.checkpoint_all()
+    log.info("checkpointed %d unfinished sessions", saved)
     http_thread.join(options.grace_seconds)
     log.info("cloud stopped")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cloud_service.checkpoints import SessionCheckpoints
 from cloud_service.metrics import CloudMetrics
 from cloud_service.registry import ModelRecord, ModelRegistry
 from cloud_service.session import Session, StepResult
@@ -50,6 +51,7 @@ class CloudService:
         sessions: SessionStore,
         config: CloudConfig,
         metrics: CloudMetrics | None = None,
+        checkpoints: SessionCheckpoints | None = None,
     ) -> None:
         self.teacher = teacher
         self.metrics = metrics or CloudMetrics()
@@ -61,6 +63,17 @@ class CloudService:
         self.student_spec.check_cut(config.student_cut, "student cut")
         teacher.spec.check_cut(config.teacher_cut, "teacher cut")
         self._export_lock = threading.Lock()
+        self.checkpoints = checkpoints
+        if checkpoints is not None:
+            sessions.on_expire = lambda session: checkpoints.remove(session.session_id)
+            for restored in checkpoints.load_all(teacher.spec, teacher.model):
+                self.sessions.add(restored)
+                log.info(
+                    "session %s… of %s restored at step %d",
+                    restored.session_id[:8],
+                    restored.device_id,
+                    restored.next_step,
+                )
 
     def register(
         self,
@@ -94,6 +107,9 @@ class CloudService:
             link_profile=link_profile,
         )
         self.sessions.add(session)
+        if self.checkpoints is not None:
+            self.checkpoints.save_meta(session)
+            self.checkpoints.save_state(session.session_id, session.snapshots[0])
         log.info(
             "session %s… registered for device %s (%s)",
             session.session_id[:8],
@@ -113,9 +129,55 @@ class CloudService:
         session = self.sessions.get(session_id)
         with session.lock:
             result = session.step(step, student_act, teacher_act, labels)
+            if session.due_for_checkpoint():
+                self._checkpoint(session)
         if not result.replayed:
             self.metrics.observe_step(session.times.teacher_seconds, session.times.student_seconds)
         return result
+
+    def _checkpoint(self, session: Session) -> None:
+        """Snapshot the live state (callers hold the session's lock)."""
+        state = session.take_snapshot()
+        session.keep_snapshot(state)
+        if self.checkpoints is not None:
+            self.checkpoints.save_state(session.session_id, state)
+
+    def checkpoint_all(self) -> int:
+        """On shutdown: every unfinished session's live state to disk. Returns how many."""
+        count = 0
+        for session in self.sessions.all():
+            with session.lock:
+                if session.finished_version is None and session.next_step not in session.snapshots:
+                    self._checkpoint(session)
+                    count += 1
+        return count
+
+    def resume(self, session_id: str, available_steps: list[int]) -> tuple[int, Session]:
+        """Roll the session back to the latest step both sides can restore."""
+        session = self.sessions.get(session_id)
+        with session.lock:
+            if session.finished_version is not None:
+                raise FailedPrecondition("this session is finished; its student is published")
+            common = set(available_steps) & set(session.restorable_steps())
+            if not common:
+                raise FailedPrecondition(
+                    f"no step in common: the edge can restore {sorted(available_steps)[-5:]}, the cloud "
+                    f"{session.restorable_steps()}; register again to start over"
+                )
+            step = max(common)
+            repeated = session.next_step - step
+            session.restore(step)
+        log.info(
+            "session %s… of %s resumed at step %d (%d steps rolled back)",
+            session_id[:8],
+            session.device_id,
+            step,
+            repeated,
+        )
+        return step, session
+
+    def heartbeat(self, session_id: str) -> Session:
+        return self.sessions.get(session_id)  # looking it up keeps it alive
 
     def evaluate(self, session_id: str, student_act: np.ndarray) -> np.ndarray:
         session = self.sessions.get(session_id)
@@ -147,6 +209,8 @@ class CloudService:
                     steps=session.next_step,
                 )
             session.finished_version = record.version
+            if self.checkpoints is not None:
+                self.checkpoints.save_meta(session)
             self.metrics.models_published.inc()
             log.info(
                 "session %s… finished: %s v%d (%d bytes)",

@@ -19,6 +19,7 @@ from google.protobuf.message import Message
 from cloud_service.metrics import CloudMetrics
 from cloud_service.registry import ModelRecord
 from cloud_service.service import CloudService
+from cloud_service.session import Session
 from splitkd import codec
 from splitkd.errors import InvalidArgument, SplitKDError
 from splitkd.signature import DatasetSignature
@@ -99,35 +100,25 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
             device_profile=request.profile.name,
             link_profile=request.profile.link,
         )
-        hyper = session.hyper
-        return pb.RegisterResponse(
-            session_id=session.session_id,
-            student_cut=session.student_cut,
-            teacher_cut=session.teacher_cut,
-            student=pb.ModelSpec(
-                family=session.student_spec.family,
-                spec_json=session.student_spec.to_json(),
-                num_stages=session.student_spec.num_stages,
-            ),
-            teacher=pb.ModelSpec(
-                family=session.teacher_spec.family,
-                spec_json=session.teacher_spec.to_json(),
-                num_stages=session.teacher_spec.num_stages,
-            ),
-            student_head=codec.encode_weights(session.student.part_state(0, session.student_cut)),
-            teacher_head=codec.encode_weights(session.teacher.part_state(0, session.teacher_cut)),
-            hyperparameters=pb.Hyperparameters(
-                optimizer=hyper.optimizer,
-                learning_rate=hyper.learning_rate,
-                batch_size=hyper.batch_size,
-                epochs=hyper.epochs,
-                kd_alpha=hyper.kd_alpha,
-                kd_temperature=hyper.kd_temperature,
-                seed=hyper.seed,
-                wire_dtype=_WIRE[hyper.wire_dtype],
-            ),
+        return session_message(session)
+
+    @_rpc
+    def Resume(self, request: pb.ResumeRequest, context: grpc.ServicerContext) -> pb.ResumeResponse:
+        _require_session_id(request.session_id)
+        if len(request.available_steps) > 10_000:
+            raise InvalidArgument("available_steps lists more than 10000 steps")
+        step, session = self.service.resume(request.session_id, list(request.available_steps))
+        return pb.ResumeResponse(step=step, session=session_message(session))
+
+    @_rpc
+    def Heartbeat(
+        self, request: pb.HeartbeatRequest, context: grpc.ServicerContext
+    ) -> pb.HeartbeatResponse:
+        _require_session_id(request.session_id)
+        session = self.service.heartbeat(request.session_id)
+        return pb.HeartbeatResponse(
             next_step=session.next_step,
-            model_name=session.model_name,
+            session_timeout_seconds=self.service.sessions.idle_timeout,
         )
 
     @_rpc
@@ -211,3 +202,38 @@ def _stream(
         )
         metrics.sent_bytes.labels(method="DownloadModel").inc(chunk.ByteSize())
         yield chunk
+
+
+def session_message(session: Session) -> pb.RegisterResponse:
+    """Everything an edge needs to train a session: on Register, and again on Resume."""
+    hyper = session.hyper
+    return pb.RegisterResponse(
+        session_id=session.session_id,
+        student_cut=session.student_cut,
+        teacher_cut=session.teacher_cut,
+        student=pb.ModelSpec(
+            family=session.student_spec.family,
+            spec_json=session.student_spec.to_json(),
+            num_stages=session.student_spec.num_stages,
+        ),
+        teacher=pb.ModelSpec(
+            family=session.teacher_spec.family,
+            spec_json=session.teacher_spec.to_json(),
+            num_stages=session.teacher_spec.num_stages,
+        ),
+        student_head=codec.encode_weights(session.student.part_state(0, session.student_cut)),
+        teacher_head=codec.encode_weights(session.teacher.part_state(0, session.teacher_cut)),
+        hyperparameters=pb.Hyperparameters(
+            optimizer=hyper.optimizer,
+            learning_rate=hyper.learning_rate,
+            batch_size=hyper.batch_size,
+            epochs=hyper.epochs,
+            kd_alpha=hyper.kd_alpha,
+            kd_temperature=hyper.kd_temperature,
+            seed=hyper.seed,
+            wire_dtype=_WIRE[hyper.wire_dtype],
+            checkpoint_every=hyper.checkpoint_every,
+        ),
+        next_step=session.next_step,
+        model_name=session.model_name,
+    )

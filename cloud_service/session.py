@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from splitkd import checkpoint
 from splitkd.errors import FailedPrecondition, InvalidArgument
 from splitkd.hyper import Hyperparameters
 from splitkd.kd import kd_loss
@@ -76,6 +77,9 @@ class Session:
     _last_digest: bytes = field(default=b"", repr=False)
     _student_shape: tuple[int, ...] = ()
     _teacher_shape: tuple[int, ...] = ()
+    # Restorable states by step: step 0 and the latest few multiples of
+    # hyper.checkpoint_every (the edge keeps the same steps).
+    snapshots: dict[int, checkpoint.TrainingState] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.student_spec.check_cut(self.student_cut, "student cut")
@@ -84,6 +88,46 @@ class Session:
         self._optimizer = make_optimizer(tail.parameters(), self.hyper)
         self._student_shape = zoo.activation_shape(self.student_spec, self.student_cut)
         self._teacher_shape = zoo.activation_shape(self.teacher_spec, self.teacher_cut)
+        if not self.snapshots:
+            self.snapshots[self.next_step] = self.take_snapshot()
+
+    def take_snapshot(self) -> checkpoint.TrainingState:
+        assert self._optimizer is not None
+        return checkpoint.snapshot(self.next_step, self.student.state_dict(), self._optimizer)
+
+    def keep_snapshot(self, state: checkpoint.TrainingState) -> None:
+        self.snapshots[state.step] = state
+        for step in sorted(self.snapshots)[: -checkpoint.KEEP_CHECKPOINTS]:
+            if step != 0:
+                del self.snapshots[step]
+
+    def due_for_checkpoint(self) -> bool:
+        every = self.hyper.checkpoint_every
+        return self.next_step % every == 0 and self.next_step not in self.snapshots
+
+    def restorable_steps(self) -> list[int]:
+        return sorted({*self.snapshots, self.next_step})
+
+    def restore(self, step: int) -> None:
+        """Roll back to ``step`` (a snapshot, or the live state); callers hold ``self.lock``."""
+        if step == self.next_step:
+            return
+        if step not in self.snapshots:
+            raise FailedPrecondition(
+                f"the cloud cannot restore step {step}; it can restore {self.restorable_steps()}"
+            )
+        self.load(self.snapshots[step])
+        for later in [s for s in self.snapshots if s > step]:
+            del self.snapshots[later]
+
+    def load(self, state: checkpoint.TrainingState) -> None:
+        """Make ``state`` the live state (the student and its optimizer at ``state.step``)."""
+        assert self._optimizer is not None
+        self.student.load_state_dict(state.model)
+        # A copy: the live optimizer updates its state in place.
+        self._optimizer.load_state_dict(checkpoint.copy_optimizer_state(state.optimizer))
+        self.next_step = state.step
+        self._last, self._last_digest = None, b""
 
     @property
     def student_activation_shape(self) -> tuple[int, ...]:

@@ -25,7 +25,9 @@ class SessionStore:
         max_sessions: int = DEFAULT_MAX_SESSIONS,
         max_per_device: int = DEFAULT_MAX_SESSIONS_PER_DEVICE,
         clock: Callable[[], float] = time.monotonic,
+        on_expire: Callable[[Session], None] | None = None,
     ) -> None:
+        self.on_expire = on_expire
         self._sessions: dict[str, Session] = {}
         self._expired: set[str] = set()
         self._lock = threading.Lock()
@@ -46,11 +48,18 @@ class SessionStore:
                     f"the cloud already serves {self.max_sessions} sessions; try again later"
                 )
             mine = [s for s in self._sessions.values() if s.device_id == session.device_id]
-            if len(mine) >= self.max_per_device:
-                # The oldest unfinished session of a device that registers again is
-                # the one it abandoned (a reboot): drop it instead of refusing.
-                oldest = min(mine, key=lambda s: s.last_seen)
+            finished = sorted((s for s in mine if s.finished_version is not None), key=lambda s: s.last_seen)
+            while len(mine) >= self.max_per_device and finished:
+                # A finished session is only kept to answer a repeated Finish: drop the oldest.
+                oldest = finished.pop(0)
+                mine.remove(oldest)
                 del self._sessions[oldest.session_id]
+            if len(mine) >= self.max_per_device:
+                raise ResourceExhausted(
+                    f"device {session.device_id} already has {len(mine)} unfinished sessions (the limit); "
+                    "resume one of them (splitkd-edge train resumes automatically) or wait "
+                    f"{self.idle_timeout:.0f} s for idle ones to expire"
+                )
             session.last_seen = self._clock()
             self._sessions[session.session_id] = session
 
@@ -86,5 +95,7 @@ class SessionStore:
             if now - session.last_seen > self.idle_timeout:
                 del self._sessions[sid]
                 self._expired.add(sid)
+                if self.on_expire is not None:
+                    self.on_expire(session)
         if len(self._expired) > 10_000:  # bounded memory of expired ids
             self._expired.clear()

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from edge_agent import security
 from splitkd.errors import SplitKDError
 
 
@@ -116,9 +117,29 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--no-plots", action="store_true", help="no PNG plots beside the report")
     train.add_argument(
+        "--checkpoint-dir",
+        type=Path,
+        default=None,
+        help="where this device keeps its training checkpoints, to resume after a reboot or a "
+        "lost link (SPLITKD_CHECKPOINT_DIR; default $XDG_STATE_HOME/splitkd/DEVICE_ID)",
+    )
+    train.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start a new session even if a checkpoint of an unfinished one exists",
+    )
+    train.add_argument(
+        "--retry-seconds",
+        type=float,
+        default=float(_env("RETRY_SECONDS", "300") or 300),
+        help="keep retrying an unreachable cloud for this long before giving up "
+        "(SPLITKD_RETRY_SECONDS; default %(default)s)",
+    )
+    train.add_argument(
         "--timeout", type=float, default=60.0, help="seconds to wait for one cloud call"
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    security.add_client_arguments(train)
 
     serve = sub.add_parser(
         "serve", parents=[model_dir], help="HTTP inference API over the current student"
@@ -132,6 +153,7 @@ def _parser() -> argparse.ArgumentParser:
         default=int(_env("HTTP_PORT", "8001") or 8001),
         help="port (SPLITKD_HTTP_PORT; default 8001)",
     )
+    security.add_https_arguments(serve)
 
     predict = sub.add_parser(
         "predict",
@@ -155,6 +177,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     pull.add_argument("--model", required=True, help="model name, e.g. student-edge-0")
     pull.add_argument("--version", type=int, default=0, help="version (default: latest)")
+    pull.add_argument(
+        "--device-id",
+        default=_env("DEVICE_ID", socket.gethostname()),
+        help="this device's id, sent with --credential (SPLITKD_DEVICE_ID; default the host name)",
+    )
+    security.add_client_arguments(pull)
     return parser
 
 
@@ -166,6 +194,7 @@ def _train(args: argparse.Namespace) -> int:
             "training needs the [train] extra: pip install 'splitkd[train]'"
         ) from None
     from edge_agent.metrics import EdgeMetrics
+    from edge_agent.model_store import default_checkpoint_dir
     from edge_agent.run import TrainOptions, train
     from splitkd import energy
     from splitkd.data.partition import parse_shard
@@ -194,6 +223,10 @@ def _train(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         metrics=metrics,
         plots=not args.no_plots,
+        checkpoint_dir=args.checkpoint_dir or default_checkpoint_dir(args.device_id),
+        fresh=args.fresh,
+        retry_seconds=args.retry_seconds,
+        security=security.EdgeSecurity.from_args(args),
     )
     report = train(options)
     student = report["student"]
@@ -220,6 +253,7 @@ def _serve(args: argparse.Namespace) -> int:
         port=args.http_port,
         log_level="warning",
         access_log=False,
+        **security.https_options(args),
     )
     return 0
 
@@ -265,7 +299,15 @@ def _pull(args: argparse.Namespace) -> int:
     from edge_agent.model_store import ModelStore
     from edge_agent.pull import pull
 
-    model = pull(args.cloud_http, args.model, args.version, ModelStore(args.model_dir))
+    edge_security = security.EdgeSecurity.from_args(args)
+    model = pull(
+        args.cloud_http,
+        args.model,
+        args.version,
+        ModelStore(args.model_dir),
+        headers=dict(edge_security.call_metadata(args.device_id)),
+        context=edge_security.tls.ssl_context() if edge_security.tls is not None else None,
+    )
     print(
         f"installed {model.name} v{model.version} ({model.metadata['size_bytes']} bytes, "
         f"SHA-256 {model.metadata['sha256'][:12]}…) in {model.path.parent}"

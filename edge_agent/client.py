@@ -10,8 +10,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -21,6 +22,7 @@ import grpc
 import numpy as np
 
 from edge_agent.errors import CloudRefused, EdgeError
+from edge_agent.security import open_channel
 from splitkd import codec
 from splitkd.grpc_options import DEFAULT_MAX_MESSAGE_BYTES, channel_options
 from splitkd.hyper import Hyperparameters
@@ -83,16 +85,45 @@ class CloudClient:
         timeout: float = 60.0,
         connect_timeout: float = 10.0,
         retries: int = 5,
+        retry_seconds: float = 300.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        credentials: grpc.ChannelCredentials | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
     ) -> None:
+        """``credentials``: TLS (None: plaintext); ``metadata``: the device's credential,
+        sent on every call (edge_agent/security.py builds both)."""
         self.address = address
+        self._credentials = credentials
+        self._metadata = tuple(metadata)
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.retries = retries
+        # Idempotent calls are retried for this long: a Pi rebooting its router
+        # or an LTE link lost for a minute must not end a training run.
+        self.retry_seconds = retry_seconds
         self.traffic = Traffic()
         self.on_traffic: Callable[[int, int], None] | None = None
-        self._channel = grpc.insecure_channel(address, options=channel_options(max_message_bytes))
+        self.last_call = time.monotonic()
+        self.retried_calls = 0
+        self._max_message_bytes = max_message_bytes
+        self._channel = open_channel(
+            address, channel_options(max_message_bytes), credentials, self._metadata
+        )
         self._stub = pb_grpc.SplitTrainingStub(self._channel)
+        self._heartbeat_stop = threading.Event()
+
+    def _reset_channel(self) -> None:
+        """A fresh connection: after a deadline the old one may be a black hole
+        that TCP keepalive would only notice minutes later."""
+        old = self._channel
+        self._channel = open_channel(
+            self.address,
+            channel_options(self._max_message_bytes),
+            self._credentials,
+            self._metadata,
+        )
+        self._stub = pb_grpc.SplitTrainingStub(self._channel)
+        old.close()
 
     def __enter__(self) -> CloudClient:
         try:
@@ -111,6 +142,7 @@ class CloudClient:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self._heartbeat_stop.set()
         self._channel.close()
 
     def _count(self, up: int, down: int) -> None:
@@ -122,21 +154,30 @@ class CloudClient:
 
     def _call(self, method: str, call: Callable[[], T], *, idempotent: bool) -> T:
         attempt = 0
+        deadline = time.monotonic() + self.retry_seconds
         while True:
             try:
-                return call()
+                result = call()
+                self.last_call = time.monotonic()
+                if attempt:
+                    log.warning("%s succeeded again after %d retries", method, attempt)
+                return result
             except grpc.RpcError as exc:
                 code = exc.code()
                 details = exc.details() or ""
-                if idempotent and code in _TRANSIENT and attempt < self.retries:
-                    # Exponential backoff with full jitter: a fleet that lost the
-                    # cloud at the same moment does not come back in lockstep.
-                    delay = random.uniform(0, min(30.0, 0.5 * 2**attempt))
+                if idempotent and code in _TRANSIENT and time.monotonic() < deadline:
+                    # Exponential backoff with full jitter, capped at 10 s: a fleet
+                    # that lost the cloud at the same moment does not come back in
+                    # lockstep, and a device notices a returning cloud quickly.
+                    delay = random.uniform(0, min(10.0, 0.5 * 2**attempt))
                     log.warning(
                         "%s failed (%s: %s); retrying in %.1f s", method, code.name, details, delay
                     )
+                    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                        self._reset_channel()
                     time.sleep(delay)
                     attempt += 1
+                    self.retried_calls += 1
                     continue
                 raise CloudRefused(method, code.name, details) from None
 
@@ -163,28 +204,46 @@ class CloudClient:
             "Register", lambda: self._stub.Register(request, timeout=self.timeout), idempotent=False
         )
         self._count(request.ByteSize(), reply.ByteSize())
-        h = reply.hyperparameters
-        return SessionInfo(
-            session_id=reply.session_id,
-            student_spec=_spec(reply.student),
-            teacher_spec=_spec(reply.teacher),
-            student_cut=reply.student_cut,
-            teacher_cut=reply.teacher_cut,
-            student_head=codec.decode_weights(reply.student_head, what="student_head"),
-            teacher_head=codec.decode_weights(reply.teacher_head, what="teacher_head"),
-            hyper=Hyperparameters(
-                optimizer=h.optimizer,
-                learning_rate=h.learning_rate,
-                batch_size=h.batch_size,
-                epochs=h.epochs,
-                kd_alpha=h.kd_alpha,
-                kd_temperature=h.kd_temperature,
-                seed=h.seed,
-                wire_dtype=_WIRE_DTYPE.get(h.wire_dtype, "float32"),
-            ),
-            next_step=reply.next_step,
-            model_name=reply.model_name,
+        return _session_info(reply)
+
+    def resume(self, session_id: str, available_steps: list[int]) -> tuple[int, SessionInfo]:
+        """Agree with the cloud on a step both can restore; returns it and the session."""
+        request = pb.ResumeRequest(session_id=session_id, available_steps=available_steps)
+        # The cloud rolls back to the answer, and answers the same again: a retry is safe.
+        reply: pb.ResumeResponse = self._call(
+            "Resume", lambda: self._stub.Resume(request, timeout=self.timeout), idempotent=True
         )
+        self._count(request.ByteSize(), reply.ByteSize())
+        return reply.step, _session_info(reply.session)
+
+    def heartbeat(self, session_id: str) -> pb.HeartbeatResponse:
+        request = pb.HeartbeatRequest(session_id=session_id)
+        reply: pb.HeartbeatResponse = self._call(
+            "Heartbeat",
+            lambda: self._stub.Heartbeat(request, timeout=self.timeout),
+            idempotent=True,
+        )
+        self._count(request.ByteSize(), reply.ByteSize())
+        return reply
+
+    def keep_alive(self, session_id: str, interval: float = 60.0) -> None:
+        """Send a heartbeat whenever no call reached the cloud for ``interval`` seconds.
+
+        Long device work (a slow epoch, an evaluation, a checkpoint on an SD
+        card) then never lets the session expire or an idle-killing load
+        balancer drop the connection.
+        """
+
+        def beat() -> None:
+            while not self._heartbeat_stop.wait(interval / 4):
+                if time.monotonic() - self.last_call >= interval:
+                    try:
+                        self.heartbeat(session_id)
+                    except EdgeError as exc:
+                        log.warning("heartbeat failed: %s", exc)
+                        self.last_call = time.monotonic()
+
+        threading.Thread(target=beat, name="heartbeat", daemon=True).start()
 
     def step(
         self,
@@ -289,3 +348,29 @@ class CloudClient:
             )
         partial.replace(destination)
         return last
+
+
+def _session_info(reply: pb.RegisterResponse) -> SessionInfo:
+    h = reply.hyperparameters
+    return SessionInfo(
+        session_id=reply.session_id,
+        student_spec=_spec(reply.student),
+        teacher_spec=_spec(reply.teacher),
+        student_cut=reply.student_cut,
+        teacher_cut=reply.teacher_cut,
+        student_head=codec.decode_weights(reply.student_head, what="student_head"),
+        teacher_head=codec.decode_weights(reply.teacher_head, what="teacher_head"),
+        hyper=Hyperparameters(
+            optimizer=h.optimizer,
+            learning_rate=h.learning_rate,
+            batch_size=h.batch_size,
+            epochs=h.epochs,
+            kd_alpha=h.kd_alpha,
+            kd_temperature=h.kd_temperature,
+            seed=h.seed,
+            wire_dtype=_WIRE_DTYPE.get(h.wire_dtype, "float32"),
+            checkpoint_every=h.checkpoint_every or Hyperparameters.checkpoint_every,
+        ),
+        next_step=reply.next_step,
+        model_name=reply.model_name,
+    )

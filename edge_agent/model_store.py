@@ -26,6 +26,16 @@ def default_model_dir() -> Path:
     return (Path(xdg) / "splitkd" / "models") if xdg else Path(DEFAULT_MODEL_DIR).expanduser()
 
 
+def default_checkpoint_dir(device_id: str) -> Path:
+    """Training state is state, not data: XDG's state directory, one folder per device id."""
+    base = os.environ.get("SPLITKD_CHECKPOINT_DIR")
+    if base:
+        return Path(base).expanduser()
+    xdg = os.environ.get("XDG_STATE_HOME")
+    root = Path(xdg) if xdg else Path("~/.local/state").expanduser()
+    return root / "splitkd" / device_id
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:

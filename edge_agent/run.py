@@ -10,12 +10,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from edge_agent.client import CloudClient
+from edge_agent.checkpoints import EdgeCheckpoints
+from edge_agent.client import CloudClient, SessionInfo
+from edge_agent.errors import CloudRefused, EdgeError
 from edge_agent.inference import Predictor
 from edge_agent.metrics import EdgeMetrics
 from edge_agent.model_store import ModelStore
+from edge_agent.security import EdgeSecurity
 from edge_agent.telemetry import TrainingTelemetry
 from edge_agent.trainer import EdgeTrainer, EvalRecord, GrpcTransport, StepRecord
+from splitkd import checkpoint
 from splitkd.data import edge_split, load_dataset
 from splitkd.data.partition import Shard
 from splitkd.models import zoo
@@ -23,6 +27,8 @@ from splitkd.v1 import splitkd_pb2 as pb
 
 log = logging.getLogger(__name__)
 _WIRE = {"float32": pb.DTYPE_FLOAT32, "float16": pb.DTYPE_FLOAT16}
+# Each resume follows a real fault; more than this in one run means a loop.
+MAX_RESUMES = 100
 
 
 @dataclass
@@ -42,6 +48,11 @@ class TrainOptions:
     timeout: float = 60.0
     metrics: EdgeMetrics | None = None
     plots: bool = True
+    checkpoint_dir: Path = Path(".splitkd-edge")
+    fresh: bool = False
+    retry_seconds: float = 300.0
+    # TLS and the device credential (edge_agent/security.py); None: plaintext, no credential.
+    security: EdgeSecurity | None = None
 
 
 def train(
@@ -68,17 +79,37 @@ def train(
         len(split.heldout),
         dataset.signature.describe(),
     )
-    with CloudClient(options.cloud, timeout=options.timeout) as client:
+    security = options.security or EdgeSecurity()
+    with CloudClient(
+        options.cloud,
+        timeout=options.timeout,
+        retry_seconds=options.retry_seconds,
+        credentials=security.channel_credentials(),
+        metadata=security.call_metadata(options.device_id),
+    ) as client:
         client.on_traffic = telemetry.on_traffic
-        session = client.register(
-            options.device_id,
-            dataset.signature,
-            requested_epochs=options.epochs,
-            device_profile=telemetry.device.name,
-            link_profile=telemetry.link.name,
-        )
+        store = EdgeCheckpoints(options.checkpoint_dir)
+        identity = {
+            "cloud": options.cloud,
+            "data": options.data,
+            "shard": str(options.shard) if options.shard else "0/1",
+            "device_id": options.device_id,
+        }
+        session, restored = _resume_saved(client, store, identity, options.fresh)
+        if session is None:
+            session = client.register(
+                options.device_id,
+                dataset.signature,
+                requested_epochs=options.epochs,
+                device_profile=telemetry.device.name,
+                link_profile=telemetry.link.name,
+            )
+            store.start({**identity, "session_id": session.session_id})
         transport = GrpcTransport(client, session.session_id, _WIRE[session.hyper.wire_dtype])
-        trainer = EdgeTrainer(session, split.train, split.heldout, transport)
+        trainer = EdgeTrainer(session, split.train, split.heldout, transport, store)
+        if restored is not None:
+            trainer.load(restored)
+        client.keep_alive(session.session_id)
         bar = _progress(trainer.total_steps, options)
         last_eval: list[EvalRecord] = []
 
@@ -97,13 +128,31 @@ def train(
         def traffic() -> tuple[int, int]:
             return client.traffic.bytes_up, client.traffic.bytes_down
 
+        resumes = 0
         try:
-            result = trainer.run(on_step=step_done, on_eval=on_eval, traffic=traffic)
+            while True:
+                try:
+                    result = trainer.run(on_step=step_done, on_eval=on_eval, traffic=traffic)
+                    break
+                except CloudRefused as exc:
+                    # The cloud is behind us (it restarted from a checkpoint) or
+                    # lost the step: agree on a step both can restore, go on.
+                    if exc.method not in ("Step", "Evaluate") or exc.code != "FAILED_PRECONDITION":
+                        raise
+                    if resumes >= MAX_RESUMES:
+                        raise EdgeError(f"gave up after {resumes} resumes: {exc}") from exc
+                    step, _ = client.resume(session.session_id, trainer.restorable_steps())
+                    log.warning("%s; resuming both sides at step %d", exc, step)
+                    trainer.restore(step)
+                    if bar is not None:
+                        bar.n = step
+                        bar.refresh()
+                    resumes += 1
         finally:
             if bar is not None:
                 bar.close()
         info = client.finish(session.session_id, trainer.head_state(), result.steps)
-        store = ModelStore(options.model_dir)
+        models = ModelStore(options.model_dir)
         download = options.model_dir / f".{info.name}-{info.version}.download"
         client.download(info.name, info.version, download, expected_sha256=info.sha256)
         metadata = {
@@ -117,7 +166,8 @@ def train(
             "num_classes": info.num_classes,
             "created_at": info.created_at,
         }
-        local = store.install(info.name, info.version, download, metadata)
+        local = models.install(info.name, info.version, download, metadata)
+        store.clear()  # finished: nothing left to resume
         traffic_totals = asdict(client.traffic)
     telemetry.finish()
     predictor = Predictor(local.path, dataset.signature.input_shape)
@@ -178,11 +228,15 @@ def train(
         "steps": result.steps,
         "wall_seconds": time.perf_counter() - started,
         "energy": telemetry.report(),
+        "faults": {
+            "resumed_at_start": restored.step if restored is not None else None,
+            "resumes": resumes,
+            "repeated_steps": trainer.repeated_steps,
+            "retried_calls": client.retried_calls,
+        },
         "history": [
-            {**record, "energy_joules": joules}
-            for record, joules in zip(
-                result.history_dicts(), telemetry.cumulative_joules, strict=True
-            )
+            {**record, "energy_joules": telemetry.cumulative_joules.get(record["step"], 0.0)}
+            for record in result.history_dicts()
         ],
         "evaluations": [asdict(e) for e in result.evaluations],
     }
@@ -202,6 +256,32 @@ def _plot(report_path: Path, report: dict[str, Any]) -> None:
     reports = {report["device_id"]: report}
     for path in plots.write_plots(report_path.parent, reports, prefix=f"{report_path.stem}-"):
         log.info("plot: %s", path)
+
+
+def _resume_saved(
+    client: CloudClient, store: EdgeCheckpoints, identity: dict[str, str], fresh: bool
+) -> tuple[SessionInfo | None, checkpoint.TrainingState | None]:
+    """The session this device was training when it stopped, rolled back to a common step."""
+    saved = store.session()
+    if fresh or saved is None:
+        return None, None
+    if any(saved.get(key) != value for key, value in identity.items()):
+        log.info(
+            "checkpoint in %s is for another run (%s); starting a new session", store.folder, saved
+        )
+        return None, None
+    states = store.states()
+    try:
+        step, session = client.resume(saved["session_id"], sorted(states))
+    except CloudRefused as exc:
+        if exc.code not in ("NOT_FOUND", "FAILED_PRECONDITION"):
+            raise
+        log.warning("cannot resume the saved session (%s); starting a new one", exc.details)
+        return None, None
+    log.warning(
+        "resumed session %s… at step %d from %s", saved["session_id"][:8], step, store.folder
+    )
+    return session, states[step]
 
 
 def write_report(path: Path, report: dict[str, Any]) -> None:

@@ -34,8 +34,10 @@ class TrainingTelemetry:
         self.step_bytes_down = 0
         self.all_bytes_up = 0
         self.all_bytes_down = 0
-        # Cumulative estimated joules after each step, for the run report's plots.
-        self.cumulative_joules: list[float] = []
+        # Cumulative estimated joules after each step, for the run report's plots
+        # (a step repeated after a fault keeps its latest figure: energy spent
+        # on the repeat is real and stays counted).
+        self.cumulative_joules: dict[int, float] = {}
 
     def on_traffic(self, up: int, down: int) -> None:
         self.all_bytes_up += up
@@ -54,7 +56,7 @@ class TrainingTelemetry:
         )
         self.step_bytes_up += record.bytes_up
         self.step_bytes_down += record.bytes_down
-        self.cumulative_joules.append(self.meter.totals.total)
+        self.cumulative_joules[record.step] = self.meter.totals.total
         if self.metrics is not None:
             self.metrics.observe_step(
                 record.forward_seconds, record.network_seconds, record.backward_seconds, record.loss

@@ -16,10 +16,16 @@ import numpy as np
 import torch
 
 from edge_agent.client import SessionInfo, StepReply
+from edge_agent.errors import EdgeError
+from splitkd import checkpoint
 from splitkd.data.specs import Dataset
 from splitkd.models import zoo
 from splitkd.models.staged import StagedModel
 from splitkd.training import batch_order, make_optimizer, steps_per_epoch
+
+
+class CheckpointStore(Protocol):
+    def save_state(self, state: checkpoint.TrainingState) -> None: ...
 
 
 class SplitTransport(Protocol):
@@ -76,7 +82,12 @@ def build_head(
 
 class EdgeTrainer:
     def __init__(
-        self, session: SessionInfo, train: Dataset, heldout: Dataset, transport: SplitTransport
+        self,
+        session: SessionInfo,
+        train: Dataset,
+        heldout: Dataset,
+        transport: SplitTransport,
+        store: CheckpointStore | None = None,
     ) -> None:
         self.session = session
         self.train_data = train
@@ -94,6 +105,52 @@ class EdgeTrainer:
         self.teacher_head.eval()
         self.optimizer = make_optimizer(self.student_head.parameters(), self.hyper)
         self.next_step = session.next_step
+        self.history: list[StepRecord] = []
+        self.evaluations: list[EvalRecord] = []
+        # Restorable states by step, the same steps the cloud keeps (step 0 and
+        # the latest multiples of checkpoint_every), in memory and in ``store``.
+        self.store = store
+        self.snapshots: dict[int, checkpoint.TrainingState] = {}
+        self.repeated_steps = 0
+
+    def _head_tensors(self) -> dict[str, torch.Tensor]:
+        return {k: torch.from_numpy(v) for k, v in self.head_state().items()}
+
+    def take_snapshot(self) -> checkpoint.TrainingState:
+        state = checkpoint.snapshot(self.next_step, self._head_tensors(), self.optimizer)
+        self.snapshots[state.step] = state
+        for step in sorted(self.snapshots)[: -checkpoint.KEEP_CHECKPOINTS]:
+            if step != 0:
+                del self.snapshots[step]
+        if self.store is not None:
+            self.store.save_state(state)
+        return state
+
+    def restorable_steps(self) -> list[int]:
+        return sorted({*self.snapshots, self.next_step})
+
+    def load(self, state: checkpoint.TrainingState) -> None:
+        """Make ``state`` the live head and optimizer, at ``state.step``."""
+        self.student.load_part(
+            0, self.session.student_cut, {k: v.numpy() for k, v in state.model.items()}
+        )
+        self.optimizer.load_state_dict(checkpoint.copy_optimizer_state(state.optimizer))
+        self.snapshots.setdefault(state.step, state)
+        self.next_step = state.step
+
+    def restore(self, step: int) -> None:
+        """Roll back to ``step``, agreed with the cloud; later records are dropped."""
+        if step != self.next_step:
+            if step not in self.snapshots:
+                raise EdgeError(
+                    f"cannot restore step {step}; this edge has {self.restorable_steps()}"
+                )
+            self.repeated_steps += self.next_step - step
+            self.load(self.snapshots[step])
+            for later in [s for s in self.snapshots if s > step]:
+                del self.snapshots[later]
+        self.history = [r for r in self.history if r.step < step]
+        self.evaluations = [e for e in self.evaluations if e.step <= step]
 
     @property
     def total_steps(self) -> int:
@@ -108,9 +165,11 @@ class EdgeTrainer:
         on_eval: Callable[[EvalRecord], None] | None = None,
         traffic: Callable[[], tuple[int, int]] | None = None,
     ) -> TrainResult:
+        """Train from ``next_step`` to the end; call again after ``restore`` to go on."""
         started = time.perf_counter()
         x, y = torch.from_numpy(self.train_data.x), self.train_data.y
-        result = TrainResult(steps=0)
+        if not self.snapshots:
+            self.take_snapshot()
         step = 0
         for epoch in range(self.hyper.epochs):
             self.student_head.train()
@@ -121,15 +180,21 @@ class EdgeTrainer:
                     step += 1
                     continue
                 record = self._step(step, epoch, x[torch.from_numpy(index)], y[index], traffic)
-                result.history.append(record)
+                self.history.append(record)
                 if on_step is not None:
                     on_step(record)
                 step += 1
+                if step % self.hyper.checkpoint_every == 0:
+                    self.take_snapshot()
+            if any(e.epoch == epoch for e in self.evaluations):
+                continue  # evaluated before a restart
             evaluation = EvalRecord(step, epoch, self.evaluate_split())
-            result.evaluations.append(evaluation)
+            self.evaluations.append(evaluation)
             if on_eval is not None:
                 on_eval(evaluation)
-        result.steps = step
+        result = TrainResult(
+            steps=step, history=list(self.history), evaluations=list(self.evaluations)
+        )
         result.wall_seconds = time.perf_counter() - started
         return result
 

@@ -153,6 +153,8 @@ def run(args: argparse.Namespace) -> int:
                 str(run_dir / device / "models"),
                 "--no-progress",
                 "--no-plots",
+                "--checkpoint-dir",
+                str(run_dir / device / "checkpoints"),
                 "--device-profile",
                 DEMO_PROFILES[i % len(DEMO_PROFILES)][0],
                 "--link-profile",

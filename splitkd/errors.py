@@ -33,3 +33,15 @@ class ResourceExhausted(SplitKDError):
     """A size or count limit was reached."""
 
     status = "RESOURCE_EXHAUSTED"
+
+
+class Unauthenticated(SplitKDError):
+    """No credentials, an unknown device, or a wrong credential."""
+
+    status = "UNAUTHENTICATED"
+
+
+class PermissionDenied(SplitKDError):
+    """A known caller asking for something that is not its own (or a revoked device)."""
+
+    status = "PERMISSION_DENIED"

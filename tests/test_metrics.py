@@ -89,7 +89,8 @@ def test_edge_telemetry_feeds_metrics_and_the_energy_report(tmp_path: Path) -> N
     info = (("device_id", "pi-7"), ("device_profile", "raspberry-pi-4"), ("link_profile", "wifi"))
     assert got[("splitkd_edge_info", info)] == 1
     assert len(telemetry.cumulative_joules) == 3
-    assert telemetry.cumulative_joules == sorted(telemetry.cumulative_joules)
+    joules = list(telemetry.cumulative_joules.values())
+    assert joules == sorted(joules) and list(telemetry.cumulative_joules) == [0, 1, 2]
 
 
 def test_plots_are_written_beside_the_report(tmp_path: Path) -> None:

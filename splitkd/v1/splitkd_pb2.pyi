@@ -234,6 +234,7 @@ class Hyperparameters(_message.Message):
     KD_TEMPERATURE_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     WIRE_DTYPE_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_EVERY_FIELD_NUMBER: _builtins.int
     optimizer: _builtins.str
     """"adam" or "sgd" """
     learning_rate: _builtins.float
@@ -245,6 +246,10 @@ class Hyperparameters(_message.Message):
     seed: _builtins.int
     wire_dtype: Global___DType.ValueType
     """dtype of activations and gradients on the wire"""
+    checkpoint_every: _builtins.int
+    """Both sides checkpoint at steps that are multiples of this (and at step 0),
+    so that after a fault they can agree on a step both can restore.
+    """
     def __init__(
         self,
         *,
@@ -256,10 +261,11 @@ class Hyperparameters(_message.Message):
         kd_temperature: _builtins.float = ...,
         seed: _builtins.int = ...,
         wire_dtype: Global___DType.ValueType = ...,
+        checkpoint_every: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "epochs", b"epochs", "kd_alpha", b"kd_alpha", "kd_temperature", b"kd_temperature", "learning_rate", b"learning_rate", "optimizer", b"optimizer", "seed", b"seed", "wire_dtype", b"wire_dtype"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "checkpoint_every", b"checkpoint_every", "epochs", b"epochs", "kd_alpha", b"kd_alpha", "kd_temperature", b"kd_temperature", "learning_rate", b"learning_rate", "optimizer", b"optimizer", "seed", b"seed", "wire_dtype", b"wire_dtype"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -637,3 +643,104 @@ class ModelChunk(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelChunk: _TypeAlias = ModelChunk  # noqa: Y015
+
+@_typing.final
+class ResumeRequest(_message.Message):
+    """Resuming after a fault (cloud restarted, edge restarted, link lost): the edge
+    lists the steps it can restore (its checkpoints and its live step); the cloud
+    picks the latest step it can restore too, rolls its side back to it and
+    answers with it. The edge rolls back to the same step and trains on from
+    there: both sides compute exactly what an uninterrupted run computes.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    AVAILABLE_STEPS_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    @_builtins.property
+    def available_steps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        available_steps: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_steps", b"available_steps", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeRequest: _TypeAlias = ResumeRequest  # noqa: Y015
+
+@_typing.final
+class ResumeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_FIELD_NUMBER: _builtins.int
+    SESSION_FIELD_NUMBER: _builtins.int
+    step: _builtins.int
+    """the step both sides restart from"""
+    @_builtins.property
+    def session(self) -> Global___RegisterResponse:
+        """everything a restarted edge needs again"""
+
+    def __init__(
+        self,
+        *,
+        step: _builtins.int = ...,
+        session: Global___RegisterResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session", b"session", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeResponse: _TypeAlias = ResumeResponse  # noqa: Y015
+
+@_typing.final
+class HeartbeatRequest(_message.Message):
+    """Application heartbeat: keeps a session alive through long device work
+    (a slow epoch, an evaluation) and the connection busy for load balancers.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HeartbeatRequest: _TypeAlias = HeartbeatRequest  # noqa: Y015
+
+@_typing.final
+class HeartbeatResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NEXT_STEP_FIELD_NUMBER: _builtins.int
+    SESSION_TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    next_step: _builtins.int
+    session_timeout_seconds: _builtins.float
+    def __init__(
+        self,
+        *,
+        next_step: _builtins.int = ...,
+        session_timeout_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_step", b"next_step", "session_timeout_seconds", b"session_timeout_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HeartbeatResponse: _TypeAlias = HeartbeatResponse  # noqa: Y015

@@ -59,6 +59,16 @@ class SplitTrainingStub:
                 request_serializer=splitkd_dot_v1_dot_splitkd__pb2.DownloadModelRequest.SerializeToString,
                 response_deserializer=splitkd_dot_v1_dot_splitkd__pb2.ModelChunk.FromString,
                 _registered_method=True)
+        self.Resume = channel.unary_unary(
+                '/splitkd.v1.SplitTraining/Resume',
+                request_serializer=splitkd_dot_v1_dot_splitkd__pb2.ResumeRequest.SerializeToString,
+                response_deserializer=splitkd_dot_v1_dot_splitkd__pb2.ResumeResponse.FromString,
+                _registered_method=True)
+        self.Heartbeat = channel.unary_unary(
+                '/splitkd.v1.SplitTraining/Heartbeat',
+                request_serializer=splitkd_dot_v1_dot_splitkd__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=splitkd_dot_v1_dot_splitkd__pb2.HeartbeatResponse.FromString,
+                _registered_method=True)
 
 
 class SplitTrainingServicer:
@@ -94,6 +104,18 @@ class SplitTrainingServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Resume(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Heartbeat(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SplitTrainingServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +143,16 @@ def add_SplitTrainingServicer_to_server(servicer, server):
                     servicer.DownloadModel,
                     request_deserializer=splitkd_dot_v1_dot_splitkd__pb2.DownloadModelRequest.FromString,
                     response_serializer=splitkd_dot_v1_dot_splitkd__pb2.ModelChunk.SerializeToString,
+            ),
+            'Resume': grpc.unary_unary_rpc_method_handler(
+                    servicer.Resume,
+                    request_deserializer=splitkd_dot_v1_dot_splitkd__pb2.ResumeRequest.FromString,
+                    response_serializer=splitkd_dot_v1_dot_splitkd__pb2.ResumeResponse.SerializeToString,
+            ),
+            'Heartbeat': grpc.unary_unary_rpc_method_handler(
+                    servicer.Heartbeat,
+                    request_deserializer=splitkd_dot_v1_dot_splitkd__pb2.HeartbeatRequest.FromString,
+                    response_serializer=splitkd_dot_v1_dot_splitkd__pb2.HeartbeatResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -258,6 +290,60 @@ class SplitTraining:
             '/splitkd.v1.SplitTraining/DownloadModel',
             splitkd_dot_v1_dot_splitkd__pb2.DownloadModelRequest.SerializeToString,
             splitkd_dot_v1_dot_splitkd__pb2.ModelChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Resume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitkd.v1.SplitTraining/Resume',
+            splitkd_dot_v1_dot_splitkd__pb2.ResumeRequest.SerializeToString,
+            splitkd_dot_v1_dot_splitkd__pb2.ResumeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Heartbeat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitkd.v1.SplitTraining/Heartbeat',
+            splitkd_dot_v1_dot_splitkd__pb2.HeartbeatRequest.SerializeToString,
+            splitkd_dot_v1_dot_splitkd__pb2.HeartbeatResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -46,6 +46,8 @@ class SplitTrainingStub:
     Evaluate: _grpc.UnaryUnaryMultiCallable[_splitkd_pb2.EvaluateRequest, _splitkd_pb2.EvaluateResponse]
     Finish: _grpc.UnaryUnaryMultiCallable[_splitkd_pb2.FinishRequest, _splitkd_pb2.FinishResponse]
     DownloadModel: _grpc.UnaryStreamMultiCallable[_splitkd_pb2.DownloadModelRequest, _splitkd_pb2.ModelChunk]
+    Resume: _grpc.UnaryUnaryMultiCallable[_splitkd_pb2.ResumeRequest, _splitkd_pb2.ResumeResponse]
+    Heartbeat: _grpc.UnaryUnaryMultiCallable[_splitkd_pb2.HeartbeatRequest, _splitkd_pb2.HeartbeatResponse]
 
 @_typing.type_check_only
 class SplitTrainingAsyncStub(SplitTrainingStub):
@@ -55,6 +57,8 @@ class SplitTrainingAsyncStub(SplitTrainingStub):
     Evaluate: _aio.UnaryUnaryMultiCallable[_splitkd_pb2.EvaluateRequest, _splitkd_pb2.EvaluateResponse]  # type: ignore[assignment]
     Finish: _aio.UnaryUnaryMultiCallable[_splitkd_pb2.FinishRequest, _splitkd_pb2.FinishResponse]  # type: ignore[assignment]
     DownloadModel: _aio.UnaryStreamMultiCallable[_splitkd_pb2.DownloadModelRequest, _splitkd_pb2.ModelChunk]  # type: ignore[assignment]
+    Resume: _aio.UnaryUnaryMultiCallable[_splitkd_pb2.ResumeRequest, _splitkd_pb2.ResumeResponse]  # type: ignore[assignment]
+    Heartbeat: _aio.UnaryUnaryMultiCallable[_splitkd_pb2.HeartbeatRequest, _splitkd_pb2.HeartbeatResponse]  # type: ignore[assignment]
 
 class SplitTrainingServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -91,5 +95,19 @@ class SplitTrainingServicer(metaclass=_abc_1.ABCMeta):
         request: _splitkd_pb2.DownloadModelRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_splitkd_pb2.ModelChunk], _abc.AsyncIterator[_splitkd_pb2.ModelChunk]]: ...
+
+    @_abc_1.abstractmethod
+    def Resume(
+        self,
+        request: _splitkd_pb2.ResumeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_splitkd_pb2.ResumeResponse, _abc.Awaitable[_splitkd_pb2.ResumeResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Heartbeat(
+        self,
+        request: _splitkd_pb2.HeartbeatRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_splitkd_pb2.HeartbeatResponse, _abc.Awaitable[_splitkd_pb2.HeartbeatResponse]]: ...
 
 def add_SplitTrainingServicer_to_server(servicer: SplitTrainingServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
