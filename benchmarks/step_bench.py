@@ -203,7 +203,7 @@ def main() -> None:
         wire_up, wire_down = (up1 - up0) / wire_steps, (down1 - down0) / wire_steps
 
         # Metrics: the bookkeeping of one step on both sides, timed alone.
-        telemetry = TrainingTelemetry("raspberry-pi-4", "wifi", EdgeMetrics())
+        telemetry = TrainingTelemetry("raspberry-pi-4", "wifi", EdgeMetrics(inference=False))
         cloud_metrics = CloudMetrics()
         record = records[-1]
         repeats = 5000

@@ -42,8 +42,14 @@ class SessionCheckpoints:
         meta = {
             "session_id": session.session_id,
             "device_id": session.device_id,
-            "student": {"family": session.student_spec.family, "spec": session.student_spec.to_json()},
-            "teacher": {"family": session.teacher_spec.family, "spec": session.teacher_spec.to_json()},
+            "student": {
+                "family": session.student_spec.family,
+                "spec": session.student_spec.to_json(),
+            },
+            "teacher": {
+                "family": session.teacher_spec.family,
+                "spec": session.teacher_spec.to_json(),
+            },
             "student_cut": session.student_cut,
             "teacher_cut": session.teacher_cut,
             "hyper": asdict(session.hyper),

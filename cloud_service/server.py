@@ -5,12 +5,15 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
 from types import FrameType
+from typing import Any
 
 import grpc
 import uvicorn
+from google.protobuf.message import DecodeError
 
 from cloud_service.http_api import create_app
 from cloud_service.security import CloudSecurity
@@ -20,6 +23,54 @@ from splitkd.grpc_options import DEFAULT_MAX_MESSAGE_BYTES, server_options
 from splitkd.v1 import splitkd_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
+_UNDECODABLE = object()
+
+
+class RefuseUndecodable(grpc.ServerInterceptor):
+    """Answer a request that is not a valid protobuf message with INVALID_ARGUMENT.
+
+    gRPC itself answers INTERNAL ("Exception deserializing request!"), which
+    blames the cloud for a peer's garbage. First in the chain, so nothing
+    after it (authentication, the servicer) ever sees an unparsed request.
+    """
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        parse = handler.request_deserializer
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+
+        def deserialize(data: bytes) -> Any:
+            try:
+                return parse(data)
+            except DecodeError:
+                return _UNDECODABLE
+
+        def guard(behavior: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
+            def call(request: Any, context: grpc.ServicerContext) -> Any:
+                if request is _UNDECODABLE:
+                    context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"{method}: the request is not a valid protobuf message",
+                    )
+                return behavior(request, context)
+
+            return call
+
+        kwargs = {
+            "request_deserializer": deserialize,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(guard(handler.unary_unary), **kwargs)
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(guard(handler.unary_stream), **kwargs)
+        return handler
 
 
 def build_grpc_server(
@@ -37,7 +88,10 @@ def build_grpc_server(
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
         options=server_options(max_message_bytes),
-        interceptors=security.interceptors(service) if security is not None else None,
+        interceptors=[
+            RefuseUndecodable(),
+            *(security.interceptors(service) if security is not None else []),
+        ],
     )
     pb_grpc.add_SplitTrainingServicer_to_server(SplitTrainingServicer(service), server)
     credentials = security.grpc_credentials() if security is not None else None

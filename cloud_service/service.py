@@ -55,7 +55,7 @@ class CloudService:
     ) -> None:
         self.teacher = teacher
         self.metrics = metrics or CloudMetrics()
-        self.metrics.track_sessions(lambda: len(self.sessions))
+        self.metrics.track_sessions(lambda: self.sessions.active())
         self.registry = registry
         self.sessions = sessions
         self.config = config

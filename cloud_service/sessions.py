@@ -48,7 +48,9 @@ class SessionStore:
                     f"the cloud already serves {self.max_sessions} sessions; try again later"
                 )
             mine = [s for s in self._sessions.values() if s.device_id == session.device_id]
-            finished = sorted((s for s in mine if s.finished_version is not None), key=lambda s: s.last_seen)
+            finished = sorted(
+                (s for s in mine if s.finished_version is not None), key=lambda s: s.last_seen
+            )
             while len(mine) >= self.max_per_device and finished:
                 # A finished session is only kept to answer a repeated Finish: drop the oldest.
                 oldest = finished.pop(0)
@@ -84,6 +86,11 @@ class SessionStore:
         with self._lock:
             self._expire_locked()
             return list(self._sessions.values())
+
+    def active(self) -> int:
+        """Sessions still training (finished ones are kept only to answer a repeated Finish)."""
+        with self._lock:
+            return sum(1 for s in self._sessions.values() if s.finished_version is None)
 
     def __len__(self) -> int:
         with self._lock:

@@ -115,6 +115,13 @@ def _parser() -> argparse.ArgumentParser:
         default=_env("METRICS_HOST", "0.0.0.0"),
         help="address for --metrics-port (SPLITKD_METRICS_HOST; default %(default)s)",
     )
+    train.add_argument(
+        "--metrics-linger",
+        type=float,
+        default=float(_env("METRICS_LINGER", "0") or 0),
+        help="keep /metrics up this many seconds after training so Prometheus scrapes the final "
+        "figures (SPLITKD_METRICS_LINGER; default 0; report.json always has them exactly)",
+    )
     train.add_argument("--no-plots", action="store_true", help="no PNG plots beside the report")
     train.add_argument(
         "--checkpoint-dir",
@@ -153,6 +160,13 @@ def _parser() -> argparse.ArgumentParser:
         default=int(_env("HTTP_PORT", "8001") or 8001),
         help="port (SPLITKD_HTTP_PORT; default 8001)",
     )
+    serve.add_argument(
+        "--device-id",
+        default=_env("DEVICE_ID", socket.gethostname()),
+        help="this device's id, shown in splitkd_edge_info (SPLITKD_DEVICE_ID; default the host name)",
+    )
+    serve.add_argument("--device-profile", default=_env("DEVICE_PROFILE", "laptop-x86"))
+    serve.add_argument("--link-profile", default=_env("LINK_PROFILE", "ethernet"))
     security.add_https_arguments(serve)
 
     predict = sub.add_parser(
@@ -205,7 +219,9 @@ def _train(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)  # small heads: threads cost more than they give
     metrics = None
     if args.metrics_port:
-        metrics = EdgeMetrics()
+        from splitkd.energy_counter import EnergyCounter
+
+        metrics = EdgeMetrics(inference=False, measured_energy=EnergyCounter().available)
         metrics.serve(args.metrics_port, args.metrics_host)
     options = TrainOptions(
         cloud=args.cloud,
@@ -238,6 +254,10 @@ def _train(args: argparse.Namespace) -> int:
         f"({report['energy']['device_profile']}, {report['energy']['link_profile']}); "
         f"report: {args.report}"
     )
+    if metrics is not None and args.metrics_linger > 0:
+        import time
+
+        time.sleep(args.metrics_linger)
     return 0
 
 
@@ -245,10 +265,13 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from edge_agent.http_api import create_app
+    from edge_agent.metrics import EdgeMetrics
     from edge_agent.model_store import ModelStore
 
+    metrics = EdgeMetrics(training=False)
+    metrics.describe_device(args.device_id, args.device_profile, args.link_profile)
     uvicorn.run(
-        create_app(ModelStore(args.model_dir)),
+        create_app(ModelStore(args.model_dir), metrics),
         host=args.host,
         port=args.http_port,
         log_level="warning",

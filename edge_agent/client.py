@@ -130,9 +130,15 @@ class CloudClient:
             grpc.channel_ready_future(self._channel).result(timeout=self.connect_timeout)
         except grpc.FutureTimeoutError:
             self._channel.close()
+            hint = (
+                "if the cloud uses TLS, give --tls-ca"
+                if self._credentials is None
+                else "TLS: does --tls-ca trust the cloud's certificate, is this host name in it, and "
+                "does the cloud want a client certificate (--tls-cert/--tls-key)?"
+            )
             raise EdgeError(
                 f"cannot reach the cloud at {self.address} within {self.connect_timeout:.0f} s "
-                "(is splitkd-cloud running, and is the address right?)"
+                f"(is splitkd-cloud running, and is the address right? {hint})"
             ) from None
         return self
 

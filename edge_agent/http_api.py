@@ -56,7 +56,7 @@ class ServedModel:
 def create_app(store: ModelStore, metrics: EdgeMetrics | None = None) -> FastAPI:
     app = FastAPI(title="splitkd edge", version=__version__)
     served = ServedModel(store)
-    metrics = metrics or EdgeMetrics()
+    metrics = metrics or EdgeMetrics(training=False)
     app.state.served = served
     app.state.metrics = metrics
 
@@ -79,10 +79,9 @@ def create_app(store: ModelStore, metrics: EdgeMetrics | None = None) -> FastAPI
         try:
             answer = _predict(request)
         except HTTPException:
-            metrics.inference_requests.labels(outcome="error").inc()
+            metrics.observe_inference(None)
             raise
-        metrics.inference_requests.labels(outcome="ok").inc()
-        metrics.inference_duration.observe(time.perf_counter() - started)
+        metrics.observe_inference(time.perf_counter() - started)
         return answer
 
     def _predict(request: PredictRequest) -> dict[str, Any]:
@@ -92,7 +91,7 @@ def create_app(store: ModelStore, metrics: EdgeMetrics | None = None) -> FastAPI
             raise HTTPException(status_code=503, detail=str(exc)) from exc
         try:
             array = np.asarray(request.inputs, dtype=np.float32)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, OverflowError) as exc:  # Overflow: a JSON int like 10**400
             raise HTTPException(
                 status_code=400, detail=f"inputs must be a numeric array: {exc}"
             ) from exc

@@ -3,6 +3,12 @@
 One ``EdgeMetrics`` per process, on its own registry (no global state, so
 tests and the benchmark can make as many as they like). No device label: the
 device is the scrape target, and the scrape configuration names it.
+
+A process exports only what it does: ``train`` the training families,
+``serve`` the inference ones, so that a dashboard never reads a zero from a
+process that is not doing that work. Gauges without a value yet (accuracy
+before the first evaluation) and the measured energy on a machine without an
+energy counter are not exported at all.
 """
 
 from __future__ import annotations
@@ -16,7 +22,14 @@ ENERGY_COMPONENTS = ("compute", "idle", "radio")
 
 
 class EdgeMetrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        training: bool = True,
+        inference: bool = True,
+        measured_energy: bool = False,
+    ) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.info = Gauge(
@@ -25,6 +38,28 @@ class EdgeMetrics:
             ["device_id", "device_profile", "link_profile"],
             registry=r,
         )
+        self.training = training
+        self.inference = inference
+        if training:
+            self._training_families(measured_energy)
+        if inference:
+            self.inference_duration = Histogram(
+                "splitkd_edge_inference_duration_seconds",
+                "Time to answer one inference request with onnxruntime",
+                buckets=LATENCY_BUCKETS,
+                registry=r,
+            )
+            self.inference_requests = Counter(
+                "splitkd_edge_inference_requests",
+                "Inference requests by outcome",
+                ["outcome"],
+                registry=r,
+            )
+            for outcome in ("ok", "error"):
+                self.inference_requests.labels(outcome=outcome)
+
+    def _training_families(self, measured_energy: bool) -> None:
+        r = self.registry
         self.step_duration = Histogram(
             "splitkd_edge_step_duration_seconds",
             "Split-training step time by phase: device forward, network round trip, device backward",
@@ -46,41 +81,25 @@ class EdgeMetrics:
         self.loss = Gauge(
             "splitkd_edge_training_loss", "KD loss of the last training step", registry=r
         )
-        self.accuracy = Gauge(
-            "splitkd_edge_training_accuracy",
-            "Held-out accuracy of the split model (device head + cloud tail) after the last epoch",
-            registry=r,
-        )
+        self._accuracy: Gauge | None = None
         self.energy = Counter(
             "splitkd_edge_energy_joules",
             "Estimated device energy by component (docs/ENERGY.md)",
             ["component"],
             registry=r,
         )
-        self.measured_energy = Counter(
-            "splitkd_edge_measured_energy_joules",
-            "Energy read from the machine's own counter (RAPL or hwmon), where it has one",
-            registry=r,
-        )
-        self.inference_duration = Histogram(
-            "splitkd_edge_inference_duration_seconds",
-            "Time to answer one inference request with onnxruntime",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.inference_requests = Counter(
-            "splitkd_edge_inference_requests",
-            "Inference requests by outcome",
-            ["outcome"],
-            registry=r,
-        )
+        self.measured_energy: Counter | None = None
+        if measured_energy:
+            self.measured_energy = Counter(
+                "splitkd_edge_measured_energy_joules",
+                "Energy read from the machine's own counter (RAPL or hwmon)",
+                registry=r,
+            )
         # Create the labelled children now so every series exists from the first scrape.
         for phase in PHASES:
             self.step_duration.labels(phase=phase)
         for component in ENERGY_COMPONENTS:
             self.energy.labels(component=component)
-        for outcome in ("ok", "error"):
-            self.inference_requests.labels(outcome=outcome)
 
     def describe_device(self, device_id: str, device_profile: str, link_profile: str) -> None:
         self.info.labels(
@@ -94,6 +113,15 @@ class EdgeMetrics:
         self.steps.inc()
         self.loss.set(loss)
 
+    def observe_accuracy(self, accuracy: float) -> None:
+        if self._accuracy is None:  # registered at the first value: no fake 0 before it
+            self._accuracy = Gauge(
+                "splitkd_edge_training_accuracy",
+                "Held-out accuracy of the split model (device head + cloud tail) after the last epoch",
+                registry=self.registry,
+            )
+        self._accuracy.set(accuracy)
+
     def observe_traffic(self, up: int, down: int) -> None:
         self.sent_bytes.inc(up)
         self.received_bytes.inc(down)
@@ -102,6 +130,18 @@ class EdgeMetrics:
         self.energy.labels(component="compute").inc(compute)
         self.energy.labels(component="idle").inc(idle)
         self.energy.labels(component="radio").inc(radio)
+
+    def observe_measured(self, joules: float) -> None:
+        if self.measured_energy is not None:
+            self.measured_energy.inc(joules)
+
+    def observe_inference(self, seconds: float | None) -> None:
+        """One request: its duration, or None when it was refused."""
+        if seconds is None:
+            self.inference_requests.labels(outcome="error").inc()
+        else:
+            self.inference_requests.labels(outcome="ok").inc()
+            self.inference_duration.observe(seconds)
 
     def serve(self, port: int, host: str = "0.0.0.0") -> None:
         """Expose /metrics on ``port`` from a background thread (for ``train``)."""

@@ -66,12 +66,12 @@ class TrainingTelemetry:
 
     def on_eval(self, record: EvalRecord) -> None:
         if self.metrics is not None:
-            self.metrics.accuracy.set(record.accuracy)
+            self.metrics.observe_accuracy(record.accuracy)
 
     def _observe_measured(self) -> None:
         joules = self.counter.joules()
         if joules is not None and self.metrics is not None:
-            self.metrics.measured_energy.inc(max(0.0, joules - self._measured_last))
+            self.metrics.observe_measured(max(0.0, joules - self._measured_last))
             self._measured_last = joules
 
     def finish(self) -> None:

@@ -36,7 +36,10 @@ def copy_optimizer_state(state: dict[str, Any]) -> dict[str, Any]:
     """A deep copy of an optimizer state_dict (optimizers update their tensors in place)."""
     return {
         "state": {
-            index: {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in entry.items()}
+            index: {
+                k: v.detach().clone() if isinstance(v, torch.Tensor) else v
+                for k, v in entry.items()
+            }
             for index, entry in state["state"].items()
         },
         "param_groups": json.loads(json.dumps(state["param_groups"])),
@@ -56,7 +59,9 @@ def snapshot(
 
 
 def write(path: Path, state: TrainingState) -> None:
-    tensors: dict[str, torch.Tensor] = {f"model.{k}": v.contiguous() for k, v in state.model.items()}
+    tensors: dict[str, torch.Tensor] = {
+        f"model.{k}": v.contiguous() for k, v in state.model.items()
+    }
     scalars: dict[str, dict[str, Any]] = {}
     for index, entry in state.optimizer["state"].items():
         for key, value in entry.items():
@@ -98,7 +103,9 @@ def read(path: Path) -> TrainingState:
             optim_state.setdefault(int(index), {})[key] = value
     for index, entry in scalars.items():
         optim_state.setdefault(int(index), {}).update(entry)
-    return TrainingState(step, model, {"state": optim_state, "param_groups": param_groups}, metadata)
+    return TrainingState(
+        step, model, {"state": optim_state, "param_groups": param_groups}, metadata
+    )
 
 
 def step_path(folder: Path, step: int) -> Path:

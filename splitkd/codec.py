@@ -81,8 +81,11 @@ def decode(
         raise InvalidArgument(f"{what}: shape {dims} has a negative dimension")
     # Python ints do not overflow, so a forged shape cannot wrap around here.
     count = prod(dims)
-    if count > max_elements:
-        raise ResourceExhausted(f"{what}: {count} elements is above the limit of {max_elements}")
+    # A zero dimension makes the count 0, but numpy still refuses (ValueError) a
+    # shape whose other dimensions multiply past its size limit: count those too.
+    claimed = prod(d for d in dims if d)
+    if claimed > max_elements:
+        raise ResourceExhausted(f"{what}: {claimed} elements is above the limit of {max_elements}")
     if shape is not None and (
         len(dims) != len(shape)
         or any(e is not None and e != d for d, e in zip(dims, shape, strict=False))

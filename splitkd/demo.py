@@ -46,7 +46,7 @@ def http_json(url: str, timeout: float = 2.0) -> Any:
 
 
 def wait_healthy(
-    url: str, process: subprocess.Popen[bytes], log_path: Path, timeout: float = 120.0
+    url: str, process: subprocess.Popen[bytes], log_path: Path, timeout: float = 600.0
 ) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

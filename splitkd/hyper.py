@@ -40,7 +40,9 @@ class Hyperparameters:
         if not 0.0 < self.kd_temperature <= 100.0:
             raise InvalidArgument(f"KD temperature must be in (0, 100], got {self.kd_temperature}")
         if not 1 <= self.checkpoint_every <= 1_000_000:
-            raise InvalidArgument(f"checkpoint_every must be in 1..1000000, got {self.checkpoint_every}")
+            raise InvalidArgument(
+                f"checkpoint_every must be in 1..1000000, got {self.checkpoint_every}"
+            )
         if self.wire_dtype not in ("float32", "float16"):
             raise InvalidArgument(f"wire dtype must be float32 or float16, got {self.wire_dtype!r}")
 

@@ -8,7 +8,16 @@ within one bucket's error on every link.
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    disable_created_metrics,
+    generate_latest,
+)
+
+# Every counter and histogram would also export a ``_created`` series: twice the
+# series for a timestamp Prometheus does not need (it sees resets itself).
+disable_created_metrics()
 
 LATENCY_BUCKETS = (
     0.0001,

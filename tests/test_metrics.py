@@ -58,7 +58,7 @@ def _record(step: int, up: int = 1000, down: int = 400) -> StepRecord:
 
 
 def test_edge_telemetry_feeds_metrics_and_the_energy_report(tmp_path: Path) -> None:
-    metrics = EdgeMetrics()
+    metrics = EdgeMetrics(inference=False)
     telemetry = TrainingTelemetry("raspberry-pi-4", "wifi", metrics, EnergyCounter(tmp_path))
     metrics.describe_device("pi-7", "raspberry-pi-4", "wifi")
     for step in range(3):

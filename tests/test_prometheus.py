@@ -163,25 +163,36 @@ def test_docs_list_every_metric_of_the_contract() -> None:
     assert listed == expected, f"docs only: {listed - expected}; test only: {expected - listed}"
 
 
+SCRAPE_CONFIGS = sorted(p for p in ps.PROMETHEUS_YML.parent.glob("*.yml") if p != ps.RULES_YML)
+
+
 @needs_prometheus
-def test_promtool_accepts_the_config_and_the_rules() -> None:
+def test_promtool_accepts_the_rules() -> None:
+    assert BINARIES is not None
+    command = [BINARIES[1], "check", "rules", str(ps.RULES_YML)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, f"{result.stdout}{result.stderr}"
+
+
+@needs_prometheus
+@pytest.mark.parametrize("config", SCRAPE_CONFIGS, ids=lambda p: p.name)
+def test_promtool_accepts_the_scrape_config(config: Path) -> None:
+    """Every scrape config (the reference one and the compose testbed's) keeps the jobs and labels
+    the dashboard relies on."""
     assert BINARIES is not None
     _, promtool = BINARIES
-    for command in (
-        ["check", "config", str(ps.PROMETHEUS_YML)],
-        ["check", "rules", str(ps.RULES_YML)],
-    ):
-        result = subprocess.run([promtool, *command], capture_output=True, text=True, timeout=60)
-        assert result.returncode == 0, (
-            f"promtool {' '.join(command)}:\n{result.stdout}{result.stderr}"
-        )
-    targets = ps.discover_targets(ps.PROMETHEUS_YML, promtool)
+    result = subprocess.run(
+        [promtool, "check", "config", str(config)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, f"{result.stdout}{result.stderr}"
+    targets = ps.discover_targets(config, promtool)
     assert {t.job for t in targets} == {"splitkd-cloud", "splitkd-edge"}
+    devices = [t.labels.get("device") for t in targets if t.job == "splitkd-edge"]
+    assert all(devices), "every edge target needs its device label"
+    assert len(devices) == len(set(devices)), f"one target per device: {devices}"
     for target in targets:
         assert target.role  # a port the test knows how to stand up
-        if target.job == "splitkd-edge":
-            assert target.labels.get("device"), f"edge target {target.address} has no device label"
-        else:
+        if target.job == "splitkd-cloud":
             assert "device" not in target.labels
 
 
