@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help venv demo test lint typecheck unit proto proto-check bench testbed compose-check clean
+.PHONY: help venv demo test lint typecheck unit proto proto-check bench loadtest testbed compose-check clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -45,6 +45,9 @@ proto-check: $(STAMP) ## fail when the committed stubs drift from the .proto
 
 bench: $(STAMP) ## split step vs in-process step, wire bytes vs raw tensor bytes
 	$(BIN)/python -m benchmarks.step_bench
+
+loadtest: $(STAMP) ## 32 async edges against one cloud process for 3 min: failures, p50/p99, cloud RSS
+	$(BIN)/python -m benchmarks.loadtest $(LOADTEST_ARGS)
 
 compose-check: $(STAMP) ## (root) build the images, run docker-compose.yml for real, check it, tear down
 	scripts/compose_check.sh

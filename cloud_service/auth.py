@@ -54,6 +54,10 @@ def authenticated_device() -> str | None:
     return _current_device.get()
 
 
+class Revoked(PermissionDenied):
+    """The right credential of a revoked device."""
+
+
 class SessionLookup(Protocol):
     def session_owner(self, session_id: str) -> str | None: ...
     def model_owner(self, name: str, version: int) -> str | None: ...
@@ -108,10 +112,7 @@ class DeviceAuthenticator:
             )
         if not _DEVICE_NAME.match(device):
             raise Unauthenticated(f"{DEVICE_HEADER} must be 1-64 letters, digits, '.', '_' or '-'")
-        if (
-            not authorization[: len(_BEARER)].lower() == _BEARER
-            or len(authorization) > _MAX_CREDENTIAL
-        ):
+        if authorization[: len(_BEARER)].lower() != _BEARER or len(authorization) > _MAX_CREDENTIAL:
             raise Unauthenticated("authorization must be 'Bearer <credential>'")
         credential = authorization[len(_BEARER) :].strip()
         verdict = self.devices.verify(device, credential)
@@ -121,7 +122,7 @@ class DeviceAuthenticator:
                 f"or enroll it with 'splitkd-cloud devices add {device}'"
             )
         if verdict is Verdict.REVOKED:
-            raise PermissionDenied(
+            raise Revoked(
                 f"device {device!r} is revoked; enroll it again with "
                 f"'splitkd-cloud devices add {device} --replace'"
             )
@@ -256,7 +257,7 @@ def _reason(exc: SplitKDError, metadata: dict[str, str]) -> str:
     if isinstance(exc, Unauthenticated):
         missing = DEVICE_HEADER not in metadata or AUTHORIZATION_HEADER not in metadata
         return "missing" if missing else "unknown"
-    if isinstance(exc, PermissionDenied) and "revoked" in str(exc):
+    if isinstance(exc, Revoked):
         return "revoked"
     return "forbidden"
 

@@ -19,10 +19,11 @@ from cloud_service.auth import (
     AUTHORIZATION_HEADER,
     DEVICE_HEADER,
     CloudLookup,
+    Revoked,
     refusal_counter,
 )
 from cloud_service.security import CloudSecurity
-from splitkd.errors import PermissionDenied, SplitKDError, Unauthenticated
+from splitkd.errors import SplitKDError, Unauthenticated
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +44,7 @@ def caller_dependency(
             return authenticator.authenticate(device, authorization)
         except SplitKDError as exc:
             missing = not device or not authorization
-            reason = (
-                "revoked"
-                if isinstance(exc, PermissionDenied)
-                else "missing"
-                if missing
-                else "unknown"
-            )
+            reason = "revoked" if isinstance(exc, Revoked) else "missing" if missing else "unknown"
             if refusals is not None:
                 refusals.labels(reason=reason).inc()
             host = request.client.host if request.client else "?"

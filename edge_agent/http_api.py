@@ -11,7 +11,10 @@ import time
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, HTTPException, Response
+from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from edge_agent.errors import EdgeError
@@ -59,6 +62,13 @@ def create_app(store: ModelStore, metrics: EdgeMetrics | None = None) -> FastAPI
     metrics = metrics or EdgeMetrics(training=False)
     app.state.served = served
     app.state.metrics = metrics
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI echoes the refused input back, and a body holding NaN or
+        # Infinity cannot be written as JSON (that answered 500): leave it out.
+        errors = [{k: v for k, v in e.items() if k != "input"} for e in exc.errors()]
+        return JSONResponse(status_code=422, content={"detail": jsonable_encoder(errors)})
 
     @app.get("/metrics")
     def prometheus_metrics() -> Response:

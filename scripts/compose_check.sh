@@ -94,9 +94,8 @@ if [ "$REGISTRY" != "1" ]; then
   LEFT_OUT="grafana (no local image can be made: no registry, no Debian package)"
 fi
 compose() { "${COMPOSE[@]}" -p "$PROJECT" "${FILES[@]}" "$@"; }
-SERVICES=()
-while read -r service; do SERVICES+=("$service"); done < <(compose config --services | sort)
-say "services: ${SERVICES[*]}; left out: $LEFT_OUT"
+compose config -q || fail "the compose files do not parse"
+say "compose files: ${FILES[*]}; left out: $LEFT_OUT"
 
 STATUS=1
 cleanup() {
@@ -153,6 +152,13 @@ say "images built in $(($(date +%s) - t0)) s"
 t0=$(date +%s)
 say "docker compose up (SPLITKD_EPOCHS=$SPLITKD_EPOCHS)"
 compose up -d 2>&1 | sed 's/^/    /'
+# The services that run: those with a container (a service in a profile that
+# is not enabled has none).
+SERVICES=()
+while read -r service; do
+  [ -n "$(compose ps -q "$service" 2>/dev/null)" ] && SERVICES+=("$service")
+done < <(compose config --services | sort)
+say "running: ${SERVICES[*]}"
 
 # ---------------------------------------------------------------- 4. checks --
 container() { compose ps -q "$1"; }

@@ -879,6 +879,9 @@ def edge_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient
 @given(body=bodies)
 # Regression: an integer too large for a float raised OverflowError, answered 500.
 @example(body=("near", {"inputs": [10**400]}))
+# Regression: FastAPI echoed NaN/Infinity back in its 422 answer, which cannot be JSON: 500.
+@example(body=("json", math.inf))
+@example(body=("json", {"inputs": math.nan}))
 def test_edge_predict_answers_4xx_to_bad_bodies(
     edge_client: TestClient, body: tuple[str, Any]
 ) -> None:

@@ -363,12 +363,18 @@ def _run_testbed(tmp: Path, prometheus: str, promtool: str, children: list[ps.Sp
             host="127.0.0.1",
             http_port=ports[device],
             model_dir=tmp / device / "models",
+            device_id=device,
+            device_profile=DEVICE_PROFILE,
+            link_profile=LINK_PROFILE,
         )
         servers.append(ps.spawn(f"serve-{device}", serve_argv, tmp, env))
     children += servers
+    # Let Prometheus scrape each server once before any request, so the inference
+    # counters are seen starting from zero and their growth is visible.
+    ps.wait_until("every scrape target to be up again", all_up, 30, [prom, cloud, *servers])
+    time.sleep(2)
     for device in devices:
         _predict(f"http://127.0.0.1:{ports[device]}", servers)
-    ps.wait_until("every scrape target to be up again", all_up, 30, [prom, cloud, *servers])
     time.sleep(3)  # three scrapes after the last request: rate() sees every one of them
     return Run(
         api=api,
@@ -395,13 +401,14 @@ def _cli(module: str, command: str, **options: object) -> list[str]:
 
 
 def _metrics_once_training(url: str, trainer: ps.Spawned) -> str:
-    """An edge's raw /metrics once it has counted a training step."""
+    """An edge's raw /metrics once it has trained an epoch (accuracy exists from then on)."""
 
     def text() -> str:
         body = ps.http_get(url).decode()
-        return body if re.search(r"^splitkd_edge_training_steps_total [1-9]", body, re.M) else ""
+        stepped = re.search(r"^splitkd_edge_training_steps_total [1-9]", body, re.M)
+        return body if stepped and "splitkd_edge_training_accuracy " in body else ""
 
-    result: str = ps.wait_until("the edge's first training step", text, 60, [trainer])
+    result: str = ps.wait_until("the edge's first epoch", text, 60, [trainer])
     return result
 
 
@@ -509,17 +516,13 @@ def _check_families(
 
 @pytest.mark.slow
 def test_metric_types_and_labels_match_the_contract(run: Run) -> None:
+    """Each process exports exactly the families of what it does: no zeros from idle parts."""
     _check_families(run.cloud_text, CLOUD_FAMILIES, "cloud")
-    _check_families(run.edge_train_text, EDGE_FAMILIES, "training edge")
-    serving = dict(EDGE_FAMILIES)
-    serving.pop("splitkd_edge_info")  # a serving edge may not know its device id
-    _check_families(
-        "\n".join(
-            line for line in run.edge_serve_text.splitlines() if "splitkd_edge_info" not in line
-        ),
-        serving,
-        "serving edge",
-    )
+    inference = {k: v for k, v in EDGE_FAMILIES.items() if k.startswith("splitkd_edge_inference")}
+    training = {k: v for k, v in EDGE_FAMILIES.items() if k not in inference}
+    serving = {**inference, "splitkd_edge_info": EDGE_FAMILIES["splitkd_edge_info"]}
+    _check_families(run.edge_train_text, training, "training edge")
+    _check_families(run.edge_serve_text, serving, "serving edge")
 
 
 @pytest.mark.slow

@@ -98,7 +98,7 @@ def servers() -> Iterator[list[Server]]:
 def stub(address: str, tls: ClientTLS | None = None) -> pb_grpc.SplitTrainingStub:
     credentials = tls.grpc_credentials() if tls is not None else None
     channel = open_channel(address, [], credentials)
-    return pb_grpc.SplitTrainingStub(channel)  # type: ignore[no-untyped-call]
+    return pb_grpc.SplitTrainingStub(channel)
 
 
 def register_request(device: str) -> pb.RegisterRequest:
@@ -494,6 +494,36 @@ def test_real_cloud_over_https_and_mutual_tls_with_an_enrolled_edge(
     assert "cloud ready" in cloud_log and "INSECURE" not in cloud_log
     assert credential not in cloud_log and credential not in metrics
     assert credential not in trained.stderr + trained.stdout
+
+
+@pytest.mark.slow
+def test_edge_serve_answers_over_https(certs: Path, tmp_path: Path) -> None:
+    import time
+
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "edge_agent.cli", "serve", "--http-port", str(port),
+         "--model-dir", str(tmp_path / "models"), "--tls-cert", str(certs / "server.pem"),
+         "--tls-key", str(certs / "server-key.pem")],
+        cwd=ROOT, env=CLI_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    context = ClientTLS(ca=certs / "ca.pem").ssl_context()
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert server.poll() is None, server.stderr.read() if server.stderr else ""
+            try:
+                health = json.loads(https_get(f"https://127.0.0.1:{port}/healthz", context))
+                break
+            except (OSError, ValueError):
+                assert time.monotonic() < deadline, "the edge never answered over HTTPS"
+                time.sleep(0.2)
+        assert health["status"] == "no-model"
+        with pytest.raises((OSError, http.client.HTTPException)):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
+    finally:
+        server.terminate()
+        server.wait(10)
 
 
 # --- Nothing is ever unpickled ------------------------------------------------------------
