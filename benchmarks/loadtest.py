@@ -324,6 +324,7 @@ def percentile_ms(values: np.ndarray, q: float) -> float:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    load_start = round(os.getloadavg()[0], 2)
     cloud, address, http = start_cloud(out)
     sampler = MemorySampler(cloud.pid)
     sampler.start()
@@ -409,7 +410,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "cloud_cpu_cores_used": round(cpu_used / wall, 2) if wall else None,
         "cloud_alive_at_end": cloud_alive,
         "cloud_sessions_at_end": sessions,
-        "machine": {"cpu_count": os.cpu_count(), "python": sys.version.split()[0]},
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "python": sys.version.split()[0],
+            # Other work on the box skews every figure: say how busy it was.
+            "load_average_1min_at_start": load_start,
+            "load_average_1min_at_end": round(os.getloadavg()[0], 2),
+        },
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
@@ -442,6 +449,8 @@ def print_report(report: dict[str, Any], out: Path) -> None:
          f"{rss['after_register'] / MIB:.1f} MiB, peak {rss['peak'] / MIB:.1f} MiB, "
          f"end {rss['end'] / MIB:.1f} MiB"),
         ("cloud CPU", f"{report['cloud_cpu_cores_used']} cores of {report['machine']['cpu_count']}"),
+        ("machine load", f"1-min load average {report['machine']['load_average_1min_at_start']} "
+         f"at start, {report['machine']['load_average_1min_at_end']} at end"),
         ("report", str(out / "report.json")),
     ]  # fmt: skip
     for label, value in lines:

@@ -123,7 +123,7 @@ def decode_weights(
             raise InvalidArgument(f"{what}: tensor {named.name!r} appears twice")
         shape = None if expected is None or named.name not in expected else expected[named.name]
         out[named.name] = decode(
-            named.tensor, what=f"{what}[{named.name}]", shape=shape, finite=True
+            named.tensor, what=f"{what}[{named.name!r}]", shape=shape, finite=True
         )
     if expected is not None:
         missing = sorted(set(expected) - set(out))

@@ -622,9 +622,17 @@ def test_a_head_tensor_claiming_a_huge_empty_shape_is_resource_exhausted(
         session_id=target.session_id,
         student_head=pb.ModelWeights(tensors=[*target.student_head.tensors, extra]),
     )
+    stub = pb_grpc.SplitTrainingStub(fuzz_cloud.channel)  # type: ignore[no-untyped-call]
     with pytest.raises(grpc.RpcError) as caught:
-        pb_grpc.SplitTrainingStub(fuzz_cloud.channel).Finish(request, timeout=CALL_TIMEOUT)  # type: ignore[no-untyped-call]
+        stub.Finish(request, timeout=CALL_TIMEOUT)
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, caught.value.details()
+    # Regression: a tensor's name went into the error unquoted, newlines and all.
+    extra.name, extra.tensor.shape[:] = "forged\nline", [3]
+    request.student_head.tensors[-1].CopyFrom(extra)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Finish(request, timeout=CALL_TIMEOUT)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "\n" not in (caught.value.details() or "") and "forged\\nline" in caught.value.details()
 
 
 def test_the_servicer_implements_every_rpc_of_the_service() -> None:
@@ -916,6 +924,7 @@ path_segments = st.one_of(
     version=st.one_of(st.integers(), path_segments),
     suffix=st.sampled_from(["", "/model.onnx"]),
 )
+@example(name="student-fuzz-publisher", version=1, suffix="/model.onnx")  # the one good path
 def test_cloud_model_routes_answer_4xx_to_bad_paths(
     fuzz_cloud: FuzzCloud, name: str, version: int | str, suffix: str
 ) -> None:
@@ -931,7 +940,11 @@ def test_cloud_model_routes_answer_4xx_to_bad_paths(
         # The client resolved "." or ".." segments: some other route answered.
         pass
     elif response.status_code == 200:
-        assert name == fuzz_cloud.model.name and response.json()["version"] == 1, path
+        assert name == fuzz_cloud.model.name, path
+        if suffix:
+            assert response.headers["x-model-sha256"] == fuzz_cloud.model.sha256
+        else:
+            assert response.json()["version"] == 1
     else:
         assert 400 <= response.status_code < 500
         REFUSED["http-cloud"] += 1
