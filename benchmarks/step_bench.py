@@ -85,7 +85,29 @@ class CountingRelay:
             return self.up, self.down
 
 
-def start_cloud(folder: Path, hyper: Hyperparameters) -> tuple[subprocess.Popen[bytes], int]:
+def cloud_compute_seconds(http_port: int) -> float:
+    """Mean cloud compute per step (the longer of the parallel teacher and student tails is
+    what the step waits for; this is their sum's mean, an upper bound), from its /metrics."""
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    sums: dict[str, float] = {}
+    count = 0.0
+    for family in text_string_to_metric_families(text):
+        if family.name != "splitkd_cloud_compute_duration_seconds":
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_sum"):
+                sums[sample.labels["model"]] = sample.value
+            elif sample.name.endswith("_count"):
+                count = sample.value
+    return sum(sums.values()) / max(count, 1.0)
+
+
+def start_cloud(folder: Path, hyper: Hyperparameters) -> tuple[subprocess.Popen[bytes], int, int]:
     grpc_port, http_port = free_port(), free_port()
     command = [
         sys.executable, "-m", "cloud_service.cli", "-q", "serve", "--host", "127.0.0.1",
@@ -95,7 +117,7 @@ def start_cloud(folder: Path, hyper: Hyperparameters) -> tuple[subprocess.Popen[
     ]  # fmt: skip
     cloud = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     wait_healthy(f"http://127.0.0.1:{http_port}/healthz", cloud, folder / "cloud.log")
-    return cloud, grpc_port
+    return cloud, grpc_port, http_port
 
 
 def timed_blocks(
@@ -129,7 +151,7 @@ def main() -> None:
     teacher.save(folder / "teacher.safetensors")
     # The cloud is its own process, as in production: sharing this process's
     # GIL with the edge loop would charge the edge for the cloud's Python time.
-    cloud, port = start_cloud(folder, hyper)
+    cloud, port, cloud_http = start_cloud(folder, hyper)
     relay = CountingRelay(port)
 
     # The reference: the same KD step, teacher and student whole, one process.
@@ -185,6 +207,8 @@ def main() -> None:
             {"in-process": local_step, "split over gRPC": split_step}, args.blocks, args.steps
         )
 
+        records_timed = list(records)
+        cloud_compute = cloud_compute_seconds(cloud_http)
         # Wire bytes over a fresh run of steps through the relay, against the
         # tensors' own bytes (same session: steps go on where timing stopped).
         trainer.transport = GrpcTransport(relayed, session.session_id, pb.DTYPE_FLOAT32)
@@ -224,6 +248,16 @@ def main() -> None:
     print(f"  in-process KD step     {1000 * seconds['in-process']:8.3f} ms")
     print(f"  split step over gRPC   {1000 * seconds['split over gRPC']:8.3f} ms")
     print(f"  ratio                  {ratio:8.3f}   (goal <= 1.25)")
+    timed = records_timed[-args.blocks * args.steps :]
+    phase = {
+        name: 1000 * statistics.median(getattr(r, f"{name}_seconds") for r in timed)
+        for name in ("forward", "network", "backward")
+    }
+    print(
+        f"  split step by phase (medians): device forward {phase['forward']:.3f} ms, "
+        f"round trip {phase['network']:.3f} ms (cloud compute {1000 * cloud_compute:.3f} ms), "
+        f"device backward {phase['backward']:.3f} ms"
+    )
     print("bytes per step on the socket (HTTP/2 frames + headers) vs raw tensor bytes")
     print(
         f"  up    {wire_up:10.0f} B on the wire, {raw_up:10d} B raw, ratio {wire_up / raw_up:.4f}"
