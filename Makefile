@@ -39,9 +39,11 @@ unit: $(STAMP)
 proto: $(STAMP) ## regenerate splitkd/v1 from protos/ (commit the result)
 	PATH=$(BIN):$$PATH $(BIN)/python -m grpc_tools.protoc -I protos --python_out=. --grpc_python_out=. \
 	  --mypy_out=. --mypy_grpc_out=. protos/splitkd/v1/splitkd.proto
+	$(BIN)/python scripts/protocol_doc.py
 
 proto-check: $(STAMP) ## fail when the committed stubs drift from the .proto
 	$(BIN)/python scripts/check_protos.py
+	$(BIN)/python scripts/protocol_doc.py --check
 
 bench: $(STAMP) ## split step vs in-process step, wire bytes vs raw tensor bytes
 	$(BIN)/python -m benchmarks.step_bench
