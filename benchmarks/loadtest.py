@@ -27,6 +27,7 @@ import json
 import math
 import multiprocessing
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -70,7 +71,7 @@ class SimulatedEdge:
 
         self.data = edge_split(load_dataset("digits"), Shard(shard, SHARDS)).train
         self.channel = grpc.aio.insecure_channel(address, options=channel_options())
-        self.stub = pb_grpc.SplitTrainingStub(self.channel)  # type: ignore[no-untyped-call]
+        self.stub = pb_grpc.SplitTrainingStub(self.channel)
         self.timeout = timeout
         self.result = EdgeResult(name)
         self.rng = np.random.default_rng(shard)
@@ -187,7 +188,7 @@ class SimulatedEdge:
             self.step += 1
 
     async def close(self) -> None:
-        await self.channel.close()
+        await self.channel.close(None)
 
 
 async def _run_worker(
@@ -237,7 +238,7 @@ def worker_main(
 
 def rss_bytes(pid: int) -> int:
     try:
-        import psutil  # type: ignore[import-untyped]
+        import psutil
 
         return int(psutil.Process(pid).memory_info().rss)
     except ImportError:
@@ -296,6 +297,8 @@ def start_cloud(out: Path) -> tuple[subprocess.Popen[bytes], str, str]:
     from splitkd.demo import free_port, wait_healthy
 
     state = out / "cloud-state"
+    # A fresh state: the cloud would otherwise restore the last run's checkpointed sessions.
+    shutil.rmtree(state, ignore_errors=True)
     make_teacher(state / "teacher.safetensors")
     grpc_port, http_port = free_port(), free_port()
     command = [

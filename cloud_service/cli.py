@@ -82,6 +82,13 @@ def _parser() -> argparse.ArgumentParser:
         default=900.0,
         help="seconds of silence after which a session expires",
     )
+    serve.add_argument(
+        "--max-steps-per-second",
+        type=float,
+        default=float(_env("MAX_STEPS_PER_SECOND", "400") or 400),
+        help="per device: more steps than this get RESOURCE_EXHAUSTED (SPLITKD_MAX_STEPS_PER_SECOND; "
+        "default %(default)s; 0 = no limit)",
+    )
     security.add_arguments(serve)
 
     train = sub.add_parser(
@@ -150,6 +157,7 @@ def _serve(args: argparse.Namespace) -> None:
     import torch
 
     from cloud_service.checkpoints import SessionCheckpoints
+    from cloud_service.limits import RateLimiter
     from cloud_service.registry import ModelRegistry
     from cloud_service.server import ServeOptions, serve
     from cloud_service.service import CloudConfig, CloudService
@@ -186,6 +194,7 @@ def _serve(args: argparse.Namespace) -> None:
         SessionStore(idle_timeout=args.session_timeout),
         CloudConfig(student_cut=args.student_cut, teacher_cut=args.teacher_cut, hyper=hyper),
         checkpoints=SessionCheckpoints(args.state_dir / "sessions"),
+        limiter=RateLimiter(args.max_steps_per_second),
     )
     serve(
         service,

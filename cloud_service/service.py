@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from cloud_service.checkpoints import SessionCheckpoints
+from cloud_service.limits import RateLimiter
 from cloud_service.metrics import CloudMetrics
 from cloud_service.registry import ModelRecord, ModelRegistry
 from cloud_service.session import Session, StepResult
@@ -52,6 +53,7 @@ class CloudService:
         config: CloudConfig,
         metrics: CloudMetrics | None = None,
         checkpoints: SessionCheckpoints | None = None,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self.teacher = teacher
         self.metrics = metrics or CloudMetrics()
@@ -64,6 +66,7 @@ class CloudService:
         teacher.spec.check_cut(config.teacher_cut, "teacher cut")
         self._export_lock = threading.Lock()
         self.checkpoints = checkpoints
+        self.limiter = limiter or RateLimiter()
         if checkpoints is not None:
             sessions.on_expire = lambda session: checkpoints.remove(session.session_id)
             for restored in checkpoints.load_all(teacher.spec, teacher.model):
@@ -127,6 +130,7 @@ class CloudService:
         labels: np.ndarray,
     ) -> StepResult:
         session = self.sessions.get(session_id)
+        self.limiter.acquire(session.device_id, "steps")
         with session.lock:
             result = session.step(step, student_act, teacher_act, labels)
             if session.due_for_checkpoint():
@@ -181,6 +185,7 @@ class CloudService:
 
     def evaluate(self, session_id: str, student_act: np.ndarray) -> np.ndarray:
         session = self.sessions.get(session_id)
+        self.limiter.acquire(session.device_id, "steps")
         with session.lock:
             return session.evaluate(student_act)
 

@@ -1,0 +1,68 @@
+"""Limits answer RESOURCE_EXHAUSTED with a reason, for the offender only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+
+from cloud_service.limits import RateLimiter
+from cloud_service.server import build_grpc_server
+from cloud_service.sessions import SessionStore
+from splitkd.errors import ResourceExhausted
+from splitkd.v1 import splitkd_pb2_grpc as pb_grpc
+from tests.support import DIGITS, make_service
+from tests.test_grpc_errors import register, step_request
+
+
+def test_token_bucket_refills_at_its_rate() -> None:
+    now = [0.0]
+    limiter = RateLimiter(rate=10, burst=3, clock=lambda: now[0])
+    for _ in range(3):
+        limiter.acquire("pi-1")
+    with pytest.raises(ResourceExhausted, match="pi-1 sends more than 10 steps"):
+        limiter.acquire("pi-1", "steps")
+    limiter.acquire("pi-2")  # another device has its own bucket
+    now[0] = 0.1  # one token back after 1/rate seconds
+    limiter.acquire("pi-1")
+    with pytest.raises(ResourceExhausted):
+        limiter.acquire("pi-1")
+    RateLimiter(rate=0).acquire("anyone")  # 0 = unlimited
+
+
+def test_a_flooding_device_is_refused_and_another_trains_on(tmp_path: Path) -> None:
+    service = make_service(tmp_path)
+    service.limiter = RateLimiter(rate=1, burst=3)
+    server, port = build_grpc_server(service, "127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.SplitTrainingStub(channel)  # type: ignore[no-untyped-call]
+            cloud = type("C", (), {"stub": stub})
+            flood = register(cloud, "flooder")  # type: ignore[arg-type]
+            calm = register(cloud, "calm")  # type: ignore[arg-type]
+            for step in range(3):
+                stub.Step(step_request(flood, step), timeout=10)
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Step(step_request(flood, 3), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "flooder" in refused.value.details()
+            assert stub.Step(step_request(calm, 0), timeout=10).step == 0
+    finally:
+        server.stop(0)
+
+
+def test_sessions_per_device_and_in_total(tmp_path: Path) -> None:
+    service = make_service(tmp_path, store=SessionStore(max_per_device=2, max_sessions=3))
+    first = service.register("pi-1", DIGITS)
+    service.register("pi-1", DIGITS)
+    with pytest.raises(ResourceExhausted, match="pi-1 already has 2 unfinished sessions"):
+        service.register("pi-1", DIGITS)
+    # A finished session does not count against the device: it is dropped instead.
+    service.finish(first.session_id, first.student.part_state(0, first.student_cut), 0)
+    service.register("pi-1", DIGITS)
+    assert len(service.sessions) == 2
+    service.register("pi-2", DIGITS)
+    with pytest.raises(ResourceExhausted, match="already serves 3 sessions"):
+        service.register("pi-3", DIGITS)
