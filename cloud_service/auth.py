@@ -110,7 +110,7 @@ class DeviceAuthenticator:
                 "no device credentials: this cloud only serves enrolled devices; run the edge with "
                 "--device-id NAME and --credential-file FILE (from 'splitkd-cloud devices add NAME')"
             )
-        if not _DEVICE_NAME.match(device):
+        if not _DEVICE_NAME.fullmatch(device):
             raise Unauthenticated(f"{DEVICE_HEADER} must be 1-64 letters, digits, '.', '_' or '-'")
         if authorization[: len(_BEARER)].lower() != _BEARER or len(authorization) > _MAX_CREDENTIAL:
             raise Unauthenticated("authorization must be 'Bearer <credential>'")

@@ -159,7 +159,7 @@ def make_certs(
     so adding a device later does not replace the server's.
     """
     for name in devices:
-        if not _NAME.match(name):
+        if not _NAME.fullmatch(name):
             raise SplitKDError(
                 f"device name {name!r} must be 1-64 letters, digits, '.', '_' or '-'"
             )

@@ -34,7 +34,7 @@ class SessionCheckpoints:
         self.root.mkdir(parents=True, exist_ok=True)
 
     def _folder(self, session_id: str) -> Path:
-        if not _SESSION_ID.match(session_id):
+        if not _SESSION_ID.fullmatch(session_id):
             raise ValueError(f"not a session id: {session_id!r}")
         return self.root / session_id
 
@@ -75,7 +75,7 @@ class SessionCheckpoints:
     def load_all(self, teacher_spec: ModelSpec, teacher: StagedModel) -> list[Session]:
         """Every session on disk that this cloud's teacher can go on serving."""
         sessions = []
-        for folder in sorted(p for p in self.root.iterdir() if _SESSION_ID.match(p.name)):
+        for folder in sorted(p for p in self.root.iterdir() if _SESSION_ID.fullmatch(p.name)):
             try:
                 sessions.append(self._load(folder, teacher_spec, teacher))
             except (SplitKDError, OSError, ValueError, KeyError, RuntimeError) as exc:

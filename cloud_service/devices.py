@@ -72,7 +72,7 @@ def _now() -> str:
 
 
 def check_device_name(name: str) -> str:
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise InvalidArgument(f"device name {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
     return name
 

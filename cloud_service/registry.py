@@ -34,7 +34,7 @@ class ModelRecord:
 
 
 def check_name(name: str) -> str:
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise InvalidArgument(f"model name {name!r} must be 1-128 letters, digits, '.', '_' or '-'")
     return name
 
@@ -74,7 +74,7 @@ class ModelRegistry:
         return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
 
     def names(self) -> list[str]:
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _NAME.match(p.name))
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _NAME.fullmatch(p.name))
 
     def versions(self, name: str) -> list[ModelRecord]:
         return [self.get(name, v) for v in self._versions(check_name(name))]

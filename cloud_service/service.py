@@ -87,7 +87,7 @@ class CloudService:
         device_profile: str = "",
         link_profile: str = "",
     ) -> Session:
-        if not _DEVICE_ID.match(device_id):
+        if not _DEVICE_ID.fullmatch(device_id):
             raise InvalidArgument(
                 f"device id {device_id!r} must be 1-64 letters, digits, '.', '_' or '-'"
             )

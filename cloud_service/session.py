@@ -200,8 +200,16 @@ class Session:
         assert self._optimizer is not None
         self._optimizer.zero_grad()
         loss.total.backward()
-        self._optimizer.step()
         assert cut.grad is not None
+        if not (torch.isfinite(loss.total) and torch.isfinite(cut.grad).all()):
+            # Finite but absurd activations (1e38) overflow inside the tail: refuse
+            # the step before the optimizer turns this session's weights into NaN.
+            self._optimizer.zero_grad()
+            raise InvalidArgument(
+                f"step {step}: these activations give a non-finite loss or gradient; "
+                "the step was not applied (are the inputs scaled as in training?)"
+            )
+        self._optimizer.step()
         correct = int((student_logits.detach().argmax(dim=1).numpy() == labels).sum())
         self.times = SessionTimes(teacher_seconds, time.perf_counter() - started)
 

@@ -45,6 +45,10 @@ class Predictor:
             raise InvalidArgument("inputs contain NaN or Inf")
         (logits,) = self.session.run(None, {self.input_name: x})
         logits = np.asarray(logits, dtype=np.float32)
+        if not np.isfinite(logits).all():
+            raise InvalidArgument(
+                "inputs overflow the model (non-finite outputs); scale them as in training"
+            )
         shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
         probabilities = shifted / shifted.sum(axis=1, keepdims=True)
         return Prediction(logits.argmax(axis=1), probabilities)

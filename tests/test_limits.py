@@ -66,3 +66,24 @@ def test_sessions_per_device_and_in_total(tmp_path: Path) -> None:
     service.register("pi-2", DIGITS)
     with pytest.raises(ResourceExhausted, match="already serves 3 sessions"):
         service.register("pi-3", DIGITS)
+
+
+def test_absurd_but_finite_activations_do_not_poison_the_session(tmp_path: Path) -> None:
+    import numpy as np
+
+    from splitkd.errors import InvalidArgument
+
+    service = make_service(tmp_path)
+    session = service.register("pi-1", DIGITS)
+    rng = np.random.default_rng(0)
+    student = np.full((4, 8, 4, 4), 3e38, dtype=np.float32)
+    teacher = rng.standard_normal((4, 32, 4, 4)).astype(np.float32)
+    labels = np.zeros(4, dtype=np.int64)
+    before = {k: v.clone() for k, v in session.student.state_dict().items()}
+    with pytest.raises(InvalidArgument, match="non-finite"):
+        service.step(session.session_id, 0, student, teacher, labels)
+    after = session.student.state_dict()
+    assert all(bool((before[k] == after[k]).all()) for k in before)
+    assert session.next_step == 0
+    good = rng.standard_normal((4, 8, 4, 4)).astype(np.float32)
+    assert np.isfinite(service.step(session.session_id, 0, good, teacher, labels).loss)
