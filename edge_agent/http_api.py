@@ -100,7 +100,9 @@ def create_app(store: ModelStore, metrics: EdgeMetrics | None = None) -> FastAPI
         except EdgeError as exc:
             raise HTTPException(status_code=503, detail=str(exc)) from exc
         try:
-            array = np.asarray(request.inputs, dtype=np.float32)
+            # Values beyond float32 become inf here and are refused by the predictor.
+            with np.errstate(over="ignore"):
+                array = np.asarray(request.inputs, dtype=np.float32)
         except (ValueError, TypeError, OverflowError) as exc:  # Overflow: a JSON int like 10**400
             raise HTTPException(
                 status_code=400, detail=f"inputs must be a numeric array: {exc}"

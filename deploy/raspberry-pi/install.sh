@@ -204,7 +204,9 @@ fi
 say "done. Next: edit $CONFIG_DIR/edge.env (the cloud's address, this device's id and data),"
 if [ "$INFERENCE_ONLY" -eq 1 ]; then
   say "then: sudo -u $SERVICE_USER $PREFIX/bin/splitkd-edge pull --cloud-http http://CLOUD:8000 --model student-NAME --model-dir $STATE_DIR/models"
-else
+elif [ "$SYSTEMD" -eq 1 ]; then
   say "then: sudo systemctl start splitkd-edge-train   (journalctl -fu splitkd-edge-train to follow it)"
+else
+  say "then, as $SERVICE_USER: set -a; . $CONFIG_DIR/edge.env; set +a; $PREFIX/bin/splitkd-edge train"
 fi
 say "the inference API: http://$(hostname).local:8001/healthz; docs/RASPBERRY_PI.md has the rest"
