@@ -85,9 +85,9 @@ class CountingRelay:
             return self.up, self.down
 
 
-def cloud_compute_seconds(http_port: int) -> float:
-    """Mean cloud compute per step (the longer of the parallel teacher and student tails is
-    what the step waits for; this is their sum's mean, an upper bound), from its /metrics."""
+def cloud_figures(http_port: int) -> tuple[float, float, float]:
+    """Mean per step, from the cloud's /metrics: teacher tail compute (off the critical path
+    when sent ahead), student tail compute, and the whole Step handler."""
     from urllib.request import urlopen
 
     from prometheus_client.parser import text_string_to_metric_families
@@ -95,16 +95,26 @@ def cloud_compute_seconds(http_port: int) -> float:
     with urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=5) as response:
         text = response.read().decode()
     sums: dict[str, float] = {}
-    count = 0.0
+    counts: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
-        if family.name != "splitkd_cloud_compute_duration_seconds":
-            continue
         for sample in family.samples:
+            if family.name == "splitkd_cloud_compute_duration_seconds":
+                key = sample.labels["model"]
+            elif (
+                family.name == "splitkd_cloud_rpc_duration_seconds"
+                and sample.labels.get("method") == "Step"
+                and sample.labels.get("code") == "OK"
+            ):
+                key = "rpc"
+            else:
+                continue
             if sample.name.endswith("_sum"):
-                sums[sample.labels["model"]] = sample.value
+                sums[key] = sample.value
             elif sample.name.endswith("_count"):
-                count = sample.value
-    return sum(sums.values()) / max(count, 1.0)
+                counts[key] = sample.value
+    return tuple(
+        sums.get(k, 0.0) / max(counts.get(k, 0.0), 1.0) for k in ("teacher", "student", "rpc")
+    )  # type: ignore[return-value]
 
 
 def start_cloud(folder: Path, hyper: Hyperparameters) -> tuple[subprocess.Popen[bytes], int, int]:
@@ -113,7 +123,7 @@ def start_cloud(folder: Path, hyper: Hyperparameters) -> tuple[subprocess.Popen[
         sys.executable, "-m", "cloud_service.cli", "-q", "serve", "--host", "127.0.0.1",
         "--grpc-port", str(grpc_port), "--http-port", str(http_port),
         "--teacher", str(folder / "teacher.safetensors"), "--state-dir", str(folder),
-        "--epochs", str(hyper.epochs), "--seed", str(hyper.seed),
+        "--epochs", str(hyper.epochs), "--seed", str(hyper.seed), "--batch-size", str(hyper.batch_size),
     ]  # fmt: skip
     cloud = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     wait_healthy(f"http://127.0.0.1:{http_port}/healthz", cloud, folder / "cloud.log")
@@ -138,12 +148,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.step_bench", description=__doc__)
     parser.add_argument("--blocks", type=int, default=7, help="interleaved blocks per variant")
     parser.add_argument("--steps", type=int, default=40, help="steps per block")
+    parser.add_argument(
+        "--batch", type=int, default=32, help="batch size (default: the default, 32)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
 
     data = load_dataset("digits")
     split = edge_split(data, Shard(0, 2))
-    hyper = Hyperparameters(epochs=1000)
+    hyper = Hyperparameters(epochs=1000, batch_size=args.batch)
     teacher_spec = zoo.default_teacher(data.signature)
     teacher = Teacher(teacher_spec, zoo.build(teacher_spec, 7), None, "digits")
     teacher.model.eval()
@@ -195,8 +208,16 @@ def main() -> None:
 
         def split_step() -> None:
             index = full[step_number["n"] % len(full)]
+            ahead = full[(step_number["n"] + 1) % len(full)]
             records.append(
-                trainer._step(step_number["n"], 0, x_all[index], split.train.y[index.numpy()], None)
+                trainer._step(
+                    step_number["n"],
+                    0,
+                    x_all[index],
+                    split.train.y[index.numpy()],
+                    None,
+                    x_all[ahead],
+                )
             )
             step_number["n"] += 1
 
@@ -208,7 +229,7 @@ def main() -> None:
         )
 
         records_timed = list(records)
-        cloud_compute = cloud_compute_seconds(cloud_http)
+        teacher_s, student_s, handler_s = cloud_figures(cloud_http)
         # Wire bytes over a fresh run of steps through the relay, against the
         # tensors' own bytes (same session: steps go on where timing stopped).
         trainer.transport = GrpcTransport(relayed, session.session_id, pb.DTYPE_FLOAT32)
@@ -255,7 +276,8 @@ def main() -> None:
     }
     print(
         f"  split step by phase (medians): device forward {phase['forward']:.3f} ms, "
-        f"round trip {phase['network']:.3f} ms (cloud compute {1000 * cloud_compute:.3f} ms), "
+        f"round trip {phase['network']:.3f} ms (cloud means: Step handler {1000 * handler_s:.3f} ms, "
+        f"student tail {1000 * student_s:.3f} ms, teacher tail {1000 * teacher_s:.3f} ms sent ahead), "
         f"device backward {phase['backward']:.3f} ms"
     )
     print("bytes per step on the socket (HTTP/2 frames + headers) vs raw tensor bytes")

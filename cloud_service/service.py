@@ -126,13 +126,14 @@ class CloudService:
         session_id: str,
         step: int,
         student_act: np.ndarray,
-        teacher_act: np.ndarray,
+        teacher_act: np.ndarray | None,
         labels: np.ndarray,
+        next_teacher_act: np.ndarray | None = None,
     ) -> StepResult:
         session = self.sessions.get(session_id)
         self.limiter.acquire(session.device_id, "steps")
         with session.lock:
-            result = session.step(step, student_act, teacher_act, labels)
+            result = session.step(step, student_act, teacher_act, labels, next_teacher_act)
             if session.due_for_checkpoint():
                 self._checkpoint(session)
         if not result.replayed:

@@ -132,17 +132,31 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
             shape=(None, *session.student_activation_shape),
             finite=True,
         )
-        teacher = codec.decode(
-            request.teacher_activations,
-            what="teacher_activations",
-            dtypes=FLOATS,
-            shape=(None, *session.teacher_activation_shape),
-            finite=True,
-        )
+        teacher_shape = (None, *session.teacher_activation_shape)
+        teacher = None
+        if request.HasField("teacher_activations"):
+            teacher = codec.decode(
+                request.teacher_activations,
+                what="teacher_activations",
+                dtypes=FLOATS,
+                shape=teacher_shape,
+                finite=True,
+            )
+        next_teacher = None
+        if request.HasField("next_teacher_activations"):
+            next_teacher = codec.decode(
+                request.next_teacher_activations,
+                what="next_teacher_activations",
+                dtypes=FLOATS,
+                shape=teacher_shape,
+                finite=True,
+            )
         labels = codec.decode(
             request.labels, what="labels", dtypes=(pb.DTYPE_INT64,), shape=(None,)
         )
-        result = self.service.step(request.session_id, request.step, student, teacher, labels)
+        result = self.service.step(
+            request.session_id, request.step, student, teacher, labels, next_teacher
+        )
         return pb.StepResponse(
             step=result.step,
             gradient=codec.encode(result.gradient, request.student_activations.dtype),
@@ -151,6 +165,7 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
             ce_loss=result.ce_loss,
             correct=result.correct,
             replayed=result.replayed,
+            next_teacher_accepted=result.next_teacher_accepted,
         )
 
     @_rpc

@@ -10,7 +10,7 @@ import hashlib
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,8 +25,7 @@ from splitkd.models.spec import ModelSpec
 from splitkd.models.staged import StagedModel
 from splitkd.training import make_optimizer
 
-# Teacher tails of all sessions; as many workers as cores, since each one is
-# pure CPU work with the GIL released.
+# Teacher tails computed ahead of their step (see Session.step), for all sessions.
 _TEACHER_POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="teacher")
 
 # One batch is at most this many samples; the edge's batch size is far below.
@@ -42,6 +41,7 @@ class StepResult:
     ce_loss: float
     correct: int
     replayed: bool = False
+    next_teacher_accepted: bool = False
 
 
 @dataclass
@@ -80,6 +80,10 @@ class Session:
     # Restorable states by step: step 0 and the latest few multiples of
     # hyper.checkpoint_every (the edge keeps the same steps).
     snapshots: dict[int, checkpoint.TrainingState] = field(default_factory=dict, repr=False)
+    # The next step's teacher logits, computing in the background: (step, future).
+    _prefetch: tuple[int, Future[tuple[torch.Tensor, float]]] | None = field(
+        default=None, repr=False
+    )
 
     def __post_init__(self) -> None:
         self.student_spec.check_cut(self.student_cut, "student cut")
@@ -128,6 +132,7 @@ class Session:
         self._optimizer.load_state_dict(checkpoint.copy_optimizer_state(state.optimizer))
         self.next_step = state.step
         self._last, self._last_digest = None, b""
+        self._prefetch = None
 
     @property
     def student_activation_shape(self) -> tuple[int, ...]:
@@ -156,14 +161,25 @@ class Session:
         return batch
 
     def step(
-        self, step: int, student_act: np.ndarray, teacher_act: np.ndarray, labels: np.ndarray
+        self,
+        step: int,
+        student_act: np.ndarray,
+        teacher_act: np.ndarray | None,
+        labels: np.ndarray,
+        next_teacher_act: np.ndarray | None = None,
     ) -> StepResult:
         """Finish both forward passes, apply the KD loss, update the tail, return the cut gradient.
+
+        ``teacher_act`` may be None when the edge sent this step's teacher
+        activations ahead, with the previous step (``next_teacher_act``): the
+        cloud then computed the teacher's tail while the edge was busy with its
+        backward pass, off the step's critical path. The teacher is frozen, so
+        this changes when the arithmetic happens, never what it computes.
 
         Callers hold ``self.lock``. A resent last step (same number, same bytes)
         returns the stored result and changes nothing.
         """
-        digest = _digest(step, student_act, teacher_act, labels)
+        digest = _digest(step, student_act, teacher_act, labels, next_teacher_act)
         if self._last is not None and step == self._last.step:
             if digest == self._last_digest:
                 return StepResult(**{**self._last.__dict__, "replayed": True})
@@ -175,21 +191,28 @@ class Session:
                 f"step {step} is out of order: the cloud expects step {self.next_step}"
             )
         batch = self._check_batch(student_act, labels)
-        if teacher_act.shape[0] != batch:
-            raise InvalidArgument(
-                f"teacher activations have {teacher_act.shape[0]} samples, student activations {batch}"
+        if teacher_act is not None:
+            if teacher_act.shape[0] != batch:
+                raise InvalidArgument(
+                    f"teacher activations have {teacher_act.shape[0]} samples, student activations {batch}"
+                )
+            teacher_logits, teacher_seconds = self._teacher_logits(teacher_act)
+        elif self._prefetch is not None and self._prefetch[0] == step:
+            teacher_logits, teacher_seconds = self._prefetch[1].result()
+            if teacher_logits.shape[0] != batch:
+                raise InvalidArgument(
+                    f"the teacher activations sent ahead for step {step} have "
+                    f"{teacher_logits.shape[0]} samples, student activations {batch}"
+                )
+        else:
+            raise FailedPrecondition(
+                f"step {step} has no teacher activations, and none were sent ahead with step "
+                f"{step - 1}; send them (or resume)"
             )
-
-        # The frozen teacher's tail and the student's tail do not depend on each
-        # other: run the teacher on a helper thread (torch releases the GIL in
-        # its kernels) while this thread runs the student. Same arithmetic as
-        # one after the other; the step's latency is the longer of the two.
-        teacher_future = _TEACHER_POOL.submit(self._teacher_logits, teacher_act)
-        started = time.perf_counter()
+        student_started = time.perf_counter()
         self.student.train()
         cut = torch.from_numpy(student_act.astype(np.float32)).requires_grad_(True)
         student_logits = self.student.run(cut, self.student_cut, len(self.student.stages))
-        teacher_logits, teacher_seconds = teacher_future.result()
         loss = kd_loss(
             student_logits,
             teacher_logits,
@@ -211,9 +234,18 @@ class Session:
             )
         self._optimizer.step()
         correct = int((student_logits.detach().argmax(dim=1).numpy() == labels).sum())
-        self.times = SessionTimes(teacher_seconds, time.perf_counter() - started)
+        self.times = SessionTimes(teacher_seconds, time.perf_counter() - student_started)
+        self._prefetch = None
+        if next_teacher_act is not None:
+            # Start the next step's teacher tail now; it runs while this answer
+            # travels and the edge does its backward and next forward pass.
+            self._prefetch = (
+                step + 1,
+                _TEACHER_POOL.submit(self._teacher_logits, next_teacher_act),
+            )
 
         result = StepResult(
+            next_teacher_accepted=next_teacher_act is not None,
             step=step,
             gradient=cut.grad.numpy(),
             loss=float(loss.total.detach()),
@@ -258,9 +290,12 @@ class Session:
         return self.student.part_shapes(0, self.student_cut)
 
 
-def _digest(step: int, *arrays: np.ndarray) -> bytes:
+def _digest(step: int, *arrays: np.ndarray | None) -> bytes:
     h = hashlib.blake2b(str(step).encode(), digest_size=16)
     for a in arrays:
+        if a is None:
+            h.update(b"-")
+            continue
         h.update(str(a.shape).encode())
         h.update(np.ascontiguousarray(a).tobytes())
     return h.digest()

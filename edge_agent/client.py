@@ -62,6 +62,7 @@ class StepReply:
     ce_loss: float
     correct: int
     replayed: bool
+    next_teacher_accepted: bool = False
 
 
 @dataclass
@@ -256,17 +257,21 @@ class CloudClient:
         session_id: str,
         step: int,
         student: np.ndarray,
-        teacher: np.ndarray,
+        teacher: np.ndarray | None,
         labels: np.ndarray,
         wire_dtype: int,
+        next_teacher: np.ndarray | None = None,
     ) -> StepReply:
         request = pb.StepRequest(
             session_id=session_id,
             step=step,
             student_activations=codec.encode(student, wire_dtype),
-            teacher_activations=codec.encode(teacher, wire_dtype),
             labels=codec.encode(labels.astype(np.int64)),
         )
+        if teacher is not None:
+            request.teacher_activations.CopyFrom(codec.encode(teacher, wire_dtype))
+        if next_teacher is not None:
+            request.next_teacher_activations.CopyFrom(codec.encode(next_teacher, wire_dtype))
         # Steps are idempotent by number on the cloud, so a retry is safe.
         reply: pb.StepResponse = self._call(
             "Step", lambda: self._stub.Step(request, timeout=self.timeout), idempotent=True
@@ -283,6 +288,7 @@ class CloudClient:
             reply.ce_loss,
             reply.correct,
             reply.replayed,
+            reply.next_teacher_accepted,
         )
 
     def evaluate(self, session_id: str, student: np.ndarray, wire_dtype: int) -> np.ndarray:

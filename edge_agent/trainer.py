@@ -30,7 +30,12 @@ class CheckpointStore(Protocol):
 
 class SplitTransport(Protocol):
     def step(
-        self, step: int, student: np.ndarray, teacher: np.ndarray, labels: np.ndarray
+        self,
+        step: int,
+        student: np.ndarray,
+        teacher: np.ndarray | None,
+        labels: np.ndarray,
+        next_teacher: np.ndarray | None = None,
     ) -> StepReply: ...
 
     def evaluate(self, student: np.ndarray) -> np.ndarray: ...
@@ -112,6 +117,8 @@ class EdgeTrainer:
         self.store = store
         self.snapshots: dict[int, checkpoint.TrainingState] = {}
         self.repeated_steps = 0
+        # The step whose teacher activations the cloud already holds (sent ahead).
+        self._teacher_sent: int | None = None
 
     def _head_tensors(self) -> dict[str, torch.Tensor]:
         return {k: torch.from_numpy(v) for k, v in self.head_state().items()}
@@ -137,9 +144,11 @@ class EdgeTrainer:
         self.optimizer.load_state_dict(checkpoint.copy_optimizer_state(state.optimizer))
         self.snapshots.setdefault(state.step, state)
         self.next_step = state.step
+        self._teacher_sent = None  # the cloud drops what was sent ahead when it rolls back
 
     def restore(self, step: int) -> None:
         """Roll back to ``step``, agreed with the cloud; later records are dropped."""
+        self._teacher_sent = None  # whatever went ahead, the cloud no longer holds it
         if step != self.next_step:
             if step not in self.snapshots:
                 raise EdgeError(
@@ -170,33 +179,39 @@ class EdgeTrainer:
         x, y = torch.from_numpy(self.train_data.x), self.train_data.y
         if not self.snapshots:
             self.take_snapshot()
-        step = 0
-        for epoch in range(self.hyper.epochs):
-            self.student_head.train()
-            for index in batch_order(
-                len(self.train_data), self.hyper.batch_size, self.hyper.seed, epoch
-            ):
-                if step < self.next_step:  # resuming: these steps were applied already
-                    step += 1
-                    continue
-                record = self._step(step, epoch, x[torch.from_numpy(index)], y[index], traffic)
-                self.history.append(record)
-                if on_step is not None:
-                    on_step(record)
-                step += 1
-                if step % self.hyper.checkpoint_every == 0:
-                    self.take_snapshot()
-            if any(e.epoch == epoch for e in self.evaluations):
-                continue  # evaluated before a restart
-            evaluation = EvalRecord(step, epoch, self.evaluate_split())
-            self.evaluations.append(evaluation)
-            if on_eval is not None:
-                on_eval(evaluation)
+        schedule = self.schedule()
+        self.student_head.train()
+        for step in range(self.next_step, len(schedule)):
+            epoch, index = schedule[step]
+            ahead = x[torch.from_numpy(schedule[step + 1][1])] if step + 1 < len(schedule) else None
+            record = self._step(step, epoch, x[torch.from_numpy(index)], y[index], traffic, ahead)
+            self.history.append(record)
+            if on_step is not None:
+                on_step(record)
+            if (step + 1) % self.hyper.checkpoint_every == 0:
+                self.take_snapshot()
+            last_of_epoch = step + 1 == len(schedule) or schedule[step + 1][0] != epoch
+            if last_of_epoch:
+                evaluation = EvalRecord(step + 1, epoch, self.evaluate_split())
+                self.evaluations.append(evaluation)
+                if on_eval is not None:
+                    on_eval(evaluation)
+        step = len(schedule)
         result = TrainResult(
             steps=step, history=list(self.history), evaluations=list(self.evaluations)
         )
         result.wall_seconds = time.perf_counter() - started
         return result
+
+    def schedule(self) -> list[tuple[int, np.ndarray]]:
+        """(epoch, sample indices) of every step: a pure function of (seed, epoch)."""
+        return [
+            (epoch, index)
+            for epoch in range(self.hyper.epochs)
+            for index in batch_order(
+                len(self.train_data), self.hyper.batch_size, self.hyper.seed, epoch
+            )
+        ]
 
     def _step(
         self,
@@ -205,14 +220,19 @@ class EdgeTrainer:
         inputs: torch.Tensor,
         labels: np.ndarray,
         traffic: Callable[[], tuple[int, int]] | None,
+        next_inputs: torch.Tensor | None = None,
     ) -> StepRecord:
         t0 = time.perf_counter()
         student_act = self.student_head(inputs)
         with torch.no_grad():
-            teacher_act = self.teacher_head(inputs)
+            # This step's teacher activations went ahead with the previous step
+            # (the cloud already has its tail's output); send the next step's now.
+            teacher_act = None if self._teacher_sent == step else self.teacher_head(inputs).numpy()
+            ahead = None if next_inputs is None else self.teacher_head(next_inputs).numpy()
         t1 = time.perf_counter()
         before = traffic() if traffic else (0, 0)
-        reply = self.transport.step(step, student_act.detach().numpy(), teacher_act.numpy(), labels)
+        reply = self.transport.step(step, student_act.detach().numpy(), teacher_act, labels, ahead)
+        self._teacher_sent = step + 1 if reply.next_teacher_accepted else None
         after = traffic() if traffic else (0, 0)
         t2 = time.perf_counter()
         self.optimizer.zero_grad()
@@ -260,10 +280,15 @@ class GrpcTransport:
         self.wire_dtype = wire_dtype
 
     def step(
-        self, step: int, student: np.ndarray, teacher: np.ndarray, labels: np.ndarray
+        self,
+        step: int,
+        student: np.ndarray,
+        teacher: np.ndarray | None,
+        labels: np.ndarray,
+        next_teacher: np.ndarray | None = None,
     ) -> StepReply:
         reply: StepReply = self.client.step(
-            self.session_id, step, student, teacher, labels, self.wire_dtype
+            self.session_id, step, student, teacher, labels, self.wire_dtype, next_teacher
         )
         return reply
 

@@ -5,11 +5,13 @@
 # access, then carry the folder to an air-gapped build machine.
 #
 # Usage: deploy/docker/build-wheelhouse.sh [--dest DIR] [--platform linux/amd64|linux/arm64]...
-#                                          [--torch-index URL]
+#                                          [--torch-index URL] [--pin NAME==VERSION]...
 #   --dest         default build/wheelhouse (inside the build context)
 #   --platform     default: this machine's; repeat for a multi-arch wheelhouse
 #   --torch-index  extra index for torch, e.g. https://download.pytorch.org/whl/cpu
-#                  (on x86-64, PyPI's torch is the multi-GB CUDA build)
+#                  (PyPI's torch is a multi-GB CUDA build on x86-64 and aarch64)
+#   --pin          replace one version of constraints.txt, e.g. onnxruntime==1.20.1
+#                  for Raspberry Pi 4 devices (deploy/raspberry-pi/install.sh)
 # Environment: PIP (default: .venv/bin/pip when present, else python3 -m pip).
 set -euo pipefail
 
@@ -17,15 +19,17 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 DEST="$ROOT/build/wheelhouse"
 PLATFORMS=()
 TORCH_INDEX=""
+PINS=()
 PYTHON_VERSION="3.11"
 
-usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
     --dest) DEST="$2"; shift 2 ;;
     --platform) PLATFORMS+=("$2"); shift 2 ;;
     --torch-index) TORCH_INDEX="$2"; shift 2 ;;
+    --pin) PINS+=("$2"); shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) echo "build-wheelhouse: unknown option $1" >&2; usage >&2; exit 2 ;;
   esac
@@ -51,7 +55,16 @@ host_platform() {
 # What the images install: torch, the base dependencies and the [train] extra
 # of pyproject.toml, and the build back-end for splitkd itself.
 REQUIREMENTS="$(mktemp)"
-trap 'rm -f "$REQUIREMENTS"' EXIT
+CONSTRAINTS="$(mktemp)"
+trap 'rm -f "$REQUIREMENTS" "$CONSTRAINTS"' EXIT
+cp "$ROOT/deploy/docker/constraints.txt" "$CONSTRAINTS"
+for pin in "${PINS[@]}"; do
+  name="${pin%%==*}"
+  [ "$name" != "$pin" ] || { echo "build-wheelhouse: --pin wants NAME==VERSION, not $pin" >&2; exit 2; }
+  grep -v -i "^${name}==" "$CONSTRAINTS" >"$CONSTRAINTS.new" || true
+  echo "$pin" >>"$CONSTRAINTS.new"
+  mv "$CONSTRAINTS.new" "$CONSTRAINTS"
+done
 python3 - "$ROOT/pyproject.toml" >"$REQUIREMENTS" <<'PY'
 import sys
 import tomllib
@@ -69,7 +82,7 @@ EXTRA=()
 for platform in "${PLATFORMS[@]}"; do
   echo "build-wheelhouse: $platform into $DEST"
   if [ "$platform" = "$(host_platform)" ]; then
-    "${PIP_CMD[@]}" download --dest "$DEST" -c "$ROOT/deploy/docker/constraints.txt" \
+    "${PIP_CMD[@]}" download --dest "$DEST" -c "$CONSTRAINTS" \
       "${EXTRA[@]}" -r "$REQUIREMENTS"
   else
     case "$platform" in
@@ -78,7 +91,7 @@ for platform in "${PLATFORMS[@]}"; do
       *) echo "build-wheelhouse: unsupported platform $platform" >&2; exit 2 ;;
     esac
     # A foreign platform: binary wheels only, for CPython 3.11 on glibc 2.17+.
-    "${PIP_CMD[@]}" download --dest "$DEST" -c "$ROOT/deploy/docker/constraints.txt" \
+    "${PIP_CMD[@]}" download --dest "$DEST" -c "$CONSTRAINTS" \
       "${EXTRA[@]}" --only-binary=:all: --implementation cp --python-version "$PYTHON_VERSION" \
       --platform "manylinux_2_28_$machine" --platform "manylinux_2_27_$machine" \
       --platform "manylinux_2_17_$machine" --platform "manylinux2014_$machine" \

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build the splitkd base image without any container registry: debootstrap a
 # minimal Debian bookworm root file system with python3.11, python3-venv,
-# iproute2 (for `tc`) and ca-certificates, and `docker import` it.
+# iproute2 (tc, ip), libcap2-bin (setcap) and ca-certificates, and `docker
+# import` it.
 #
 # The Dockerfiles in this folder start FROM this tag (ARG BASE_IMAGE). Where a
 # registry is reachable, `--build-arg BASE_IMAGE=python:3.11-slim-bookworm`
@@ -16,9 +17,7 @@ MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 ARCH=""
 FORCE=0
 
-usage() {
-  sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
-}
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 
 while [ $# -gt 0 ]; do
   case "$1" in

@@ -23,7 +23,7 @@ CLEAR=0
 PROFILES=""
 IFB="ifb0"
 
-usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 
 ARGS=()
 while [ $# -gt 0 ]; do

@@ -54,7 +54,7 @@ SYSTEMD=1
 CONFIG_DIR=/etc/splitkd
 STATE_DIR=/var/lib/splitkd
 
-usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 
 while [ $# -gt 0 ]; do
   case "$1" in

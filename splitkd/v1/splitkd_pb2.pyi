@@ -372,6 +372,7 @@ class StepRequest(_message.Message):
     STUDENT_ACTIVATIONS_FIELD_NUMBER: _builtins.int
     TEACHER_ACTIVATIONS_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    NEXT_TEACHER_ACTIVATIONS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     step: _builtins.int
     @_builtins.property
@@ -380,11 +381,20 @@ class StepRequest(_message.Message):
 
     @_builtins.property
     def teacher_activations(self) -> Global___Tensor:
-        """output of the frozen teacher head, [B, ...]"""
+        """Output of the frozen teacher head, [B, ...]. May be left unset when it was
+        sent ahead as next_teacher_activations of the previous step (and accepted).
+        """
 
     @_builtins.property
     def labels(self) -> Global___Tensor:
         """int64 [B]"""
+
+    @_builtins.property
+    def next_teacher_activations(self) -> Global___Tensor:
+        """Optional: the teacher-head activations of step + 1. The teacher is frozen,
+        so the cloud computes its tail for the next step while the edge runs its
+        backward pass: the same arithmetic, off the step's critical path.
+        """
 
     def __init__(
         self,
@@ -394,10 +404,11 @@ class StepRequest(_message.Message):
         student_activations: Global___Tensor | None = ...,
         teacher_activations: Global___Tensor | None = ...,
         labels: Global___Tensor | None = ...,
+        next_teacher_activations: Global___Tensor | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels", "student_activations", b"student_activations", "teacher_activations", b"teacher_activations"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels", "next_teacher_activations", b"next_teacher_activations", "student_activations", b"student_activations", "teacher_activations", b"teacher_activations"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels", "session_id", b"session_id", "step", b"step", "student_activations", b"student_activations", "teacher_activations", b"teacher_activations"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels", "next_teacher_activations", b"next_teacher_activations", "session_id", b"session_id", "step", b"step", "student_activations", b"student_activations", "teacher_activations", b"teacher_activations"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -414,6 +425,7 @@ class StepResponse(_message.Message):
     CE_LOSS_FIELD_NUMBER: _builtins.int
     CORRECT_FIELD_NUMBER: _builtins.int
     REPLAYED_FIELD_NUMBER: _builtins.int
+    NEXT_TEACHER_ACCEPTED_FIELD_NUMBER: _builtins.int
     step: _builtins.int
     loss: _builtins.float
     kd_loss: _builtins.float
@@ -422,6 +434,8 @@ class StepResponse(_message.Message):
     """student predictions equal to the labels in this batch"""
     replayed: _builtins.bool
     """true when this step had already been applied"""
+    next_teacher_accepted: _builtins.bool
+    """next_teacher_activations were taken for step + 1"""
     @_builtins.property
     def gradient(self) -> Global___Tensor:
         """dLoss/d(student_activations), same shape"""
@@ -436,10 +450,11 @@ class StepResponse(_message.Message):
         ce_loss: _builtins.float = ...,
         correct: _builtins.int = ...,
         replayed: _builtins.bool = ...,
+        next_teacher_accepted: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["gradient", b"gradient"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ce_loss", b"ce_loss", "correct", b"correct", "gradient", b"gradient", "kd_loss", b"kd_loss", "loss", b"loss", "replayed", b"replayed", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ce_loss", b"ce_loss", "correct", b"correct", "gradient", b"gradient", "kd_loss", b"kd_loss", "loss", b"loss", "next_teacher_accepted", b"next_teacher_accepted", "replayed", b"replayed", "step", b"step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
