@@ -599,9 +599,19 @@ def summarize(edge: EdgePlan, host: netns.Host, report: dict[str, Any]) -> dict[
     """One edge's link figures from its per-step history."""
     history = report["history"]
     batch_size = report["session"]["hyperparameters"]["batch_size"]
-    # Bytes per step compare full batches: a short last batch of an epoch
-    # carries fewer activations on every link alike.
-    full = [h for h in history if h["batch"] == batch_size] or history
+    # Bytes per step compare steady steps: full batches whose next batch is full
+    # too (a step carries the next step's teacher activations ahead, so the step
+    # before a short last batch of an epoch carries fewer), and not step 0 (it
+    # carries its own teacher activations and the next step's). Shards differ
+    # by a sample or so, so short batches differ between edges, links aside.
+    full = [
+        h
+        for i, h in enumerate(history)
+        if i > 0
+        and h["batch"] == batch_size
+        and i + 1 < len(history)
+        and history[i + 1]["batch"] == batch_size
+    ] or history
     network = [h["network_seconds"] for h in history]
     up = statistics.fmean(h["bytes_up"] for h in full)
     down = statistics.fmean(h["bytes_down"] for h in full)
