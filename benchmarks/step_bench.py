@@ -146,7 +146,7 @@ def timed_blocks(
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.step_bench", description=__doc__)
-    parser.add_argument("--blocks", type=int, default=7, help="interleaved blocks per variant")
+    parser.add_argument("--blocks", type=int, default=21, help="interleaved blocks per variant")
     parser.add_argument("--steps", type=int, default=40, help="steps per block")
     parser.add_argument(
         "--batch", type=int, default=32, help="batch size (default: the default, 32)"
