@@ -22,7 +22,7 @@ from cloud_service.registry import ModelRecord, ModelRegistry
 from cloud_service.session import Session, StepResult
 from cloud_service.sessions import SessionStore
 from cloud_service.teacher import Teacher
-from splitkd.errors import FailedPrecondition, InvalidArgument
+from splitkd.errors import FailedPrecondition, InvalidArgument, SplitKDError
 from splitkd.hyper import Hyperparameters
 from splitkd.models import zoo
 from splitkd.models.spec import ModelSpec
@@ -146,6 +146,15 @@ class CloudService:
         session.keep_snapshot(state)
         if self.checkpoints is not None:
             self.checkpoints.save_state(session.session_id, state)
+
+    def start_ahead(self, session_id: str) -> None:
+        """Begin the teacher tail of activations a step sent ahead (after its answer left)."""
+        try:
+            session = self.sessions.get(session_id)
+        except SplitKDError:
+            return  # expired meanwhile: nothing to prepare
+        with session.lock:
+            session.start_ahead()
 
     def checkpoint_all(self) -> int:
         """On shutdown: every unfinished session's live state to disk. Returns how many."""

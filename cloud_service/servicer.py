@@ -157,6 +157,9 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
         result = self.service.step(
             request.session_id, request.step, student, teacher, labels, next_teacher
         )
+        if result.next_teacher_accepted and not result.replayed:
+            # Once the answer is sent: the teacher tail then runs while the edge works.
+            context.add_callback(functools.partial(self.service.start_ahead, request.session_id))
         return pb.StepResponse(
             step=result.step,
             gradient=codec.encode(result.gradient, request.student_activations.dtype),

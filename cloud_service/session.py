@@ -80,7 +80,9 @@ class Session:
     # Restorable states by step: step 0 and the latest few multiples of
     # hyper.checkpoint_every (the edge keeps the same steps).
     snapshots: dict[int, checkpoint.TrainingState] = field(default_factory=dict, repr=False)
-    # The next step's teacher logits, computing in the background: (step, future).
+    # The next step's teacher activations, sent ahead: waiting to start (step,
+    # activations), then computing in the background (step, future).
+    _ahead: tuple[int, np.ndarray] | None = field(default=None, repr=False)
     _prefetch: tuple[int, Future[tuple[torch.Tensor, float]]] | None = field(
         default=None, repr=False
     )
@@ -133,6 +135,7 @@ class Session:
         self.next_step = state.step
         self._last, self._last_digest = None, b""
         self._prefetch = None
+        self._ahead = None
 
     @property
     def student_activation_shape(self) -> tuple[int, ...]:
@@ -197,8 +200,8 @@ class Session:
                     f"teacher activations have {teacher_act.shape[0]} samples, student activations {batch}"
                 )
             teacher_logits, teacher_seconds = self._teacher_logits(teacher_act)
-        elif self._prefetch is not None and self._prefetch[0] == step:
-            teacher_logits, teacher_seconds = self._prefetch[1].result()
+        elif self._ahead_for(step):
+            teacher_logits, teacher_seconds = self._ahead_logits()
             if teacher_logits.shape[0] != batch:
                 raise InvalidArgument(
                     f"the teacher activations sent ahead for step {step} have "
@@ -236,13 +239,7 @@ class Session:
         correct = int((student_logits.detach().argmax(dim=1).numpy() == labels).sum())
         self.times = SessionTimes(teacher_seconds, time.perf_counter() - student_started)
         self._prefetch = None
-        if next_teacher_act is not None:
-            # Start the next step's teacher tail now; it runs while this answer
-            # travels and the edge does its backward and next forward pass.
-            self._prefetch = (
-                step + 1,
-                _TEACHER_POOL.submit(self._teacher_logits, next_teacher_act),
-            )
+        self._ahead = None if next_teacher_act is None else (step + 1, next_teacher_act)
 
         result = StepResult(
             next_teacher_accepted=next_teacher_act is not None,
@@ -256,6 +253,28 @@ class Session:
         self._last, self._last_digest = result, digest
         self.next_step = step + 1
         return result
+
+    def start_ahead(self) -> None:
+        """Start the teacher tail of the activations sent ahead, in the background.
+
+        The transport calls this once this step's answer is on its way (gRPC's
+        RPC-done callback): started earlier, the helper thread would compete for
+        the GIL with the answer being built. Callers hold ``self.lock``.
+        """
+        if self._ahead is not None:
+            step, activations = self._ahead
+            self._prefetch = (step, _TEACHER_POOL.submit(self._teacher_logits, activations))
+            self._ahead = None
+
+    def _ahead_for(self, step: int) -> bool:
+        started = self._prefetch is not None and self._prefetch[0] == step
+        return started or (self._ahead is not None and self._ahead[0] == step)
+
+    def _ahead_logits(self) -> tuple[torch.Tensor, float]:
+        if self._ahead is not None:  # never started (no transport callback): compute now
+            return self._teacher_logits(self._ahead[1])
+        assert self._prefetch is not None
+        return self._prefetch[1].result()
 
     def _teacher_logits(self, teacher_act: np.ndarray) -> tuple[torch.Tensor, float]:
         started = time.perf_counter()
