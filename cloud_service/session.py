@@ -194,28 +194,29 @@ class Session:
                 f"step {step} is out of order: the cloud expects step {self.next_step}"
             )
         batch = self._check_batch(student_act, labels)
+        if teacher_act is not None and teacher_act.shape[0] != batch:
+            raise InvalidArgument(
+                f"teacher activations have {teacher_act.shape[0]} samples, student activations {batch}"
+            )
+        if teacher_act is None and not self._ahead_for(step):
+            raise FailedPrecondition(
+                f"step {step} has no teacher activations, and none were sent ahead with step "
+                f"{step - 1}; send them (or resume)"
+            )
+        # The student's tail first: a teacher tail computing ahead finishes meanwhile.
+        student_started = time.perf_counter()
+        self.student.train()
+        cut = torch.from_numpy(student_act.astype(np.float32)).requires_grad_(True)
+        student_logits = self.student.run(cut, self.student_cut, len(self.student.stages))
         if teacher_act is not None:
-            if teacher_act.shape[0] != batch:
-                raise InvalidArgument(
-                    f"teacher activations have {teacher_act.shape[0]} samples, student activations {batch}"
-                )
             teacher_logits, teacher_seconds = self._teacher_logits(teacher_act)
-        elif self._ahead_for(step):
+        else:
             teacher_logits, teacher_seconds = self._ahead_logits()
             if teacher_logits.shape[0] != batch:
                 raise InvalidArgument(
                     f"the teacher activations sent ahead for step {step} have "
                     f"{teacher_logits.shape[0]} samples, student activations {batch}"
                 )
-        else:
-            raise FailedPrecondition(
-                f"step {step} has no teacher activations, and none were sent ahead with step "
-                f"{step - 1}; send them (or resume)"
-            )
-        student_started = time.perf_counter()
-        self.student.train()
-        cut = torch.from_numpy(student_act.astype(np.float32)).requires_grad_(True)
-        student_logits = self.student.run(cut, self.student_cut, len(self.student.stages))
         loss = kd_loss(
             student_logits,
             teacher_logits,
