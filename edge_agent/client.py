@@ -35,7 +35,13 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 # gRPC adds a 5-byte length prefix to every message on the stream.
 GRPC_FRAME_BYTES = 5
-_TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# Worth retrying (idempotent calls only): the cloud is unreachable, slow, or was
+# shutting down (a draining server cancels what it cannot finish in its grace).
+_TRANSIENT = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+)
 _WIRE_DTYPE = {pb.DTYPE_FLOAT32: "float32", pb.DTYPE_FLOAT16: "float16"}
 
 
