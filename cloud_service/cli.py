@@ -14,13 +14,10 @@ import sys
 from pathlib import Path
 
 from cloud_service import admin_cli, security
+from splitkd.env import env
 from splitkd.errors import SplitKDError
 
 log = logging.getLogger("splitkd.cloud")
-
-
-def _env(name: str, default: str | None = None) -> str | None:
-    return os.environ.get(f"SPLITKD_{name}", default)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,37 +36,37 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the gRPC training service and the HTTP API")
     serve.add_argument(
-        "--host", default=_env("HOST", "0.0.0.0"), help="address to listen on (SPLITKD_HOST)"
+        "--host", default=env("HOST", "0.0.0.0"), help="address to listen on (SPLITKD_HOST)"
     )
     serve.add_argument(
         "--grpc-port",
         type=int,
-        default=int(_env("GRPC_PORT", "50051") or 50051),
+        default=int(env("GRPC_PORT", "50051") or 50051),
         help="gRPC port for edge agents (SPLITKD_GRPC_PORT, default 50051)",
     )
     serve.add_argument(
         "--http-port",
         type=int,
-        default=int(_env("HTTP_PORT", "8000") or 8000),
+        default=int(env("HTTP_PORT", "8000") or 8000),
         help="HTTP port: /healthz, /v1/models, /v1/sessions (SPLITKD_HTTP_PORT, default 8000)",
     )
     source = serve.add_mutually_exclusive_group()
     source.add_argument(
         "--teacher",
         type=Path,
-        default=_env("TEACHER"),
+        default=env("TEACHER"),
         help="teacher checkpoint (.safetensors from 'splitkd-cloud train-teacher')",
     )
     source.add_argument(
         "--teacher-data",
-        default=_env("TEACHER_DATA", "digits"),
+        default=env("TEACHER_DATA", "digits"),
         help="train the teacher at start-up on this data: digits, npz:PATH or csv:PATH "
         "(default digits)",
     )
     serve.add_argument(
         "--state-dir",
         type=Path,
-        default=Path(_env("STATE_DIR", ".splitkd-cloud") or "."),
+        default=Path(env("STATE_DIR", ".splitkd-cloud") or "."),
         help="where models and the trained teacher are kept (SPLITKD_STATE_DIR)",
     )
     _training_options(serve)
@@ -85,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--max-steps-per-second",
         type=float,
-        default=float(_env("MAX_STEPS_PER_SECOND", "400") or 400),
+        default=float(env("MAX_STEPS_PER_SECOND", "400") or 400),
         help="per device: more steps than this get RESOURCE_EXHAUSTED (SPLITKD_MAX_STEPS_PER_SECOND; "
         "default %(default)s; 0 = no limit)",
     )

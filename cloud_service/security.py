@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,23 +17,10 @@ import grpc
 
 from cloud_service.auth import AuthInterceptor, CloudLookup, DeviceAuthenticator, refusal_counter
 from cloud_service.devices import DeviceRegistry
+from splitkd.env import env_flag, env_path
 from splitkd.tls import ServerTLS, server_tls
 
 log = logging.getLogger(__name__)
-_TRUE = {"1", "true", "yes", "on"}
-
-
-def _env(name: str) -> str | None:
-    return os.environ.get(f"SPLITKD_{name}") or None
-
-
-def _env_flag(name: str) -> bool:
-    return (os.environ.get(f"SPLITKD_{name}") or "").strip().lower() in _TRUE
-
-
-def _env_path(name: str) -> Path | None:
-    value = _env(name)
-    return Path(value) if value else None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,32 +28,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--tls-cert",
         type=Path,
-        default=_env_path("TLS_CERT"),
+        default=env_path("TLS_CERT"),
         help="server certificate (PEM): gRPC over TLS and the HTTP API over HTTPS (SPLITKD_TLS_CERT)",
     )
     group.add_argument(
         "--tls-key",
         type=Path,
-        default=_env_path("TLS_KEY"),
+        default=env_path("TLS_KEY"),
         help="its private key (SPLITKD_TLS_KEY)",
     )
     group.add_argument(
         "--tls-ca",
         type=Path,
-        default=_env_path("TLS_CA"),
+        default=env_path("TLS_CA"),
         help="CA that signs device certificates, for mutual TLS (SPLITKD_TLS_CA)",
     )
     group.add_argument(
         "--require-client-cert",
         action="store_true",
-        default=_env_flag("REQUIRE_CLIENT_CERT"),
+        default=env_flag("REQUIRE_CLIENT_CERT"),
         help="mutual TLS: refuse gRPC clients without a certificate signed by --tls-ca "
         "(SPLITKD_REQUIRE_CLIENT_CERT=1)",
     )
     group.add_argument(
         "--require-auth",
         action="store_true",
-        default=_env_flag("REQUIRE_AUTH"),
+        default=env_flag("REQUIRE_AUTH"),
         help="refuse devices without an enrolled credential even before the first "
         "'splitkd-cloud devices add' (SPLITKD_REQUIRE_AUTH=1); authentication is on anyway once "
         "any device is enrolled",

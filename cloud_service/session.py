@@ -66,7 +66,6 @@ class Session:
     device_profile: str = ""
     link_profile: str = ""
     next_step: int = 0
-    created: float = field(default_factory=time.monotonic)
     last_seen: float = field(default_factory=time.monotonic)
     finished_version: int | None = None
     times: SessionTimes = field(default_factory=SessionTimes)
@@ -148,9 +147,6 @@ class Session:
     @property
     def num_classes(self) -> int:
         return self.student_spec.num_classes
-
-    def touch(self) -> None:
-        self.last_seen = time.monotonic()
 
     def _check_batch(self, student_act: np.ndarray, labels: np.ndarray | None) -> int:
         batch = student_act.shape[0]

@@ -28,6 +28,7 @@ class SessionStore:
         on_expire: Callable[[Session], None] | None = None,
     ) -> None:
         self.on_expire = on_expire
+        self._last_sweep = float("-inf")
         self._sessions: dict[str, Session] = {}
         self._expired: set[str] = set()
         self._lock = threading.Lock()
@@ -67,8 +68,12 @@ class SessionStore:
 
     def get(self, session_id: str) -> Session:
         with self._lock:
-            self._expire_locked()
+            # Every RPC looks a session up: sweep the others once a second, not per call.
+            self._expire_locked(sweep_every=1.0)
             session = self._sessions.get(session_id)
+            if session is not None and self._clock() - session.last_seen > self.idle_timeout:
+                self._expire_one_locked(session)
+                session = None
             if session is None:
                 if session_id in self._expired:
                     raise NotFound(
@@ -96,13 +101,20 @@ class SessionStore:
         with self._lock:
             return len(self._sessions)
 
-    def _expire_locked(self) -> None:
+    def _expire_locked(self, sweep_every: float = 0.0) -> None:
+        """Drop silent sessions; with ``sweep_every``, at most that often (hot paths)."""
         now = self._clock()
-        for sid, session in list(self._sessions.items()):
+        if now - self._last_sweep < sweep_every:
+            return
+        self._last_sweep = now
+        for session in list(self._sessions.values()):
             if now - session.last_seen > self.idle_timeout:
-                del self._sessions[sid]
-                self._expired.add(sid)
-                if self.on_expire is not None:
-                    self.on_expire(session)
+                self._expire_one_locked(session)
+
+    def _expire_one_locked(self, session: Session) -> None:
+        del self._sessions[session.session_id]
+        self._expired.add(session.session_id)
+        if self.on_expire is not None:
+            self.on_expire(session)
         if len(self._expired) > 10_000:  # bounded memory of expired ids
             self._expired.clear()

@@ -9,18 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
 import sys
 from pathlib import Path
 from typing import Any
 
 from edge_agent import security
+from splitkd.env import env
 from splitkd.errors import SplitKDError
-
-
-def _env(name: str, default: str | None = None) -> str | None:
-    return os.environ.get(f"SPLITKD_{name}", default)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,18 +49,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--cloud",
-        default=_env("CLOUD"),
-        required=_env("CLOUD") is None,
+        default=env("CLOUD"),
+        required=env("CLOUD") is None,
         help="cloud gRPC address HOST:PORT (SPLITKD_CLOUD)",
     )
     train.add_argument(
         "--data",
-        default=_env("DATA"),
-        required=_env("DATA") is None,
+        default=env("DATA"),
+        required=env("DATA") is None,
         help="local data: digits, npz:PATH (arrays x, y) or csv:PATH (label last) (SPLITKD_DATA)",
     )
     train.add_argument(
-        "--shard", default=_env("SHARD"), help="use shard I of N of the data (I from 0), e.g. 0/2"
+        "--shard", default=env("SHARD"), help="use shard I of N of the data (I from 0), e.g. 0/2"
     )
     train.add_argument(
         "--dirichlet-alpha",
@@ -75,50 +71,50 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--presumed-fraction",
         type=float,
-        default=float(_env("PRESUMED_FRACTION", "0.4") or 0.4),
+        default=float(env("PRESUMED_FRACTION", "0.4") or 0.4),
         help="share of the data reserved for the cloud's teacher when both are handed the same "
         "file; set 0 when this data is the device's own (default 0.4)",
     )
     train.add_argument(
         "--device-id",
-        default=_env("DEVICE_ID", socket.gethostname()),
+        default=env("DEVICE_ID", socket.gethostname()),
         help="this device's id (SPLITKD_DEVICE_ID; default the host name)",
     )
     train.add_argument("--epochs", type=int, default=0, help="epochs (default: the cloud's)")
     train.add_argument(
         "--report",
         type=Path,
-        default=Path(_env("REPORT", "report.json") or "report.json"),
+        default=Path(env("REPORT", "report.json") or "report.json"),
         help="JSON run report to write (default report.json)",
     )
     train.add_argument(
         "--device-profile",
-        default=_env("DEVICE_PROFILE", "laptop-x86"),
+        default=env("DEVICE_PROFILE", "laptop-x86"),
         help="device power profile for the energy estimate: raspberry-pi-4, raspberry-pi-5, "
         "jetson-nano or laptop-x86 (SPLITKD_DEVICE_PROFILE; default %(default)s; docs/ENERGY.md)",
     )
     train.add_argument(
         "--link-profile",
-        default=_env("LINK_PROFILE", "ethernet"),
+        default=env("LINK_PROFILE", "ethernet"),
         help="network link profile for the radio energy estimate: ethernet, wifi, lte or nb-iot "
         "(SPLITKD_LINK_PROFILE; default %(default)s)",
     )
     train.add_argument(
         "--metrics-port",
         type=int,
-        default=int(_env("METRICS_PORT", "0") or 0),
+        default=int(env("METRICS_PORT", "0") or 0),
         help="serve Prometheus metrics on this port while training (SPLITKD_METRICS_PORT; "
         "default 0: off)",
     )
     train.add_argument(
         "--metrics-host",
-        default=_env("METRICS_HOST", "0.0.0.0"),
+        default=env("METRICS_HOST", "0.0.0.0"),
         help="address for --metrics-port (SPLITKD_METRICS_HOST; default %(default)s)",
     )
     train.add_argument(
         "--metrics-linger",
         type=float,
-        default=float(_env("METRICS_LINGER", "0") or 0),
+        default=float(env("METRICS_LINGER", "0") or 0),
         help="keep /metrics up this many seconds after training so Prometheus scrapes the final "
         "figures (SPLITKD_METRICS_LINGER; default 0; report.json always has them exactly)",
     )
@@ -138,7 +134,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--retry-seconds",
         type=float,
-        default=float(_env("RETRY_SECONDS", "300") or 300),
+        default=float(env("RETRY_SECONDS", "300") or 300),
         help="keep retrying an unreachable cloud for this long before giving up "
         "(SPLITKD_RETRY_SECONDS; default %(default)s)",
     )
@@ -152,21 +148,21 @@ def _parser() -> argparse.ArgumentParser:
         "serve", parents=[model_dir], help="HTTP inference API over the current student"
     )
     serve.add_argument(
-        "--host", default=_env("HOST", "127.0.0.1"), help="address to listen on (default 127.0.0.1)"
+        "--host", default=env("HOST", "127.0.0.1"), help="address to listen on (default 127.0.0.1)"
     )
     serve.add_argument(
         "--http-port",
         type=int,
-        default=int(_env("HTTP_PORT", "8001") or 8001),
+        default=int(env("HTTP_PORT", "8001") or 8001),
         help="port (SPLITKD_HTTP_PORT; default 8001)",
     )
     serve.add_argument(
         "--device-id",
-        default=_env("DEVICE_ID", socket.gethostname()),
+        default=env("DEVICE_ID", socket.gethostname()),
         help="this device's id, shown in splitkd_edge_info (SPLITKD_DEVICE_ID; default the host name)",
     )
-    serve.add_argument("--device-profile", default=_env("DEVICE_PROFILE", "laptop-x86"))
-    serve.add_argument("--link-profile", default=_env("LINK_PROFILE", "ethernet"))
+    serve.add_argument("--device-profile", default=env("DEVICE_PROFILE", "laptop-x86"))
+    serve.add_argument("--link-profile", default=env("LINK_PROFILE", "ethernet"))
     security.add_https_arguments(serve)
 
     predict = sub.add_parser(
@@ -185,15 +181,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     pull.add_argument(
         "--cloud-http",
-        default=_env("CLOUD_HTTP"),
-        required=_env("CLOUD_HTTP") is None,
+        default=env("CLOUD_HTTP"),
+        required=env("CLOUD_HTTP") is None,
         help="cloud HTTP base URL, e.g. http://cloud:8000 (SPLITKD_CLOUD_HTTP)",
     )
     pull.add_argument("--model", required=True, help="model name, e.g. student-edge-0")
     pull.add_argument("--version", type=int, default=0, help="version (default: latest)")
     pull.add_argument(
         "--device-id",
-        default=_env("DEVICE_ID", socket.gethostname()),
+        default=env("DEVICE_ID", socket.gethostname()),
         help="this device's id, sent with --credential (SPLITKD_DEVICE_ID; default the host name)",
     )
     security.add_client_arguments(pull)

@@ -12,12 +12,12 @@ from __future__ import annotations
 import argparse
 import collections
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from splitkd.env import env, env_path
 from splitkd.errors import SplitKDError
 from splitkd.tls import ClientTLS, ServerTLS, server_tls
 
@@ -29,39 +29,34 @@ DEVICE_HEADER = "x-splitkd-device"
 AUTHORIZATION_HEADER = "authorization"
 
 
-def _env_path(name: str) -> Path | None:
-    value = os.environ.get(f"SPLITKD_{name}")
-    return Path(value) if value else None
-
-
 def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     """Options for talking to the cloud: TLS trust, client certificate, device credential."""
     group = parser.add_argument_group("security (docs/SECURITY.md)")
     group.add_argument(
         "--tls-ca",
         type=Path,
-        default=_env_path("TLS_CA"),
+        default=env_path("TLS_CA"),
         help="connect with TLS, trusting this CA's PEM certificate (SPLITKD_TLS_CA)",
     )
     group.add_argument(
         "--tls-cert",
         type=Path,
-        default=_env_path("TLS_CERT"),
+        default=env_path("TLS_CERT"),
         help="this device's certificate, for a cloud that requires mutual TLS (SPLITKD_TLS_CERT)",
     )
     group.add_argument(
-        "--tls-key", type=Path, default=_env_path("TLS_KEY"), help="its key (SPLITKD_TLS_KEY)"
+        "--tls-key", type=Path, default=env_path("TLS_KEY"), help="its key (SPLITKD_TLS_KEY)"
     )
     group.add_argument(
         "--credential",
-        default=os.environ.get("SPLITKD_CREDENTIAL") or None,
+        default=env("CREDENTIAL"),
         help="this device's credential from 'splitkd-cloud devices add' (SPLITKD_CREDENTIAL; "
         "prefer --credential-file: a flag is visible to other users in 'ps')",
     )
     group.add_argument(
         "--credential-file",
         type=Path,
-        default=_env_path("CREDENTIAL_FILE"),
+        default=env_path("CREDENTIAL_FILE"),
         help="file holding the credential (SPLITKD_CREDENTIAL_FILE)",
     )
 
@@ -71,11 +66,11 @@ def add_https_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--tls-cert",
         type=Path,
-        default=_env_path("TLS_CERT"),
+        default=env_path("TLS_CERT"),
         help="serve HTTPS with this certificate (PEM) (SPLITKD_TLS_CERT)",
     )
     group.add_argument(
-        "--tls-key", type=Path, default=_env_path("TLS_KEY"), help="its key (SPLITKD_TLS_KEY)"
+        "--tls-key", type=Path, default=env_path("TLS_KEY"), help="its key (SPLITKD_TLS_KEY)"
     )
 
 

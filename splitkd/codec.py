@@ -131,7 +131,3 @@ def decode_weights(
         if missing or extra:
             raise InvalidArgument(f"{what}: missing tensors {missing}, unexpected tensors {extra}")
     return out
-
-
-def tensor_nbytes(tensor: pb.Tensor) -> int:
-    return len(tensor.data)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,13 +22,6 @@ from splitkd.v1 import splitkd_pb2_grpc as pb_grpc
 
 torch.set_num_threads(1)
 DIGITS = DatasetSignature((1, 8, 8), 10, "digits")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def make_teacher(signature: DatasetSignature = DIGITS, seed: int = 7) -> Teacher:

@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 
 from cloud_service.teacher import train_teacher
+from splitkd.demo import free_port
 from splitkd.hyper import Hyperparameters
-from tests.support import free_port
 
 pytestmark = pytest.mark.slow
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "SPLITKD_LOG_LEVEL": "WARNING"}

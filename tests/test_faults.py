@@ -27,8 +27,8 @@ from typing import Any
 import pytest
 
 from cloud_service.teacher import train_teacher
+from splitkd.demo import free_port
 from splitkd.hyper import Hyperparameters
-from tests.support import free_port
 from tests.test_end_to_end import ENV, http_json, stop, wait_http
 
 pytestmark = pytest.mark.slow

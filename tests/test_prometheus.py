@@ -31,9 +31,10 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from splitkd.demo import free_port
 from splitkd.v1 import splitkd_pb2 as pb
 from tests import prom_support as ps
-from tests.support import free_port, make_teacher
+from tests.support import make_teacher
 
 BINARIES = ps.binaries()
 needs_prometheus = pytest.mark.skipif(

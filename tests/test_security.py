@@ -32,12 +32,13 @@ from cloud_service.security import CloudSecurity
 from cloud_service.server import build_grpc_server
 from cloud_service.service import CloudService
 from edge_agent.security import EdgeSecurity, open_channel, read_credential
+from splitkd.demo import free_port
 from splitkd.errors import SplitKDError
 from splitkd.telemetry import exposition
 from splitkd.tls import ClientTLS, ServerTLS, server_tls
 from splitkd.v1 import splitkd_pb2 as pb
 from splitkd.v1 import splitkd_pb2_grpc as pb_grpc
-from tests.support import DIGITS, free_port, make_service
+from tests.support import DIGITS, make_service
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI_ENV = {"PYTHONUNBUFFERED": "1", "SPLITKD_LOG_LEVEL": "WARNING", "PATH": "/usr/bin:/bin"}

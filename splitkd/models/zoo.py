@@ -7,6 +7,7 @@ family, so a config file or a peer never makes this process run new code.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import cache
 from math import prod
 
 import torch
@@ -126,10 +127,14 @@ def default_teacher(signature: DatasetSignature, student: ModelSpec | None = Non
     return spec
 
 
+# Both build a whole model (the teacher's ~400k parameters) to read one number:
+# once per spec is enough, not once per session or per report.
+@cache
 def parameter_count(spec: ModelSpec) -> int:
     return count_parameters(StagedModel(_FAMILIES[spec.family](spec)))
 
 
+@cache
 def activation_shape(spec: ModelSpec, cut: int) -> tuple[int, ...]:
     """Per-sample shape of the activations at ``cut`` (what crosses the network)."""
     model = build(spec)
