@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from cloud_service import admin_cli, security
 from splitkd.env import env
@@ -86,6 +87,7 @@ def _parser() -> argparse.ArgumentParser:
         help="per device: more steps than this get RESOURCE_EXHAUSTED (SPLITKD_MAX_STEPS_PER_SECOND; "
         "default %(default)s; 0 = no limit)",
     )
+    _fleet_options(serve)
     security.add_arguments(serve)
 
     train = sub.add_parser(
@@ -98,6 +100,59 @@ def _parser() -> argparse.ArgumentParser:
     )
     admin_cli.add_commands(sub)
     return parser
+
+
+def _fleet_options(parser: argparse.ArgumentParser) -> None:
+    from splitkd.messages import COHORT_MODES, CohortConfig
+
+    d = CohortConfig()
+    group = parser.add_argument_group(
+        "fleets (defaults for cohorts; devices join with splitkd-edge train --cohort NAME)"
+    )
+    group.add_argument(
+        "--cohort-mode",
+        choices=COHORT_MODES,
+        default=env("COHORT_MODE", d.mode),
+        help="federated: devices train the whole small student locally, weights travel once per "
+        "round, the server model learns from them (KOALA); split: devices train through the "
+        f"split, heads and tails averaged per round (SPLITKD_COHORT_MODE, default {d.mode})",
+    )
+    group.add_argument(
+        "--cohort-min-devices",
+        type=int,
+        default=int(env("COHORT_MIN_DEVICES", str(d.min_devices)) or d.min_devices),
+        help=f"round 1 starts when this many devices joined (default {d.min_devices})",
+    )
+    group.add_argument(
+        "--rounds", type=int, default=d.rounds, help=f"rounds per cohort (default {d.rounds})"
+    )
+    group.add_argument(
+        "--local-epochs",
+        type=int,
+        default=d.local_epochs,
+        help=f"device epochs per round (default {d.local_epochs})",
+    )
+    group.add_argument(
+        "--round-timeout",
+        type=float,
+        default=d.round_timeout_seconds,
+        help="seconds after which a round closes with whoever delivered; stragglers never stall "
+        f"the fleet (default {d.round_timeout_seconds:.0f})",
+    )
+    group.add_argument(
+        "--cohort-config",
+        type=Path,
+        default=env("COHORT_CONFIG"),
+        help="TOML file with per-cohort overrides ([cohorts.NAME] mode, rounds, local_epochs, "
+        "min_devices, round_timeout, strategy, classes.CLASS.widths); see docs/FLEETS.md",
+    )
+    group.add_argument(
+        "--proxy-data",
+        default=env("PROXY_DATA"),
+        help="unlabelled inputs the server model and students exchange knowledge on in "
+        "federated cohorts: digits, npz:PATH or csv:PATH (labels ignored; default: the "
+        "teacher's presumed data)",
+    )
 
 
 def _training_options(parser: argparse.ArgumentParser) -> None:
@@ -159,7 +214,7 @@ def _serve(args: argparse.Namespace) -> None:
     from cloud_service.server import ServeOptions, serve
     from cloud_service.service import CloudConfig, CloudService
     from cloud_service.sessions import SessionStore
-    from cloud_service.teacher import Teacher, train_teacher
+    from cloud_service.teacher import Teacher, TeacherVersions, train_teacher
     from splitkd.hyper import Hyperparameters
 
     # TLS files and the device registry are checked before minutes of teacher training.
@@ -177,7 +232,7 @@ def _serve(args: argparse.Namespace) -> None:
         checkpoint_every=args.checkpoint_every,
     )
     if args.teacher:
-        teacher = Teacher.load(Path(args.teacher))
+        teacher: Any = Teacher.load(Path(args.teacher))
         log.info("teacher loaded from %s: %s", args.teacher, teacher.spec.describe())
     else:
         teacher = train_teacher(args.teacher_data, presumed_fraction=args.presumed_fraction)
@@ -185,6 +240,7 @@ def _serve(args: argparse.Namespace) -> None:
     # Serving: each step's tensors are tiny, so intra-op threads cost more in
     # synchronisation than they give; sessions run in parallel on gRPC's pool.
     torch.set_num_threads(1)
+    teacher = TeacherVersions(teacher, args.state_dir / "teacher-versions")
     service = CloudService(
         teacher,
         ModelRegistry(args.state_dir / "models"),
@@ -193,15 +249,49 @@ def _serve(args: argparse.Namespace) -> None:
         checkpoints=SessionCheckpoints(args.state_dir / "sessions"),
         limiter=RateLimiter(args.max_steps_per_second),
     )
+    fleet = _fleet(args, service)
     serve(
         service,
         ServeOptions(
+            fleet=fleet,
             host=args.host,
             grpc_port=args.grpc_port,
             http_port=args.http_port,
             max_message_bytes=int(args.max_message_mb * 1024 * 1024),
             security=cloud_security,
         ),
+    )
+
+
+def _fleet(args: argparse.Namespace, service: Any) -> Any:
+    """The cohorts' service, with the proxy inputs KOALA's knowledge transfer runs on."""
+    from cloud_service.fleet.config import load_plans
+    from cloud_service.fleet.service import FleetService, FleetSettings
+    from cloud_service.publish import publish_teacher
+    from splitkd.data import load_dataset
+    from splitkd.data.partition import cloud_split
+    from splitkd.messages import CohortConfig
+
+    defaults = CohortConfig(
+        mode=args.cohort_mode,
+        min_devices=args.cohort_min_devices,
+        rounds=args.rounds,
+        local_epochs=args.local_epochs,
+        round_timeout_seconds=args.round_timeout,
+    )
+    plans = load_plans(args.cohort_config, defaults)
+    anchor = None
+    if args.proxy_data:
+        proxy = load_dataset(args.proxy_data).x
+    elif args.teacher_data and not args.teacher:
+        anchor = cloud_split(load_dataset(args.teacher_data), args.presumed_fraction).train
+        proxy = anchor.x
+    else:
+        proxy = None
+    publish_teacher(service)
+    service.teachers.on_update.append(lambda _teacher: publish_teacher(service))
+    return FleetService(
+        service, FleetSettings(defaults, plans, proxy, anchor, args.state_dir / "cohorts")
     )
 
 

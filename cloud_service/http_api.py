@@ -31,7 +31,10 @@ def _http_error(exc: SplitKDError) -> HTTPException:
     return HTTPException(status_code=_HTTP_STATUS.get(exc.status, 500), detail=str(exc))
 
 
-def create_app(service: CloudService, security: CloudSecurity | None = None) -> FastAPI:
+def create_app(
+    service: CloudService, security: CloudSecurity | None = None, fleet: Any = None
+) -> FastAPI:
+    """``fleet``: a ``FleetService`` (cohorts), or None when the cloud runs none."""
     app = FastAPI(title="splitkd cloud", version=__version__)
     started = time.time()
     # The calling device (None with authentication off): see cloud_service/http_auth.py.
@@ -122,4 +125,30 @@ def create_app(service: CloudService, security: CloudSecurity | None = None) -> 
             ]
         }
 
+    _cohort_routes(app, fleet, caller)
     return app
+
+
+COHORT = Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,47}$", description="cohort name")
+
+
+def _cohort_routes(app: FastAPI, fleet: Any, caller: Any) -> None:
+    """``/v1/cohorts``: members, rounds and figures of each cohort (a device sees its own)."""
+
+    def visible(name: str, device: str | None) -> bool:
+        return fleet is not None and (device is None or fleet.is_member(name, device))
+
+    @app.get("/v1/cohorts")
+    def list_cohorts(device: str | None = caller) -> dict[str, Any]:
+        cohorts = [] if fleet is None else fleet.cohorts()
+        return {"cohorts": [c for c in cohorts if visible(str(c["name"]), device)]}
+
+    @app.get("/v1/cohorts/{name}")
+    def cohort_detail(name: str = COHORT, device: str | None = caller) -> dict[str, Any]:
+        if not visible(name, device):
+            raise HTTPException(status_code=404, detail="no such cohort")
+        try:
+            detail: dict[str, Any] = fleet.describe(name)
+        except SplitKDError as exc:
+            raise _http_error(exc) from exc
+        return detail

@@ -12,7 +12,18 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from splitkd.telemetry import LATENCY_BUCKETS
 
-METHODS = ("Register", "Step", "Evaluate", "Finish", "DownloadModel", "Resume", "Heartbeat")
+METHODS = (
+    "Register",
+    "Step",
+    "Evaluate",
+    "Finish",
+    "DownloadModel",
+    "Resume",
+    "Heartbeat",
+    "JoinCohort",
+    "FetchRound",
+    "SubmitUpdate",
+)
 
 
 class CloudMetrics:
@@ -55,6 +66,27 @@ class CloudMetrics:
             "ONNX students exported, checked and published",
             registry=r,
         )
+        self.cohort_round = Gauge(
+            "splitkd_cloud_cohort_round", "Last closed round of each cohort", ["cohort"], registry=r
+        )
+        self.cohort_devices = Gauge(
+            "splitkd_cloud_cohort_devices",
+            "Devices that joined each cohort",
+            ["cohort"],
+            registry=r,
+        )
+        self.cohort_accuracy = Gauge(
+            "splitkd_cloud_cohort_accuracy",
+            "Sample-weighted held-out accuracy the cohort's devices reported in its last round",
+            ["cohort"],
+            registry=r,
+        )
+        self.server_model_version = Gauge(
+            "splitkd_cloud_server_model_version",
+            "Version of the server model (teacher); federated cohorts teach it new versions",
+            registry=r,
+        )
+        self.server_model_version.set(1)
         for method in METHODS:
             self.received_bytes.labels(method=method)
             self.sent_bytes.labels(method=method)
@@ -75,3 +107,12 @@ class CloudMetrics:
         self.steps.inc()
         self.compute_duration.labels(model="teacher").observe(teacher_seconds)
         self.compute_duration.labels(model="student").observe(student_seconds)
+
+    def observe_round(
+        self, cohort: str, round_number: int, devices: int, accuracy: float, server_version: int
+    ) -> None:
+        self.cohort_round.labels(cohort=cohort).set(round_number)
+        self.cohort_devices.labels(cohort=cohort).set(devices)
+        self.cohort_accuracy.labels(cohort=cohort).set(accuracy)
+        if server_version:
+            self.server_model_version.set(server_version)

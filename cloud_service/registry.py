@@ -28,6 +28,8 @@ class ModelRecord:
     created_at: str
     device_id: str = ""
     steps: int = 0
+    cohort: str = ""  # a cohort's student: its members may download it
+    teacher_version: int = 0  # the server model version the student was distilled from
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)

@@ -15,6 +15,8 @@ import grpc
 import uvicorn
 from google.protobuf.message import DecodeError
 
+from cloud_service.fleet.service import FleetService
+from cloud_service.fleet.servicer import FleetServicer
 from cloud_service.http_api import create_app
 from cloud_service.security import CloudSecurity
 from cloud_service.service import CloudService
@@ -80,6 +82,7 @@ def build_grpc_server(
     max_workers: int = 16,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     security: CloudSecurity | None = None,
+    fleet: FleetService | None = None,
 ) -> tuple[grpc.Server, int]:
     """A started-ready gRPC server bound to ``address``; returns it and the bound port.
 
@@ -94,6 +97,8 @@ def build_grpc_server(
         ],
     )
     pb_grpc.add_SplitTrainingServicer_to_server(SplitTrainingServicer(service), server)
+    if fleet is not None:
+        pb_grpc.add_FleetServicer_to_server(FleetServicer(fleet), server)
     credentials = security.grpc_credentials() if security is not None else None
     if credentials is not None:
         port = server.add_secure_port(address, credentials)
@@ -112,6 +117,7 @@ class ServeOptions:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     grace_seconds: float = 5.0
     security: CloudSecurity | None = None
+    fleet: FleetService | None = None
 
 
 def serve(service: CloudService, options: ServeOptions) -> None:
@@ -122,10 +128,11 @@ def serve(service: CloudService, options: ServeOptions) -> None:
         f"{options.host}:{options.grpc_port}",
         max_message_bytes=options.max_message_bytes,
         security=security,
+        fleet=options.fleet,
     )
     grpc_server.start()
     config = uvicorn.Config(
-        create_app(service, security),
+        create_app(service, security, options.fleet),
         host=options.host,
         port=options.http_port,
         log_level="warning",
@@ -156,6 +163,8 @@ def serve(service: CloudService, options: ServeOptions) -> None:
         options.http_port,
     )
     while not stopping.wait(0.5):
+        if options.fleet is not None:
+            options.fleet.poke_all()  # rounds whose deadline passed close even if nobody calls
         if not http_thread.is_alive():
             grpc_server.stop(0)
             raise OSError(f"the HTTP server stopped (is port {options.http_port} in use?)")
@@ -163,6 +172,8 @@ def serve(service: CloudService, options: ServeOptions) -> None:
     grpc_server.stop(options.grace_seconds).wait()
     # Nothing runs any more: the live state of every session goes to disk, so
     # a restarted cloud resumes exactly where this one stopped.
+    if options.fleet is not None:
+        options.fleet.close()
     saved = service.checkpoint_all()
     log.info("checkpointed %d unfinished sessions", saved)
     http_thread.join(options.grace_seconds)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from cloud_service.checkpoints import SessionCheckpoints
 from cloud_service.limits import RateLimiter
@@ -21,7 +22,7 @@ from cloud_service.metrics import CloudMetrics
 from cloud_service.registry import ModelRecord, ModelRegistry
 from cloud_service.session import Session, StepResult
 from cloud_service.sessions import SessionStore
-from cloud_service.teacher import Teacher
+from cloud_service.teacher import Teacher, TeacherVersions
 from splitkd.errors import FailedPrecondition, InvalidArgument, SplitKDError
 from splitkd.hyper import Hyperparameters
 from splitkd.models import zoo
@@ -47,7 +48,7 @@ class CloudConfig:
 class CloudService:
     def __init__(
         self,
-        teacher: Teacher,
+        teacher: Teacher | TeacherVersions,
         registry: ModelRegistry,
         sessions: SessionStore,
         config: CloudConfig,
@@ -55,7 +56,12 @@ class CloudService:
         checkpoints: SessionCheckpoints | None = None,
         limiter: RateLimiter | None = None,
     ) -> None:
-        self.teacher = teacher
+        # The server model has versions (federated cohorts teach it); a session
+        # keeps the version it registered with, see TeacherVersions.
+        self.teachers = (
+            teacher if isinstance(teacher, TeacherVersions) else TeacherVersions(teacher)
+        )
+        teacher = self.teachers.current()
         self.metrics = metrics or CloudMetrics()
         self.metrics.track_sessions(lambda: self.sessions.active())
         self.registry = registry
@@ -64,7 +70,8 @@ class CloudService:
         self.student_spec = config.student_spec or zoo.default_student(teacher.signature)
         self.student_spec.check_cut(config.student_cut, "student cut")
         teacher.spec.check_cut(config.teacher_cut, "teacher cut")
-        self._export_lock = threading.Lock()
+        # Export is CPU-heavy and rare: one at a time keeps steps of other sessions flowing.
+        self.export_lock = threading.Lock()
         self.checkpoints = checkpoints
         self.limiter = limiter or RateLimiter()
         if checkpoints is not None:
@@ -78,6 +85,18 @@ class CloudService:
                     restored.next_step,
                 )
 
+    @property
+    def teacher(self) -> Teacher:
+        """The current version of the server model (sessions keep their own)."""
+        return self.teachers.current()
+
+    @staticmethod
+    def check_device(device_id: str) -> None:
+        if not _DEVICE_ID.fullmatch(device_id):
+            raise InvalidArgument(
+                f"device id {device_id!r} must be 1-64 letters, digits, '.', '_' or '-'"
+            )
+
     def register(
         self,
         device_id: str,
@@ -86,31 +105,41 @@ class CloudService:
         requested_epochs: int = 0,
         device_profile: str = "",
         link_profile: str = "",
+        student_spec: ModelSpec | None = None,
+        initial_state: dict[str, np.ndarray] | None = None,
+        model_name: str | None = None,
+        persist: bool = True,
     ) -> Session:
-        if not _DEVICE_ID.fullmatch(device_id):
-            raise InvalidArgument(
-                f"device id {device_id!r} must be 1-64 letters, digits, '.', '_' or '-'"
-            )
+        """A new split session; a cohort passes its class's spec and current weights."""
+        self.check_device(device_id)
         if requested_epochs < 0:
             raise InvalidArgument(f"requested epochs must be >= 0, got {requested_epochs}")
-        self.teacher.check_serves(signature)
+        teacher = self.teachers.current()
+        teacher.check_serves(signature)
         hyper = self.config.hyper.with_epochs(requested_epochs)
+        spec = student_spec or self.student_spec
+        student = zoo.build(spec, hyper.seed)
+        if initial_state is not None:
+            student.load_state_dict(
+                {k: torch.from_numpy(v.copy()) for k, v in initial_state.items()}
+            )
         session = Session(
             session_id=SessionStore.new_id(),
             device_id=device_id,
-            student_spec=self.student_spec,
-            teacher_spec=self.teacher.spec,
+            student_spec=spec,
+            teacher_spec=teacher.spec,
             student_cut=self.config.student_cut,
             teacher_cut=self.config.teacher_cut,
             hyper=hyper,
-            model_name=f"student-{device_id}",
-            student=zoo.build(self.student_spec, hyper.seed),
-            teacher=self.teacher.model,
+            model_name=model_name or f"student-{device_id}",
+            student=student,
+            teacher=teacher.model,
+            teacher_version=teacher.version,
             device_profile=device_profile,
             link_profile=link_profile,
         )
         self.sessions.add(session)
-        if self.checkpoints is not None:
+        if self.checkpoints is not None and persist:
             self.checkpoints.save_meta(session)
             self.checkpoints.save_state(session.session_id, session.snapshots[0])
         log.info(
@@ -210,8 +239,7 @@ class CloudService:
                     "resume training before finishing"
                 )
             student = session.assemble(head_state)
-            # Export is CPU-heavy and rare: one at a time keeps steps of other sessions flowing.
-            with self._export_lock:
+            with self.export_lock:
                 onnx_bytes, diff = export_checked(student, self.student_spec.input_shape)
                 record = self.registry.publish(
                     session.model_name,
@@ -222,6 +250,7 @@ class CloudService:
                     num_classes=self.student_spec.num_classes,
                     device_id=session.device_id,
                     steps=session.next_step,
+                    teacher_version=session.teacher_version,
                 )
             session.finished_version = record.version
             if self.checkpoints is not None:

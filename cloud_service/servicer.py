@@ -32,12 +32,12 @@ FLOATS = (pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT16)
 _WIRE = {"float32": pb.DTYPE_FLOAT32, "float16": pb.DTYPE_FLOAT16}
 
 
-def _rpc(method: F) -> F:
+def rpc(method: F) -> F:
     """Answer errors with a status and a one-line message; record latency and bytes."""
     name = method.__name__
 
     @functools.wraps(method)
-    def wrapper(self: SplitTrainingServicer, request: Any, context: grpc.ServicerContext) -> Any:
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
         started = time.perf_counter()
         code = "OK"
         response = None
@@ -87,7 +87,7 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
         self.service = service
         self.metrics: CloudMetrics = service.metrics
 
-    @_rpc
+    @rpc
     def Register(
         self, request: pb.RegisterRequest, context: grpc.ServicerContext
     ) -> pb.RegisterResponse:
@@ -102,7 +102,7 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
         )
         return session_message(session)
 
-    @_rpc
+    @rpc
     def Resume(self, request: pb.ResumeRequest, context: grpc.ServicerContext) -> pb.ResumeResponse:
         _require_session_id(request.session_id)
         if len(request.available_steps) > 10_000:
@@ -110,7 +110,7 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
         step, session = self.service.resume(request.session_id, list(request.available_steps))
         return pb.ResumeResponse(step=step, session=session_message(session))
 
-    @_rpc
+    @rpc
     def Heartbeat(
         self, request: pb.HeartbeatRequest, context: grpc.ServicerContext
     ) -> pb.HeartbeatResponse:
@@ -121,7 +121,7 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
             session_timeout_seconds=self.service.sessions.idle_timeout,
         )
 
-    @_rpc
+    @rpc
     def Step(self, request: pb.StepRequest, context: grpc.ServicerContext) -> pb.StepResponse:
         _require_session_id(request.session_id)
         session = self.service.sessions.get(request.session_id)
@@ -171,7 +171,7 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
             next_teacher_accepted=result.next_teacher_accepted,
         )
 
-    @_rpc
+    @rpc
     def Evaluate(
         self, request: pb.EvaluateRequest, context: grpc.ServicerContext
     ) -> pb.EvaluateResponse:
@@ -187,7 +187,7 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
         logits = self.service.evaluate(request.session_id, student)
         return pb.EvaluateResponse(logits=codec.encode(logits, pb.DTYPE_FLOAT32))
 
-    @_rpc
+    @rpc
     def Finish(self, request: pb.FinishRequest, context: grpc.ServicerContext) -> pb.FinishResponse:
         _require_session_id(request.session_id)
         session = self.service.sessions.get(request.session_id)
@@ -197,7 +197,7 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
         record = self.service.finish(request.session_id, head, request.steps)
         return pb.FinishResponse(model=model_info(record))
 
-    @_rpc
+    @rpc
     def DownloadModel(
         self, request: pb.DownloadModelRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.ModelChunk]:

@@ -63,6 +63,7 @@ class Session:
     model_name: str
     student: StagedModel
     teacher: StagedModel  # shared with every session, frozen, never trained here
+    teacher_version: int = 1  # the server model version this session distils from
     device_profile: str = ""
     link_profile: str = ""
     next_step: int = 0

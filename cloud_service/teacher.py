@@ -7,6 +7,8 @@ architecture spec, so a file a user hands us can only ever be weights.
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +37,10 @@ class Teacher:
     model: StagedModel
     accuracy: float | None = None
     data_name: str = ""
+    # The server model can learn (reverse KD in federated cohorts): each update is
+    # a new Teacher with the next version and a new model object, never an
+    # in-place change, so a session keeps the frozen version it registered with.
+    version: int = 1
 
     @property
     def signature(self) -> DatasetSignature:
@@ -118,3 +124,65 @@ def train_teacher(
     with torch.no_grad():
         model.eval()
     return Teacher(spec, model, accuracy, dataset.signature.name)
+
+
+class TeacherVersions:
+    """The server model's versions: the current one, and the ones sessions still use.
+
+    Readers call ``current()`` (or ``get(version)``) and keep what they got;
+    ``update`` swaps in a new version under a lock. Versions are kept on disk
+    when ``folder`` is given, so a restarted cloud resumes at the same version
+    and sessions checkpointed against an older one can still be restored.
+    """
+
+    def __init__(self, first: Teacher, folder: Path | None = None) -> None:
+        self._lock = threading.Lock()
+        self.folder = folder
+        self._versions: dict[int, Teacher] = {first.version: first}
+        self._current = first
+        self.on_update: list[Callable[[Teacher], None]] = []
+        if folder is not None:
+            self._load_saved(first)
+
+    def _load_saved(self, first: Teacher) -> None:
+        assert self.folder is not None
+        for path in sorted(self.folder.glob("v*.safetensors")):
+            number = path.stem[1:]
+            if not number.isdigit() or int(number) == first.version:
+                continue
+            saved = Teacher.load(path)
+            if saved.spec != first.spec:
+                log.warning("%s: another teacher architecture; not restored", path.name)
+                continue
+            saved.version, saved.data_name = int(number), first.data_name
+            self._versions[saved.version] = saved
+        self._current = self._versions[max(self._versions)]
+        if self._current is not first:
+            log.info("server model restored at version %d", self._current.version)
+
+    def current(self) -> Teacher:
+        with self._lock:
+            return self._current
+
+    def get(self, version: int) -> Teacher:
+        with self._lock:
+            if version not in self._versions:
+                raise FailedPrecondition(
+                    f"teacher version {version} is not available (have {sorted(self._versions)})"
+                )
+            return self._versions[version]
+
+    def update(self, model: StagedModel, accuracy: float | None = None) -> Teacher:
+        """Make ``model`` (a new object, never a live version's) the next version."""
+        model.eval()
+        with self._lock:
+            old = self._current
+            new = Teacher(old.spec, model, accuracy, old.data_name, old.version + 1)
+            if self.folder is not None:
+                new.save(self.folder / f"v{new.version}.safetensors")
+            self._versions[new.version] = new
+            self._current = new
+        log.info("server model updated to version %d", new.version)
+        for callback in self.on_update:
+            callback(new)
+        return new

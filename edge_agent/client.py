@@ -13,7 +13,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
@@ -23,9 +23,10 @@ import numpy as np
 
 from edge_agent.errors import CloudRefused, EdgeError
 from edge_agent.security import open_channel
-from splitkd import codec
+from splitkd import codec, serde
 from splitkd.grpc_options import DEFAULT_MAX_MESSAGE_BYTES, channel_options
 from splitkd.hyper import Hyperparameters
+from splitkd.messages import JoinAnswer, RoundTask, Update, UpdateAnswer
 from splitkd.models.spec import ModelSpec
 from splitkd.signature import DatasetSignature
 from splitkd.v1 import splitkd_pb2 as pb
@@ -117,6 +118,7 @@ class CloudClient:
             address, channel_options(max_message_bytes), credentials, self._metadata
         )
         self._stub = pb_grpc.SplitTrainingStub(self._channel)
+        self._fleet = pb_grpc.FleetStub(self._channel)
         self._heartbeat_stop = threading.Event()
 
     def _reset_channel(self) -> None:
@@ -130,6 +132,7 @@ class CloudClient:
             self._metadata,
         )
         self._stub = pb_grpc.SplitTrainingStub(self._channel)
+        self._fleet = pb_grpc.FleetStub(self._channel)
         old.close()
 
     def __enter__(self) -> CloudClient:
@@ -366,6 +369,56 @@ class CloudClient:
             )
         partial.replace(destination)
         return last
+
+
+    # -- fleets ------------------------------------------------------------------
+    def join_cohort(
+        self,
+        device_id: str,
+        cohort: str,
+        signature: DatasetSignature,
+        num_samples: int,
+        *,
+        device_profile: str = "",
+        link_profile: str = "",
+    ) -> JoinAnswer:
+        request = pb.JoinCohortRequest(
+            device_id=device_id,
+            cohort=cohort,
+            profile=pb.DeviceProfile(name=device_profile, link=link_profile),
+            signature=serde.signature_to_pb(signature),
+            num_samples=num_samples,
+        )
+        # Joining again returns the same member: a retry is safe.
+        reply: pb.JoinCohortResponse = self._call(
+            "JoinCohort", lambda: self._fleet.JoinCohort(request, timeout=self.timeout), idempotent=True
+        )
+        self._count(request.ByteSize(), reply.ByteSize())
+        return serde.join_answer_from_pb(reply)
+
+    def fetch_round(
+        self, member_id: str, after_round: int, expected: dict[str, tuple[int, ...]]
+    ) -> RoundTask:
+        request = pb.FetchRoundRequest(member_id=member_id, after_round=after_round)
+        reply: pb.RoundTask = self._call(
+            "FetchRound", lambda: self._fleet.FetchRound(request, timeout=self.timeout), idempotent=True
+        )
+        self._count(request.ByteSize(), reply.ByteSize())
+        task = serde.round_task_from_pb(reply, expected)
+        if isinstance(task.session, pb.RegisterResponse):
+            task = replace(task, session=_session_info(task.session))
+        return task
+
+    def submit_update(self, update: Update) -> UpdateAnswer:
+        request = serde.update_to_pb(update)
+        # The cloud takes one update per device and round; a retry is answered "duplicate".
+        reply: pb.SubmitUpdateResponse = self._call(
+            "SubmitUpdate",
+            lambda: self._fleet.SubmitUpdate(request, timeout=self.timeout),
+            idempotent=True,
+        )
+        self._count(request.ByteSize(), reply.ByteSize())
+        return serde.update_answer_from_pb(reply)
 
 
 def _session_info(reply: pb.RegisterResponse) -> SessionInfo:

@@ -54,6 +54,31 @@ DTYPE_UINT8: DType.ValueType  # 5
 DTYPE_INT8: DType.ValueType  # 6
 Global___DType: _TypeAlias = DType  # noqa: Y015
 
+class _RoundState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RoundStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RoundState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ROUND_STATE_UNSPECIFIED: _RoundState.ValueType  # 0
+    ROUND_STATE_WAITING: _RoundState.ValueType  # 1
+    """nothing to do yet: ask again after retry_after_seconds"""
+    ROUND_STATE_TRAINING: _RoundState.ValueType  # 2
+    """train on `weights` and submit before the deadline"""
+    ROUND_STATE_COMPLETE: _RoundState.ValueType  # 3
+    """the cohort finished: `model` is the final student"""
+
+class RoundState(_RoundState, metaclass=_RoundStateEnumTypeWrapper): ...
+
+ROUND_STATE_UNSPECIFIED: RoundState.ValueType  # 0
+ROUND_STATE_WAITING: RoundState.ValueType  # 1
+"""nothing to do yet: ask again after retry_after_seconds"""
+ROUND_STATE_TRAINING: RoundState.ValueType  # 2
+"""train on `weights` and submit before the deadline"""
+ROUND_STATE_COMPLETE: RoundState.ValueType  # 3
+"""the cohort finished: `model` is the final student"""
+Global___RoundState: _TypeAlias = RoundState  # noqa: Y015
+
 @_typing.final
 class Tensor(_message.Message):
     """A dense tensor: C-order little-endian bytes. len(data) must equal
@@ -759,3 +784,280 @@ class HeartbeatResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___HeartbeatResponse: _TypeAlias = HeartbeatResponse  # noqa: Y015
+
+@_typing.final
+class CohortConfig(_message.Message):
+    """---------------------------------------------------------------------------
+    Fleets: many devices train one student per device class together.
+
+    A device joins a named cohort; the cohort runs rounds. In each round a
+    device fetches its class's current student, does its local work, and
+    submits weights (never data). The cloud combines what arrived by the
+    round's deadline with the cohort's strategy and opens the next round.
+    Unary calls only, polled by the device (as Flower does towards edges).
+    ---------------------------------------------------------------------------
+
+    How a cohort trains; the cloud's defaults, optionally overridden per cohort.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODE_FIELD_NUMBER: _builtins.int
+    MIN_DEVICES_FIELD_NUMBER: _builtins.int
+    ROUNDS_FIELD_NUMBER: _builtins.int
+    LOCAL_EPOCHS_FIELD_NUMBER: _builtins.int
+    ROUND_TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    mode: _builtins.str
+    """"federated" (KOALA) or "split" (split-federated)"""
+    min_devices: _builtins.int
+    """round 1 starts once this many devices joined"""
+    rounds: _builtins.int
+    local_epochs: _builtins.int
+    """device epochs per round"""
+    round_timeout_seconds: _builtins.float
+    """a round closes at its deadline with whoever delivered"""
+    def __init__(
+        self,
+        *,
+        mode: _builtins.str = ...,
+        min_devices: _builtins.int = ...,
+        rounds: _builtins.int = ...,
+        local_epochs: _builtins.int = ...,
+        round_timeout_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["local_epochs", b"local_epochs", "min_devices", b"min_devices", "mode", b"mode", "round_timeout_seconds", b"round_timeout_seconds", "rounds", b"rounds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CohortConfig: _TypeAlias = CohortConfig  # noqa: Y015
+
+@_typing.final
+class JoinCohortRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    COHORT_FIELD_NUMBER: _builtins.int
+    PROFILE_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    NUM_SAMPLES_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    cohort: _builtins.str
+    num_samples: _builtins.int
+    """training samples on the device (FedAvg weight)"""
+    @_builtins.property
+    def profile(self) -> Global___DeviceProfile:
+        """its name chooses the device class"""
+
+    @_builtins.property
+    def signature(self) -> Global___DatasetSignature: ...
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+        cohort: _builtins.str = ...,
+        profile: Global___DeviceProfile | None = ...,
+        signature: Global___DatasetSignature | None = ...,
+        num_samples: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["profile", b"profile", "signature", b"signature"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cohort", b"cohort", "device_id", b"device_id", "num_samples", b"num_samples", "profile", b"profile", "signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JoinCohortRequest: _TypeAlias = JoinCohortRequest  # noqa: Y015
+
+@_typing.final
+class JoinCohortResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    COHORT_FIELD_NUMBER: _builtins.int
+    DEVICE_CLASS_FIELD_NUMBER: _builtins.int
+    CONFIG_FIELD_NUMBER: _builtins.int
+    STUDENT_FIELD_NUMBER: _builtins.int
+    HYPERPARAMETERS_FIELD_NUMBER: _builtins.int
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    SERVER_MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    member_id: _builtins.str
+    """the device's handle in this cohort"""
+    cohort: _builtins.str
+    device_class: _builtins.str
+    model_name: _builtins.str
+    """the cohort's student is published under this name"""
+    round: _builtins.int
+    """the round in progress (0: not started yet)"""
+    server_model_version: _builtins.int
+    @_builtins.property
+    def config(self) -> Global___CohortConfig: ...
+    @_builtins.property
+    def student(self) -> Global___ModelSpec:
+        """this class's student architecture"""
+
+    @_builtins.property
+    def hyperparameters(self) -> Global___Hyperparameters: ...
+    def __init__(
+        self,
+        *,
+        member_id: _builtins.str = ...,
+        cohort: _builtins.str = ...,
+        device_class: _builtins.str = ...,
+        config: Global___CohortConfig | None = ...,
+        student: Global___ModelSpec | None = ...,
+        hyperparameters: Global___Hyperparameters | None = ...,
+        model_name: _builtins.str = ...,
+        round: _builtins.int = ...,
+        server_model_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "hyperparameters", b"hyperparameters", "student", b"student"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cohort", b"cohort", "config", b"config", "device_class", b"device_class", "hyperparameters", b"hyperparameters", "member_id", b"member_id", "model_name", b"model_name", "round", b"round", "server_model_version", b"server_model_version", "student", b"student"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JoinCohortResponse: _TypeAlias = JoinCohortResponse  # noqa: Y015
+
+@_typing.final
+class FetchRoundRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    AFTER_ROUND_FIELD_NUMBER: _builtins.int
+    member_id: _builtins.str
+    after_round: _builtins.int
+    """the last round this device completed (0: none)"""
+    def __init__(
+        self,
+        *,
+        member_id: _builtins.str = ...,
+        after_round: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_round", b"after_round", "member_id", b"member_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FetchRoundRequest: _TypeAlias = FetchRoundRequest  # noqa: Y015
+
+@_typing.final
+class RoundTask(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    WEIGHTS_FIELD_NUMBER: _builtins.int
+    DEADLINE_SECONDS_FIELD_NUMBER: _builtins.int
+    RETRY_AFTER_SECONDS_FIELD_NUMBER: _builtins.int
+    SERVER_MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    SESSION_FIELD_NUMBER: _builtins.int
+    DEVICES_FIELD_NUMBER: _builtins.int
+    state: Global___RoundState.ValueType
+    round: _builtins.int
+    deadline_seconds: _builtins.float
+    """seconds left in this round"""
+    retry_after_seconds: _builtins.float
+    server_model_version: _builtins.int
+    devices: _builtins.int
+    """devices in the cohort"""
+    @_builtins.property
+    def weights(self) -> Global___ModelWeights:
+        """the class's current student (whole model)"""
+
+    @_builtins.property
+    def model(self) -> Global___ModelInfo:
+        """the latest published version of the cohort's student"""
+
+    @_builtins.property
+    def session(self) -> Global___RegisterResponse:
+        """Split mode only: the split session to train this round through (Register's answer)."""
+
+    def __init__(
+        self,
+        *,
+        state: Global___RoundState.ValueType = ...,
+        round: _builtins.int = ...,
+        weights: Global___ModelWeights | None = ...,
+        deadline_seconds: _builtins.float = ...,
+        retry_after_seconds: _builtins.float = ...,
+        server_model_version: _builtins.int = ...,
+        model: Global___ModelInfo | None = ...,
+        session: Global___RegisterResponse | None = ...,
+        devices: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "session", b"session", "weights", b"weights"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline_seconds", b"deadline_seconds", "devices", b"devices", "model", b"model", "retry_after_seconds", b"retry_after_seconds", "round", b"round", "server_model_version", b"server_model_version", "session", b"session", "state", b"state", "weights", b"weights"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RoundTask: _TypeAlias = RoundTask  # noqa: Y015
+
+@_typing.final
+class SubmitUpdateRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    WEIGHTS_FIELD_NUMBER: _builtins.int
+    NUM_SAMPLES_FIELD_NUMBER: _builtins.int
+    HELDOUT_ACCURACY_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    member_id: _builtins.str
+    round: _builtins.int
+    num_samples: _builtins.int
+    heldout_accuracy: _builtins.float
+    """of the round's starting model on the device's held-out data"""
+    steps: _builtins.int
+    """split mode: steps applied in the round's session"""
+    @_builtins.property
+    def weights(self) -> Global___ModelWeights:
+        """Federated: the whole locally trained student. Split: the trained head only."""
+
+    def __init__(
+        self,
+        *,
+        member_id: _builtins.str = ...,
+        round: _builtins.int = ...,
+        weights: Global___ModelWeights | None = ...,
+        num_samples: _builtins.int = ...,
+        heldout_accuracy: _builtins.float = ...,
+        steps: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["weights", b"weights"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heldout_accuracy", b"heldout_accuracy", "member_id", b"member_id", "num_samples", b"num_samples", "round", b"round", "steps", b"steps", "weights", b"weights"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitUpdateRequest: _TypeAlias = SubmitUpdateRequest  # noqa: Y015
+
+@_typing.final
+class SubmitUpdateResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCEPTED_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    DUPLICATE_FIELD_NUMBER: _builtins.int
+    accepted: _builtins.bool
+    round: _builtins.int
+    duplicate: _builtins.bool
+    """this round's update from this device was already taken"""
+    def __init__(
+        self,
+        *,
+        accepted: _builtins.bool = ...,
+        round: _builtins.int = ...,
+        duplicate: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "duplicate", b"duplicate", "round", b"round"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitUpdateResponse: _TypeAlias = SubmitUpdateResponse  # noqa: Y015

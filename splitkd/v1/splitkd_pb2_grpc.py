@@ -353,3 +353,161 @@ class SplitTraining:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class FleetStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.JoinCohort = channel.unary_unary(
+                '/splitkd.v1.Fleet/JoinCohort',
+                request_serializer=splitkd_dot_v1_dot_splitkd__pb2.JoinCohortRequest.SerializeToString,
+                response_deserializer=splitkd_dot_v1_dot_splitkd__pb2.JoinCohortResponse.FromString,
+                _registered_method=True)
+        self.FetchRound = channel.unary_unary(
+                '/splitkd.v1.Fleet/FetchRound',
+                request_serializer=splitkd_dot_v1_dot_splitkd__pb2.FetchRoundRequest.SerializeToString,
+                response_deserializer=splitkd_dot_v1_dot_splitkd__pb2.RoundTask.FromString,
+                _registered_method=True)
+        self.SubmitUpdate = channel.unary_unary(
+                '/splitkd.v1.Fleet/SubmitUpdate',
+                request_serializer=splitkd_dot_v1_dot_splitkd__pb2.SubmitUpdateRequest.SerializeToString,
+                response_deserializer=splitkd_dot_v1_dot_splitkd__pb2.SubmitUpdateResponse.FromString,
+                _registered_method=True)
+
+
+class FleetServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def JoinCohort(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchRound(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitUpdate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_FleetServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'JoinCohort': grpc.unary_unary_rpc_method_handler(
+                    servicer.JoinCohort,
+                    request_deserializer=splitkd_dot_v1_dot_splitkd__pb2.JoinCohortRequest.FromString,
+                    response_serializer=splitkd_dot_v1_dot_splitkd__pb2.JoinCohortResponse.SerializeToString,
+            ),
+            'FetchRound': grpc.unary_unary_rpc_method_handler(
+                    servicer.FetchRound,
+                    request_deserializer=splitkd_dot_v1_dot_splitkd__pb2.FetchRoundRequest.FromString,
+                    response_serializer=splitkd_dot_v1_dot_splitkd__pb2.RoundTask.SerializeToString,
+            ),
+            'SubmitUpdate': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitUpdate,
+                    request_deserializer=splitkd_dot_v1_dot_splitkd__pb2.SubmitUpdateRequest.FromString,
+                    response_serializer=splitkd_dot_v1_dot_splitkd__pb2.SubmitUpdateResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'splitkd.v1.Fleet', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('splitkd.v1.Fleet', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Fleet:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def JoinCohort(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitkd.v1.Fleet/JoinCohort',
+            splitkd_dot_v1_dot_splitkd__pb2.JoinCohortRequest.SerializeToString,
+            splitkd_dot_v1_dot_splitkd__pb2.JoinCohortResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchRound(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitkd.v1.Fleet/FetchRound',
+            splitkd_dot_v1_dot_splitkd__pb2.FetchRoundRequest.SerializeToString,
+            splitkd_dot_v1_dot_splitkd__pb2.RoundTask.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitUpdate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitkd.v1.Fleet/SubmitUpdate',
+            splitkd_dot_v1_dot_splitkd__pb2.SubmitUpdateRequest.SerializeToString,
+            splitkd_dot_v1_dot_splitkd__pb2.SubmitUpdateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

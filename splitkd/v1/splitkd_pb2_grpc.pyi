@@ -111,3 +111,43 @@ class SplitTrainingServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_splitkd_pb2.HeartbeatResponse, _abc.Awaitable[_splitkd_pb2.HeartbeatResponse]]: ...
 
 def add_SplitTrainingServicer_to_server(servicer: SplitTrainingServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class FleetStub:
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> FleetAsyncStub: ...
+    JoinCohort: _grpc.UnaryUnaryMultiCallable[_splitkd_pb2.JoinCohortRequest, _splitkd_pb2.JoinCohortResponse]
+    FetchRound: _grpc.UnaryUnaryMultiCallable[_splitkd_pb2.FetchRoundRequest, _splitkd_pb2.RoundTask]
+    SubmitUpdate: _grpc.UnaryUnaryMultiCallable[_splitkd_pb2.SubmitUpdateRequest, _splitkd_pb2.SubmitUpdateResponse]
+
+@_typing.type_check_only
+class FleetAsyncStub(FleetStub):
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    JoinCohort: _aio.UnaryUnaryMultiCallable[_splitkd_pb2.JoinCohortRequest, _splitkd_pb2.JoinCohortResponse]  # type: ignore[assignment]
+    FetchRound: _aio.UnaryUnaryMultiCallable[_splitkd_pb2.FetchRoundRequest, _splitkd_pb2.RoundTask]  # type: ignore[assignment]
+    SubmitUpdate: _aio.UnaryUnaryMultiCallable[_splitkd_pb2.SubmitUpdateRequest, _splitkd_pb2.SubmitUpdateResponse]  # type: ignore[assignment]
+
+class FleetServicer(metaclass=_abc_1.ABCMeta):
+    @_abc_1.abstractmethod
+    def JoinCohort(
+        self,
+        request: _splitkd_pb2.JoinCohortRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_splitkd_pb2.JoinCohortResponse, _abc.Awaitable[_splitkd_pb2.JoinCohortResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def FetchRound(
+        self,
+        request: _splitkd_pb2.FetchRoundRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_splitkd_pb2.RoundTask, _abc.Awaitable[_splitkd_pb2.RoundTask]]: ...
+
+    @_abc_1.abstractmethod
+    def SubmitUpdate(
+        self,
+        request: _splitkd_pb2.SubmitUpdateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_splitkd_pb2.SubmitUpdateResponse, _abc.Awaitable[_splitkd_pb2.SubmitUpdateResponse]]: ...
+
+def add_FleetServicer_to_server(servicer: FleetServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

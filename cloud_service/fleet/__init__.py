@@ -1,0 +1,1 @@
+"""Fleets: cohorts of devices that train one student per device class together."""

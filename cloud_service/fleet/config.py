@@ -1,0 +1,118 @@
+"""Cohort settings: the cloud's defaults (``serve`` flags) and an optional TOML file.
+
+```toml
+[cohorts.kitchen]            # one table per cohort name; every key is optional
+mode = "split"               # "federated" (KOALA) or "split" (split-federated)
+min_devices = 2
+rounds = 5
+local_epochs = 2
+round_timeout = 120          # seconds
+strategy = "fedavg"          # "koala" (federated default) or "fedavg" (split default)
+
+[cohorts.kitchen.classes.tiny]   # a student sized for a device class
+widths = [4, 8]
+hidden = []
+```
+The file is data: it can choose among registered strategies and model
+families, never name code to run.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from cloud_service.fleet.strategy import STRATEGIES
+from splitkd.device_classes import CLASSES
+from splitkd.errors import InvalidArgument
+from splitkd.messages import CohortConfig
+
+_COHORT_KEYS = {
+    "mode",
+    "min_devices",
+    "rounds",
+    "local_epochs",
+    "round_timeout",
+    "strategy",
+    "classes",
+}
+_CLASS_KEYS = {"widths", "hidden"}
+
+
+@dataclass(frozen=True)
+class ClassStudent:
+    widths: tuple[int, ...]
+    hidden: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class CohortPlan:
+    config: CohortConfig
+    strategy: str = ""  # empty: by mode (koala for federated, fedavg for split)
+    classes: dict[str, ClassStudent] = field(default_factory=dict)
+
+    @property
+    def strategy_name(self) -> str:
+        return self.strategy or ("koala" if self.config.mode == "federated" else "fedavg")
+
+
+def _ints(value: Any, what: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, int) for v in value):
+        raise InvalidArgument(f"{what} must be a list of integers")
+    return tuple(value)
+
+
+def _plan(name: str, table: Any, defaults: CohortConfig) -> CohortPlan:
+    if not isinstance(table, dict):
+        raise InvalidArgument(f"cohorts.{name} must be a table")
+    unknown = set(table) - _COHORT_KEYS
+    if unknown:
+        raise InvalidArgument(
+            f"cohorts.{name}: unknown keys {sorted(unknown)}; known {sorted(_COHORT_KEYS)}"
+        )
+    try:
+        config = replace(
+            defaults,
+            mode=table.get("mode", defaults.mode),
+            min_devices=int(table.get("min_devices", defaults.min_devices)),
+            rounds=int(table.get("rounds", defaults.rounds)),
+            local_epochs=int(table.get("local_epochs", defaults.local_epochs)),
+            round_timeout_seconds=float(table.get("round_timeout", defaults.round_timeout_seconds)),
+        )
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgument(f"cohorts.{name}: {exc}") from None
+    strategy = str(table.get("strategy", ""))
+    if strategy and strategy not in STRATEGIES:
+        raise InvalidArgument(f"cohorts.{name}: unknown strategy {strategy!r}; known {STRATEGIES}")
+    classes: dict[str, ClassStudent] = {}
+    for class_name, spec in dict(table.get("classes", {})).items():
+        if class_name not in CLASSES or not isinstance(spec, dict) or set(spec) - _CLASS_KEYS:
+            raise InvalidArgument(
+                f"cohorts.{name}.classes.{class_name}: classes are {CLASSES}, keys {sorted(_CLASS_KEYS)}"
+            )
+        classes[class_name] = ClassStudent(
+            _ints(spec.get("widths"), f"cohorts.{name}.classes.{class_name}.widths"),
+            _ints(spec.get("hidden", []), f"cohorts.{name}.classes.{class_name}.hidden"),
+        )
+    return CohortPlan(config, strategy, classes)
+
+
+def load_plans(path: Path | None, defaults: CohortConfig) -> dict[str, CohortPlan]:
+    """Per-cohort plans from ``path`` (None: no overrides). One clear error on a bad file."""
+    if path is None:
+        return {}
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InvalidArgument(f"cohort config {path}: cannot read it ({exc.strerror})") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidArgument(f"cohort config {path}: not valid TOML ({exc})") from None
+    cohorts = raw.get("cohorts", {})
+    if set(raw) - {"cohorts"} or not isinstance(cohorts, dict):
+        raise InvalidArgument(f"cohort config {path}: expected only [cohorts.NAME] tables")
+    try:
+        return {name: _plan(name, table, defaults) for name, table in cohorts.items()}
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"cohort config {path}: {exc}") from None

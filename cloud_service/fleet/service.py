@@ -1,0 +1,370 @@
+"""The cloud's fleet logic: join a cohort, fetch a round's task, submit an update.
+
+Takes and returns typed values (``splitkd.messages``); the gRPC adapter is
+``cloud_service/fleet/servicer.py``. Rounds close on a single background
+worker, so a device's submit answers at once even when the strategy runs
+seconds of knowledge transfer.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cloud_service.fleet.cohort import RETRY_AFTER_SECONDS, Cohort, Member, Pending
+from cloud_service.fleet.config import CohortPlan
+from cloud_service.fleet.store import CohortStore
+from cloud_service.fleet.strategy import Contribution, RoundOutcome, Strategy, strategy_for
+from cloud_service.service import CloudService
+from splitkd import koala
+from splitkd.data.specs import Dataset
+from splitkd.device_classes import STANDARD, device_class, student_for
+from splitkd.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from splitkd.messages import CohortConfig, JoinAnswer, ModelSummary, RoundState, RoundTask, Update
+from splitkd.models import zoo
+from splitkd.models.spec import ModelSpec
+from splitkd.onnx_export import export_checked
+from splitkd.signature import DatasetSignature
+
+log = logging.getLogger(__name__)
+# "cohort-NAME-CLASS" must stay a valid model name (<= 128 characters).
+_COHORT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,47}$")
+MAX_MEMBERS_PER_COHORT = 10_000
+
+
+@dataclass(frozen=True)
+class FleetSettings:
+    defaults: CohortConfig
+    plans: dict[str, CohortPlan]
+    proxy: np.ndarray | None = None  # the cloud's unlabelled proxy inputs (KOALA)
+    anchor: Dataset | None = None  # the cloud's labelled presumed data, if any
+    state_dir: Path | None = None
+
+
+class FleetService:
+    def __init__(self, split: CloudService, settings: FleetSettings) -> None:
+        self.split = split
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._cohorts: dict[str, Cohort] = {}
+        self._plans: dict[str, CohortPlan] = {}
+        self._strategies: dict[str, Strategy] = {}
+        self._member_cohort: dict[str, str] = {}
+        self._sessions: dict[str, tuple[int, str]] = {}  # member -> (round, split session id)
+        self._closer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="round-close")
+        self.store = CohortStore(settings.state_dir) if settings.state_dir else None
+        if self.store is not None:
+            for cohort, state in self.store.load_all():
+                plan = self._plan_for(cohort.name)
+                plan = CohortPlan(cohort.config, state.get("strategy", ""), plan.classes)
+                self._adopt(cohort, plan)
+                log.info("cohort %s restored at round %d", cohort.name, cohort.round)
+
+    # -- cohorts ----------------------------------------------------------------
+    def _plan_for(self, name: str) -> CohortPlan:
+        return self.settings.plans.get(name) or CohortPlan(self.settings.defaults)
+
+    def _adopt(self, cohort: Cohort, plan: CohortPlan) -> None:
+        self._cohorts[cohort.name] = cohort
+        self._plans[cohort.name] = plan
+        self._strategies[cohort.name] = strategy_for(
+            plan.strategy_name, self.split.teachers, self.settings.proxy, self.settings.anchor
+        )
+        for member_id in cohort.members:
+            self._member_cohort[member_id] = cohort.name
+
+    def _cohort(self, name: str) -> Cohort:
+        with self._lock:
+            if name not in self._cohorts:
+                plan = self._plan_for(name)
+                cohort = Cohort(name, plan.config, {}, {})
+                self._adopt(cohort, plan)
+                log.info("cohort %s created (%s mode)", name, plan.config.mode)
+            return self._cohorts[name]
+
+    def _spec_for(self, name: str, device_class_name: str) -> ModelSpec:
+        standard = self.split.student_spec
+        custom = self._plans[name].classes.get(device_class_name)
+        if custom is None:
+            return student_for(device_class_name, standard)
+        return ModelSpec(
+            standard.family,
+            standard.input_shape,
+            standard.num_classes,
+            custom.widths,
+            custom.hidden,
+        )
+
+    def model_name(self, cohort: str, device_class_name: str) -> str:
+        base = f"cohort-{cohort}"
+        return base if device_class_name == STANDARD else f"{base}-{device_class_name}"
+
+    # -- RPCs ---------------------------------------------------------------------
+    def join(
+        self,
+        device_id: str,
+        cohort_name: str,
+        signature: DatasetSignature,
+        num_samples: int,
+        profile: str = "",
+    ) -> JoinAnswer:
+        if not _COHORT_NAME.fullmatch(cohort_name):
+            raise InvalidArgument(
+                f"cohort name {cohort_name!r} must be 1-48 letters, digits, '.', '_' or '-'"
+            )
+        if not 1 <= num_samples <= 1 << 40:
+            raise InvalidArgument(f"num_samples must be in 1..2^40, got {num_samples}")
+        self.split.check_device(device_id)
+        self.split.teacher.check_serves(signature)
+        klass = device_class(profile)
+        cohort = self._cohort(cohort_name)
+        with cohort.lock:
+            if len(cohort.members) >= MAX_MEMBERS_PER_COHORT:
+                raise FailedPrecondition(f"cohort {cohort_name} is full")
+            if klass not in cohort.specs:
+                spec = self._spec_for(cohort_name, klass)
+                cohort.specs[klass] = spec
+                cohort.students[klass] = koala.weights_of(
+                    zoo.build(spec, self.split.config.hyper.seed)
+                )
+            member = cohort.join(device_id, klass, num_samples)
+            self._save(cohort)
+            answer = JoinAnswer(
+                member_id=member.member_id,
+                cohort=cohort_name,
+                device_class=klass,
+                config=cohort.config,
+                student_spec=cohort.specs[klass],
+                hyper=self.split.config.hyper,
+                model_name=self.model_name(cohort_name, klass),
+                round=cohort.round,
+                server_model_version=self.split.teachers.current().version,
+            )
+        with self._lock:
+            self._member_cohort[member.member_id] = cohort_name
+        log.info("device %s joined cohort %s as %s", device_id, cohort_name, klass)
+        return answer
+
+    def _member(self, member_id: str, device: str | None) -> tuple[Cohort, Member]:
+        with self._lock:
+            name = self._member_cohort.get(member_id)
+            cohort = self._cohorts.get(name) if name else None
+        if cohort is None:
+            raise NotFound("unknown cohort member; join the cohort again")
+        member = cohort.members[member_id]
+        if device is not None and member.device_id != device:
+            raise PermissionDenied("this member id belongs to another device")
+        return cohort, member
+
+    def check_member(self, member_id: str, device: str | None) -> None:
+        self._member(member_id, device)
+
+    def fetch(self, member_id: str, after_round: int, device: str | None = None) -> RoundTask:
+        cohort, member = self._member(member_id, device)
+        self.poke(cohort)
+        with cohort.lock:
+            state = cohort.task_state(member, after_round)
+            number, left = cohort.round, cohort.seconds_left()
+            weights = (
+                cohort.students.get(member.device_class, {}) if state is RoundState.TRAINING else {}
+            )
+            summary = self._summary(cohort, member.device_class)
+            devices = len(cohort.members)
+        session = None
+        if state is RoundState.TRAINING and cohort.config.mode == "split":
+            session = self._round_session(cohort, member, number, weights)
+            weights = {}  # the session carries the head; the tail stays in the cloud
+        return RoundTask(
+            state=state,
+            round=number,
+            weights=weights,
+            deadline_seconds=left,
+            retry_after_seconds=RETRY_AFTER_SECONDS,
+            server_model_version=self.split.teachers.current().version,
+            model=summary,
+            session=session,
+            devices=devices,
+        )
+
+    def _summary(self, cohort: Cohort, klass: str) -> ModelSummary | None:
+        version = cohort.published.get(klass)
+        if version is None:
+            return None
+        record = self.split.registry.get(self.model_name(cohort.name, klass), version)
+        return ModelSummary(record.name, record.version, record.sha256, record.size_bytes)
+
+    def _round_session(self, cohort: Cohort, member: Member, number: int, weights: Any) -> Any:
+        """Split mode: the member's split session for this round, from the class's student."""
+        existing = self._sessions.get(member.member_id)
+        if existing is not None and existing[0] == number:
+            try:
+                return self.split.sessions.get(existing[1])
+            except Exception:
+                pass  # expired: make a new one
+        session = self.split.register(
+            member.device_id,
+            self.split.teacher.signature,
+            requested_epochs=cohort.config.local_epochs,
+            student_spec=cohort.specs[member.device_class],
+            initial_state=weights,
+            model_name=self.model_name(cohort.name, member.device_class),
+            persist=False,
+        )
+        self._sessions[member.member_id] = (number, session.session_id)
+        return session
+
+    def expected_update(self, member_id: str) -> dict[str, tuple[int, ...]]:
+        """Names and shapes a member's update must have (its whole student, or its head)."""
+        cohort, member = self._member(member_id, None)
+        if cohort.config.mode == "split":
+            entry = self._sessions.get(member_id)
+            if entry is None:
+                raise FailedPrecondition("no split session for this round; fetch the round first")
+            return self.split.sessions.get(entry[1]).head_shapes()
+        spec = cohort.specs[member.device_class]
+        return {k: tuple(v.shape) for k, v in cohort.students[member.device_class].items()} or {
+            k: tuple(v.shape) for k, v in zoo.build(spec).state_dict().items()
+        }
+
+    def submit(self, update: Update, device: str | None = None) -> tuple[bool, int]:
+        cohort, member = self._member(update.member_id, device)
+        weights = update.weights
+        if cohort.config.mode == "split":
+            weights = self._split_update(member, update)
+        contribution = Contribution(
+            member.member_id, member.device_class, weights, update.num_samples
+        )
+        with cohort.lock:
+            fresh = cohort.accept(
+                member, update.round, Pending(contribution, update.heldout_accuracy)
+            )
+            if fresh:
+                self._save(cohort)
+        self.poke(cohort)
+        return fresh, update.round
+
+    def _split_update(self, member: Member, update: Update) -> dict[str, np.ndarray]:
+        entry = self._sessions.get(member.member_id)
+        if entry is None or entry[0] != update.round:
+            raise FailedPrecondition(
+                f"no split session of round {update.round} for this device; fetch the round"
+            )
+        session = self.split.sessions.get(entry[1])
+        with session.lock:
+            if update.steps != session.next_step or update.steps == 0:
+                raise FailedPrecondition(
+                    f"the device applied {update.steps} steps, the cloud {session.next_step}; "
+                    "resume the round's session before submitting"
+                )
+            return koala.weights_of(session.assemble(update.weights))
+
+    # -- closing rounds -----------------------------------------------------------
+    def poke(self, cohort: Cohort) -> None:
+        """Close the cohort's round on the background worker when it is due."""
+        with cohort.lock:
+            if not cohort.ready_to_close():
+                return
+            pending = cohort.begin_close()
+        self._closer.submit(self._close, cohort, pending)
+
+    def poke_all(self) -> None:
+        with self._lock:
+            cohorts = list(self._cohorts.values())
+        for cohort in cohorts:
+            self.poke(cohort)
+
+    def _close(self, cohort: Cohort, pending: list[Pending]) -> None:
+        number = cohort.round
+        outcome: RoundOutcome | None = None
+        published: dict[str, int] = {}
+        try:
+            outcome = self._strategies[cohort.name].aggregate(
+                number, dict(cohort.students), dict(cohort.specs), [p.contribution for p in pending]
+            )
+            for klass in sorted({p.contribution.device_class for p in pending}):
+                published[klass] = self._publish(cohort, klass, outcome.students[klass], number)
+        except Exception:
+            log.exception(
+                "closing round %d of cohort %s failed; the round stays open", number, cohort.name
+            )
+            outcome = None
+        with cohort.lock:
+            record = cohort.end_close(outcome, published, pending)
+            self._save(cohort)
+        if record is not None:
+            self.split.metrics.observe_round(
+                cohort.name,
+                record.round,
+                len(cohort.members),
+                record.accuracy,
+                cohort.server_model_version,
+            )
+            log.info(
+                "cohort %s round %d closed: %d devices, held-out accuracy %.4f, %.1f s",
+                cohort.name,
+                record.round,
+                record.devices,
+                record.accuracy,
+                record.seconds,
+            )
+
+    def _publish(
+        self, cohort: Cohort, klass: str, weights: dict[str, np.ndarray], number: int
+    ) -> int:
+        spec = cohort.specs[klass]
+        model = koala.model_from(spec, weights)
+        model.eval()
+        with self.split.export_lock:
+            onnx_bytes, diff = export_checked(model, spec.input_shape)
+            record = self.split.registry.publish(
+                self.model_name(cohort.name, klass),
+                onnx_bytes,
+                parameters=zoo.parameter_count(spec),
+                max_abs_diff=diff,
+                input_shape=list(spec.input_shape),
+                num_classes=spec.num_classes,
+                steps=number,
+                cohort=cohort.name,
+                teacher_version=self.split.teachers.current().version,
+            )
+        return record.version
+
+    def _save(self, cohort: Cohort) -> None:
+        if self.store is not None:
+            self.store.save(cohort, self._plans[cohort.name])
+
+    # -- operators ------------------------------------------------------------------
+    def cohorts(self) -> list[dict[str, object]]:
+        with self._lock:
+            cohorts = list(self._cohorts.values())
+        out = []
+        for cohort in cohorts:
+            with cohort.lock:
+                out.append(cohort.summary())
+        return out
+
+    def describe(self, name: str) -> dict[str, object]:
+        with self._lock:
+            cohort = self._cohorts.get(name)
+        if cohort is None:
+            raise NotFound(f"no cohort named {name!r}")
+        with cohort.lock:
+            return {**cohort.summary(), "members": cohort.member_list()}
+
+    def is_member(self, cohort_name: str, device_id: str) -> bool:
+        with self._lock:
+            cohort = self._cohorts.get(cohort_name)
+        if cohort is None:
+            return False
+        with cohort.lock:
+            return any(m.device_id == device_id for m in cohort.members.values())
+
+    def close(self) -> None:
+        self._closer.shutdown(wait=True, cancel_futures=False)

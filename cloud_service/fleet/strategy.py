@@ -1,0 +1,138 @@
+"""How a cohort's round contributions become the next students: pluggable strategies.
+
+In the spirit of Flower's ``Strategy``: the cohort hands a strategy the round's
+contributions, the strategy returns the new students per device class (and
+may update the server model). A cohort chooses its strategy by name in its
+configuration; adding one is one class plus one line in ``STRATEGIES``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from cloud_service.teacher import TeacherVersions
+from splitkd import koala
+from splitkd.data.specs import Dataset
+from splitkd.models.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+Weights = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """One device's round result: its whole student's weights, never data."""
+
+    member_id: str
+    device_class: str
+    weights: Weights
+    num_samples: int
+
+
+@dataclass
+class RoundOutcome:
+    students: dict[str, Weights]
+    server_model_version: int | None = None
+    notes: dict[str, float] = field(default_factory=dict)
+
+
+class Strategy(Protocol):
+    name: str
+
+    def aggregate(
+        self,
+        round_number: int,
+        students: dict[str, Weights],
+        specs: dict[str, ModelSpec],
+        contributions: list[Contribution],
+    ) -> RoundOutcome: ...
+
+
+class FedAvg:
+    """Sample-weighted averaging within each device class; classes never mix."""
+
+    name = "fedavg"
+
+    def aggregate(
+        self,
+        round_number: int,
+        students: dict[str, Weights],
+        specs: dict[str, ModelSpec],
+        contributions: list[Contribution],
+    ) -> RoundOutcome:
+        new = dict(students)
+        for device_class in sorted({c.device_class for c in contributions}):
+            mine = [
+                (c.weights, c.num_samples) for c in contributions if c.device_class == device_class
+            ]
+            new[device_class] = koala.fedavg(mine)
+        return RoundOutcome(new)
+
+
+class Koala(FedAvg):
+    """FedAvg per class, then small -> large (reverse KD) and large -> small (forward KD).
+
+    Knowledge moves between device classes only through the server model. The
+    server model gets a new version each round; sessions keep their own.
+    """
+
+    name = "koala"
+
+    def __init__(
+        self,
+        teachers: TeacherVersions,
+        proxy: np.ndarray,
+        anchor: Dataset | None = None,
+        settings: koala.TransferSettings | None = None,
+    ) -> None:
+        self.teachers = teachers
+        self.proxy = proxy
+        self.anchor = anchor
+        self.settings = settings or koala.TransferSettings()
+
+    def aggregate(
+        self,
+        round_number: int,
+        students: dict[str, Weights],
+        specs: dict[str, ModelSpec],
+        contributions: list[Contribution],
+    ) -> RoundOutcome:
+        averaged = super().aggregate(round_number, students, specs, contributions)
+        classes = sorted({c.device_class for c in contributions})
+        models = {k: koala.model_from(specs[k], averaged.students[k]) for k in classes}
+        server = self.teachers.current()
+        seed = 1000 + round_number
+        learned = koala.reverse_kd(
+            server.model, list(models.values()), self.proxy, self.settings, seed, self.anchor
+        )
+        updated = self.teachers.update(learned)
+        for device_class, model in models.items():
+            koala.forward_kd(model, updated.model, self.proxy, self.settings, seed)
+            averaged.students[device_class] = koala.weights_of(model)
+        averaged.server_model_version = updated.version
+        return averaged
+
+
+StrategyFactory = Callable[[], Strategy]
+
+
+def strategy_for(
+    name: str, teachers: TeacherVersions, proxy: np.ndarray | None, anchor: Dataset | None
+) -> Strategy:
+    """The named strategy; ``koala`` needs the cloud's proxy inputs."""
+    if name == "fedavg":
+        return FedAvg()
+    if name == "koala":
+        if proxy is None or len(proxy) == 0:
+            log.warning("no proxy inputs: the koala strategy falls back to plain FedAvg")
+            return FedAvg()
+        return Koala(teachers, proxy, anchor)
+    raise ValueError(f"unknown strategy {name!r}; known: {', '.join(STRATEGIES)}")
+
+
+STRATEGIES = ("fedavg", "koala")

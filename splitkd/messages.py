@@ -1,0 +1,109 @@
+"""Typed messages shared by the cloud and the edge (mapped to protobuf in ``splitkd.serde``).
+
+Both sides speak these dataclasses; only ``serde`` knows the protobuf classes,
+so a field is added in three places: the ``.proto``, here, and ``serde``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
+
+from splitkd.errors import InvalidArgument
+from splitkd.hyper import Hyperparameters
+from splitkd.models.spec import ModelSpec
+
+COHORT_MODES = ("federated", "split")
+Weights = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class CohortConfig:
+    """How a cohort trains: the cloud's ``serve`` flags, overridden per cohort by a TOML file."""
+
+    mode: str = "federated"
+    min_devices: int = 1
+    rounds: int = 10
+    local_epochs: int = 3
+    round_timeout_seconds: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in COHORT_MODES:
+            raise InvalidArgument(f"cohort mode must be one of {COHORT_MODES}, got {self.mode!r}")
+        if not 1 <= self.min_devices <= 100_000:
+            raise InvalidArgument(f"min devices must be in 1..100000, got {self.min_devices}")
+        if not 1 <= self.rounds <= 10_000:
+            raise InvalidArgument(f"rounds must be in 1..10000, got {self.rounds}")
+        if not 1 <= self.local_epochs <= 1_000:
+            raise InvalidArgument(f"local epochs must be in 1..1000, got {self.local_epochs}")
+        if not 0.1 <= self.round_timeout_seconds <= 86_400:
+            raise InvalidArgument(
+                f"round timeout must be in 0.1..86400 s, got {self.round_timeout_seconds}"
+            )
+
+
+@dataclass(frozen=True)
+class JoinAnswer:
+    """What a device learns when it joins a cohort."""
+
+    member_id: str
+    cohort: str
+    device_class: str
+    config: CohortConfig
+    student_spec: ModelSpec
+    hyper: Hyperparameters
+    model_name: str
+    round: int
+    server_model_version: int
+
+
+class RoundState(Enum):
+    WAITING = "waiting"
+    TRAINING = "training"
+    COMPLETE = "complete"
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """A published model version, as the registry describes it."""
+
+    name: str
+    version: int
+    sha256: str
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class RoundTask:
+    """The cloud's answer to "what should I do now?"."""
+
+    state: RoundState
+    round: int
+    weights: Weights = field(default_factory=dict)
+    deadline_seconds: float = 0.0
+    retry_after_seconds: float = 0.0
+    server_model_version: int = 0
+    model: ModelSummary | None = None
+    session: object | None = None  # split mode: the round's split session (edge: SessionInfo)
+    devices: int = 0
+
+
+@dataclass(frozen=True)
+class Update:
+    """A device's contribution to a round: weights and figures, never data."""
+
+    member_id: str
+    round: int
+    weights: Weights
+    num_samples: int
+    heldout_accuracy: float = 0.0
+    steps: int = 0
+
+
+@dataclass(frozen=True)
+class UpdateAnswer:
+    accepted: bool
+    round: int
+    duplicate: bool = False

@@ -1,0 +1,224 @@
+"""The one place where protobuf messages and splitkd's typed values meet.
+
+Servicers and clients call these functions; nothing else builds or reads the
+fields of ``splitkd.v1`` messages that carry hyperparameters, specs or fleet
+messages, so each mapping exists once.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from splitkd import codec
+from splitkd.errors import InvalidArgument
+from splitkd.hyper import Hyperparameters
+from splitkd.messages import (
+    CohortConfig,
+    JoinAnswer,
+    ModelSummary,
+    RoundState,
+    RoundTask,
+    Update,
+    UpdateAnswer,
+)
+from splitkd.models.spec import ModelSpec
+from splitkd.signature import DatasetSignature
+from splitkd.v1 import splitkd_pb2 as pb
+
+WIRE_DTYPES = {"float32": pb.DTYPE_FLOAT32, "float16": pb.DTYPE_FLOAT16}
+_WIRE_NAMES = {code: name for name, code in WIRE_DTYPES.items()}
+_ROUND_STATES = {
+    RoundState.WAITING: pb.ROUND_STATE_WAITING,
+    RoundState.TRAINING: pb.ROUND_STATE_TRAINING,
+    RoundState.COMPLETE: pb.ROUND_STATE_COMPLETE,
+}
+
+
+def hyper_to_pb(hyper: Hyperparameters) -> pb.Hyperparameters:
+    return pb.Hyperparameters(
+        optimizer=hyper.optimizer,
+        learning_rate=hyper.learning_rate,
+        batch_size=hyper.batch_size,
+        epochs=hyper.epochs,
+        kd_alpha=hyper.kd_alpha,
+        kd_temperature=hyper.kd_temperature,
+        seed=hyper.seed,
+        wire_dtype=WIRE_DTYPES[hyper.wire_dtype],
+        checkpoint_every=hyper.checkpoint_every,
+    )
+
+
+def hyper_from_pb(message: pb.Hyperparameters) -> Hyperparameters:
+    return Hyperparameters(
+        optimizer=message.optimizer,
+        learning_rate=message.learning_rate,
+        batch_size=message.batch_size,
+        epochs=message.epochs,
+        kd_alpha=message.kd_alpha,
+        kd_temperature=message.kd_temperature,
+        seed=message.seed,
+        wire_dtype=_WIRE_NAMES.get(message.wire_dtype, "float32"),
+        checkpoint_every=message.checkpoint_every or Hyperparameters.checkpoint_every,
+    )
+
+
+def spec_to_pb(spec: ModelSpec) -> pb.ModelSpec:
+    return pb.ModelSpec(family=spec.family, spec_json=spec.to_json(), num_stages=spec.num_stages)
+
+
+def spec_from_pb(message: pb.ModelSpec) -> ModelSpec:
+    return ModelSpec.from_json(message.family, message.spec_json)
+
+
+def signature_to_pb(signature: DatasetSignature) -> pb.DatasetSignature:
+    return pb.DatasetSignature(
+        input_shape=list(signature.input_shape),
+        num_classes=signature.num_classes,
+        name=signature.name,
+    )
+
+
+def signature_from_pb(message: pb.DatasetSignature) -> DatasetSignature:
+    return DatasetSignature(tuple(message.input_shape), message.num_classes, message.name)
+
+
+def cohort_config_to_pb(config: CohortConfig) -> pb.CohortConfig:
+    return pb.CohortConfig(
+        mode=config.mode,
+        min_devices=config.min_devices,
+        rounds=config.rounds,
+        local_epochs=config.local_epochs,
+        round_timeout_seconds=config.round_timeout_seconds,
+    )
+
+
+def cohort_config_from_pb(message: pb.CohortConfig) -> CohortConfig:
+    return CohortConfig(
+        mode=message.mode,
+        min_devices=message.min_devices,
+        rounds=message.rounds,
+        local_epochs=message.local_epochs,
+        round_timeout_seconds=message.round_timeout_seconds,
+    )
+
+
+def join_answer_to_pb(answer: JoinAnswer) -> pb.JoinCohortResponse:
+    return pb.JoinCohortResponse(
+        member_id=answer.member_id,
+        cohort=answer.cohort,
+        device_class=answer.device_class,
+        config=cohort_config_to_pb(answer.config),
+        student=spec_to_pb(answer.student_spec),
+        hyperparameters=hyper_to_pb(answer.hyper),
+        model_name=answer.model_name,
+        round=answer.round,
+        server_model_version=answer.server_model_version,
+    )
+
+
+def join_answer_from_pb(message: pb.JoinCohortResponse) -> JoinAnswer:
+    return JoinAnswer(
+        member_id=message.member_id,
+        cohort=message.cohort,
+        device_class=message.device_class,
+        config=cohort_config_from_pb(message.config),
+        student_spec=spec_from_pb(message.student),
+        hyper=hyper_from_pb(message.hyperparameters),
+        model_name=message.model_name,
+        round=message.round,
+        server_model_version=message.server_model_version,
+    )
+
+
+def round_task_to_pb(task: RoundTask, session: pb.RegisterResponse | None = None) -> pb.RoundTask:
+    message = pb.RoundTask(
+        state=_ROUND_STATES[task.state],
+        round=task.round,
+        weights=codec.encode_weights(task.weights),
+        deadline_seconds=task.deadline_seconds,
+        retry_after_seconds=task.retry_after_seconds,
+        server_model_version=task.server_model_version,
+        devices=task.devices,
+    )
+    if task.model is not None:
+        message.model.CopyFrom(
+            pb.ModelInfo(
+                name=task.model.name,
+                version=task.model.version,
+                sha256=task.model.sha256,
+                size_bytes=task.model.size_bytes,
+            )
+        )
+    if session is not None:
+        message.session.CopyFrom(session)
+    return message
+
+
+def round_task_from_pb(
+    message: pb.RoundTask, expected: dict[str, tuple[int, ...]] | None = None
+) -> RoundTask:
+    states = {code: state for state, code in _ROUND_STATES.items()}
+    if message.state not in states:
+        raise InvalidArgument(f"round task: unknown state {message.state}")
+    model = None
+    if message.HasField("model"):
+        model = ModelSummary(
+            message.model.name,
+            message.model.version,
+            message.model.sha256,
+            message.model.size_bytes,
+        )
+    weights = (
+        codec.decode_weights(message.weights, expected=expected, what="round weights")
+        if message.weights.tensors
+        else {}
+    )
+    return RoundTask(
+        state=states[message.state],
+        round=message.round,
+        weights={k: np.array(v, dtype=np.float32) for k, v in weights.items()},
+        deadline_seconds=message.deadline_seconds,
+        retry_after_seconds=message.retry_after_seconds,
+        server_model_version=message.server_model_version,
+        model=model,
+        session=message.session if message.HasField("session") else None,
+        devices=message.devices,
+    )
+
+
+def update_to_pb(update: Update) -> pb.SubmitUpdateRequest:
+    return pb.SubmitUpdateRequest(
+        member_id=update.member_id,
+        round=update.round,
+        weights=codec.encode_weights(update.weights),
+        num_samples=update.num_samples,
+        heldout_accuracy=update.heldout_accuracy,
+        steps=update.steps,
+    )
+
+
+def update_from_pb(message: pb.SubmitUpdateRequest, expected: dict[str, tuple[int, ...]]) -> Update:
+    """Decode a device's update, refusing wrong names, shapes or non-finite values."""
+    weights = codec.decode_weights(message.weights, expected=expected, what="update weights")
+    if not 0.0 <= message.heldout_accuracy <= 1.0:
+        raise InvalidArgument(f"heldout_accuracy must be in [0, 1], got {message.heldout_accuracy}")
+    if not 1 <= message.num_samples <= 1 << 40:
+        raise InvalidArgument(f"num_samples must be in 1..2^40, got {message.num_samples}")
+    return Update(
+        member_id=message.member_id,
+        round=message.round,
+        weights=weights,
+        num_samples=message.num_samples,
+        heldout_accuracy=message.heldout_accuracy,
+        steps=message.steps,
+    )
+
+
+def update_answer_to_pb(answer: UpdateAnswer) -> pb.SubmitUpdateResponse:
+    return pb.SubmitUpdateResponse(
+        accepted=answer.accepted, round=answer.round, duplicate=answer.duplicate
+    )
+
+
+def update_answer_from_pb(message: pb.SubmitUpdateResponse) -> UpdateAnswer:
+    return UpdateAnswer(message.accepted, message.round, message.duplicate)
