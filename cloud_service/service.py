@@ -135,6 +135,7 @@ class CloudService:
             student=student,
             teacher=teacher.model,
             teacher_version=teacher.version,
+            persisted=persist,
             device_profile=device_profile,
             link_profile=link_profile,
         )
@@ -173,7 +174,7 @@ class CloudService:
         """Snapshot the live state (callers hold the session's lock)."""
         state = session.take_snapshot()
         session.keep_snapshot(state)
-        if self.checkpoints is not None:
+        if self.checkpoints is not None and session.persisted:
             self.checkpoints.save_state(session.session_id, state)
 
     def start_ahead(self, session_id: str) -> None:

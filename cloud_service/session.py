@@ -64,6 +64,9 @@ class Session:
     student: StagedModel
     teacher: StagedModel  # shared with every session, frozen, never trained here
     teacher_version: int = 1  # the server model version this session distils from
+    # A cohort round's session lives in memory only: after a restart the device
+    # fetches the round again and gets a new one.
+    persisted: bool = True
     device_profile: str = ""
     link_profile: str = ""
     next_step: int = 0

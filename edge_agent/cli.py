@@ -127,6 +127,13 @@ def _parser() -> argparse.ArgumentParser:
         "lost link (SPLITKD_CHECKPOINT_DIR; default $XDG_STATE_HOME/splitkd/DEVICE_ID)",
     )
     train.add_argument(
+        "--cohort",
+        default=env("COHORT", "") or "",
+        help="join this named cohort: the fleet's devices train one student per device class "
+        "together (mode, rounds and epochs come from the cloud; SPLITKD_COHORT). Without it the "
+        "device trains alone",
+    )
+    train.add_argument(
         "--fresh",
         action="store_true",
         help="start a new session even if a checkpoint of an unfinished one exists",
@@ -237,6 +244,7 @@ def _train(args: argparse.Namespace) -> int:
         plots=not args.no_plots,
         checkpoint_dir=args.checkpoint_dir or default_checkpoint_dir(args.device_id),
         fresh=args.fresh,
+        cohort=args.cohort,
         retry_seconds=args.retry_seconds,
         security=security.EdgeSecurity.from_args(args),
     )

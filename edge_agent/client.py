@@ -370,7 +370,6 @@ class CloudClient:
         partial.replace(destination)
         return last
 
-
     # -- fleets ------------------------------------------------------------------
     def join_cohort(
         self,
@@ -391,7 +390,9 @@ class CloudClient:
         )
         # Joining again returns the same member: a retry is safe.
         reply: pb.JoinCohortResponse = self._call(
-            "JoinCohort", lambda: self._fleet.JoinCohort(request, timeout=self.timeout), idempotent=True
+            "JoinCohort",
+            lambda: self._fleet.JoinCohort(request, timeout=self.timeout),
+            idempotent=True,
         )
         self._count(request.ByteSize(), reply.ByteSize())
         return serde.join_answer_from_pb(reply)
@@ -401,7 +402,9 @@ class CloudClient:
     ) -> RoundTask:
         request = pb.FetchRoundRequest(member_id=member_id, after_round=after_round)
         reply: pb.RoundTask = self._call(
-            "FetchRound", lambda: self._fleet.FetchRound(request, timeout=self.timeout), idempotent=True
+            "FetchRound",
+            lambda: self._fleet.FetchRound(request, timeout=self.timeout),
+            idempotent=True,
         )
         self._count(request.ByteSize(), reply.ByteSize())
         task = serde.round_task_from_pb(reply, expected)

@@ -53,12 +53,17 @@ class TrainOptions:
     retry_seconds: float = 300.0
     # TLS and the device credential (edge_agent/security.py); None: plaintext, no credential.
     security: EdgeSecurity | None = None
+    cohort: str = ""  # join this cohort (a fleet) instead of training alone
 
 
 def train(
     options: TrainOptions,
     on_step: Callable[[StepRecord], None] | None = None,
 ) -> dict[str, Any]:
+    if options.cohort:
+        from edge_agent.cohort_run import train_cohort
+
+        return train_cohort(options)
     started = time.perf_counter()
     telemetry = TrainingTelemetry(options.device_profile, options.link_profile, options.metrics)
     if options.metrics is not None:

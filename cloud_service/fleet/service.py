@@ -85,6 +85,7 @@ class FleetService:
             if name not in self._cohorts:
                 plan = self._plan_for(name)
                 cohort = Cohort(name, plan.config, {}, {})
+                cohort.server_model_version = self.split.teachers.current().version
                 self._adopt(cohort, plan)
                 log.info("cohort %s created (%s mode)", name, plan.config.mode)
             return self._cohorts[name]
@@ -263,7 +264,9 @@ class FleetService:
                     f"the device applied {update.steps} steps, the cloud {session.next_step}; "
                     "resume the round's session before submitting"
                 )
-            return koala.weights_of(session.assemble(update.weights))
+            whole = koala.weights_of(session.assemble(update.weights))
+        self.split.sessions.remove(session.session_id)
+        return whole
 
     # -- closing rounds -----------------------------------------------------------
     def poke(self, cohort: Cohort) -> None:

@@ -1,0 +1,350 @@
+"""Fleets: the cohort state machine, strategies, config, and both modes over real gRPC."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from cloud_service.fleet.cohort import Cohort, Pending
+from cloud_service.fleet.config import load_plans
+from cloud_service.fleet.service import FleetService, FleetSettings
+from cloud_service.fleet.strategy import Contribution, FedAvg
+from cloud_service.publish import publish_teacher
+from cloud_service.server import build_grpc_server
+from cloud_service.service import CloudService
+from edge_agent.client import CloudClient
+from edge_agent.fleet import install_final, run_rounds
+from edge_agent.model_store import ModelStore
+from edge_agent.telemetry import TrainingTelemetry
+from splitkd import codec, koala
+from splitkd.data import edge_split, load_dataset
+from splitkd.data.partition import Shard, cloud_split
+from splitkd.errors import FailedPrecondition, InvalidArgument
+from splitkd.messages import CohortConfig, RoundState
+from splitkd.models import zoo
+from splitkd.v1 import splitkd_pb2 as pb
+from splitkd.v1 import splitkd_pb2_grpc as pb_grpc
+from tests.support import DIGITS, make_service
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _cohort(clock: Clock, **config: object) -> Cohort:
+    spec = zoo.default_student(DIGITS)
+    weights = koala.weights_of(zoo.build(spec, 1))
+    return Cohort("k", CohortConfig(**config), {"standard": spec}, {"standard": weights}, clock)  # type: ignore[arg-type]
+
+
+def _pending(cohort: Cohort, member_id: str, samples: int = 10) -> Pending:
+    weights = cohort.students["standard"]
+    return Pending(Contribution(member_id, "standard", weights, samples), 0.5)
+
+
+def test_round_one_opens_when_enough_devices_joined() -> None:
+    cohort = _cohort(Clock(), min_devices=2)
+    a = cohort.join("a", "standard", 10)
+    assert cohort.round == 0 and cohort.task_state(a, 0) is RoundState.WAITING
+    b = cohort.join("b", "standard", 10)
+    assert cohort.round == 1
+    assert cohort.task_state(a, 0) is RoundState.TRAINING
+    assert cohort.join("b", "standard", 12).member_id == b.member_id  # rejoin keeps the member
+
+
+def test_round_closes_when_all_delivered_and_refuses_stale_and_counts_duplicates_once() -> None:
+    cohort = _cohort(Clock(), min_devices=2, rounds=3)
+    a, b = cohort.join("a", "standard", 10), cohort.join("b", "standard", 10)
+    assert cohort.accept(a, 1, _pending(cohort, a.member_id))
+    assert not cohort.accept(a, 1, _pending(cohort, a.member_id))  # duplicate: taken once
+    assert not cohort.ready_to_close()
+    assert cohort.accept(b, 1, _pending(cohort, b.member_id))
+    assert cohort.ready_to_close()
+    pending = cohort.begin_close()
+    with pytest.raises(FailedPrecondition, match="closing"):
+        cohort.accept(a, 1, _pending(cohort, a.member_id))
+    outcome = FedAvg().aggregate(
+        1, cohort.students, cohort.specs, [p.contribution for p in pending]
+    )
+    cohort.end_close(outcome, {"standard": 1}, pending)
+    assert cohort.round == 2 and len(cohort.history) == 1
+    with pytest.raises(FailedPrecondition, match=r"round 1 .* is closed"):
+        cohort.accept(a, 1, _pending(cohort, a.member_id))
+
+
+def test_a_straggler_never_stalls_the_fleet() -> None:
+    clock = Clock()
+    cohort = _cohort(clock, min_devices=2, rounds=5, round_timeout_seconds=30)
+    a, b = cohort.join("a", "standard", 10), cohort.join("dead", "standard", 10)
+    cohort.accept(a, 1, _pending(cohort, a.member_id))
+    assert not cohort.ready_to_close()
+    clock.now = 31.0  # the deadline passes with one update: the round closes with it
+    assert cohort.ready_to_close()
+    pending = cohort.begin_close()
+    cohort.end_close(
+        FedAvg().aggregate(1, cohort.students, cohort.specs, [p.contribution for p in pending]),
+        {},
+        pending,
+    )
+    assert cohort.members[b.member_id].missed == 1
+    # Round 2: the dead device no longer holds the round up.
+    cohort.accept(a, 2, _pending(cohort, a.member_id))
+    assert cohort.ready_to_close()
+
+
+def test_a_round_nobody_delivered_is_extended_not_closed_empty() -> None:
+    clock = Clock()
+    cohort = _cohort(clock, min_devices=1, round_timeout_seconds=10)
+    cohort.join("a", "standard", 10)
+    clock.now = 11.0
+    assert not cohort.ready_to_close()
+    assert cohort.deadline == pytest.approx(21.0)
+
+
+def test_fedavg_weights_by_samples() -> None:
+    one = {"w": np.array([1.0, 1.0], dtype=np.float32)}
+    three = {"w": np.array([3.0, 5.0], dtype=np.float32)}
+    avg = koala.fedavg([(one, 1), (three, 3)])
+    np.testing.assert_allclose(avg["w"], [2.5, 4.0])
+
+
+def test_cohort_config_file(tmp_path: Path) -> None:
+    path = tmp_path / "cohorts.toml"
+    path.write_text(
+        '[cohorts.kitchen]\nmode = "split"\nrounds = 4\nround_timeout = 9\n'
+        "[cohorts.kitchen.classes.tiny]\nwidths = [2, 4]\n"
+    )
+    plans = load_plans(path, CohortConfig(rounds=10))
+    kitchen = plans["kitchen"]
+    assert kitchen.config.mode == "split" and kitchen.config.rounds == 4
+    assert kitchen.config.round_timeout_seconds == 9.0 and kitchen.strategy_name == "fedavg"
+    assert kitchen.classes["tiny"].widths == (2, 4)
+    path.write_text("[cohorts.kitchen]\nrounds = 0\n")
+    with pytest.raises(InvalidArgument, match="rounds must be in"):
+        load_plans(path, CohortConfig())
+    path.write_text("[cohorts.kitchen]\nshell = 'rm -rf /'\n")
+    with pytest.raises(InvalidArgument, match="unknown keys"):
+        load_plans(path, CohortConfig())
+    path.write_text("not toml [")
+    with pytest.raises(InvalidArgument, match="not valid TOML"):
+        load_plans(path, CohortConfig())
+
+
+@dataclass
+class LiveFleet:
+    service: CloudService
+    fleet: FleetService
+    address: str
+    stub: pb_grpc.FleetStub
+
+
+def _live_fleet(tmp_path: Path, config: CohortConfig, proxy: bool = True) -> Iterator[LiveFleet]:
+    service = make_service(tmp_path)
+    dataset = load_dataset("digits")
+    anchor = cloud_split(dataset, 0.4).train if proxy else None
+    fleet = FleetService(
+        service,
+        FleetSettings(
+            config, {}, None if anchor is None else anchor.x, anchor, tmp_path / "cohorts"
+        ),
+    )
+    publish_teacher(service)
+    service.teachers.on_update.append(lambda _t: publish_teacher(service))
+    server, port = build_grpc_server(service, "127.0.0.1:0", fleet=fleet)
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield LiveFleet(service, fleet, f"127.0.0.1:{port}", pb_grpc.FleetStub(channel))  # type: ignore[no-untyped-call]
+    finally:
+        channel.close()
+        server.stop(0)
+        fleet.close()
+
+
+@pytest.fixture
+def federated(tmp_path: Path) -> Iterator[LiveFleet]:
+    config = CohortConfig(
+        "federated", min_devices=2, rounds=2, local_epochs=1, round_timeout_seconds=60
+    )
+    yield from _live_fleet(tmp_path, config)
+
+
+@pytest.fixture
+def split_mode(tmp_path: Path) -> Iterator[LiveFleet]:
+    config = CohortConfig(
+        "split", min_devices=2, rounds=2, local_epochs=1, round_timeout_seconds=60
+    )
+    yield from _live_fleet(tmp_path, config, proxy=False)
+
+
+def _devices(live: LiveFleet, tmp_path: Path, profiles: list[str]) -> dict[int, dict[str, object]]:
+    dataset = load_dataset("digits")
+    results: dict[int, dict[str, object]] = {}
+    errors: list[BaseException] = []
+
+    def device(i: int) -> None:
+        try:
+            split = edge_split(dataset, Shard(i, len(profiles)), alpha=0.3)
+            with CloudClient(live.address) as client:
+                join = client.join_cohort(
+                    f"edge-{i}",
+                    "kitchen",
+                    dataset.signature,
+                    len(split.train),
+                    device_profile=profiles[i],
+                )
+                run = run_rounds(client, join, split, TrainingTelemetry(profiles[i], "wifi"))
+                local, predictor = install_final(
+                    client, run, ModelStore(tmp_path / f"models-{i}"), dataset.signature.input_shape
+                )
+                results[i] = {
+                    "class": join.device_class,
+                    "rounds": run.rounds,
+                    "model": local.name,
+                    "accuracy": predictor.accuracy(split.heldout.x, split.heldout.y),
+                    "bytes": client.traffic.bytes_up + client.traffic.bytes_down,
+                }
+        except BaseException as exc:  # surfaced below, in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=device, args=(i,)) for i in range(len(profiles))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=240)
+    assert not errors, errors
+    return results
+
+
+@pytest.mark.slow
+def test_federated_cohort_heterogeneous_classes_and_server_model_versions(
+    federated: LiveFleet, tmp_path: Path
+) -> None:
+    results = _devices(federated, tmp_path, ["raspberry-pi-4", "raspberry-pi-zero-2w"])
+    assert {r["class"] for r in results.values()} == {"standard", "tiny"}
+    assert {r["model"] for r in results.values()} == {"cohort-kitchen", "cohort-kitchen-tiny"}
+    for r in results.values():
+        assert [f.round for f in r["rounds"]] == [1, 2]  # type: ignore[attr-defined]
+        assert float(r["accuracy"]) > 0.3  # chance is 0.1 (an untrained teacher here)  # type: ignore[arg-type]
+    # Two rounds of KOALA: the server model learnt twice, each version published.
+    assert federated.service.teachers.current().version == 3
+    assert [r.teacher_version for r in federated.service.registry.versions("teacher")] == [1, 2, 3]
+    summary = federated.fleet.describe("kitchen")
+    assert summary["complete"] is True and summary["server_model_version"] == 3
+    assert len(summary["rounds"]) == 2  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+def test_split_cohort_trains_through_the_split(split_mode: LiveFleet, tmp_path: Path) -> None:
+    results = _devices(split_mode, tmp_path, ["raspberry-pi-4", "raspberry-pi-5"])
+    for r in results.values():
+        assert r["model"] == "cohort-kitchen"
+        assert all(f.steps > 0 for f in r["rounds"])  # type: ignore[attr-defined]
+        assert float(r["accuracy"]) > 0.3  # chance is 0.1 (an untrained teacher here)  # type: ignore[arg-type]
+    # Split rounds move activations: far more bytes than federated weights would.
+    assert all(int(r["bytes"]) > 1_000_000 for r in results.values())  # type: ignore[call-overload]
+    assert split_mode.service.sessions.active() == 0  # round sessions are gone once submitted
+
+
+def _join(stub: pb_grpc.FleetStub, device: str, **fields: object) -> pb.JoinCohortResponse:
+    request = pb.JoinCohortRequest(
+        device_id=device,
+        cohort=str(fields.get("cohort", "kitchen")),
+        signature=pb.DatasetSignature(
+            input_shape=list(fields.get("shape", [1, 8, 8])), num_classes=10
+        ),  # type: ignore[call-overload]
+        num_samples=int(fields.get("samples", 100)),  # type: ignore[call-overload]
+        profile=pb.DeviceProfile(name=str(fields.get("profile", ""))),
+    )
+    reply: pb.JoinCohortResponse = stub.JoinCohort(request)
+    return reply
+
+
+def _status(call: object) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as info:
+        call()  # type: ignore[operator]
+    return info.value.code()  # type: ignore[no-any-return, attr-defined]
+
+
+def test_bad_joins_get_clear_statuses(federated: LiveFleet) -> None:
+    stub = federated.stub
+    assert _status(lambda: _join(stub, "a", shape=[3, 8, 8])) == grpc.StatusCode.FAILED_PRECONDITION
+    assert (
+        _status(lambda: _join(stub, "a", profile="toaster")) == grpc.StatusCode.FAILED_PRECONDITION
+    )
+    assert _status(lambda: _join(stub, "a", cohort="../etc")) == grpc.StatusCode.INVALID_ARGUMENT
+    assert _status(lambda: _join(stub, "a", samples=0)) == grpc.StatusCode.INVALID_ARGUMENT
+    assert _join(stub, "a").device_class == "standard"  # the cohort goes on
+
+
+def test_bad_updates_are_refused_without_touching_the_aggregate(federated: LiveFleet) -> None:
+    stub = federated.stub
+    member = _join(stub, "a").member_id
+    _join(stub, "b")
+    task = stub.FetchRound(pb.FetchRoundRequest(member_id=member))
+    assert task.state == pb.ROUND_STATE_TRAINING and task.round == 1
+    good = codec.decode_weights(task.weights)
+    cohort = federated.fleet._cohorts["kitchen"]
+    before = {k: v.copy() for k, v in cohort.students["standard"].items()}
+
+    def submit(weights: dict[str, np.ndarray], round_number: int = 1) -> object:
+        return stub.SubmitUpdate(
+            pb.SubmitUpdateRequest(
+                member_id=member,
+                round=round_number,
+                weights=codec.encode_weights(weights),
+                num_samples=50,
+            )
+        )
+
+    renamed = {("x" + k): v for k, v in good.items()}
+    reshaped = {k: np.zeros((2, *v.shape), np.float32) for k, v in good.items()}
+    poisoned = {k: np.full(v.shape, np.nan, np.float32) for k, v in good.items()}
+    for bad in (renamed, reshaped, poisoned):
+        assert _status(lambda bad=bad: submit(bad)) == grpc.StatusCode.INVALID_ARGUMENT
+    assert _status(lambda: submit(good, round_number=7)) == grpc.StatusCode.FAILED_PRECONDITION
+    with cohort.lock:
+        assert not cohort.pending
+    for name, value in before.items():
+        np.testing.assert_array_equal(cohort.students["standard"][name], value)
+    assert (
+        _status(lambda: stub.FetchRound(pb.FetchRoundRequest(member_id="f" * 32)))
+        == grpc.StatusCode.NOT_FOUND
+    )
+
+
+def test_a_restarted_cloud_resumes_its_cohort_without_applying_anything_twice(
+    tmp_path: Path,
+) -> None:
+    config = CohortConfig(
+        "federated", min_devices=2, rounds=3, local_epochs=1, round_timeout_seconds=60
+    )
+    service = make_service(tmp_path)
+    settings = FleetSettings(config, {}, None, None, tmp_path / "cohorts")
+    fleet = FleetService(service, settings)
+    dataset = load_dataset("digits")
+    a = fleet.join("a", "k", dataset.signature, 10)
+    fleet.join("b", "k", dataset.signature, 10)
+    task = fleet.fetch(a.member_id, 0)
+    from splitkd.messages import Update
+
+    fresh, _ = fleet.submit(Update(a.member_id, 1, task.weights, 10, 0.5))
+    assert fresh
+    fleet.close()
+    # A new process over the same state: round 1 still open, a's update still counted once.
+    again = FleetService(make_service(tmp_path), settings)
+    cohort = again._cohorts["k"]
+    assert cohort.round == 1 and list(cohort.pending) == [a.member_id]
+    fresh, _ = again.submit(Update(a.member_id, 1, task.weights, 10, 0.5))
+    assert not fresh  # the retry after the restart is a duplicate
+    again.close()
