@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help venv demo test lint typecheck unit proto proto-check bench loadtest testbed compose-check clean
+.PHONY: help venv demo fleet-demo test lint typecheck unit proto proto-check bench loadtest testbed compose-check clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -24,6 +24,9 @@ venv: $(STAMP) ## create .venv with everything installed
 
 demo: $(STAMP) ## cloud + two edges on digits, split KD, ONNX, report in runs/latest
 	$(BIN)/python -m splitkd.demo
+
+fleet-demo: $(STAMP) ## 4 non-IID edges learn one student together: split and federated cohorts vs references
+	$(BIN)/python -m splitkd.fleet_demo $(FLEET_ARGS)
 
 test: $(STAMP) proto-check lint typecheck unit ## everything CI runs: protos, ruff, mypy, pytest
 
