@@ -61,6 +61,7 @@ class Revoked(PermissionDenied):
 class SessionLookup(Protocol):
     def session_owner(self, session_id: str) -> str | None: ...
     def model_owner(self, name: str, version: int) -> str | None: ...
+    def may_read_model(self, device: str, name: str, version: int) -> bool: ...
 
 
 _refusal_counters: weakref.WeakKeyDictionary[CollectorRegistry, Counter] = (
@@ -145,13 +146,13 @@ def check_access(method: str, request: Any, device: str, lookup: SessionLookup) 
                 f"session {session_id[:8]}… belongs to another device; device {device!r} may only "
                 "use its own sessions"
             )
-    if method == "DownloadModel":
-        owner = lookup.model_owner(request.name, request.version)
-        if owner is not None and owner != device:
-            raise PermissionDenied(
-                f"model {request.name!r} belongs to another device; a device downloads only its "
-                "own students"
-            )
+    if method == "DownloadModel" and not lookup.may_read_model(
+        device, request.name, request.version
+    ):
+        raise PermissionDenied(
+            f"model {request.name!r} belongs to another device; a device downloads only its "
+            "own students"
+        )
 
 
 def _metadata(context: grpc.ServicerContext) -> dict[str, str]:
@@ -284,3 +285,17 @@ class CloudLookup:
         # A model published outside a session has no owner: no device may take it.
         owner: str = record.device_id or "\0nobody"
         return owner
+
+    def may_read_model(self, device: str, name: str, version: int) -> bool:
+        """A device reads its own students and the students of cohorts it is a member of.
+
+        A model that does not exist is "readable": the servicer then answers NOT_FOUND.
+        """
+        try:
+            record = self.service.registry.get(name, version)
+        except (SplitKDError, OSError, ValueError):
+            return True
+        if record.cohort:
+            member = getattr(self.service, "cohort_member", None)
+            return bool(member is not None and member(record.cohort, device))
+        return bool(record.device_id) and record.device_id == device

@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from cloud_service.session import Session
+from cloud_service.teacher import TeacherVersions
 from splitkd import checkpoint
 from splitkd.errors import SplitKDError
 from splitkd.hyper import Hyperparameters
 from splitkd.models import zoo
 from splitkd.models.spec import ModelSpec
-from splitkd.models.staged import StagedModel
 
 log = logging.getLogger(__name__)
 _SESSION_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -52,6 +52,7 @@ class SessionCheckpoints:
             },
             "student_cut": session.student_cut,
             "teacher_cut": session.teacher_cut,
+            "teacher_version": session.teacher_version,
             "hyper": asdict(session.hyper),
             "model_name": session.model_name,
             "device_profile": session.device_profile,
@@ -72,19 +73,22 @@ class SessionCheckpoints:
     def remove(self, session_id: str) -> None:
         shutil.rmtree(self._folder(session_id), ignore_errors=True)
 
-    def load_all(self, teacher_spec: ModelSpec, teacher: StagedModel) -> list[Session]:
-        """Every session on disk that this cloud's teacher can go on serving."""
+    def load_all(self, teachers: TeacherVersions) -> list[Session]:
+        """Every session on disk that this cloud's teacher (at its version) can go on serving."""
         sessions = []
         for folder in sorted(p for p in self.root.iterdir() if _SESSION_ID.fullmatch(p.name)):
             try:
-                sessions.append(self._load(folder, teacher_spec, teacher))
+                sessions.append(self._load(folder, teachers))
             except (SplitKDError, OSError, ValueError, KeyError, RuntimeError) as exc:
                 log.warning("session %s… not restored: %s", folder.name[:8], exc)
         return sessions
 
-    def _load(self, folder: Path, teacher_spec: ModelSpec, teacher: StagedModel) -> Session:
+    def _load(self, folder: Path, teachers: TeacherVersions) -> Session:
         meta: dict[str, Any] = json.loads((folder / "session.json").read_text())
         spec = ModelSpec.from_json(meta["teacher"]["family"], meta["teacher"]["spec"])
+        # The session goes on against the server-model version it started with.
+        teacher = teachers.get(int(meta.get("teacher_version", 1)))
+        teacher_spec = teacher.spec
         if spec != teacher_spec:
             raise ValueError("it was trained against another teacher")
         student_spec = ModelSpec.from_json(meta["student"]["family"], meta["student"]["spec"])
@@ -101,7 +105,8 @@ class SessionCheckpoints:
             hyper=hyper,
             model_name=meta["model_name"],
             student=zoo.build(student_spec, hyper.seed),
-            teacher=teacher,
+            teacher=teacher.model,
+            teacher_version=teacher.version,
             device_profile=meta.get("device_profile", ""),
             link_profile=meta.get("link_profile", ""),
             finished_version=meta.get("finished_version"),

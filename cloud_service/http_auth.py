@@ -61,8 +61,7 @@ def owns_model(service: Any, caller: str | None, name: str, version: int = 0) ->
     A model that does not exist counts as owned, so the API answers 404 for it."""
     if caller is None:
         return True
-    owner = CloudLookup(service).model_owner(name, version)
-    return owner is None or owner == caller
+    return CloudLookup(service).may_read_model(caller, name, version)
 
 
 def require_model(service: Any, caller: str | None, name: str, version: int) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,11 +72,13 @@ class CloudService:
         teacher.spec.check_cut(config.teacher_cut, "teacher cut")
         # Export is CPU-heavy and rare: one at a time keeps steps of other sessions flowing.
         self.export_lock = threading.Lock()
+        # Set by a FleetService: may this device read that cohort's students?
+        self.cohort_member: Callable[[str, str], bool] | None = None
         self.checkpoints = checkpoints
         self.limiter = limiter or RateLimiter()
         if checkpoints is not None:
             sessions.on_expire = lambda session: checkpoints.remove(session.session_id)
-            for restored in checkpoints.load_all(teacher.spec, teacher.model):
+            for restored in checkpoints.load_all(self.teachers):
                 self.sessions.add(restored)
                 log.info(
                     "session %s… of %s restored at step %d",

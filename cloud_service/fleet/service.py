@@ -60,6 +60,7 @@ class FleetService:
         self._sessions: dict[str, tuple[int, str]] = {}  # member -> (round, split session id)
         self._closer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="round-close")
         self.store = CohortStore(settings.state_dir) if settings.state_dir else None
+        split.cohort_member = self.is_member
         if self.store is not None:
             for cohort, state in self.store.load_all():
                 plan = self._plan_for(cohort.name)
