@@ -20,6 +20,7 @@ from edge_agent.errors import EdgeError
 from splitkd import checkpoint
 from splitkd.data.specs import Dataset
 from splitkd.models import zoo
+from splitkd.models.normalize import fit_inputs
 from splitkd.models.staged import StagedModel
 from splitkd.training import batch_order, make_optimizer, steps_per_epoch
 
@@ -103,6 +104,10 @@ class EdgeTrainer:
         # the cloud's; only the head is used and trained here.
         self.student = zoo.build(session.student_spec)
         self.student_head = build_head(self.student, session.student_cut, session.student_head)
+        # Input statistics from this device's own training split: raw data stays
+        # here, the statistics travel in the head weights (a resumed snapshot
+        # carries the same, fitted on the same split).
+        fit_inputs(self.student_head, train.x)
         # The teacher head is frozen: built from the spec, loaded, never trained.
         teacher = zoo.build(session.teacher_spec)
         self.teacher_head = build_head(teacher, session.teacher_cut, session.teacher_head)
