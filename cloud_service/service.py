@@ -129,11 +129,16 @@ class CloudService:
         teacher_act: np.ndarray | None,
         labels: np.ndarray,
         next_teacher_act: np.ndarray | None = None,
+        kd_alpha: float | None = None,
     ) -> StepResult:
+        if kd_alpha is not None and not 0.0 <= kd_alpha <= 1.0:
+            raise InvalidArgument(f"kd_alpha must be in [0, 1], got {kd_alpha}")
         session = self.sessions.get(session_id)
         self.limiter.acquire(session.device_id, "steps")
         with session.lock:
-            result = session.step(step, student_act, teacher_act, labels, next_teacher_act)
+            result = session.step(
+                step, student_act, teacher_act, labels, next_teacher_act, kd_alpha
+            )
             if session.due_for_checkpoint():
                 self._checkpoint(session)
         if not result.replayed:
@@ -193,11 +198,16 @@ class CloudService:
     def heartbeat(self, session_id: str) -> Session:
         return self.sessions.get(session_id)  # looking it up keeps it alive
 
-    def evaluate(self, session_id: str, student_act: np.ndarray) -> np.ndarray:
+    def evaluate(
+        self, session_id: str, activations: np.ndarray, *, teacher: bool = False
+    ) -> np.ndarray:
+        """Logits of the student's tail, or with ``teacher`` of the teacher's tail."""
         session = self.sessions.get(session_id)
         self.limiter.acquire(session.device_id, "steps")
         with session.lock:
-            return session.evaluate(student_act)
+            if teacher:
+                return session.evaluate_teacher(activations)
+            return session.evaluate(activations)
 
     def finish(self, session_id: str, head_state: dict[str, np.ndarray], steps: int) -> ModelRecord:
         session = self.sessions.get(session_id)

@@ -100,7 +100,7 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
             device_profile=request.profile.name,
             link_profile=request.profile.link,
         )
-        return session_message(session)
+        return session_message(session, self.service.teacher.accuracy)
 
     @_rpc
     def Resume(self, request: pb.ResumeRequest, context: grpc.ServicerContext) -> pb.ResumeResponse:
@@ -108,7 +108,9 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
         if len(request.available_steps) > 10_000:
             raise InvalidArgument("available_steps lists more than 10000 steps")
         step, session = self.service.resume(request.session_id, list(request.available_steps))
-        return pb.ResumeResponse(step=step, session=session_message(session))
+        return pb.ResumeResponse(
+            step=step, session=session_message(session, self.service.teacher.accuracy)
+        )
 
     @_rpc
     def Heartbeat(
@@ -154,8 +156,9 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
         labels = codec.decode(
             request.labels, what="labels", dtypes=(pb.DTYPE_INT64,), shape=(None,)
         )
+        kd_alpha = request.kd_alpha if request.HasField("kd_alpha") else None
         result = self.service.step(
-            request.session_id, request.step, student, teacher, labels, next_teacher
+            request.session_id, request.step, student, teacher, labels, next_teacher, kd_alpha
         )
         if result.next_teacher_accepted and not result.replayed:
             # Once the answer is sent: the teacher tail then runs while the edge works.
@@ -177,14 +180,15 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
     ) -> pb.EvaluateResponse:
         _require_session_id(request.session_id)
         session = self.service.sessions.get(request.session_id)
-        student = codec.decode(
-            request.student_activations,
-            what="student_activations",
-            dtypes=FLOATS,
-            shape=(None, *session.student_activation_shape),
-            finite=True,
+        teacher = request.HasField("teacher_activations")
+        if teacher == request.HasField("student_activations"):
+            raise InvalidArgument("set exactly one of student_activations and teacher_activations")
+        what = "teacher_activations" if teacher else "student_activations"
+        shape = session.teacher_activation_shape if teacher else session.student_activation_shape
+        activations = codec.decode(
+            getattr(request, what), what=what, dtypes=FLOATS, shape=(None, *shape), finite=True
         )
-        logits = self.service.evaluate(request.session_id, student)
+        logits = self.service.evaluate(request.session_id, activations, teacher=teacher)
         return pb.EvaluateResponse(logits=codec.encode(logits, pb.DTYPE_FLOAT32))
 
     @_rpc
@@ -222,7 +226,7 @@ def _stream(
         yield chunk
 
 
-def session_message(session: Session) -> pb.RegisterResponse:
+def session_message(session: Session, teacher_accuracy: float | None) -> pb.RegisterResponse:
     """Everything an edge needs to train a session: on Register, and again on Resume."""
     hyper = session.hyper
     return pb.RegisterResponse(
@@ -254,4 +258,5 @@ def session_message(session: Session) -> pb.RegisterResponse:
         ),
         next_step=session.next_step,
         model_name=session.model_name,
+        teacher_accuracy=teacher_accuracy or 0.0,
     )

@@ -166,6 +166,7 @@ class Session:
         teacher_act: np.ndarray | None,
         labels: np.ndarray,
         next_teacher_act: np.ndarray | None = None,
+        kd_alpha: float | None = None,
     ) -> StepResult:
         """Finish both forward passes, apply the KD loss, update the tail, return the cut gradient.
 
@@ -174,6 +175,9 @@ class Session:
         cloud then computed the teacher's tail while the edge was busy with its
         backward pass, off the step's critical path. The teacher is frozen, so
         this changes when the arithmetic happens, never what it computes.
+
+        ``kd_alpha`` is the edge's choice of KD weight (from its measure of the
+        teacher on its own data); None means the session's hyperparameter.
 
         Callers hold ``self.lock``. A resent last step (same number, same bytes)
         returns the stored result and changes nothing.
@@ -217,7 +221,7 @@ class Session:
             student_logits,
             teacher_logits,
             torch.from_numpy(labels.astype(np.int64)),
-            self.hyper.kd_alpha,
+            self.hyper.kd_alpha if kd_alpha is None else kd_alpha,
             self.hyper.kd_temperature,
         )
         assert self._optimizer is not None
@@ -292,6 +296,12 @@ class Session:
                 self.student_cut,
                 len(self.student.stages),
             )
+        return logits.numpy()
+
+    def evaluate_teacher(self, teacher_act: np.ndarray) -> np.ndarray:
+        """The teacher tail's logits, so the edge can measure the teacher on its own data."""
+        self._check_batch(teacher_act, None)
+        logits, _ = self._teacher_logits(teacher_act)
         return logits.numpy()
 
     def assemble(self, head_state: dict[str, np.ndarray]) -> StagedModel:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent import security
+from edge_agent.teacher_check import ALPHA_CHOICES
 from splitkd.env import env
 from splitkd.errors import SplitKDError
 
@@ -81,6 +82,13 @@ def _parser() -> argparse.ArgumentParser:
         help="this device's id (SPLITKD_DEVICE_ID; default the host name)",
     )
     train.add_argument("--epochs", type=int, default=0, help="epochs (default: the cloud's)")
+    train.add_argument(
+        "--kd-alpha",
+        choices=ALPHA_CHOICES,
+        default=env("KD_ALPHA", "cloud"),
+        help="KD weight: the cloud's, or auto: scaled down by the teacher's accuracy on this "
+        "device's held-out data when it is weak (SPLITKD_KD_ALPHA; default %(default)s)",
+    )
     train.add_argument(
         "--report",
         type=Path,
@@ -212,6 +220,10 @@ def _train(args: argparse.Namespace) -> int:
     # Check the profiles before any work: a typo should not cost a training run.
     energy.device_profile(args.device_profile)
     energy.link_profile(args.link_profile)
+    if args.kd_alpha not in ALPHA_CHOICES:  # from SPLITKD_KD_ALPHA, which argparse does not check
+        raise SplitKDError(
+            f"--kd-alpha must be one of {', '.join(ALPHA_CHOICES)}, got {args.kd_alpha!r}"
+        )
     torch.set_num_threads(1)  # small heads: threads cost more than they give
     metrics = None
     if args.metrics_port:
@@ -239,6 +251,7 @@ def _train(args: argparse.Namespace) -> int:
         fresh=args.fresh,
         retry_seconds=args.retry_seconds,
         security=security.EdgeSecurity.from_args(args),
+        kd_alpha=args.kd_alpha,
     )
     report = train(options)
     student = report["student"]

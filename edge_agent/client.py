@@ -57,6 +57,7 @@ class SessionInfo:
     hyper: Hyperparameters
     next_step: int
     model_name: str
+    teacher_accuracy: float | None = None  # on the cloud's held-out data; None: unknown
 
 
 @dataclass(frozen=True)
@@ -267,6 +268,7 @@ class CloudClient:
         labels: np.ndarray,
         wire_dtype: int,
         next_teacher: np.ndarray | None = None,
+        kd_alpha: float | None = None,
     ) -> StepReply:
         request = pb.StepRequest(
             session_id=session_id,
@@ -278,6 +280,8 @@ class CloudClient:
             request.teacher_activations.CopyFrom(codec.encode(teacher, wire_dtype))
         if next_teacher is not None:
             request.next_teacher_activations.CopyFrom(codec.encode(next_teacher, wire_dtype))
+        if kd_alpha is not None:
+            request.kd_alpha = kd_alpha
         # Steps are idempotent by number on the cloud, so a retry is safe.
         reply: pb.StepResponse = self._call(
             "Step", lambda: self._stub.Step(request, timeout=self.timeout), idempotent=True
@@ -297,15 +301,19 @@ class CloudClient:
             reply.next_teacher_accepted,
         )
 
-    def evaluate(self, session_id: str, student: np.ndarray, wire_dtype: int) -> np.ndarray:
+    def evaluate(
+        self, session_id: str, activations: np.ndarray, wire_dtype: int, *, teacher: bool = False
+    ) -> np.ndarray:
+        """Logits of the student's tail for its head's ``activations`` (or the teacher's)."""
+        field = "teacher_activations" if teacher else "student_activations"
         request = pb.EvaluateRequest(
-            session_id=session_id, student_activations=codec.encode(student, wire_dtype)
+            session_id=session_id, **{field: codec.encode(activations, wire_dtype)}
         )
         reply: pb.EvaluateResponse = self._call(
             "Evaluate", lambda: self._stub.Evaluate(request, timeout=self.timeout), idempotent=True
         )
         self._count(request.ByteSize(), reply.ByteSize())
-        return codec.decode(reply.logits, what="logits", shape=(student.shape[0], None))
+        return codec.decode(reply.logits, what="logits", shape=(activations.shape[0], None))
 
     def finish(self, session_id: str, head: dict[str, np.ndarray], steps: int) -> pb.ModelInfo:
         request = pb.FinishRequest(
@@ -391,4 +399,5 @@ def _session_info(reply: pb.RegisterResponse) -> SessionInfo:
         ),
         next_step=reply.next_step,
         model_name=reply.model_name,
+        teacher_accuracy=reply.teacher_accuracy or None,
     )
