@@ -346,3 +346,37 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise SettingsError(f"cannot read config file {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise SettingsError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def type_name(info: FieldInfo) -> str:
+    """A field's type as the docs state it."""
+    choices = _choices(info)
+    if choices:
+        return "one of " + ", ".join(map(str, choices))
+    if get_origin(info.annotation) is list:
+        return "repeatable"
+    names = {bool: "flag", int: "integer", float: "number", Path: "path", str: "text"}
+    for kind, name in names.items():
+        if info.annotation is kind or info.annotation == kind | None:
+            return name
+    return str(info.annotation)
+
+
+def reference_table(settings: type[Options]) -> list[str]:
+    """A Markdown table of one command's options: flag, variable, key, type, default, help."""
+    lines = [
+        "| Flag | Environment | Config key | Type | Default | Meaning |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, info in settings.model_fields.items():
+        env = env_of(name, info)
+        cells = [
+            f"`{flag_of(name, info)}`",
+            f"`{env}`" if env else "command line only",
+            f"`{name}`" if env else "—",
+            type_name(info),
+            "required" if info.is_required() else (shown_default(info) or "—"),
+            (info.description or "").replace("|", "\\|"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
