@@ -18,7 +18,7 @@ INTRO = """\
 # Configuration
 
 Generated from the settings classes (`edge_agent/settings.py`, `cloud_service/settings.py`,
-the security options in `*/security.py`) by `python scripts/config_doc.py`; `make test` fails
+the security options in `*/security.py`) by `make config-doc`; `make test` fails
 when this page and the code differ. Do not edit by hand.
 
 Every option is given, highest precedence first, by

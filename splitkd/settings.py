@@ -10,25 +10,28 @@ those fields, so they cannot disagree. Precedence, highest first::
 A config file is TOML: top-level keys apply to every command of the program that has
 that option, a table named after the command (``[train]``, ``[serve]``) to that one.
 
-**Adding an option is one line** in the command's settings class::
+**Adding an option is one line** in the command's settings class (``edge_agent/settings.py``,
+``cloud_service/settings.py``; options shared by several commands sit in a small mixin
+there, such as ``ProfileOptions``)::
 
     keep_versions: int = option(3, "model versions kept per model name")
 
 That gives ``--keep-versions``, ``SPLITKD_KEEP_VERSIONS`` and the config key
-``keep_versions``, validated as an int; the command's handler reads
-``options.keep_versions``. A boolean field becomes a ``store_true`` flag; ``flag=``
-names a flag that differs from the field name, ``group=`` a ``--help`` section,
-``exclusive=`` a set of mutually exclusive flags, ``cli_only=True`` an option that
-names what one invocation acts on (not read from the environment or a file). Then run
-``python scripts/config_doc.py`` to regenerate docs/CONFIGURATION.md; a test fails
-until you do.
+``keep_versions``, validated as an int, in ``--help`` with its variable and default;
+the command's handler reads ``options.keep_versions``. A ``bool`` field becomes a
+``store_true`` flag (``fresh: bool = option(False, "...")`` gives ``--fresh``), a
+``Literal["a", "b"]`` field a flag with choices, ``option(help="...")`` with no default a
+required option. ``flag="--json"`` names a flag unlike the field, ``group=`` a --help
+section, ``exclusive="x"`` a set of mutually exclusive flags, ``cli_only=True`` an option
+that names what one invocation acts on (not read from the environment or a file),
+``shown_default=`` a default computed at run time. Then ``make config-doc`` regenerates
+docs/CONFIGURATION.md; ``make test`` (and tests/test_settings.py) fails until you do.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import tomllib
 from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -339,6 +342,8 @@ class Program:
 
 
 def read_toml(path: Path) -> dict[str, Any]:
+    import tomllib  # only when a config file is given
+
     try:
         with path.open("rb") as handle:
             return tomllib.load(handle)
