@@ -179,7 +179,8 @@ def _describe(
         source = f"{where}: {name}"
     else:
         source = f"{flag} (default)"
-    return f"{source}: {message} (got {error.get('input')!r})"
+    got = "" if "credential" in name else f" (got {error.get('input')!r})"  # never echo secrets
+    return f"{source}: {message}{got}"
 
 
 def _is_bool(info: FieldInfo) -> bool:
