@@ -33,10 +33,8 @@ def _train(args: TrainSettings) -> int:
             "training needs the [train] extra: pip install 'splitkd[train]'"
         ) from None
     from edge_agent.metrics import EdgeMetrics
-    from edge_agent.model_store import default_checkpoint_dir
-    from edge_agent.run import TrainOptions, train
+    from edge_agent.run import train
     from splitkd import energy
-    from splitkd.data.partition import parse_shard
 
     # Check the profiles before any work: a typo should not cost a training run.
     energy.device_profile(args.device_profile)
@@ -48,42 +46,48 @@ def _train(args: TrainSettings) -> int:
 
         metrics = EdgeMetrics(inference=False, measured_energy=EnergyCounter().available)
         metrics.serve(args.metrics_port, args.metrics_host)
-    options = TrainOptions(
-        cloud=args.cloud,
-        data=args.data,
-        shard=parse_shard(args.shard) if args.shard else None,
-        device_id=args.device_id,
-        report=args.report,
-        model_dir=args.model_dir,
-        epochs=args.epochs,
-        dirichlet_alpha=args.dirichlet_alpha,
-        presumed_fraction=args.presumed_fraction,
-        device_profile=args.device_profile,
-        link_profile=args.link_profile,
-        progress=not args.no_progress,
-        timeout=args.timeout,
-        metrics=metrics,
-        plots=not args.no_plots,
-        checkpoint_dir=args.checkpoint_dir or default_checkpoint_dir(args.device_id),
-        fresh=args.fresh,
-        retry_seconds=args.retry_seconds,
-        security=security.EdgeSecurity.from_options(args),
-    )
-    report = train(options)
-    student = report["student"]
-    print(
-        f"{args.device_id}: student {student['name']} v{student['version']} accuracy {student['accuracy']:.4f} "
-        f"(onnxruntime, {report['data']['heldout_samples']} held-out samples), {report['steps']} steps, "
-        f"{report['traffic']['bytes_up'] / 1e6:.2f} MB up / {report['traffic']['bytes_down'] / 1e6:.2f} MB down, "
-        f"{report['wall_seconds']:.1f} s, est. {report['energy']['estimate_joules']['total']:.1f} J "
-        f"({report['energy']['device_profile']}, {report['energy']['link_profile']}); "
-        f"report: {args.report}"
-    )
+    report = train(_train_options(args, metrics))
+    print(_summary(args, report))
     if metrics is not None and args.metrics_linger > 0:
         import time
 
         time.sleep(args.metrics_linger)
     return 0
+
+
+def _train_options(args: TrainSettings, metrics: Any) -> Any:
+    """run.TrainOptions: every field named like a setting is copied, the others derived here."""
+    import dataclasses
+
+    from edge_agent.model_store import default_checkpoint_dir
+    from edge_agent.run import TrainOptions
+    from splitkd.data.partition import parse_shard
+
+    derived = {
+        "shard": parse_shard(args.shard) if args.shard else None,
+        "progress": not args.no_progress,
+        "plots": not args.no_plots,
+        "metrics": metrics,
+        "checkpoint_dir": args.checkpoint_dir or default_checkpoint_dir(args.device_id),
+        "security": security.EdgeSecurity.from_options(args),
+    }
+    same = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(TrainOptions)
+        if f.name in TrainSettings.model_fields and f.name not in derived
+    }
+    return TrainOptions(**same, **derived)
+
+
+def _summary(args: TrainSettings, report: dict[str, Any]) -> str:
+    student, traffic, energy = report["student"], report["traffic"], report["energy"]
+    return (
+        f"{args.device_id}: student {student['name']} v{student['version']} accuracy {student['accuracy']:.4f} "
+        f"(onnxruntime, {report['data']['heldout_samples']} held-out samples), {report['steps']} steps, "
+        f"{traffic['bytes_up'] / 1e6:.2f} MB up / {traffic['bytes_down'] / 1e6:.2f} MB down, "
+        f"{report['wall_seconds']:.1f} s, est. {energy['estimate_joules']['total']:.1f} J "
+        f"({energy['device_profile']}, {energy['link_profile']}); report: {args.report}"
+    )
 
 
 def _serve(args: ServeSettings) -> int:

@@ -18,7 +18,8 @@ there, such as ``ProfileOptions``)::
 
 That gives ``--keep-versions``, ``SPLITKD_KEEP_VERSIONS`` and the config key
 ``keep_versions``, validated as an int, in ``--help`` with its variable and default;
-the command's handler reads ``options.keep_versions``. A ``bool`` field becomes a
+the command's handler reads ``options.keep_versions`` (for ``splitkd-edge train``, a field
+named like a field of ``edge_agent.run.TrainOptions`` is passed on to it unasked). A ``bool`` field becomes a
 ``store_true`` flag (``fresh: bool = option(False, "...")`` gives ``--fresh``), a
 ``Literal["a", "b"]`` field a flag with choices, ``option(help="...")`` with no default a
 required option. ``flag="--json"`` names a flag unlike the field, ``group=`` a --help

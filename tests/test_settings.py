@@ -250,3 +250,14 @@ def test_every_option_has_help_and_the_configuration_page_is_current() -> None:
 def test_settings_errors_are_splitkd_errors() -> None:
     with pytest.raises(SettingsError, match="--version: Input should be a valid integer"):
         EDGE.parse(["pull", "--cloud-http", "http://c", "--model", "m", "--version", "x"])
+
+
+def test_train_settings_reach_the_training_run(tmp_path: Path) -> None:
+    """A setting named like a run.TrainOptions field is passed on with no extra code."""
+    from edge_agent.cli import _train_options
+
+    argv = [*TRAIN, "--fresh", "--epochs", "7", "--no-plots", "--shard", "1/2"]
+    options = _train_options(EDGE.parse([*argv, "--retry-seconds", "9"])[2], None)  # type: ignore[arg-type]
+    assert (options.fresh, options.epochs, options.retry_seconds) == (True, 7, 9.0)
+    assert not options.plots and options.progress and options.shard is not None
+    assert options.cloud == "c:1" and options.checkpoint_dir.name == options.device_id
