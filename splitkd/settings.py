@@ -180,7 +180,8 @@ def _describe(
         source = f"{where}: {name}"
     else:
         source = f"{flag} (default)"
-    got = "" if "credential" in name else f" (got {error.get('input')!r})"  # never echo secrets
+    secret = "credential" in name or "token" in name
+    got = "" if secret else f" (got {error.get('input')!r})"  # never echo secrets
     return f"{source}: {message}{got}"
 
 
