@@ -71,6 +71,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     _training_options(serve)
     serve.add_argument(
+        "--keep-versions",
+        type=int,
+        default=int(env("KEEP_VERSIONS", "5") or 5),
+        help="newest versions of each model kept in the registry; older ones are deleted when a "
+        "new one is published (SPLITKD_KEEP_VERSIONS; default %(default)s; 0 = keep all)",
+    )
+    serve.add_argument(
         "--max-message-mb", type=float, default=16.0, help="largest gRPC message accepted (MiB)"
     )
     serve.add_argument(
@@ -187,7 +194,7 @@ def _serve(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     service = CloudService(
         teacher,
-        ModelRegistry(args.state_dir / "models"),
+        ModelRegistry(args.state_dir / "models", keep_versions=args.keep_versions),
         SessionStore(idle_timeout=args.session_timeout),
         CloudConfig(student_cut=args.student_cut, teacher_cut=args.teacher_cut, hyper=hyper),
         checkpoints=SessionCheckpoints(args.state_dir / "sessions"),

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import Message
 
+from cloud_service.limits import MAX_SESSION_ID
 from cloud_service.metrics import CloudMetrics
 from cloud_service.registry import ModelRecord
 from cloud_service.service import CloudService
@@ -66,6 +67,8 @@ def _rpc(method: F) -> F:
 def _require_session_id(session_id: str) -> None:
     if not session_id:
         raise InvalidArgument("session_id is empty; call Register first")
+    if len(session_id) > MAX_SESSION_ID:
+        raise InvalidArgument(f"session_id of {len(session_id)} characters is not a session id")
 
 
 def model_info(record: ModelRecord) -> pb.ModelInfo:
@@ -92,6 +95,11 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
         self, request: pb.RegisterRequest, context: grpc.ServicerContext
     ) -> pb.RegisterResponse:
         sig = request.signature
+        if len(sig.input_shape) > 3:
+            raise InvalidArgument(
+                f"input shape of {len(sig.input_shape)} dimensions is not supported: use features "
+                "(F), sequences (C, L) or images (C, H, W)"
+            )
         signature = DatasetSignature(tuple(sig.input_shape), sig.num_classes, sig.name)
         session = self.service.register(
             request.device_id,
@@ -124,7 +132,8 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
     @_rpc
     def Step(self, request: pb.StepRequest, context: grpc.ServicerContext) -> pb.StepResponse:
         _require_session_id(request.session_id)
-        session = self.service.sessions.get(request.session_id)
+        # Lookup and rate limit first: a refused call costs no decoding.
+        session = self.service.admit(request.session_id)
         student = codec.decode(
             request.student_activations,
             what="student_activations",
@@ -154,8 +163,8 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
         labels = codec.decode(
             request.labels, what="labels", dtypes=(pb.DTYPE_INT64,), shape=(None,)
         )
-        result = self.service.step(
-            request.session_id, request.step, student, teacher, labels, next_teacher
+        result = self.service.apply_step(
+            session, request.step, student, teacher, labels, next_teacher
         )
         if result.next_teacher_accepted and not result.replayed:
             # Once the answer is sent: the teacher tail then runs while the edge works.
@@ -176,7 +185,7 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
         self, request: pb.EvaluateRequest, context: grpc.ServicerContext
     ) -> pb.EvaluateResponse:
         _require_session_id(request.session_id)
-        session = self.service.sessions.get(request.session_id)
+        session = self.service.admit(request.session_id)
         student = codec.decode(
             request.student_activations,
             what="student_activations",
@@ -184,7 +193,7 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
             shape=(None, *session.student_activation_shape),
             finite=True,
         )
-        logits = self.service.evaluate(request.session_id, student)
+        logits = self.service.apply_evaluate(session, student)
         return pb.EvaluateResponse(logits=codec.encode(logits, pb.DTYPE_FLOAT32))
 
     @_rpc
