@@ -129,7 +129,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--fresh",
         action="store_true",
-        help="start a new session even if a checkpoint of an unfinished one exists",
+        help="end the saved unfinished session: discard this device's checkpoints of it (only "
+        "the files splitkd wrote in --checkpoint-dir) and register a new one",
     )
     train.add_argument(
         "--retry-seconds",

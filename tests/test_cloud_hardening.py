@@ -20,7 +20,9 @@ from cloud_service.registry import ModelRegistry
 from cloud_service.server import build_grpc_server
 from cloud_service.service import CloudConfig, CloudService
 from cloud_service.sessions import SessionStore
+from edge_agent.checkpoints import EdgeCheckpoints
 from edge_agent.client import CloudClient
+from edge_agent.run import _resume_saved
 from splitkd import checkpoint
 from splitkd.errors import FailedPrecondition, InvalidArgument, NotFound
 from splitkd.hyper import Hyperparameters
@@ -112,6 +114,14 @@ def test_a_device_at_its_session_cap_gives_up_its_oldest_idle_session(tmp_path: 
         service.sessions.get(crashed[0])
     assert service.sessions.get(crashed[1]).next_step == 2
     wait_until(lambda: crashed[0] not in session_folders(tmp_path), "its files are removed")
+
+
+def test_fresh_discards_the_saved_session_before_registering(tmp_path: Path) -> None:
+    store = EdgeCheckpoints(tmp_path / "edge")
+    identity = {"cloud": "c", "data": "digits", "shard": "0/1", "device_id": "pi-1"}
+    store.start({**identity, "session_id": "0" * 32})
+    assert _resume_saved(None, store, identity, fresh=True) == (None, None)  # type: ignore[arg-type]
+    assert store.session() is None
 
 
 # --- 2. Torn and mismatched cloud checkpoints ----------------------------------------------------
