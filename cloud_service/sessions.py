@@ -188,6 +188,8 @@ class SessionStore:
     def _run_dropped(self) -> None:
         """``on_expire`` for sessions dropped meanwhile, outside the lock: deleting
         files must not stall every other RPC's session lookup."""
+        if not self._dropped:  # the common case, without taking the lock again
+            return
         with self._lock:
             dropped, self._dropped = self._dropped, []
         if self.on_expire is not None:

@@ -241,6 +241,10 @@ def test_a_corrupt_device_registry_is_one_line_at_start_up_and_no_path_in_answer
     client = TestClient(create_app(server.service, CloudSecurity(None, server.devices)))
     health = client.get("/healthz")
     assert health.status_code == 200 and str(tmp_path) not in health.text
+    # A registry that was never read well refuses everyone (fails closed).
+    never_good = DeviceRegistry.in_state_dir(tmp_path / "state")
+    assert never_good.has_entries()
+    assert never_good.verify("a", "anything").name == "UNKNOWN"
 
 
 def test_tls_options_fail_fast_with_actionable_messages(certs: Path, tmp_path: Path) -> None:
