@@ -66,6 +66,9 @@ class SessionCheckpoints:
             "model_name": session.model_name,
             "device_profile": session.device_profile,
             "link_profile": session.link_profile,
+            # Written at the first step. Folders of older versions lack it; those with
+            # nothing past step 0 may be a flood of bare registrations (see _load).
+            "trained": True,
         }
         folder = self._folder(session.session_id)
         folder.mkdir(parents=True, exist_ok=True)
@@ -117,6 +120,8 @@ class SessionCheckpoints:
             raise Unrestorable("session.json names another session")
         if meta.get("finished_version") is not None:
             raise Unrestorable("it finished; its student is published")
+        if not meta.get("trained") and checkpoint.available_steps(folder) in ([], [0]):
+            raise Unrestorable("it never trained (saved at registration by an older splitkd)")
         if spec != teacher_spec:
             raise ValueError("it was trained against another teacher")
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import threading
 import time
@@ -70,6 +71,22 @@ def test_registrations_without_a_step_hold_no_capacity_and_no_files(tmp_path: Pa
     assert session_folders(tmp_path) == [honest.session_id]
     restarted = durable_service(tmp_path)
     assert [s.session_id for s in restarted.sessions.all()] == [honest.session_id]
+
+
+def test_registrations_saved_by_an_older_cloud_are_not_restored(tmp_path: Path) -> None:
+    service = durable_service(tmp_path)
+    bare, trained = (service.register(f"pi-{i}", DIGITS) for i in range(2))
+    apply_steps(service, trained.session_id, 1)
+    assert service.checkpoints is not None
+    service.checkpoints.save_meta(bare)  # what an older cloud wrote at every Register
+    service.checkpoints.save_state(bare.session_id, bare.snapshots[0])
+    meta = tmp_path / "sessions" / bare.session_id / "session.json"
+    meta.write_text(
+        json.dumps({k: v for k, v in json.loads(meta.read_text()).items() if k != "trained"})
+    )
+    restarted = durable_service(tmp_path)
+    assert [s.session_id for s in restarted.sessions.all()] == [trained.session_id]
+    assert session_folders(tmp_path) == [trained.session_id]
 
 
 def test_the_edge_retries_register_while_the_cloud_is_full(tmp_path: Path) -> None:
