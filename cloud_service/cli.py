@@ -67,7 +67,7 @@ def _serve(args: ServeSettings) -> int:
     torch.set_num_threads(1)
     service = CloudService(
         teacher,
-        ModelRegistry(args.state_dir / "models"),
+        ModelRegistry(args.state_dir / "models", keep_versions=args.keep_versions),
         SessionStore(idle_timeout=args.session_timeout),
         CloudConfig(student_cut=args.student_cut, teacher_cut=args.teacher_cut, hyper=hyper),
         checkpoints=SessionCheckpoints(args.state_dir / "sessions"),

@@ -82,7 +82,10 @@ class CloudSecurity:
             return []
         return [
             AuthInterceptor(
-                self.authenticator, CloudLookup(service), refusal_counter(service.metrics.registry)
+                self.authenticator,
+                CloudLookup(service),
+                refusal_counter(service.metrics.registry),
+                bind_certificate=self.tls is not None and self.tls.require_client_cert,
             )
         ]
 

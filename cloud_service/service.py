@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 
 from cloud_service.checkpoints import SessionCheckpoints
-from cloud_service.limits import RateLimiter
+from cloud_service.limits import RateLimiter, check_free_text, check_label, shown
 from cloud_service.metrics import CloudMetrics
 from cloud_service.registry import ModelRecord, ModelRegistry
 from cloud_service.session import Session, StepResult
 from cloud_service.sessions import SessionStore
 from cloud_service.teacher import Teacher
-from splitkd.errors import FailedPrecondition, InvalidArgument, SplitKDError
+from splitkd.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, SplitKDError
 from splitkd.hyper import Hyperparameters
 from splitkd.models import zoo
 from splitkd.models.spec import ModelSpec
@@ -69,14 +69,21 @@ class CloudService:
         self.limiter = limiter or RateLimiter()
         if checkpoints is not None:
             sessions.on_expire = lambda session: checkpoints.remove(session.session_id)
-            for restored in checkpoints.load_all(teacher.spec, teacher.model):
-                self.sessions.add(restored)
-                log.info(
-                    "session %s… of %s restored at step %d",
-                    restored.session_id[:8],
-                    restored.device_id,
-                    restored.next_step,
-                )
+            self._restore(checkpoints)
+
+    def _restore(self, checkpoints: SessionCheckpoints) -> None:
+        for restored in checkpoints.load_all(self.teacher.spec, self.teacher.model):
+            try:
+                self.sessions.restore(restored)
+            except ResourceExhausted as exc:
+                log.warning("session %s… not restored: %s", restored.session_id[:8], exc)
+                continue
+            log.info(
+                "session %s… of %s restored at step %d",
+                restored.session_id[:8],
+                restored.device_id,
+                restored.next_step,
+            )
 
     def register(
         self,
@@ -89,8 +96,11 @@ class CloudService:
     ) -> Session:
         if not _DEVICE_ID.fullmatch(device_id):
             raise InvalidArgument(
-                f"device id {device_id!r} must be 1-64 letters, digits, '.', '_' or '-'"
+                f"device id {shown(device_id)} must be 1-64 letters, digits, '.', '_' or '-'"
             )
+        check_label(device_profile, "device profile")
+        check_label(link_profile, "link profile")
+        check_free_text(signature.name, "the data set's name")
         if requested_epochs < 0:
             raise InvalidArgument(f"requested epochs must be >= 0, got {requested_epochs}")
         self.teacher.check_serves(signature)
@@ -109,16 +119,21 @@ class CloudService:
             device_profile=device_profile,
             link_profile=link_profile,
         )
+        # Pending until its first step: holds no capacity, nothing on disk (sessions.py).
         self.sessions.add(session)
-        if self.checkpoints is not None:
-            self.checkpoints.save_meta(session)
-            self.checkpoints.save_state(session.session_id, session.snapshots[0])
         log.info(
             "session %s… registered for device %s (%s)",
             session.session_id[:8],
             device_id,
             signature.describe(),
         )
+        return session
+
+    def admit(self, session_id: str, what: str = "steps") -> Session:
+        """The session, once the caller's rate limit allows one more call: the
+        servicer asks this before it decodes a single tensor."""
+        session = self.sessions.get(session_id)
+        self.limiter.acquire(session.device_id, what)
         return session
 
     def step(
@@ -131,11 +146,29 @@ class CloudService:
         next_teacher_act: np.ndarray | None = None,
         kd_alpha: float | None = None,
     ) -> StepResult:
+        session = self.admit(session_id)
+        return self.apply_step(
+            session, step, student_act, teacher_act, labels, next_teacher_act, kd_alpha
+        )
+
+    def apply_step(
+        self,
+        session: Session,
+        step: int,
+        student_act: np.ndarray,
+        teacher_act: np.ndarray | None,
+        labels: np.ndarray,
+        next_teacher_act: np.ndarray | None = None,
+        kd_alpha: float | None = None,
+    ) -> StepResult:
+        """A step of an admitted session (see :meth:`admit`)."""
         if kd_alpha is not None and not 0.0 <= kd_alpha <= 1.0:
             raise InvalidArgument(f"kd_alpha must be in [0, 1], got {kd_alpha}")
-        session = self.sessions.get(session_id)
-        self.limiter.acquire(session.device_id, "steps")
         with session.lock:
+            if self.sessions.activate(session) and self.checkpoints is not None:
+                # It trains now: from here a restart must be able to resume it.
+                self.checkpoints.save_meta(session)
+                self.checkpoints.save_state(session.session_id, session.snapshots[0])
             result = session.step(
                 step, student_act, teacher_act, labels, next_teacher_act, kd_alpha
             )
@@ -202,8 +235,11 @@ class CloudService:
         self, session_id: str, activations: np.ndarray, *, teacher: bool = False
     ) -> np.ndarray:
         """Logits of the student's tail, or with ``teacher`` of the teacher's tail."""
-        session = self.sessions.get(session_id)
-        self.limiter.acquire(session.device_id, "steps")
+        return self.apply_evaluate(self.admit(session_id), activations, teacher=teacher)
+
+    def apply_evaluate(
+        self, session: Session, activations: np.ndarray, *, teacher: bool = False
+    ) -> np.ndarray:
         with session.lock:
             if teacher:
                 return session.evaluate_teacher(activations)
@@ -218,6 +254,11 @@ class CloudService:
                 raise FailedPrecondition(
                     f"the edge applied {steps} steps but the cloud applied {session.next_step}; "
                     "resume training before finishing"
+                )
+            if session.next_step == 0:
+                raise FailedPrecondition(
+                    "no training step was applied in this session: an untrained student is not "
+                    "published; train first"
                 )
             student = session.assemble(head_state)
             # Export is CPU-heavy and rare: one at a time keeps steps of other sessions flowing.
@@ -235,7 +276,8 @@ class CloudService:
                 )
             session.finished_version = record.version
             if self.checkpoints is not None:
-                self.checkpoints.save_meta(session)
+                # Published: nothing left to resume, so nothing kept on disk.
+                self.checkpoints.remove(session.session_id)
             self.metrics.models_published.inc()
             log.info(
                 "session %s… finished: %s v%d (%d bytes)",

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import Message
 
+from cloud_service.limits import MAX_SESSION_ID
 from cloud_service.metrics import CloudMetrics
 from cloud_service.registry import ModelRecord
 from cloud_service.service import CloudService
@@ -66,6 +67,8 @@ def _rpc(method: F) -> F:
 def _require_session_id(session_id: str) -> None:
     if not session_id:
         raise InvalidArgument("session_id is empty; call Register first")
+    if len(session_id) > MAX_SESSION_ID:
+        raise InvalidArgument(f"session_id of {len(session_id)} characters is not a session id")
 
 
 def model_info(record: ModelRecord) -> pb.ModelInfo:
@@ -92,6 +95,11 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
         self, request: pb.RegisterRequest, context: grpc.ServicerContext
     ) -> pb.RegisterResponse:
         sig = request.signature
+        if len(sig.input_shape) > 3:
+            raise InvalidArgument(
+                f"input shape of {len(sig.input_shape)} dimensions is not supported: use features "
+                "(F), sequences (C, L) or images (C, H, W)"
+            )
         signature = DatasetSignature(tuple(sig.input_shape), sig.num_classes, sig.name)
         session = self.service.register(
             request.device_id,
@@ -126,7 +134,8 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
     @_rpc
     def Step(self, request: pb.StepRequest, context: grpc.ServicerContext) -> pb.StepResponse:
         _require_session_id(request.session_id)
-        session = self.service.sessions.get(request.session_id)
+        # Lookup and rate limit first: a refused call costs no decoding.
+        session = self.service.admit(request.session_id)
         student = codec.decode(
             request.student_activations,
             what="student_activations",
@@ -157,8 +166,8 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
             request.labels, what="labels", dtypes=(pb.DTYPE_INT64,), shape=(None,)
         )
         kd_alpha = request.kd_alpha if request.HasField("kd_alpha") else None
-        result = self.service.step(
-            request.session_id, request.step, student, teacher, labels, next_teacher, kd_alpha
+        result = self.service.apply_step(
+            session, request.step, student, teacher, labels, next_teacher, kd_alpha
         )
         if result.next_teacher_accepted and not result.replayed:
             # Once the answer is sent: the teacher tail then runs while the edge works.
@@ -179,7 +188,7 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
         self, request: pb.EvaluateRequest, context: grpc.ServicerContext
     ) -> pb.EvaluateResponse:
         _require_session_id(request.session_id)
-        session = self.service.sessions.get(request.session_id)
+        session = self.service.admit(request.session_id)
         teacher = request.HasField("teacher_activations")
         if teacher == request.HasField("student_activations"):
             raise InvalidArgument("set exactly one of student_activations and teacher_activations")
@@ -188,7 +197,7 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
         activations = codec.decode(
             getattr(request, what), what=what, dtypes=FLOATS, shape=(None, *shape), finite=True
         )
-        logits = self.service.evaluate(request.session_id, activations, teacher=teacher)
+        logits = self.service.apply_evaluate(session, activations, teacher=teacher)
         return pb.EvaluateResponse(logits=codec.encode(logits, pb.DTYPE_FLOAT32))
 
     @_rpc

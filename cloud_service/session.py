@@ -6,6 +6,7 @@ these methods, so the logic is tested in-process and the wire separately.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import time
@@ -72,8 +73,9 @@ class Session:
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _optimizer: torch.optim.Optimizer | None = field(default=None, repr=False)
     _last: StepResult | None = field(default=None, repr=False)
-    # The last step's inputs (read-only views on its request), to recognise a retry.
-    _last_inputs: tuple[np.ndarray | None, ...] = field(default=(), repr=False)
+    # The last step's inputs, to recognise a retry: copies or digests, never views
+    # that would keep a whole request (up to the message limit) alive per session.
+    _last_inputs: tuple[object, ...] = field(default=(), repr=False)
     _student_shape: tuple[int, ...] = ()
     _teacher_shape: tuple[int, ...] = ()
     # Restorable states by step: step 0 and the latest few multiples of
@@ -184,7 +186,7 @@ class Session:
         """
         inputs = (student_act, teacher_act, labels, next_teacher_act)
         if self._last is not None and step == self._last.step:
-            if _same(inputs, self._last_inputs):
+            if _fingerprint(inputs) == self._last_inputs:
                 return StepResult(**{**self._last.__dict__, "replayed": True})
             raise FailedPrecondition(f"step {step} was already applied with different data")
         if self.finished_version is not None:
@@ -240,10 +242,15 @@ class Session:
         correct = int((student_logits.detach().argmax(dim=1).numpy() == labels).sum())
         self.times = SessionTimes(teacher_seconds, time.perf_counter() - student_started)
         self._prefetch = None
-        self._ahead = None if next_teacher_act is None else (step + 1, next_teacher_act)
+        # Kept until the next step: a copy (not a view on the request), and only for a
+        # batch the session's own batch size allows, which bounds what one peer holds here.
+        keep_ahead = (
+            next_teacher_act is not None and next_teacher_act.shape[0] <= self.hyper.batch_size
+        )
+        self._ahead = (step + 1, np.array(next_teacher_act)) if keep_ahead else None
 
         result = StepResult(
-            next_teacher_accepted=next_teacher_act is not None,
+            next_teacher_accepted=keep_ahead,
             step=step,
             gradient=cut.grad.numpy(),
             loss=float(loss.total.detach()),
@@ -251,7 +258,7 @@ class Session:
             ce_loss=float(loss.ce.detach()),
             correct=correct,
         )
-        self._last, self._last_inputs = result, inputs
+        self._last, self._last_inputs = result, _fingerprint(inputs)
         self.next_step = step + 1
         return result
 
@@ -316,18 +323,23 @@ class Session:
         return self.student.part_shapes(0, self.student_cut)
 
 
-def _same(a: tuple[np.ndarray | None, ...], b: tuple[np.ndarray | None, ...]) -> bool:
-    """Same arrays, element for element: a retry of the last step, not new data.
+# Inputs up to this size are kept as bytes (a copy costs microseconds); larger
+# ones as a digest, so a retry is still recognised without holding megabytes.
+_COPY_LIMIT = 256 * 1024
 
-    Compared only when a step number repeats, so the common path costs nothing
-    (hashing every step's 100 kB cost ~3 % of a step).
+
+def _fingerprint(arrays: tuple[np.ndarray | None, ...]) -> tuple[object, ...]:
+    """What identifies a step's inputs: a retry of the last step has the same.
+
+    Computed once per step and compared only when a step number repeats.
     """
-    if len(a) != len(b):
-        return False
-    for x, y in zip(a, b, strict=True):
-        if x is None or y is None:
-            if x is not y:
-                return False
-        elif x.dtype != y.dtype or x.shape != y.shape or not np.array_equal(x, y):
-            return False
-    return True
+    return tuple(
+        None if a is None else (a.dtype.str, a.shape, _content(np.ascontiguousarray(a)))
+        for a in arrays
+    )
+
+
+def _content(array: np.ndarray) -> bytes:
+    if array.nbytes <= _COPY_LIMIT:
+        return array.tobytes()
+    return hashlib.blake2b(array.data).digest()

@@ -67,6 +67,11 @@ class ServeSettings(CloudSecurityOptions, TrainingOptions, StateDirOptions):
         f"train the teacher at start-up on this data: {DATA} (unused with --teacher)",
         exclusive="teacher",
     )
+    keep_versions: int = option(
+        5,
+        "newest versions of each model kept in the registry; older ones are deleted when a new "
+        "one is published (0 = keep all)",
+    )
     max_message_mb: float = option(16.0, "largest gRPC message accepted (MiB)")
     session_timeout: float = option(900.0, "seconds of silence after which a session expires")
     max_steps_per_second: float = option(

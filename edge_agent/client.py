@@ -42,6 +42,10 @@ _TRANSIENT = (
     grpc.StatusCode.DEADLINE_EXCEEDED,
     grpc.StatusCode.CANCELLED,
 )
+# Register is also retried when the cloud is full (RESOURCE_EXHAUSTED): a refused
+# Register created nothing, and a lost one only leaves a session that holds no
+# capacity on the cloud until it is evicted (cloud_service/sessions.py).
+_REGISTER_RETRY = (*_TRANSIENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
 _WIRE_DTYPE = {pb.DTYPE_FLOAT32: "float32", pb.DTYPE_FLOAT16: "float16"}
 
 
@@ -166,7 +170,15 @@ class CloudClient:
         if self.on_traffic is not None:
             self.on_traffic(up + GRPC_FRAME_BYTES, down + GRPC_FRAME_BYTES)
 
-    def _call(self, method: str, call: Callable[[], T], *, idempotent: bool) -> T:
+    def _call(
+        self,
+        method: str,
+        call: Callable[[], T],
+        *,
+        idempotent: bool,
+        retry_on: tuple[grpc.StatusCode, ...] = _TRANSIENT,
+    ) -> T:
+        """``idempotent`` calls are retried on ``retry_on`` within ``retry_seconds``."""
         attempt = 0
         deadline = time.monotonic() + self.retry_seconds
         while True:
@@ -179,11 +191,12 @@ class CloudClient:
             except grpc.RpcError as exc:
                 code = exc.code()
                 details = exc.details() or ""
-                if idempotent and code in _TRANSIENT and time.monotonic() < deadline:
+                if idempotent and code in retry_on and time.monotonic() < deadline:
                     # Exponential backoff with full jitter, capped at 10 s: a fleet
                     # that lost the cloud at the same moment does not come back in
                     # lockstep, and a device notices a returning cloud quickly.
                     delay = random.uniform(0, min(10.0, 0.5 * 2**attempt))
+                    delay = min(delay, max(0.0, deadline - time.monotonic()))  # within the budget
                     log.warning(
                         "%s failed (%s: %s); retrying in %.1f s", method, code.name, details, delay
                     )
@@ -215,7 +228,10 @@ class CloudClient:
             requested_epochs=requested_epochs,
         )
         reply: pb.RegisterResponse = self._call(
-            "Register", lambda: self._stub.Register(request, timeout=self.timeout), idempotent=False
+            "Register",
+            lambda: self._stub.Register(request, timeout=self.timeout),
+            idempotent=True,
+            retry_on=_REGISTER_RETRY,
         )
         self._count(request.ByteSize(), reply.ByteSize())
         return _session_info(reply)

@@ -279,6 +279,16 @@ def _resume_saved(
 ) -> tuple[SessionInfo | None, checkpoint.TrainingState | None]:
     """The session this device was training when it stopped, rolled back to a common step."""
     saved = store.session()
+    if fresh and saved is not None:
+        # Discarded now, not only once the new Register succeeds: a run that then
+        # fails must not resume the abandoned session next time. The cloud lets
+        # the abandoned one go when this device reaches its session cap.
+        log.warning(
+            "--fresh: abandoning session %s…; its checkpoints in %s are discarded",
+            str(saved.get("session_id", ""))[:8],
+            store.folder,
+        )
+        store.clear()
     if fresh or saved is None:
         return None, None
     if any(saved.get(key) != value for key, value in identity.items()):

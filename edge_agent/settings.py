@@ -82,7 +82,9 @@ class TrainSettings(ClientSecurityOptions, ProfileOptions, DeviceOptions, ModelD
         shown_default="$XDG_STATE_HOME/splitkd/DEVICE_ID",
     )
     fresh: bool = option(
-        False, "start a new session even if a checkpoint of an unfinished one exists"
+        False,
+        "end the saved unfinished session: discard this device's checkpoints of it (only the "
+        "files splitkd wrote in --checkpoint-dir) and register a new one",
     )
     retry_seconds: float = option(
         300.0, "keep retrying an unreachable cloud for this long before giving up"
