@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help venv demo fleet-demo test lint typecheck unit proto proto-check bench loadtest testbed compose-check clean
+.PHONY: help venv demo fleet-demo test lint typecheck unit proto proto-check config-doc bench loadtest testbed compose-check clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -28,7 +28,7 @@ demo: $(STAMP) ## cloud + two edges on digits, split KD, ONNX, report in runs/la
 fleet-demo: $(STAMP) ## 4 non-IID edges learn one student together: split and federated cohorts vs references
 	$(BIN)/python -m splitkd.fleet_demo $(FLEET_ARGS)
 
-test: $(STAMP) proto-check lint typecheck unit ## everything CI runs: protos, ruff, mypy, pytest
+test: $(STAMP) proto-check lint typecheck unit ## everything CI runs: protos, config page, ruff, mypy, pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -44,9 +44,13 @@ proto: $(STAMP) ## regenerate splitkd/v1 from protos/ (commit the result)
 	  --mypy_out=. --mypy_grpc_out=. protos/splitkd/v1/splitkd.proto
 	$(BIN)/python scripts/protocol_doc.py
 
-proto-check: $(STAMP) ## fail when the committed stubs drift from the .proto
+proto-check: $(STAMP) ## fail when the committed stubs or docs drift from the .proto or the settings
 	$(BIN)/python scripts/check_protos.py
 	$(BIN)/python scripts/protocol_doc.py --check
+	$(BIN)/python scripts/config_doc.py --check
+
+config-doc: $(STAMP) ## regenerate docs/CONFIGURATION.md from the settings classes (commit the result)
+	$(BIN)/python scripts/config_doc.py
 
 bench: $(STAMP) ## split step vs in-process step, wire bytes vs raw tensor bytes
 	$(BIN)/python -m benchmarks.step_bench

@@ -7,11 +7,15 @@ gRPC interceptor and the HTTP API both ask :class:`DeviceAuthenticator`:
 * no or malformed credentials, an unknown device, a wrong credential:
   UNAUTHENTICATED (the answer does not say which, to not reveal enrolled names);
 * the right credential of a revoked device: PERMISSION_DENIED;
-* a device asking for what is not its own: PERMISSION_DENIED. A request that
-  names a session (any ``session_id`` field, so Step, Evaluate, Finish, Resume,
-  Heartbeat and RPCs added later alike) must come from the session's device;
-  Register must register the caller itself; a model can be downloaded only by
-  the device it was trained for.
+* Register for another device than the caller: PERMISSION_DENIED;
+* another device's session or model: NOT_FOUND, the very answer a session or
+  model that does not exist gets, so names and versions cannot be enumerated.
+  A request that names a session (any ``session_id`` field, so Step, Evaluate,
+  Finish, Resume, Heartbeat and RPCs added later alike) must come from the
+  session's device; a model can be downloaded only by the device it was
+  trained for;
+* with mutual TLS, a certificate issued to another device (its subject CN or
+  a DNS SAN is not the device's name): PERMISSION_DENIED.
 
 Authentication is on when the cloud runs with ``--require-auth`` or once any
 device is enrolled; otherwise every call passes (insecure development mode,
@@ -26,13 +30,15 @@ import logging
 import re
 import weakref
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter
 
 from cloud_service.devices import DeviceRegistry, Verdict
-from splitkd.errors import PermissionDenied, SplitKDError, Unauthenticated
+from cloud_service.limits import UNKNOWN_SESSION
+from cloud_service.registry import model_not_found
+from splitkd.errors import NotFound, PermissionDenied, SplitKDError, Unauthenticated
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +62,10 @@ def authenticated_device() -> str | None:
 
 class Revoked(PermissionDenied):
     """The right credential of a revoked device."""
+
+
+class Foreign(NotFound):
+    """Another device's session or model: answered as if it did not exist."""
 
 
 class SessionLookup(Protocol):
@@ -142,16 +152,30 @@ def check_access(method: str, request: Any, device: str, lookup: SessionLookup) 
     if isinstance(session_id, str) and session_id:
         owner = lookup.session_owner(session_id)
         if owner is not None and owner != device:
-            raise PermissionDenied(
-                f"session {session_id[:8]}… belongs to another device; device {device!r} may only "
-                "use its own sessions"
-            )
+            raise Foreign(UNKNOWN_SESSION)
     if method == "DownloadModel" and not lookup.may_read_model(
         device, request.name, request.version
     ):
+        raise Foreign(str(model_not_found(request.name, request.version)))
+
+
+def check_certificate(device: str, context: grpc.ServicerContext) -> None:
+    """With mutual TLS: the client certificate must name ``device`` (subject CN or DNS SAN).
+
+    gRPC has verified the chain up to --tls-ca; this binds the certificate to
+    the credential, so one device's key cannot carry another device's credential.
+    """
+    # Each key maps to a list of bytes values (grpc's typing says otherwise).
+    auth_context = cast(dict[str, list[bytes]], context.auth_context() or {})
+    names = {
+        value.decode(errors="replace")
+        for key in ("x509_common_name", "x509_subject_alternative_name")
+        for value in auth_context.get(key, [])
+    }
+    if device not in names:
         raise PermissionDenied(
-            f"model {request.name!r} belongs to another device; a device downloads only its "
-            "own students"
+            f"the client certificate was not issued to device {device!r}: each device connects "
+            "with its own certificate (splitkd-cloud certs --device NAME)"
         )
 
 
@@ -176,10 +200,14 @@ class AuthInterceptor(grpc.ServerInterceptor):
         authenticator: DeviceAuthenticator,
         lookup: SessionLookup,
         refusals: Counter | None = None,
+        *,
+        bind_certificate: bool = False,
     ) -> None:
+        """``bind_certificate``: mutual TLS is on, so the certificate must name the device."""
         self.authenticator = authenticator
         self.lookup = lookup
         self.refusals = refusals
+        self.bind_certificate = bind_certificate
 
     def intercept_service(
         self,
@@ -218,6 +246,8 @@ class AuthInterceptor(grpc.ServerInterceptor):
             device = self.authenticator.authenticate(
                 metadata.get(DEVICE_HEADER), metadata.get(AUTHORIZATION_HEADER)
             )
+            if device is not None and self.bind_certificate:
+                check_certificate(device, context)
             if device is not None and request is not None:
                 check_access(method, request, device, self.lookup)
         except SplitKDError as exc:
@@ -260,7 +290,7 @@ def _reason(exc: SplitKDError, metadata: dict[str, str]) -> str:
         return "missing" if missing else "unknown"
     if isinstance(exc, Revoked):
         return "revoked"
-    return "forbidden"
+    return "forbidden"  # PermissionDenied, and Foreign (answered NOT_FOUND)
 
 
 class CloudLookup:

@@ -1,8 +1,8 @@
 """``splitkd-cloud``: the cloud teacher service.
 
-Every option also reads an environment variable (``SPLITKD_`` + the option's
-name in capitals), so a container or a systemd unit configures it without
-flags.
+Each command's options are one settings class in :mod:`cloud_service.settings`:
+flags, ``SPLITKD_*`` variables (so a container or a systemd unit configures it
+without flags) and a config file, see :mod:`splitkd.settings`.
 """
 
 from __future__ import annotations
@@ -15,197 +15,23 @@ from pathlib import Path
 from typing import Any
 
 from cloud_service import admin_cli, security
-from splitkd.env import env
+from cloud_service.settings import ServeSettings, TrainTeacherSettings
 from splitkd.errors import SplitKDError
+from splitkd.settings import Command, Program
 
 log = logging.getLogger("splitkd.cloud")
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="splitkd-cloud",
-        description="The splitkd cloud: holds the teacher, finishes split-KD training steps for edge "
-        "devices over gRPC, exports the distilled student to ONNX and serves it over HTTP.",
-    )
+def _global_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-v", "--verbose", action="count", default=1, help="more log detail (-vv for debug)"
     )
     parser.add_argument(
         "-q", "--quiet", action="store_const", const=0, dest="verbose", help="warnings only"
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    serve = sub.add_parser("serve", help="run the gRPC training service and the HTTP API")
-    serve.add_argument(
-        "--host", default=env("HOST", "0.0.0.0"), help="address to listen on (SPLITKD_HOST)"
-    )
-    serve.add_argument(
-        "--grpc-port",
-        type=int,
-        default=int(env("GRPC_PORT", "50051") or 50051),
-        help="gRPC port for edge agents (SPLITKD_GRPC_PORT, default 50051)",
-    )
-    serve.add_argument(
-        "--http-port",
-        type=int,
-        default=int(env("HTTP_PORT", "8000") or 8000),
-        help="HTTP port: /healthz, /v1/models, /v1/sessions (SPLITKD_HTTP_PORT, default 8000)",
-    )
-    source = serve.add_mutually_exclusive_group()
-    source.add_argument(
-        "--teacher",
-        type=Path,
-        default=env("TEACHER"),
-        help="teacher checkpoint (.safetensors from 'splitkd-cloud train-teacher')",
-    )
-    source.add_argument(
-        "--teacher-data",
-        default=env("TEACHER_DATA", "digits"),
-        help="train the teacher at start-up on this data: digits, npz:PATH or csv:PATH "
-        "(default digits)",
-    )
-    serve.add_argument(
-        "--state-dir",
-        type=Path,
-        default=Path(env("STATE_DIR", ".splitkd-cloud") or "."),
-        help="where models and the trained teacher are kept (SPLITKD_STATE_DIR)",
-    )
-    _training_options(serve)
-    serve.add_argument(
-        "--max-message-mb", type=float, default=16.0, help="largest gRPC message accepted (MiB)"
-    )
-    serve.add_argument(
-        "--session-timeout",
-        type=float,
-        default=900.0,
-        help="seconds of silence after which a session expires",
-    )
-    serve.add_argument(
-        "--max-steps-per-second",
-        type=float,
-        default=float(env("MAX_STEPS_PER_SECOND", "400") or 400),
-        help="per device: more steps than this get RESOURCE_EXHAUSTED (SPLITKD_MAX_STEPS_PER_SECOND; "
-        "default %(default)s; 0 = no limit)",
-    )
-    _fleet_options(serve)
-    security.add_arguments(serve)
-
-    train = sub.add_parser(
-        "train-teacher", help="train a teacher on the cloud's presumed data and save it"
-    )
-    train.add_argument("--data", default="digits", help="digits, npz:PATH or csv:PATH")
-    train.add_argument("--out", type=Path, required=True, help="output .safetensors file")
-    train.add_argument(
-        "--presumed-fraction", type=float, default=None, help="share of the data the cloud keeps"
-    )
-    admin_cli.add_commands(sub)
-    return parser
 
 
-def _fleet_options(parser: argparse.ArgumentParser) -> None:
-    from splitkd.messages import COHORT_MODES, CohortConfig
-
-    d = CohortConfig()
-    group = parser.add_argument_group(
-        "fleets (defaults for cohorts; devices join with splitkd-edge train --cohort NAME)"
-    )
-    group.add_argument(
-        "--cohort-mode",
-        choices=COHORT_MODES,
-        default=env("COHORT_MODE", d.mode),
-        help="federated: devices train the whole small student locally, weights travel once per "
-        "round, the server model learns from them (KOALA); split: devices train through the "
-        f"split, heads and tails averaged per round (SPLITKD_COHORT_MODE, default {d.mode})",
-    )
-    group.add_argument(
-        "--cohort-min-devices",
-        type=int,
-        default=int(env("COHORT_MIN_DEVICES", str(d.min_devices)) or d.min_devices),
-        help=f"round 1 starts when this many devices joined (default {d.min_devices})",
-    )
-    group.add_argument(
-        "--rounds", type=int, default=d.rounds, help=f"rounds per cohort (default {d.rounds})"
-    )
-    group.add_argument(
-        "--local-epochs",
-        type=int,
-        default=d.local_epochs,
-        help=f"device epochs per round (default {d.local_epochs})",
-    )
-    group.add_argument(
-        "--round-timeout",
-        type=float,
-        default=d.round_timeout_seconds,
-        help="seconds after which a round closes with whoever delivered; stragglers never stall "
-        f"the fleet (default {d.round_timeout_seconds:.0f})",
-    )
-    group.add_argument(
-        "--cohort-config",
-        type=Path,
-        default=env("COHORT_CONFIG"),
-        help="TOML file with per-cohort overrides ([cohorts.NAME] mode, rounds, local_epochs, "
-        "min_devices, round_timeout, strategy, classes.CLASS.widths); see docs/FLEETS.md",
-    )
-    group.add_argument(
-        "--proxy-data",
-        default=env("PROXY_DATA"),
-        help="unlabelled inputs the server model and students exchange knowledge on in "
-        "federated cohorts: digits, npz:PATH or csv:PATH (labels ignored; default: the "
-        "teacher's presumed data)",
-    )
-
-
-def _training_options(parser: argparse.ArgumentParser) -> None:
-    from splitkd.data.partition import DEFAULT_PRESUMED_FRACTION
-    from splitkd.hyper import Hyperparameters
-
-    d = Hyperparameters()
-    group = parser.add_argument_group("training (sent to every edge with its session)")
-    group.add_argument(
-        "--presumed-fraction",
-        type=float,
-        default=DEFAULT_PRESUMED_FRACTION,
-        help="share of --teacher-data kept as the cloud's presumed data; edges given the same "
-        f"data never train on it (default {DEFAULT_PRESUMED_FRACTION})",
-    )
-    group.add_argument(
-        "--student-cut", type=int, default=1, help="student stages on the device (default 1)"
-    )
-    group.add_argument(
-        "--teacher-cut", type=int, default=1, help="frozen teacher stages on the device (default 1)"
-    )
-    group.add_argument(
-        "--epochs", type=int, default=d.epochs, help=f"default epochs per edge (default {d.epochs})"
-    )
-    group.add_argument("--batch-size", type=int, default=d.batch_size)
-    group.add_argument("--learning-rate", type=float, default=d.learning_rate)
-    group.add_argument("--optimizer", choices=["adam", "sgd"], default=d.optimizer)
-    group.add_argument(
-        "--kd-alpha", type=float, default=d.kd_alpha, help="weight of the KD term (default 0.9)"
-    )
-    group.add_argument(
-        "--kd-temperature",
-        type=float,
-        default=d.kd_temperature,
-        help="softmax temperature (default 4)",
-    )
-    group.add_argument("--seed", type=int, default=d.seed)
-    group.add_argument(
-        "--wire-dtype",
-        choices=["float32", "float16"],
-        default=d.wire_dtype,
-        help="dtype of activations and gradients on the wire",
-    )
-    group.add_argument(
-        "--checkpoint-every",
-        type=int,
-        default=d.checkpoint_every,
-        help="steps between session checkpoints on both sides; a fault repeats at most this many "
-        f"steps (default {d.checkpoint_every})",
-    )
-
-
-def _serve(args: argparse.Namespace) -> None:
+def _serve(args: ServeSettings) -> int:
     import torch
 
     from cloud_service.checkpoints import SessionCheckpoints
@@ -218,7 +44,7 @@ def _serve(args: argparse.Namespace) -> None:
     from splitkd.hyper import Hyperparameters
 
     # TLS files and the device registry are checked before minutes of teacher training.
-    cloud_security = security.CloudSecurity.from_args(args)
+    cloud_security = security.CloudSecurity.from_options(args, args.state_dir)
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     hyper = Hyperparameters(
         optimizer=args.optimizer,
@@ -232,7 +58,7 @@ def _serve(args: argparse.Namespace) -> None:
         checkpoint_every=args.checkpoint_every,
     )
     if args.teacher:
-        teacher: Any = Teacher.load(Path(args.teacher))
+        teacher = Teacher.load(Path(args.teacher))
         log.info("teacher loaded from %s: %s", args.teacher, teacher.spec.describe())
     else:
         teacher = train_teacher(args.teacher_data, presumed_fraction=args.presumed_fraction)
@@ -240,20 +66,18 @@ def _serve(args: argparse.Namespace) -> None:
     # Serving: each step's tensors are tiny, so intra-op threads cost more in
     # synchronisation than they give; sessions run in parallel on gRPC's pool.
     torch.set_num_threads(1)
-    teacher = TeacherVersions(teacher, args.state_dir / "teacher-versions")
     service = CloudService(
-        teacher,
-        ModelRegistry(args.state_dir / "models"),
+        TeacherVersions(teacher, args.state_dir / "teacher-versions"),
+        ModelRegistry(args.state_dir / "models", keep_versions=args.keep_versions),
         SessionStore(idle_timeout=args.session_timeout),
         CloudConfig(student_cut=args.student_cut, teacher_cut=args.teacher_cut, hyper=hyper),
         checkpoints=SessionCheckpoints(args.state_dir / "sessions"),
         limiter=RateLimiter(args.max_steps_per_second),
     )
-    fleet = _fleet(args, service)
     serve(
         service,
         ServeOptions(
-            fleet=fleet,
+            fleet=_fleet(args, service),
             host=args.host,
             grpc_port=args.grpc_port,
             http_port=args.http_port,
@@ -261,9 +85,10 @@ def _serve(args: argparse.Namespace) -> None:
             security=cloud_security,
         ),
     )
+    return 0
 
 
-def _fleet(args: argparse.Namespace, service: Any) -> Any:
+def _fleet(args: ServeSettings, service: Any) -> Any:
     """The cohorts' service, with the proxy inputs KOALA's knowledge transfer runs on."""
     from cloud_service.fleet.config import load_plans
     from cloud_service.fleet.service import FleetService, FleetSettings
@@ -283,7 +108,7 @@ def _fleet(args: argparse.Namespace, service: Any) -> Any:
     anchor = None
     if args.proxy_data:
         proxy = load_dataset(args.proxy_data).x
-    elif args.teacher_data and not args.teacher:
+    elif not args.teacher:
         anchor = cloud_split(load_dataset(args.teacher_data), args.presumed_fraction).train
         proxy = anchor.x
     else:
@@ -295,33 +120,46 @@ def _fleet(args: argparse.Namespace, service: Any) -> Any:
     )
 
 
-def _train_teacher(args: argparse.Namespace) -> None:
+def _train_teacher(args: TrainTeacherSettings) -> int:
     from cloud_service.teacher import train_teacher
-    from splitkd.data.partition import DEFAULT_PRESUMED_FRACTION
 
-    fraction = (
-        DEFAULT_PRESUMED_FRACTION if args.presumed_fraction is None else args.presumed_fraction
-    )
-    teacher = train_teacher(args.data, presumed_fraction=fraction)
+    teacher = train_teacher(args.data, presumed_fraction=args.presumed_fraction)
     teacher.save(args.out)
     print(
         f"teacher {teacher.spec.describe()}: {teacher.parameters} parameters, "
         f"held-out accuracy {teacher.accuracy:.4f}, saved to {args.out}"
     )
+    return 0
+
+
+PROGRAM = Program(
+    prog="splitkd-cloud",
+    description="The splitkd cloud: holds the teacher, finishes split-KD training steps for edge "
+    "devices over gRPC, exports the distilled student to ONNX and serves it over HTTP.",
+    global_options=_global_options,
+    commands=(
+        Command(
+            "serve", ServeSettings, _serve, help="run the gRPC training service and the HTTP API"
+        ),
+        Command(
+            "train-teacher",
+            TrainTeacherSettings,
+            _train_teacher,
+            help="train a teacher on the cloud's presumed data and save it",
+        ),
+        *admin_cli.COMMANDS,
+    ),
+    group_help=admin_cli.GROUP_HELP,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
     from splitkd.logs import configure
 
-    args = _parser().parse_args(argv)
-    configure(args.verbose)
     try:
-        if args.command == "serve":
-            _serve(args)
-        elif args.command in admin_cli.COMMANDS:
-            return admin_cli.run(args)
-        else:
-            _train_teacher(args)
+        args, command, options = PROGRAM.parse(argv)
+        configure(args.verbose)
+        return command.handler(options)
     except SplitKDError as exc:
         print(f"splitkd-cloud: error: {exc}", file=sys.stderr)
         return 2
@@ -330,7 +168,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-    return 0
 
 
 if __name__ == "__main__":

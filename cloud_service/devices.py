@@ -8,7 +8,10 @@ credential on every RPC cheap. A slow password hash would only be needed for
 secrets people choose.
 
 The running cloud re-reads the file when it changes, so ``devices revoke``
-takes effect at the next call without a restart.
+takes effect at the next call without a restart. A damaged file stops
+``splitkd-cloud serve`` and the ``devices`` commands with one line naming it;
+damaged while the cloud runs, it is logged and the last good copy stays in
+force (never a traceback, never the server's path in an answer to a device).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import fcntl
 import hashlib
 import hmac
 import json
-import os
+import logging
 import re
 import secrets
 import threading
@@ -29,8 +32,10 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from splitkd.atomic import write_bytes_atomic
 from splitkd.errors import FailedPrecondition, InvalidArgument, NotFound
 
+log = logging.getLogger(__name__)
 DEVICES_FILE = "devices.json"
 ENROLLED = "enrolled"
 REVOKED = "revoked"
@@ -71,9 +76,23 @@ def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _device(name: str, fields: Any) -> Device:
+    """One entry, checked: a hand-edited file must fail here, not in a later call."""
+    if not isinstance(fields, dict) or not all(isinstance(v, str) for v in fields.values()):
+        raise ValueError(f"entry {name[:64]!r} is not a set of text fields")
+    device = Device(**fields)
+    if device.name != name or device.state not in (ENROLLED, REVOKED):
+        raise ValueError(f"entry {name[:64]!r} has another name or an unknown state")
+    bytes.fromhex(device.salt)
+    if len(bytes.fromhex(device.digest)) != hashlib.sha256().digest_size:
+        raise ValueError(f"entry {name[:64]!r} has no SHA-256 digest")
+    return device
+
+
 def check_device_name(name: str) -> str:
     if not _NAME.fullmatch(name):
-        raise InvalidArgument(f"device name {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
+        shown = repr(name) if len(name) <= 64 else f"of {len(name)} characters"
+        raise InvalidArgument(f"device name {shown} must be 1-64 letters, digits, '.', '_' or '-'")
     return name
 
 
@@ -83,6 +102,7 @@ class DeviceRegistry:
         self._lock = threading.Lock()
         self._devices: dict[str, Device] = {}
         self._seen: tuple[int, int, int] | None = None
+        self._damaged = False
         # Checked when a device is unknown, so that unknown and wrong answer in the same time.
         self._decoy = Device("", REVOKED, secrets.token_hex(16), "0" * 64, "")
 
@@ -94,23 +114,31 @@ class DeviceRegistry:
 
     def _load_file(self) -> dict[str, Device]:
         try:
-            raw: dict[str, Any] = json.loads(self.path.read_text())
+            raw: Any = json.loads(self.path.read_text())
         except FileNotFoundError:
             return {}
         except (OSError, ValueError) as exc:
             raise FailedPrecondition(
                 f"cannot read the device registry {self.path}: {exc}"
             ) from None
-        devices = raw.get("devices", {})
-        if raw.get("format") != _FORMAT or not isinstance(devices, dict):
+        devices = raw.get("devices") if isinstance(raw, dict) else None
+        if (
+            not isinstance(raw, dict)
+            or raw.get("format") != _FORMAT
+            or not isinstance(devices, dict)
+        ):
             raise FailedPrecondition(f"{self.path} is not a splitkd device registry (format 1)")
         try:
-            return {name: Device(**fields) for name, fields in devices.items()}
-        except TypeError as exc:
+            return {name: _device(name, fields) for name, fields in devices.items()}
+        except (TypeError, ValueError) as exc:
             raise FailedPrecondition(f"{self.path}: malformed device entry ({exc})") from None
 
-    def _refresh(self) -> dict[str, Device]:
-        """The devices, re-read only when the file changed (one stat per call)."""
+    def _refresh(self, *, strict: bool = True) -> dict[str, Device]:
+        """The devices, re-read only when the file changed (one stat per call).
+
+        Not ``strict`` (authenticating a call): a damaged file is logged once and
+        the last good copy stays in force; a registry never read well denies all.
+        """
         try:
             stat = self.path.stat()
             # A new inode on every write (os.replace), so a change is never missed.
@@ -119,7 +147,14 @@ class DeviceRegistry:
             seen = None
         with self._lock:
             if seen != self._seen:
-                self._devices = self._load_file() if seen is not None else {}
+                try:
+                    self._devices = self._load_file() if seen is not None else {}
+                    self._damaged = False
+                except FailedPrecondition as exc:
+                    if strict:
+                        raise
+                    log.error("%s; the last good copy stays in force", exc)
+                    self._damaged = True
                 self._seen = seen
             return self._devices
 
@@ -128,11 +163,12 @@ class DeviceRegistry:
 
     def has_entries(self) -> bool:
         """True once any device was ever enrolled (revoked ones count: revoking the
-        last device must not switch authentication off)."""
-        return bool(self._refresh())
+        last device must not switch authentication off), or the file is damaged."""
+        devices = self._refresh(strict=False)
+        return bool(devices) or self._damaged
 
     def verify(self, name: str, credential: str) -> Verdict:
-        device = self._refresh().get(name)
+        device = self._refresh(strict=False).get(name)
         candidate = device or self._decoy
         matches = hmac.compare_digest(_digest(candidate.salt, credential), candidate.digest)
         if device is None or not matches:
@@ -155,12 +191,8 @@ class DeviceRegistry:
                 "hash": "sha256(salt + credential)",
                 "devices": {name: asdict(d) for name, d in sorted(devices.items())},
             }
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as handle:
-                json.dump(body, handle, indent=2)
-                handle.write("\n")
-            os.replace(tmp, self.path)
+            # fsynced and renamed; mkstemp makes the file 0600 (credential hashes inside).
+            write_bytes_atomic(self.path, (json.dumps(body, indent=2) + "\n").encode())
 
     def add(self, name: str, *, replace: bool = False) -> str:
         """Enroll ``name`` and return its new credential (the only time it is visible)."""

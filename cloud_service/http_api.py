@@ -6,7 +6,8 @@ import time
 from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Path, Response
-from fastapi.responses import FileResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse
 
 from cloud_service.http_auth import caller_dependency, owns_model, require_model
 from cloud_service.security import CloudSecurity
@@ -35,11 +36,26 @@ def create_app(
     service: CloudService, security: CloudSecurity | None = None, fleet: Any = None
 ) -> FastAPI:
     """``fleet``: a ``FleetService`` (cohorts), or None when the cloud runs none."""
-    app = FastAPI(title="splitkd cloud", version=__version__)
+    # The description is served by hand, below: only while authentication is off.
+    app = FastAPI(
+        title="splitkd cloud", version=__version__, docs_url=None, redoc_url=None, openapi_url=None
+    )
     started = time.time()
     # The calling device (None with authentication off): see cloud_service/http_auth.py.
     caller = Depends(caller_dependency(service, security))
     security_status = security.status if security is not None else CloudSecurity().status
+
+    def describe_only_without_auth() -> None:
+        if security is not None and security.auth_enabled():
+            raise HTTPException(status_code=404, detail="Not Found")
+
+    @app.get("/openapi.json", include_in_schema=False)
+    def openapi(_: None = Depends(describe_only_without_auth)) -> dict[str, Any]:
+        return app.openapi()
+
+    @app.get("/docs", include_in_schema=False)
+    def docs(_: None = Depends(describe_only_without_auth)) -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=app.title)
 
     @app.get("/metrics")
     def prometheus_metrics() -> Response:

@@ -2,9 +2,12 @@
 
 ``Authorization: Bearer CREDENTIAL`` and ``X-Splitkd-Device: NAME`` headers.
 With authentication on, the model and session endpoints answer a device
-about its own models and sessions only (401 without valid credentials, 403
-for another device's model); ``/healthz`` and ``/metrics`` stay open for
-health checks and Prometheus (they carry no secrets and no private data).
+about its own models and sessions only (401 without valid credentials; another
+device's model is answered 404 with the words of a model that does not exist,
+so names and versions cannot be enumerated); ``/healthz`` and ``/metrics``
+stay open for health checks and Prometheus (they carry no secrets and no
+private data). The API's description (``/docs``, ``/openapi.json``) is only
+served while authentication is off.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from cloud_service.auth import (
     Revoked,
     refusal_counter,
 )
+from cloud_service.registry import model_not_found
 from cloud_service.security import CloudSecurity
 from splitkd.errors import SplitKDError, Unauthenticated
 
@@ -67,6 +71,4 @@ def owns_model(service: Any, caller: str | None, name: str, version: int = 0) ->
 def require_model(service: Any, caller: str | None, name: str, version: int) -> None:
     if not owns_model(service, caller, name, version):
         refusal_counter(service.metrics.registry).labels(reason="forbidden").inc()
-        raise HTTPException(
-            403, f"model {name!r} belongs to another device; a device reads only its own students"
-        )
+        raise HTTPException(404, str(model_not_found(name, version)))

@@ -2,11 +2,44 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Callable
 
-from splitkd.errors import ResourceExhausted
+from splitkd.errors import InvalidArgument, ResourceExhausted
+
+# Names a device sends about itself (profiles, links): short tokens, shown in
+# logs, metrics and /v1/sessions, so never megabytes or control characters.
+_LABEL = re.compile(r"^[A-Za-z0-9._-]{0,64}$")
+MAX_FREE_TEXT = 256
+# Also the answer for another device's session (cloud_service/auth.py): the same words.
+UNKNOWN_SESSION = "unknown session; register again to get a new one"
+# A session id is 32 hex digits; anything much longer is not one.
+MAX_SESSION_ID = 64
+
+
+def shown(value: str, limit: int = 64) -> str:
+    """``value`` quoted for an error message, cut short: never echo a peer's megabytes."""
+    return repr(value) if len(value) <= limit else f"{value[:limit]!r}… ({len(value)} characters)"
+
+
+def check_label(value: str, what: str) -> str:
+    if not _LABEL.fullmatch(value):
+        raise InvalidArgument(
+            f"{what} {shown(value)} must be at most 64 letters, digits, '.', '_' or '-'"
+        )
+    return value
+
+
+def check_free_text(value: str, what: str) -> str:
+    """Informative text (e.g. a data set's name): bounded and printable."""
+    if len(value) > MAX_FREE_TEXT or not value.isprintable():
+        raise InvalidArgument(
+            f"{what} must be at most {MAX_FREE_TEXT} printable characters, got {shown(value)}"
+        )
+    return value
+
 
 # A default-model step takes ~5 ms on loopback, so an honest edge makes at most
 # ~200 steps/s; 400/s with a burst of 100 never touches one, and caps a runaway.

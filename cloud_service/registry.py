@@ -1,18 +1,30 @@
-"""Versioned model registry on disk: ``ROOT/NAME/VERSION/{model.onnx,metadata.json}``."""
+"""Versioned model registry on disk: ``ROOT/NAME/VERSION/{model.onnx,metadata.json}``.
+
+Each model keeps its newest ``keep_versions`` versions; older ones are pruned
+when a new one is published, deleting only the two files the registry wrote.
+"Not found" answers never say which versions exist: with authentication on,
+another device's model must look exactly like a model that does not exist.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import threading
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from splitkd.atomic import fsync_directory, write_bytes_atomic, write_json_atomic
 from splitkd.errors import InvalidArgument, NotFound
 
+log = logging.getLogger(__name__)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_FILES = ("model.onnx", "metadata.json")
+# Enough to roll a device back a few trainings; a registry must not grow forever.
+DEFAULT_KEEP_VERSIONS = 5
 
 
 @dataclass(frozen=True)
@@ -37,14 +49,25 @@ class ModelRecord:
 
 def check_name(name: str) -> str:
     if not _NAME.fullmatch(name):
-        raise InvalidArgument(f"model name {name!r} must be 1-128 letters, digits, '.', '_' or '-'")
+        shown = repr(name) if len(name) <= 128 else f"of {len(name)} characters"
+        raise InvalidArgument(f"model name {shown} must be 1-128 letters, digits, '.', '_' or '-'")
     return name
 
 
+def model_not_found(name: str, version: int) -> NotFound:
+    """The one answer for a model or version that is missing, or not the caller's."""
+    which = f" version {version}" if version else ""
+    return NotFound(f"no model {name!r}{which} here")
+
+
 class ModelRegistry:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, keep_versions: int = DEFAULT_KEEP_VERSIONS) -> None:
+        """``keep_versions``: newest versions kept per model (0: keep all)."""
+        if keep_versions < 0:
+            raise InvalidArgument(f"keep versions must be >= 0 (0 = all), got {keep_versions}")
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
+        self.keep_versions = keep_versions
         self._lock = threading.Lock()
 
     def publish(self, name: str, onnx_bytes: bytes, **meta: object) -> ModelRecord:
@@ -55,7 +78,7 @@ class ModelRegistry:
             folder = self.root / name / str(version)
             tmp = self.root / name / f".{version}.tmp"
             tmp.mkdir(parents=True, exist_ok=True)
-            (tmp / "model.onnx").write_bytes(onnx_bytes)
+            write_bytes_atomic(tmp / "model.onnx", onnx_bytes)
             record = ModelRecord(
                 name=name,
                 version=version,
@@ -64,16 +87,41 @@ class ModelRegistry:
                 created_at=datetime.now(UTC).isoformat(timespec="seconds"),
                 **meta,  # type: ignore[arg-type]
             )
-            (tmp / "metadata.json").write_text(json.dumps(record.to_dict(), indent=2))
+            write_json_atomic(tmp / "metadata.json", record.to_dict())
             # The rename is atomic: a reader sees a whole version or none.
             tmp.rename(folder)
+            fsync_directory(folder.parent)
+            self._prune(name)
             return record
 
+    def _prune(self, name: str) -> None:
+        """Delete versions older than the newest ``keep_versions`` (callers hold the lock)."""
+        if not self.keep_versions:
+            return
+        for version in self._versions(name)[: -self.keep_versions]:
+            folder = self.root / name / str(version)
+            for file in _FILES:
+                (folder / file).unlink(missing_ok=True)
+            try:
+                folder.rmdir()
+            except OSError:
+                log.warning(
+                    "pruned %s v%d; kept %s for the files splitkd did not write",
+                    name,
+                    version,
+                    folder,
+                )
+
     def _versions(self, name: str) -> list[int]:
+        """Published versions: a folder named by a number, with its metadata."""
         folder = self.root / name
         if not folder.is_dir():
             return []
-        return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+        return sorted(
+            int(p.name)
+            for p in folder.iterdir()
+            if p.name.isdigit() and (p / "metadata.json").is_file()
+        )
 
     def names(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _NAME.fullmatch(p.name))
@@ -84,12 +132,9 @@ class ModelRegistry:
     def get(self, name: str, version: int = 0) -> ModelRecord:
         check_name(name)
         versions = self._versions(name)
-        if not versions:
-            raise NotFound(f"no model named {name!r}")
-        if version == 0:
-            version = versions[-1]
-        if version not in versions:
-            raise NotFound(f"model {name!r} has no version {version} (versions: {versions})")
+        if not versions or (version and version not in versions):
+            raise model_not_found(name, version)
+        version = version or versions[-1]
         raw = json.loads((self.root / name / str(version) / "metadata.json").read_text())
         return ModelRecord(**raw)
 

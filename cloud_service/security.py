@@ -1,13 +1,13 @@
 """The cloud's security settings in one object: TLS files and device authentication.
 
-``splitkd-cloud serve`` builds it from flags (or ``SPLITKD_*`` variables);
+``splitkd-cloud serve`` builds it from :class:`CloudSecurityOptions` (flags,
+``SPLITKD_*`` variables or the config file);
 ``build_grpc_server`` and the HTTP API take it from there, so TLS and the
 authentication interceptor are configured in one place.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,46 +17,35 @@ import grpc
 
 from cloud_service.auth import AuthInterceptor, CloudLookup, DeviceAuthenticator, refusal_counter
 from cloud_service.devices import DeviceRegistry
-from splitkd.env import env_flag, env_path
+from splitkd.settings import Options, option
 from splitkd.tls import ServerTLS, server_tls
 
 log = logging.getLogger(__name__)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("security (docs/SECURITY.md)")
-    group.add_argument(
-        "--tls-cert",
-        type=Path,
-        default=env_path("TLS_CERT"),
-        help="server certificate (PEM): gRPC over TLS and the HTTP API over HTTPS (SPLITKD_TLS_CERT)",
+SECURITY_GROUP = "security (docs/SECURITY.md)"
+
+
+class CloudSecurityOptions(Options):
+    tls_cert: Path | None = option(
+        None,
+        "server certificate (PEM): gRPC over TLS and the HTTP API over HTTPS",
+        group=SECURITY_GROUP,
     )
-    group.add_argument(
-        "--tls-key",
-        type=Path,
-        default=env_path("TLS_KEY"),
-        help="its private key (SPLITKD_TLS_KEY)",
+    tls_key: Path | None = option(None, "its private key", group=SECURITY_GROUP)
+    tls_ca: Path | None = option(
+        None, "CA that signs device certificates, for mutual TLS", group=SECURITY_GROUP
     )
-    group.add_argument(
-        "--tls-ca",
-        type=Path,
-        default=env_path("TLS_CA"),
-        help="CA that signs device certificates, for mutual TLS (SPLITKD_TLS_CA)",
+    require_client_cert: bool = option(
+        False,
+        "mutual TLS: refuse gRPC clients without a certificate signed by --tls-ca",
+        group=SECURITY_GROUP,
     )
-    group.add_argument(
-        "--require-client-cert",
-        action="store_true",
-        default=env_flag("REQUIRE_CLIENT_CERT"),
-        help="mutual TLS: refuse gRPC clients without a certificate signed by --tls-ca "
-        "(SPLITKD_REQUIRE_CLIENT_CERT=1)",
-    )
-    group.add_argument(
-        "--require-auth",
-        action="store_true",
-        default=env_flag("REQUIRE_AUTH"),
-        help="refuse devices without an enrolled credential even before the first "
-        "'splitkd-cloud devices add' (SPLITKD_REQUIRE_AUTH=1); authentication is on anyway once "
-        "any device is enrolled",
+    require_auth: bool = option(
+        False,
+        "refuse devices without an enrolled credential even before the first "
+        "'splitkd-cloud devices add'; authentication is on anyway once any device is enrolled",
+        group=SECURITY_GROUP,
     )
 
 
@@ -74,11 +63,13 @@ class CloudSecurity:
         )
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> CloudSecurity:
-        tls = server_tls(args.tls_cert, args.tls_key, args.tls_ca, args.require_client_cert)
-        devices = DeviceRegistry.in_state_dir(args.state_dir)
+    def from_options(cls, options: CloudSecurityOptions, state_dir: Path) -> CloudSecurity:
+        tls = server_tls(
+            options.tls_cert, options.tls_key, options.tls_ca, options.require_client_cert
+        )
+        devices = DeviceRegistry.in_state_dir(state_dir)
         devices.devices()  # a corrupt registry fails now, not at the first call
-        return cls(tls, devices, args.require_auth)
+        return cls(tls, devices, options.require_auth)
 
     def auth_enabled(self) -> bool:
         return self.authenticator is not None and self.authenticator.enabled()
@@ -91,7 +82,10 @@ class CloudSecurity:
             return []
         return [
             AuthInterceptor(
-                self.authenticator, CloudLookup(service), refusal_counter(service.metrics.registry)
+                self.authenticator,
+                CloudLookup(service),
+                refusal_counter(service.metrics.registry),
+                bind_certificate=self.tls is not None and self.tls.require_client_cert,
             )
         ]
 

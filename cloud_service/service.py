@@ -17,13 +17,13 @@ import numpy as np
 import torch
 
 from cloud_service.checkpoints import SessionCheckpoints
-from cloud_service.limits import RateLimiter
+from cloud_service.limits import RateLimiter, check_free_text, check_label, shown
 from cloud_service.metrics import CloudMetrics
 from cloud_service.registry import ModelRecord, ModelRegistry
 from cloud_service.session import Session, StepResult
 from cloud_service.sessions import SessionStore
 from cloud_service.teacher import Teacher, TeacherVersions
-from splitkd.errors import FailedPrecondition, InvalidArgument, SplitKDError
+from splitkd.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, SplitKDError
 from splitkd.hyper import Hyperparameters
 from splitkd.models import zoo
 from splitkd.models.spec import ModelSpec
@@ -78,14 +78,21 @@ class CloudService:
         self.limiter = limiter or RateLimiter()
         if checkpoints is not None:
             sessions.on_expire = lambda session: checkpoints.remove(session.session_id)
-            for restored in checkpoints.load_all(self.teachers):
-                self.sessions.add(restored)
-                log.info(
-                    "session %s… of %s restored at step %d",
-                    restored.session_id[:8],
-                    restored.device_id,
-                    restored.next_step,
-                )
+            self._restore(checkpoints)
+
+    def _restore(self, checkpoints: SessionCheckpoints) -> None:
+        for restored in checkpoints.load_all(self.teachers):
+            try:
+                self.sessions.restore(restored)
+            except ResourceExhausted as exc:
+                log.warning("session %s… not restored: %s", restored.session_id[:8], exc)
+                continue
+            log.info(
+                "session %s… of %s restored at step %d",
+                restored.session_id[:8],
+                restored.device_id,
+                restored.next_step,
+            )
 
     @property
     def teacher(self) -> Teacher:
@@ -96,7 +103,7 @@ class CloudService:
     def check_device(device_id: str) -> None:
         if not _DEVICE_ID.fullmatch(device_id):
             raise InvalidArgument(
-                f"device id {device_id!r} must be 1-64 letters, digits, '.', '_' or '-'"
+                f"device id {shown(device_id)} must be 1-64 letters, digits, '.', '_' or '-'"
             )
 
     def register(
@@ -114,6 +121,9 @@ class CloudService:
     ) -> Session:
         """A new split session; a cohort passes its class's spec and current weights."""
         self.check_device(device_id)
+        check_label(device_profile, "device profile")
+        check_label(link_profile, "link profile")
+        check_free_text(signature.name, "the data set's name")
         if requested_epochs < 0:
             raise InvalidArgument(f"requested epochs must be >= 0, got {requested_epochs}")
         teacher = self.teachers.current()
@@ -141,16 +151,21 @@ class CloudService:
             device_profile=device_profile,
             link_profile=link_profile,
         )
+        # Pending until its first step: holds no capacity, nothing on disk (sessions.py).
         self.sessions.add(session)
-        if self.checkpoints is not None and persist:
-            self.checkpoints.save_meta(session)
-            self.checkpoints.save_state(session.session_id, session.snapshots[0])
         log.info(
             "session %s… registered for device %s (%s)",
             session.session_id[:8],
             device_id,
             signature.describe(),
         )
+        return session
+
+    def admit(self, session_id: str, what: str = "steps") -> Session:
+        """The session, once the caller's rate limit allows one more call: the
+        servicer asks this before it decodes a single tensor."""
+        session = self.sessions.get(session_id)
+        self.limiter.acquire(session.device_id, what)
         return session
 
     def step(
@@ -161,11 +176,38 @@ class CloudService:
         teacher_act: np.ndarray | None,
         labels: np.ndarray,
         next_teacher_act: np.ndarray | None = None,
+        kd_alpha: float | None = None,
     ) -> StepResult:
-        session = self.sessions.get(session_id)
-        self.limiter.acquire(session.device_id, "steps")
+        session = self.admit(session_id)
+        return self.apply_step(
+            session, step, student_act, teacher_act, labels, next_teacher_act, kd_alpha
+        )
+
+    def apply_step(
+        self,
+        session: Session,
+        step: int,
+        student_act: np.ndarray,
+        teacher_act: np.ndarray | None,
+        labels: np.ndarray,
+        next_teacher_act: np.ndarray | None = None,
+        kd_alpha: float | None = None,
+    ) -> StepResult:
+        """A step of an admitted session (see :meth:`admit`)."""
+        if kd_alpha is not None and not 0.0 <= kd_alpha <= 1.0:
+            raise InvalidArgument(f"kd_alpha must be in [0, 1], got {kd_alpha}")
         with session.lock:
-            result = session.step(step, student_act, teacher_act, labels, next_teacher_act)
+            if (
+                self.sessions.activate(session)
+                and self.checkpoints is not None
+                and session.persisted
+            ):
+                # It trains now: from here a restart must be able to resume it.
+                self.checkpoints.save_meta(session)
+                self.checkpoints.save_state(session.session_id, session.snapshots[0])
+            result = session.step(
+                step, student_act, teacher_act, labels, next_teacher_act, kd_alpha
+            )
             if session.due_for_checkpoint():
                 self._checkpoint(session)
         if not result.replayed:
@@ -225,11 +267,19 @@ class CloudService:
     def heartbeat(self, session_id: str) -> Session:
         return self.sessions.get(session_id)  # looking it up keeps it alive
 
-    def evaluate(self, session_id: str, student_act: np.ndarray) -> np.ndarray:
-        session = self.sessions.get(session_id)
-        self.limiter.acquire(session.device_id, "steps")
+    def evaluate(
+        self, session_id: str, activations: np.ndarray, *, teacher: bool = False
+    ) -> np.ndarray:
+        """Logits of the student's tail, or with ``teacher`` of the teacher's tail."""
+        return self.apply_evaluate(self.admit(session_id), activations, teacher=teacher)
+
+    def apply_evaluate(
+        self, session: Session, activations: np.ndarray, *, teacher: bool = False
+    ) -> np.ndarray:
         with session.lock:
-            return session.evaluate(student_act)
+            if teacher:
+                return session.evaluate_teacher(activations)
+            return session.evaluate(activations)
 
     def finish(self, session_id: str, head_state: dict[str, np.ndarray], steps: int) -> ModelRecord:
         session = self.sessions.get(session_id)
@@ -240,6 +290,11 @@ class CloudService:
                 raise FailedPrecondition(
                     f"the edge applied {steps} steps but the cloud applied {session.next_step}; "
                     "resume training before finishing"
+                )
+            if session.next_step == 0:
+                raise FailedPrecondition(
+                    "no training step was applied in this session: an untrained student is not "
+                    "published; train first"
                 )
             student = session.assemble(head_state)
             with self.export_lock:
@@ -257,7 +312,8 @@ class CloudService:
                 )
             session.finished_version = record.version
             if self.checkpoints is not None:
-                self.checkpoints.save_meta(session)
+                # Published: nothing left to resume, so nothing kept on disk.
+                self.checkpoints.remove(session.session_id)
             self.metrics.models_published.inc()
             log.info(
                 "session %s… finished: %s v%d (%d bytes)",

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import Message
 
+from cloud_service.limits import MAX_SESSION_ID
 from cloud_service.metrics import CloudMetrics
 from cloud_service.registry import ModelRecord
 from cloud_service.service import CloudService
@@ -66,6 +67,8 @@ def rpc(method: F) -> F:
 def _require_session_id(session_id: str) -> None:
     if not session_id:
         raise InvalidArgument("session_id is empty; call Register first")
+    if len(session_id) > MAX_SESSION_ID:
+        raise InvalidArgument(f"session_id of {len(session_id)} characters is not a session id")
 
 
 def model_info(record: ModelRecord) -> pb.ModelInfo:
@@ -92,6 +95,11 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
         self, request: pb.RegisterRequest, context: grpc.ServicerContext
     ) -> pb.RegisterResponse:
         sig = request.signature
+        if len(sig.input_shape) > 3:
+            raise InvalidArgument(
+                f"input shape of {len(sig.input_shape)} dimensions is not supported: use features "
+                "(F), sequences (C, L) or images (C, H, W)"
+            )
         signature = DatasetSignature(tuple(sig.input_shape), sig.num_classes, sig.name)
         session = self.service.register(
             request.device_id,
@@ -100,7 +108,7 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
             device_profile=request.profile.name,
             link_profile=request.profile.link,
         )
-        return session_message(session)
+        return session_message(session, self.service.teacher.accuracy)
 
     @rpc
     def Resume(self, request: pb.ResumeRequest, context: grpc.ServicerContext) -> pb.ResumeResponse:
@@ -108,7 +116,9 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
         if len(request.available_steps) > 10_000:
             raise InvalidArgument("available_steps lists more than 10000 steps")
         step, session = self.service.resume(request.session_id, list(request.available_steps))
-        return pb.ResumeResponse(step=step, session=session_message(session))
+        return pb.ResumeResponse(
+            step=step, session=session_message(session, self.service.teacher.accuracy)
+        )
 
     @rpc
     def Heartbeat(
@@ -124,7 +134,8 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
     @rpc
     def Step(self, request: pb.StepRequest, context: grpc.ServicerContext) -> pb.StepResponse:
         _require_session_id(request.session_id)
-        session = self.service.sessions.get(request.session_id)
+        # Lookup and rate limit first: a refused call costs no decoding.
+        session = self.service.admit(request.session_id)
         student = codec.decode(
             request.student_activations,
             what="student_activations",
@@ -154,8 +165,9 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
         labels = codec.decode(
             request.labels, what="labels", dtypes=(pb.DTYPE_INT64,), shape=(None,)
         )
-        result = self.service.step(
-            request.session_id, request.step, student, teacher, labels, next_teacher
+        kd_alpha = request.kd_alpha if request.HasField("kd_alpha") else None
+        result = self.service.apply_step(
+            session, request.step, student, teacher, labels, next_teacher, kd_alpha
         )
         if result.next_teacher_accepted and not result.replayed:
             # Once the answer is sent: the teacher tail then runs while the edge works.
@@ -176,15 +188,16 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
         self, request: pb.EvaluateRequest, context: grpc.ServicerContext
     ) -> pb.EvaluateResponse:
         _require_session_id(request.session_id)
-        session = self.service.sessions.get(request.session_id)
-        student = codec.decode(
-            request.student_activations,
-            what="student_activations",
-            dtypes=FLOATS,
-            shape=(None, *session.student_activation_shape),
-            finite=True,
+        session = self.service.admit(request.session_id)
+        teacher = request.HasField("teacher_activations")
+        if teacher == request.HasField("student_activations"):
+            raise InvalidArgument("set exactly one of student_activations and teacher_activations")
+        what = "teacher_activations" if teacher else "student_activations"
+        shape = session.teacher_activation_shape if teacher else session.student_activation_shape
+        activations = codec.decode(
+            getattr(request, what), what=what, dtypes=FLOATS, shape=(None, *shape), finite=True
         )
-        logits = self.service.evaluate(request.session_id, student)
+        logits = self.service.apply_evaluate(session, activations, teacher=teacher)
         return pb.EvaluateResponse(logits=codec.encode(logits, pb.DTYPE_FLOAT32))
 
     @rpc
@@ -222,7 +235,7 @@ def _stream(
         yield chunk
 
 
-def session_message(session: Session) -> pb.RegisterResponse:
+def session_message(session: Session, teacher_accuracy: float | None) -> pb.RegisterResponse:
     """Everything an edge needs to train a session: on Register, and again on Resume."""
     hyper = session.hyper
     return pb.RegisterResponse(
@@ -254,4 +267,5 @@ def session_message(session: Session) -> pb.RegisterResponse:
         ),
         next_step=session.next_step,
         model_name=session.model_name,
+        teacher_accuracy=teacher_accuracy or 0.0,
     )

@@ -6,6 +6,7 @@ these methods, so the logic is tested in-process and the wire separately.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import time
@@ -76,8 +77,9 @@ class Session:
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _optimizer: torch.optim.Optimizer | None = field(default=None, repr=False)
     _last: StepResult | None = field(default=None, repr=False)
-    # The last step's inputs (read-only views on its request), to recognise a retry.
-    _last_inputs: tuple[np.ndarray | None, ...] = field(default=(), repr=False)
+    # The last step's inputs, to recognise a retry: copies or digests, never views
+    # that would keep a whole request (up to the message limit) alive per session.
+    _last_inputs: tuple[object, ...] = field(default=(), repr=False)
     _student_shape: tuple[int, ...] = ()
     _teacher_shape: tuple[int, ...] = ()
     # Restorable states by step: step 0 and the latest few multiples of
@@ -170,6 +172,7 @@ class Session:
         teacher_act: np.ndarray | None,
         labels: np.ndarray,
         next_teacher_act: np.ndarray | None = None,
+        kd_alpha: float | None = None,
     ) -> StepResult:
         """Finish both forward passes, apply the KD loss, update the tail, return the cut gradient.
 
@@ -179,12 +182,15 @@ class Session:
         backward pass, off the step's critical path. The teacher is frozen, so
         this changes when the arithmetic happens, never what it computes.
 
+        ``kd_alpha`` is the edge's choice of KD weight (from its measure of the
+        teacher on its own data); None means the session's hyperparameter.
+
         Callers hold ``self.lock``. A resent last step (same number, same bytes)
         returns the stored result and changes nothing.
         """
         inputs = (student_act, teacher_act, labels, next_teacher_act)
         if self._last is not None and step == self._last.step:
-            if _same(inputs, self._last_inputs):
+            if _fingerprint(inputs) == self._last_inputs:
                 return StepResult(**{**self._last.__dict__, "replayed": True})
             raise FailedPrecondition(f"step {step} was already applied with different data")
         if self.finished_version is not None:
@@ -221,7 +227,7 @@ class Session:
             student_logits,
             teacher_logits,
             torch.from_numpy(labels.astype(np.int64)),
-            self.hyper.kd_alpha,
+            self.hyper.kd_alpha if kd_alpha is None else kd_alpha,
             self.hyper.kd_temperature,
         )
         assert self._optimizer is not None
@@ -240,10 +246,15 @@ class Session:
         correct = int((student_logits.detach().argmax(dim=1).numpy() == labels).sum())
         self.times = SessionTimes(teacher_seconds, time.perf_counter() - student_started)
         self._prefetch = None
-        self._ahead = None if next_teacher_act is None else (step + 1, next_teacher_act)
+        # Kept until the next step: a copy (not a view on the request), and only for a
+        # batch the session's own batch size allows, which bounds what one peer holds here.
+        keep_ahead = (
+            next_teacher_act is not None and next_teacher_act.shape[0] <= self.hyper.batch_size
+        )
+        self._ahead = (step + 1, np.array(next_teacher_act)) if keep_ahead else None
 
         result = StepResult(
-            next_teacher_accepted=next_teacher_act is not None,
+            next_teacher_accepted=keep_ahead,
             step=step,
             gradient=cut.grad.numpy(),
             loss=float(loss.total.detach()),
@@ -251,7 +262,7 @@ class Session:
             ce_loss=float(loss.ce.detach()),
             correct=correct,
         )
-        self._last, self._last_inputs = result, inputs
+        self._last, self._last_inputs = result, _fingerprint(inputs)
         self.next_step = step + 1
         return result
 
@@ -298,6 +309,12 @@ class Session:
             )
         return logits.numpy()
 
+    def evaluate_teacher(self, teacher_act: np.ndarray) -> np.ndarray:
+        """The teacher tail's logits, so the edge can measure the teacher on its own data."""
+        self._check_batch(teacher_act, None)
+        logits, _ = self._teacher_logits(teacher_act)
+        return logits.numpy()
+
     def assemble(self, head_state: dict[str, np.ndarray]) -> StagedModel:
         """The whole student: the edge's trained head plus the cloud's trained tail."""
         whole = zoo.build(self.student_spec)
@@ -310,18 +327,23 @@ class Session:
         return self.student.part_shapes(0, self.student_cut)
 
 
-def _same(a: tuple[np.ndarray | None, ...], b: tuple[np.ndarray | None, ...]) -> bool:
-    """Same arrays, element for element: a retry of the last step, not new data.
+# Inputs up to this size are kept as bytes (a copy costs microseconds); larger
+# ones as a digest, so a retry is still recognised without holding megabytes.
+_COPY_LIMIT = 256 * 1024
 
-    Compared only when a step number repeats, so the common path costs nothing
-    (hashing every step's 100 kB cost ~3 % of a step).
+
+def _fingerprint(arrays: tuple[np.ndarray | None, ...]) -> tuple[object, ...]:
+    """What identifies a step's inputs: a retry of the last step has the same.
+
+    Computed once per step and compared only when a step number repeats.
     """
-    if len(a) != len(b):
-        return False
-    for x, y in zip(a, b, strict=True):
-        if x is None or y is None:
-            if x is not y:
-                return False
-        elif x.dtype != y.dtype or x.shape != y.shape or not np.array_equal(x, y):
-            return False
-    return True
+    return tuple(
+        None if a is None else (a.dtype.str, a.shape, _content(np.ascontiguousarray(a)))
+        for a in arrays
+    )
+
+
+def _content(array: np.ndarray) -> bytes:
+    if array.nbytes <= _COPY_LIMIT:
+        return array.tobytes()
+    return hashlib.blake2b(array.data).digest()

@@ -20,7 +20,7 @@ from splitkd.data import load_dataset
 from splitkd.data.partition import DEFAULT_PRESUMED_FRACTION, cloud_split
 from splitkd.errors import FailedPrecondition, InvalidArgument
 from splitkd.hyper import Hyperparameters
-from splitkd.models import zoo
+from splitkd.models import normalize, zoo
 from splitkd.models.spec import ModelSpec
 from splitkd.models.staged import StagedModel, count_parameters
 from splitkd.signature import DatasetSignature
@@ -89,6 +89,7 @@ class Teacher:
             raise InvalidArgument(f"{path} has no splitkd architecture metadata (family, spec)")
         spec = ModelSpec.from_json(metadata["family"], metadata["spec"])
         model = zoo.build(spec)
+        _identity_stats_if_older(path, model.state_dict(), state)
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
@@ -98,6 +99,16 @@ class Teacher:
         model.eval()
         accuracy = float(metadata["accuracy"]) if metadata.get("accuracy") else None
         return cls(spec, model, accuracy, path.stem)
+
+
+def _identity_stats_if_older(
+    path: Path, expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]
+) -> None:
+    """A file saved before models standardised their inputs: it was trained on raw ones."""
+    missing = set(expected) - set(state)
+    if missing and all(k.endswith((f".{normalize.MEAN}", f".{normalize.STD}")) for k in missing):
+        log.warning("%s has no input statistics (an older file): it takes inputs as they are", path)
+        state.update({k: expected[k] for k in missing})
 
 
 def train_teacher(

@@ -1,209 +1,31 @@
 """``splitkd-edge``: split training against a splitkd cloud, and ONNX inference.
 
 ``serve``, ``predict`` and ``pull`` need only the base install (onnxruntime,
-no torch); ``train`` needs the ``[train]`` extra. Options read environment
-variables named ``SPLITKD_`` + the option in capitals (e.g. SPLITKD_CLOUD).
+no torch); ``train`` needs the ``[train]`` extra. Each command's options are one
+settings class in :mod:`edge_agent.settings` (flags, SPLITKD_* variables and a
+config file; see :mod:`splitkd.settings`); this module only runs the commands.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import socket
 import sys
-from pathlib import Path
 from typing import Any
 
 from edge_agent import security
-from splitkd.env import env
+from edge_agent.settings import PredictSettings, PullSettings, ServeSettings, TrainSettings
 from splitkd.errors import SplitKDError
+from splitkd.settings import Command, Program
 
 
-def _parser() -> argparse.ArgumentParser:
-    from edge_agent.model_store import default_model_dir
-
-    parser = argparse.ArgumentParser(
-        prog="splitkd-edge",
-        description="The splitkd edge agent: trains a small student with a cloud teacher by split "
-        "knowledge distillation (raw data never leaves this device), then serves it with onnxruntime.",
-    )
+def _global_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-v", "--verbose", action="count", default=0, help="more log detail (-vv for debug)"
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    model_dir = argparse.ArgumentParser(add_help=False)
-    model_dir.add_argument(
-        "--model-dir",
-        type=Path,
-        default=default_model_dir(),
-        help="local model directory (SPLITKD_MODEL_DIR; default %(default)s)",
-    )
-
-    train = sub.add_parser(
-        "train",
-        parents=[model_dir],
-        help="split-train a student, then download and verify it",
-        description="Split-train with the cloud: this device runs the student's head and the "
-        "teacher's frozen head on its data and sends only activations; the cloud sends back "
-        "gradients. At the end the ONNX student is downloaded, verified and evaluated here.",
-    )
-    train.add_argument(
-        "--cloud",
-        default=env("CLOUD"),
-        required=env("CLOUD") is None,
-        help="cloud gRPC address HOST:PORT (SPLITKD_CLOUD)",
-    )
-    train.add_argument(
-        "--data",
-        default=env("DATA"),
-        required=env("DATA") is None,
-        help="local data: digits, npz:PATH (arrays x, y) or csv:PATH (label last) (SPLITKD_DATA)",
-    )
-    train.add_argument(
-        "--shard", default=env("SHARD"), help="use shard I of N of the data (I from 0), e.g. 0/2"
-    )
-    train.add_argument(
-        "--dirichlet-alpha",
-        type=float,
-        default=None,
-        help="non-IID shards: Dirichlet concentration per class (default: IID)",
-    )
-    train.add_argument(
-        "--presumed-fraction",
-        type=float,
-        default=float(env("PRESUMED_FRACTION", "0.4") or 0.4),
-        help="share of the data reserved for the cloud's teacher when both are handed the same "
-        "file; set 0 when this data is the device's own (default 0.4)",
-    )
-    train.add_argument(
-        "--device-id",
-        default=env("DEVICE_ID", socket.gethostname()),
-        help="this device's id (SPLITKD_DEVICE_ID; default the host name)",
-    )
-    train.add_argument("--epochs", type=int, default=0, help="epochs (default: the cloud's)")
-    train.add_argument(
-        "--report",
-        type=Path,
-        default=Path(env("REPORT", "report.json") or "report.json"),
-        help="JSON run report to write (default report.json)",
-    )
-    train.add_argument(
-        "--device-profile",
-        default=env("DEVICE_PROFILE", "laptop-x86"),
-        help="device power profile for the energy estimate: raspberry-pi-4, raspberry-pi-5, "
-        "jetson-nano or laptop-x86 (SPLITKD_DEVICE_PROFILE; default %(default)s; docs/ENERGY.md)",
-    )
-    train.add_argument(
-        "--link-profile",
-        default=env("LINK_PROFILE", "ethernet"),
-        help="network link profile for the radio energy estimate: ethernet, wifi, lte or nb-iot "
-        "(SPLITKD_LINK_PROFILE; default %(default)s)",
-    )
-    train.add_argument(
-        "--metrics-port",
-        type=int,
-        default=int(env("METRICS_PORT", "0") or 0),
-        help="serve Prometheus metrics on this port while training (SPLITKD_METRICS_PORT; "
-        "default 0: off)",
-    )
-    train.add_argument(
-        "--metrics-host",
-        default=env("METRICS_HOST", "0.0.0.0"),
-        help="address for --metrics-port (SPLITKD_METRICS_HOST; default %(default)s)",
-    )
-    train.add_argument(
-        "--metrics-linger",
-        type=float,
-        default=float(env("METRICS_LINGER", "0") or 0),
-        help="keep /metrics up this many seconds after training so Prometheus scrapes the final "
-        "figures (SPLITKD_METRICS_LINGER; default 0; report.json always has them exactly)",
-    )
-    train.add_argument("--no-plots", action="store_true", help="no PNG plots beside the report")
-    train.add_argument(
-        "--checkpoint-dir",
-        type=Path,
-        default=None,
-        help="where this device keeps its training checkpoints, to resume after a reboot or a "
-        "lost link (SPLITKD_CHECKPOINT_DIR; default $XDG_STATE_HOME/splitkd/DEVICE_ID)",
-    )
-    train.add_argument(
-        "--cohort",
-        default=env("COHORT", "") or "",
-        help="join this named cohort: the fleet's devices train one student per device class "
-        "together (mode, rounds and epochs come from the cloud; SPLITKD_COHORT). Without it the "
-        "device trains alone",
-    )
-    train.add_argument(
-        "--fresh",
-        action="store_true",
-        help="start a new session even if a checkpoint of an unfinished one exists",
-    )
-    train.add_argument(
-        "--retry-seconds",
-        type=float,
-        default=float(env("RETRY_SECONDS", "300") or 300),
-        help="keep retrying an unreachable cloud for this long before giving up "
-        "(SPLITKD_RETRY_SECONDS; default %(default)s)",
-    )
-    train.add_argument(
-        "--timeout", type=float, default=60.0, help="seconds to wait for one cloud call"
-    )
-    train.add_argument("--no-progress", action="store_true", help="no progress bar")
-    security.add_client_arguments(train)
-
-    serve = sub.add_parser(
-        "serve", parents=[model_dir], help="HTTP inference API over the current student"
-    )
-    serve.add_argument(
-        "--host", default=env("HOST", "127.0.0.1"), help="address to listen on (default 127.0.0.1)"
-    )
-    serve.add_argument(
-        "--http-port",
-        type=int,
-        default=int(env("HTTP_PORT", "8001") or 8001),
-        help="port (SPLITKD_HTTP_PORT; default 8001)",
-    )
-    serve.add_argument(
-        "--device-id",
-        default=env("DEVICE_ID", socket.gethostname()),
-        help="this device's id, shown in splitkd_edge_info (SPLITKD_DEVICE_ID; default the host name)",
-    )
-    serve.add_argument("--device-profile", default=env("DEVICE_PROFILE", "laptop-x86"))
-    serve.add_argument("--link-profile", default=env("LINK_PROFILE", "ethernet"))
-    security.add_https_arguments(serve)
-
-    predict = sub.add_parser(
-        "predict",
-        parents=[model_dir],
-        help="classify once from the command line",
-        description="Classify samples from a .npy or .json file (one sample or a batch) "
-        "or from --json, with the current student.",
-    )
-    source = predict.add_mutually_exclusive_group(required=True)
-    source.add_argument("--input", type=Path, help=".npy or .json file")
-    source.add_argument("--json", help="inline JSON array")
-
-    pull = sub.add_parser(
-        "pull", parents=[model_dir], help="download a student over HTTP (no torch needed)"
-    )
-    pull.add_argument(
-        "--cloud-http",
-        default=env("CLOUD_HTTP"),
-        required=env("CLOUD_HTTP") is None,
-        help="cloud HTTP base URL, e.g. http://cloud:8000 (SPLITKD_CLOUD_HTTP)",
-    )
-    pull.add_argument("--model", required=True, help="model name, e.g. student-edge-0")
-    pull.add_argument("--version", type=int, default=0, help="version (default: latest)")
-    pull.add_argument(
-        "--device-id",
-        default=env("DEVICE_ID", socket.gethostname()),
-        help="this device's id, sent with --credential (SPLITKD_DEVICE_ID; default the host name)",
-    )
-    security.add_client_arguments(pull)
-    return parser
 
 
-def _train(args: argparse.Namespace) -> int:
+def _train(args: TrainSettings) -> int:
     try:
         import torch
     except ImportError:
@@ -211,10 +33,8 @@ def _train(args: argparse.Namespace) -> int:
             "training needs the [train] extra: pip install 'splitkd[train]'"
         ) from None
     from edge_agent.metrics import EdgeMetrics
-    from edge_agent.model_store import default_checkpoint_dir
-    from edge_agent.run import TrainOptions, train
+    from edge_agent.run import train
     from splitkd import energy
-    from splitkd.data.partition import parse_shard
 
     # Check the profiles before any work: a typo should not cost a training run.
     energy.device_profile(args.device_profile)
@@ -226,38 +46,8 @@ def _train(args: argparse.Namespace) -> int:
 
         metrics = EdgeMetrics(inference=False, measured_energy=EnergyCounter().available)
         metrics.serve(args.metrics_port, args.metrics_host)
-    options = TrainOptions(
-        cloud=args.cloud,
-        data=args.data,
-        shard=parse_shard(args.shard) if args.shard else None,
-        device_id=args.device_id,
-        report=args.report,
-        model_dir=args.model_dir,
-        epochs=args.epochs,
-        dirichlet_alpha=args.dirichlet_alpha,
-        presumed_fraction=args.presumed_fraction,
-        device_profile=args.device_profile,
-        link_profile=args.link_profile,
-        progress=not args.no_progress,
-        timeout=args.timeout,
-        metrics=metrics,
-        plots=not args.no_plots,
-        checkpoint_dir=args.checkpoint_dir or default_checkpoint_dir(args.device_id),
-        fresh=args.fresh,
-        cohort=args.cohort,
-        retry_seconds=args.retry_seconds,
-        security=security.EdgeSecurity.from_args(args),
-    )
-    report = train(options)
-    student = report["student"]
-    print(
-        f"{args.device_id}: student {student['name']} v{student['version']} accuracy {student['accuracy']:.4f} "
-        f"(onnxruntime, {report['data']['heldout_samples']} held-out samples), {report['steps']} steps, "
-        f"{report['traffic']['bytes_up'] / 1e6:.2f} MB up / {report['traffic']['bytes_down'] / 1e6:.2f} MB down, "
-        f"{report['wall_seconds']:.1f} s, est. {report['energy']['estimate_joules']['total']:.1f} J "
-        f"({report['energy']['device_profile']}, {report['energy']['link_profile']}); "
-        f"report: {args.report}"
-    )
+    report = train(_train_options(args, metrics))
+    print(_summary(args, report))
     if metrics is not None and args.metrics_linger > 0:
         import time
 
@@ -265,7 +55,42 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _train_options(args: TrainSettings, metrics: Any) -> Any:
+    """run.TrainOptions: every field named like a setting is copied, the others derived here."""
+    import dataclasses
+
+    from edge_agent.model_store import default_checkpoint_dir
+    from edge_agent.run import TrainOptions
+    from splitkd.data.partition import parse_shard
+
+    derived = {
+        "shard": parse_shard(args.shard) if args.shard else None,
+        "progress": not args.no_progress,
+        "plots": not args.no_plots,
+        "metrics": metrics,
+        "checkpoint_dir": args.checkpoint_dir or default_checkpoint_dir(args.device_id),
+        "security": security.EdgeSecurity.from_options(args),
+    }
+    same = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(TrainOptions)
+        if f.name in TrainSettings.model_fields and f.name not in derived
+    }
+    return TrainOptions(**same, **derived)
+
+
+def _summary(args: TrainSettings, report: dict[str, Any]) -> str:
+    student, traffic, energy = report["student"], report["traffic"], report["energy"]
+    return (
+        f"{args.device_id}: student {student['name']} v{student['version']} accuracy {student['accuracy']:.4f} "
+        f"(onnxruntime, {report['data']['heldout_samples']} held-out samples), {report['steps']} steps, "
+        f"{traffic['bytes_up'] / 1e6:.2f} MB up / {traffic['bytes_down'] / 1e6:.2f} MB down, "
+        f"{report['wall_seconds']:.1f} s, est. {energy['estimate_joules']['total']:.1f} J "
+        f"({energy['device_profile']}, {energy['link_profile']}); report: {args.report}"
+    )
+
+
+def _serve(args: ServeSettings) -> int:
     import uvicorn
 
     from edge_agent.http_api import create_app
@@ -285,15 +110,16 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_inputs(args: argparse.Namespace) -> Any:
+def _load_inputs(args: PredictSettings) -> Any:
     import numpy as np
 
-    if args.json is not None:
+    if args.json_array is not None:
         try:
-            return np.asarray(json.loads(args.json), dtype=np.float32)
+            return np.asarray(json.loads(args.json_array), dtype=np.float32)
         except (ValueError, TypeError) as exc:
             raise SplitKDError(f"--json is not a numeric JSON array: {exc}") from None
-    path: Path = args.input
+    path = args.input
+    assert path is not None  # PredictSettings requires --input or --json
     if not path.is_file():
         raise SplitKDError(f"input file {path} does not exist")
     try:
@@ -304,7 +130,7 @@ def _load_inputs(args: argparse.Namespace) -> Any:
         raise SplitKDError(f"{path}: cannot read numeric inputs ({exc})") from None
 
 
-def _predict(args: argparse.Namespace) -> int:
+def _predict(args: PredictSettings) -> int:
     from edge_agent.inference import Predictor
     from edge_agent.model_store import ModelStore
 
@@ -322,11 +148,11 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pull(args: argparse.Namespace) -> int:
+def _pull(args: PullSettings) -> int:
     from edge_agent.model_store import ModelStore
     from edge_agent.pull import pull
 
-    edge_security = security.EdgeSecurity.from_args(args)
+    edge_security = security.EdgeSecurity.from_options(args)
     model = pull(
         args.cloud_http,
         args.model,
@@ -342,14 +168,42 @@ def _pull(args: argparse.Namespace) -> int:
     return 0
 
 
+PROGRAM = Program(
+    prog="splitkd-edge",
+    description="The splitkd edge agent: trains a small student with a cloud teacher by split "
+    "knowledge distillation (raw data never leaves this device), then serves it with onnxruntime.",
+    global_options=_global_options,
+    commands=(
+        Command(
+            "train",
+            TrainSettings,
+            _train,
+            help="split-train a student, then download and verify it",
+            description="Split-train with the cloud: this device runs the student's head and the "
+            "teacher's frozen head on its data and sends only activations; the cloud sends back "
+            "gradients. At the end the ONNX student is downloaded, verified and evaluated here.",
+        ),
+        Command("serve", ServeSettings, _serve, help="HTTP inference API over the current student"),
+        Command(
+            "predict",
+            PredictSettings,
+            _predict,
+            help="classify once from the command line",
+            description="Classify samples from a .npy or .json file (one sample or a batch) "
+            "or from --json, with the current student.",
+        ),
+        Command("pull", PullSettings, _pull, help="download a student over HTTP (no torch needed)"),
+    ),
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     from splitkd.logs import configure
 
-    args = _parser().parse_args(argv)
-    configure(args.verbose)
-    handlers = {"train": _train, "serve": _serve, "predict": _predict, "pull": _pull}
     try:
-        return handlers[args.command](args)
+        args, command, options = PROGRAM.parse(argv)
+        configure(args.verbose)
+        return command.handler(options)
     except SplitKDError as exc:
         print(f"splitkd-edge: error: {exc}", file=sys.stderr)
         return 2

@@ -43,6 +43,10 @@ _TRANSIENT = (
     grpc.StatusCode.DEADLINE_EXCEEDED,
     grpc.StatusCode.CANCELLED,
 )
+# Register is also retried when the cloud is full (RESOURCE_EXHAUSTED): a refused
+# Register created nothing, and a lost one only leaves a session that holds no
+# capacity on the cloud until it is evicted (cloud_service/sessions.py).
+_REGISTER_RETRY = (*_TRANSIENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
 _WIRE_DTYPE = {pb.DTYPE_FLOAT32: "float32", pb.DTYPE_FLOAT16: "float16"}
 
 
@@ -58,6 +62,7 @@ class SessionInfo:
     hyper: Hyperparameters
     next_step: int
     model_name: str
+    teacher_accuracy: float | None = None  # on the cloud's held-out data; None: unknown
 
 
 @dataclass(frozen=True)
@@ -168,7 +173,15 @@ class CloudClient:
         if self.on_traffic is not None:
             self.on_traffic(up + GRPC_FRAME_BYTES, down + GRPC_FRAME_BYTES)
 
-    def _call(self, method: str, call: Callable[[], T], *, idempotent: bool) -> T:
+    def _call(
+        self,
+        method: str,
+        call: Callable[[], T],
+        *,
+        idempotent: bool,
+        retry_on: tuple[grpc.StatusCode, ...] = _TRANSIENT,
+    ) -> T:
+        """``idempotent`` calls are retried on ``retry_on`` within ``retry_seconds``."""
         attempt = 0
         deadline = time.monotonic() + self.retry_seconds
         while True:
@@ -181,11 +194,12 @@ class CloudClient:
             except grpc.RpcError as exc:
                 code = exc.code()
                 details = exc.details() or ""
-                if idempotent and code in _TRANSIENT and time.monotonic() < deadline:
+                if idempotent and code in retry_on and time.monotonic() < deadline:
                     # Exponential backoff with full jitter, capped at 10 s: a fleet
                     # that lost the cloud at the same moment does not come back in
                     # lockstep, and a device notices a returning cloud quickly.
                     delay = random.uniform(0, min(10.0, 0.5 * 2**attempt))
+                    delay = min(delay, max(0.0, deadline - time.monotonic()))  # within the budget
                     log.warning(
                         "%s failed (%s: %s); retrying in %.1f s", method, code.name, details, delay
                     )
@@ -217,7 +231,10 @@ class CloudClient:
             requested_epochs=requested_epochs,
         )
         reply: pb.RegisterResponse = self._call(
-            "Register", lambda: self._stub.Register(request, timeout=self.timeout), idempotent=False
+            "Register",
+            lambda: self._stub.Register(request, timeout=self.timeout),
+            idempotent=True,
+            retry_on=_REGISTER_RETRY,
         )
         self._count(request.ByteSize(), reply.ByteSize())
         return _session_info(reply)
@@ -270,6 +287,7 @@ class CloudClient:
         labels: np.ndarray,
         wire_dtype: int,
         next_teacher: np.ndarray | None = None,
+        kd_alpha: float | None = None,
     ) -> StepReply:
         request = pb.StepRequest(
             session_id=session_id,
@@ -281,6 +299,8 @@ class CloudClient:
             request.teacher_activations.CopyFrom(codec.encode(teacher, wire_dtype))
         if next_teacher is not None:
             request.next_teacher_activations.CopyFrom(codec.encode(next_teacher, wire_dtype))
+        if kd_alpha is not None:
+            request.kd_alpha = kd_alpha
         # Steps are idempotent by number on the cloud, so a retry is safe.
         reply: pb.StepResponse = self._call(
             "Step", lambda: self._stub.Step(request, timeout=self.timeout), idempotent=True
@@ -300,15 +320,19 @@ class CloudClient:
             reply.next_teacher_accepted,
         )
 
-    def evaluate(self, session_id: str, student: np.ndarray, wire_dtype: int) -> np.ndarray:
+    def evaluate(
+        self, session_id: str, activations: np.ndarray, wire_dtype: int, *, teacher: bool = False
+    ) -> np.ndarray:
+        """Logits of the student's tail for its head's ``activations`` (or the teacher's)."""
+        field = "teacher_activations" if teacher else "student_activations"
         request = pb.EvaluateRequest(
-            session_id=session_id, student_activations=codec.encode(student, wire_dtype)
+            session_id=session_id, **{field: codec.encode(activations, wire_dtype)}
         )
         reply: pb.EvaluateResponse = self._call(
             "Evaluate", lambda: self._stub.Evaluate(request, timeout=self.timeout), idempotent=True
         )
         self._count(request.ByteSize(), reply.ByteSize())
-        return codec.decode(reply.logits, what="logits", shape=(student.shape[0], None))
+        return codec.decode(reply.logits, what="logits", shape=(activations.shape[0], None))
 
     def finish(self, session_id: str, head: dict[str, np.ndarray], steps: int) -> pb.ModelInfo:
         request = pb.FinishRequest(
@@ -447,4 +471,5 @@ def _session_info(reply: pb.RegisterResponse) -> SessionInfo:
         ),
         next_step=reply.next_step,
         model_name=reply.model_name,
+        teacher_accuracy=reply.teacher_accuracy or None,
     )

@@ -17,6 +17,8 @@ from edge_agent.inference import Predictor
 from edge_agent.metrics import EdgeMetrics
 from edge_agent.model_store import ModelStore
 from edge_agent.security import EdgeSecurity
+from edge_agent.teacher_check import check_teacher, compare_with_student
+from edge_agent.teacher_check import report as teacher_report
 from edge_agent.telemetry import TrainingTelemetry
 from edge_agent.trainer import EdgeTrainer, EvalRecord, GrpcTransport, StepRecord
 from splitkd import checkpoint
@@ -53,6 +55,9 @@ class TrainOptions:
     retry_seconds: float = 300.0
     # TLS and the device credential (edge_agent/security.py); None: plaintext, no credential.
     security: EdgeSecurity | None = None
+    # "cloud": the session's KD weight; "auto": scaled by the teacher's accuracy
+    # on this device's held-out data (edge_agent/teacher_check.py).
+    kd_alpha: str = "cloud"
     cohort: str = ""  # join this cohort (a fleet) instead of training alone
 
 
@@ -115,6 +120,15 @@ def train(
         if restored is not None:
             trainer.load(restored)
         client.keep_alive(session.session_id)
+        # Before training (and again on a restart: the teacher is frozen, same figure).
+        teacher = check_teacher(
+            trainer.evaluate_teacher(),
+            split.heldout.y,
+            session.hyper.kd_alpha,
+            session.teacher_accuracy,
+            options.kd_alpha,
+        )
+        trainer.kd_alpha = teacher.alpha if options.kd_alpha == "auto" else None
         bar = _progress(trainer.total_steps, options)
         last_eval: list[EvalRecord] = []
 
@@ -245,6 +259,8 @@ def train(
         ],
         "evaluations": [asdict(e) for e in result.evaluations],
     }
+    compare_with_student(teacher, accuracy)
+    report["teacher_check"] = teacher_report(teacher, accuracy)
     write_report(options.report, report)
     if options.plots:
         _plot(options.report, report)
@@ -268,6 +284,16 @@ def _resume_saved(
 ) -> tuple[SessionInfo | None, checkpoint.TrainingState | None]:
     """The session this device was training when it stopped, rolled back to a common step."""
     saved = store.session()
+    if fresh and saved is not None:
+        # Discarded now, not only once the new Register succeeds: a run that then
+        # fails must not resume the abandoned session next time. The cloud lets
+        # the abandoned one go when this device reaches its session cap.
+        log.warning(
+            "--fresh: abandoning session %s…; its checkpoints in %s are discarded",
+            str(saved.get("session_id", ""))[:8],
+            store.folder,
+        )
+        store.clear()
     if fresh or saved is None:
         return None, None
     if any(saved.get(key) != value for key, value in identity.items()):

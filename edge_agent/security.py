@@ -4,12 +4,12 @@ The one place that opens the channel to the cloud (:func:`open_channel`):
 TLS when credentials are given, and the device's name and credential added
 to every call as metadata (``x-splitkd-device``, ``authorization: Bearer``).
 grpc is imported only where a channel is built, so the inference-only
-install (no grpc) can still parse these options and serve HTTPS.
+install (no grpc) can still parse these options and serve HTTPS. The options
+are settings fields (:mod:`splitkd.settings`): flags, SPLITKD_* and the config file.
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import logging
 from collections.abc import Callable, Sequence
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from splitkd.env import env, env_path
 from splitkd.errors import SplitKDError
+from splitkd.settings import Options, option
 from splitkd.tls import ClientTLS, ServerTLS, server_tls
 
 if TYPE_CHECKING:
@@ -29,54 +29,38 @@ DEVICE_HEADER = "x-splitkd-device"
 AUTHORIZATION_HEADER = "authorization"
 
 
-def add_client_arguments(parser: argparse.ArgumentParser) -> None:
+SECURITY_GROUP = "security (docs/SECURITY.md)"
+
+
+class ClientSecurityOptions(Options):
     """Options for talking to the cloud: TLS trust, client certificate, device credential."""
-    group = parser.add_argument_group("security (docs/SECURITY.md)")
-    group.add_argument(
-        "--tls-ca",
-        type=Path,
-        default=env_path("TLS_CA"),
-        help="connect with TLS, trusting this CA's PEM certificate (SPLITKD_TLS_CA)",
+
+    tls_ca: Path | None = option(
+        None, "connect with TLS, trusting this CA's PEM certificate", group=SECURITY_GROUP
     )
-    group.add_argument(
-        "--tls-cert",
-        type=Path,
-        default=env_path("TLS_CERT"),
-        help="this device's certificate, for a cloud that requires mutual TLS (SPLITKD_TLS_CERT)",
+    tls_cert: Path | None = option(
+        None,
+        "this device's certificate, for a cloud that requires mutual TLS",
+        group=SECURITY_GROUP,
     )
-    group.add_argument(
-        "--tls-key", type=Path, default=env_path("TLS_KEY"), help="its key (SPLITKD_TLS_KEY)"
+    tls_key: Path | None = option(None, "its key", group=SECURITY_GROUP)
+    credential: str | None = option(
+        None,
+        "this device's credential from 'splitkd-cloud devices add' (prefer --credential-file: "
+        "a flag is visible to other users in 'ps')",
+        group=SECURITY_GROUP,
     )
-    group.add_argument(
-        "--credential",
-        default=env("CREDENTIAL"),
-        help="this device's credential from 'splitkd-cloud devices add' (SPLITKD_CREDENTIAL; "
-        "prefer --credential-file: a flag is visible to other users in 'ps')",
-    )
-    group.add_argument(
-        "--credential-file",
-        type=Path,
-        default=env_path("CREDENTIAL_FILE"),
-        help="file holding the credential (SPLITKD_CREDENTIAL_FILE)",
-    )
+    credential_file: Path | None = option(None, "file holding the credential", group=SECURITY_GROUP)
 
 
-def add_https_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("HTTPS")
-    group.add_argument(
-        "--tls-cert",
-        type=Path,
-        default=env_path("TLS_CERT"),
-        help="serve HTTPS with this certificate (PEM) (SPLITKD_TLS_CERT)",
-    )
-    group.add_argument(
-        "--tls-key", type=Path, default=env_path("TLS_KEY"), help="its key (SPLITKD_TLS_KEY)"
-    )
+class HttpsOptions(Options):
+    tls_cert: Path | None = option(None, "serve HTTPS with this certificate (PEM)", group="HTTPS")
+    tls_key: Path | None = option(None, "its key", group="HTTPS")
 
 
-def https_options(args: argparse.Namespace) -> dict[str, Any]:
+def https_options(options: HttpsOptions) -> dict[str, Any]:
     """uvicorn's ``ssl_certfile``/``ssl_keyfile`` for ``serve``, or nothing (plain HTTP)."""
-    tls: ServerTLS | None = server_tls(args.tls_cert, args.tls_key)
+    tls: ServerTLS | None = server_tls(options.tls_cert, options.tls_key)
     return tls.uvicorn_options() if tls is not None else {}
 
 
@@ -108,12 +92,12 @@ class EdgeSecurity:
         return f"EdgeSecurity(tls={self.tls!r}, credential={'***' if self.credential else None})"
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> EdgeSecurity:
+    def from_options(cls, options: ClientSecurityOptions) -> EdgeSecurity:
         tls = None
-        if args.tls_ca or args.tls_cert or args.tls_key:
-            tls = ClientTLS(args.tls_ca, args.tls_cert, args.tls_key)
+        if options.tls_ca or options.tls_cert or options.tls_key:
+            tls = ClientTLS(options.tls_ca, options.tls_cert, options.tls_key)
             tls.check()
-        security = cls(tls, read_credential(args.credential, args.credential_file))
+        security = cls(tls, read_credential(options.credential, options.credential_file))
         if security.credential and tls is None:
             log.warning(
                 "the device credential travels in clear text: connect with --tls-ca "

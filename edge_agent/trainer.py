@@ -20,6 +20,7 @@ from edge_agent.errors import EdgeError
 from splitkd import checkpoint
 from splitkd.data.specs import Dataset
 from splitkd.models import zoo
+from splitkd.models.normalize import fit_inputs
 from splitkd.models.staged import StagedModel
 from splitkd.training import batch_order, make_optimizer, steps_per_epoch
 
@@ -36,9 +37,10 @@ class SplitTransport(Protocol):
         teacher: np.ndarray | None,
         labels: np.ndarray,
         next_teacher: np.ndarray | None = None,
+        kd_alpha: float | None = None,
     ) -> StepReply: ...
 
-    def evaluate(self, student: np.ndarray) -> np.ndarray: ...
+    def evaluate(self, activations: np.ndarray, *, teacher: bool = False) -> np.ndarray: ...
 
 
 @dataclass
@@ -103,6 +105,10 @@ class EdgeTrainer:
         # the cloud's; only the head is used and trained here.
         self.student = zoo.build(session.student_spec)
         self.student_head = build_head(self.student, session.student_cut, session.student_head)
+        # Input statistics from this device's own training split: raw data stays
+        # here, the statistics travel in the head weights (a resumed snapshot
+        # carries the same, fitted on the same split).
+        fit_inputs(self.student_head, train.x)
         # The teacher head is frozen: built from the spec, loaded, never trained.
         teacher = zoo.build(session.teacher_spec)
         self.teacher_head = build_head(teacher, session.teacher_cut, session.teacher_head)
@@ -119,6 +125,8 @@ class EdgeTrainer:
         self.repeated_steps = 0
         # The step whose teacher activations the cloud already holds (sent ahead).
         self._teacher_sent: int | None = None
+        # The KD weight this edge chose (edge_agent/teacher_check.py); None: the cloud's.
+        self.kd_alpha: float | None = None
 
     def _head_tensors(self) -> dict[str, torch.Tensor]:
         return {k: torch.from_numpy(v) for k, v in self.head_state().items()}
@@ -231,7 +239,9 @@ class EdgeTrainer:
             ahead = None if next_inputs is None else self.teacher_head(next_inputs).numpy()
         t1 = time.perf_counter()
         before = traffic() if traffic else (0, 0)
-        reply = self.transport.step(step, student_act.detach().numpy(), teacher_act, labels, ahead)
+        reply = self.transport.step(
+            step, student_act.detach().numpy(), teacher_act, labels, ahead, self.kd_alpha
+        )
         self._teacher_sent = step + 1 if reply.next_teacher_accepted else None
         after = traffic() if traffic else (0, 0)
         t2 = time.perf_counter()
@@ -256,18 +266,29 @@ class EdgeTrainer:
             replayed=reply.replayed,
         )
 
-    @torch.no_grad()
-    def evaluate_split(self, batch_size: int = 256) -> float:
+    def evaluate_split(self) -> float:
         """Accuracy of head + cloud tail on the held-out split; labels never leave."""
         self.student_head.eval()
+        try:
+            return self._heldout_accuracy(self.student_head, teacher=False)
+        finally:
+            self.student_head.train()
+
+    def evaluate_teacher(self) -> float:
+        """The teacher's accuracy on this device's held-out split, through the split."""
+        return self._heldout_accuracy(self.teacher_head, teacher=True)
+
+    @torch.no_grad()
+    def _heldout_accuracy(
+        self, head: torch.nn.Module, *, teacher: bool, batch_size: int = 256
+    ) -> float:
         correct = 0
         for start in range(0, len(self.heldout), batch_size):
             x = torch.from_numpy(self.heldout.x[start : start + batch_size])
-            logits = self.transport.evaluate(self.student_head(x).numpy())
+            logits = self.transport.evaluate(head(x).numpy(), teacher=teacher)
             correct += int(
                 (logits.argmax(axis=1) == self.heldout.y[start : start + batch_size]).sum()
             )
-        self.student_head.train()
         return correct / max(1, len(self.heldout))
 
 
@@ -286,12 +307,15 @@ class GrpcTransport:
         teacher: np.ndarray | None,
         labels: np.ndarray,
         next_teacher: np.ndarray | None = None,
+        kd_alpha: float | None = None,
     ) -> StepReply:
         reply: StepReply = self.client.step(
-            self.session_id, step, student, teacher, labels, self.wire_dtype, next_teacher
+            self.session_id, step, student, teacher, labels, self.wire_dtype, next_teacher, kd_alpha
         )
         return reply
 
-    def evaluate(self, student: np.ndarray) -> np.ndarray:
-        logits: np.ndarray = self.client.evaluate(self.session_id, student, self.wire_dtype)
+    def evaluate(self, activations: np.ndarray, *, teacher: bool = False) -> np.ndarray:
+        logits: np.ndarray = self.client.evaluate(
+            self.session_id, activations, self.wire_dtype, teacher=teacher
+        )
         return logits

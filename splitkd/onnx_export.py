@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from splitkd.errors import FailedPrecondition
+from splitkd.models.normalize import typical_inputs
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,9 @@ def export_checked(
 ) -> tuple[bytes, float]:
     """Export, then check parity on random inputs; refuse a model that does not match."""
     onnx_bytes = export_onnx(model, input_shape)
-    inputs = np.random.default_rng(seed).standard_normal((64, *input_shape)).astype(np.float32)
+    # At the scale of the model's raw inputs: standard normals would be far out of
+    # range for features measured in thousands or thousandths.
+    inputs = typical_inputs(model, input_shape, 64, seed)
     diff = parity(model, onnx_bytes, inputs)
     if not diff <= PARITY_TOLERANCE:
         raise FailedPrecondition(

@@ -19,6 +19,7 @@ from splitkd.data.specs import Dataset
 from splitkd.hyper import Hyperparameters
 from splitkd.kd import kd_loss
 from splitkd.models import zoo
+from splitkd.models.normalize import fit_inputs
 from splitkd.models.spec import ModelSpec
 from splitkd.models.staged import StagedModel
 
@@ -61,6 +62,7 @@ def train_supervised(
 ) -> StagedModel:
     """Plain cross-entropy training: the teacher, and the student without a teacher."""
     model = zoo.build(spec, hyper.seed)
+    fit_inputs(model, data.x)
     optimizer = make_optimizer(model.parameters(), hyper)
     x, y = torch.from_numpy(data.x), torch.from_numpy(data.y)
     step = 0
@@ -90,6 +92,7 @@ def train_kd_centralised(
 ) -> KDRun:
     """KD in one process: the reference for the split run (same seed, same batches)."""
     student = zoo.build(student_spec, hyper.seed)
+    fit_inputs(student, data.x)  # as the edge does on its training split
     optimizer = make_optimizer(student.parameters(), hyper)
     teacher.eval()
     x, y = torch.from_numpy(data.x), torch.from_numpy(data.y)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 import torch
 
@@ -69,3 +70,18 @@ def live_cloud(tmp_path: Path) -> Iterator[LiveCloud]:
     finally:
         channel.close()
         server.stop(0)
+
+
+def apply_steps(service: CloudService, session_id: str, count: int, start: int = 0) -> None:
+    """``count`` real training steps in-process, from step ``start`` (a session holds
+    capacity, is checkpointed and may be finished only once it has trained)."""
+    session = service.sessions.get(session_id)
+    for step in range(start, start + count):
+        rng = np.random.default_rng(step)
+        service.step(
+            session_id,
+            step,
+            rng.standard_normal((4, *session.student_activation_shape)).astype(np.float32),
+            rng.standard_normal((4, *session.teacher_activation_shape)).astype(np.float32),
+            rng.integers(0, session.num_classes, 4),
+        )

@@ -54,7 +54,7 @@ from splitkd.models.spec import ModelSpec
 from splitkd.onnx_export import export_checked
 from splitkd.v1 import splitkd_pb2 as pb
 from splitkd.v1 import splitkd_pb2_grpc as pb_grpc
-from tests.support import DIGITS, make_service
+from tests.support import DIGITS, apply_steps, make_service
 
 pytestmark = pytest.mark.slow
 
@@ -548,8 +548,9 @@ class FuzzCloud:
 def fuzz_cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzCloud]:
     service = make_service(tmp_path_factory.mktemp("fuzz-cloud"))
     publisher = service.register("fuzz-publisher", DIGITS)
+    apply_steps(service, publisher.session_id, 1)
     model = service.finish(
-        publisher.session_id, publisher.student.part_state(0, publisher.student_cut), 0
+        publisher.session_id, publisher.student.part_state(0, publisher.student_cut), 1
     )
     server, port = build_grpc_server(service, "127.0.0.1:0")
     server.start()
@@ -563,6 +564,8 @@ def fuzz_cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzCloud]:
         ),
         timeout=CALL_TIMEOUT,
     )
+    # Trained once, so it is an active session: fuzzed Registers cannot evict it.
+    apply_steps(service, target.session_id, 1)
     healthy = HealthyEdge(address)
     healthy.start()
     cloud = FuzzCloud(service, channel, target, model, healthy, served_methods())

@@ -288,11 +288,11 @@ def test_download_validates_and_streams_the_whole_file(live_cloud: LiveCloud) ->
     )
     assert tail == data[100:]
     for request, code, match in [
-        (pb.DownloadModelRequest(name="nope"), grpc.StatusCode.NOT_FOUND, "no model named"),
+        (pb.DownloadModelRequest(name="nope"), grpc.StatusCode.NOT_FOUND, "no model 'nope'"),
         (
             pb.DownloadModelRequest(name=info.name, version=9),
             grpc.StatusCode.NOT_FOUND,
-            "no version 9",
+            "version 9 here",
         ),
         (
             pb.DownloadModelRequest(name=info.name, offset=10**9),

@@ -14,13 +14,14 @@ from edge_agent.http_api import create_app as edge_app
 from edge_agent.model_store import ModelStore
 from splitkd.models import zoo
 from splitkd.onnx_export import export_checked
-from tests.support import DIGITS, make_service
+from tests.support import DIGITS, apply_steps, make_service
 
 
 def _publish(service, tmp_path: Path):  # type: ignore[no-untyped-def]
     session = service.register("edge-h", DIGITS)
+    apply_steps(service, session.session_id, 1)
     head = session.student.part_state(0, session.student_cut)
-    return service.finish(session.session_id, head, 0)
+    return service.finish(session.session_id, head, 1)
 
 
 def test_cloud_http_api(tmp_path: Path) -> None:
@@ -41,7 +42,7 @@ def test_cloud_http_api(tmp_path: Path) -> None:
     sessions = client.get("/v1/sessions").json()["sessions"]
     assert sessions[0]["device_id"] == "edge-h" and len(sessions[0]["session"]) == 8
     assert client.get(f"/v1/models/{record.name}/versions/2").status_code == 404
-    assert "no version 2" in client.get(f"/v1/models/{record.name}/versions/2").json()["detail"]
+    assert "version 2 here" in client.get(f"/v1/models/{record.name}/versions/2").json()["detail"]
     assert client.get("/v1/models/nope/versions/1/model.onnx").status_code == 404
     assert client.get(f"/v1/models/{record.name}/versions/0").status_code == 422
     assert client.get(f"/v1/models/{record.name}/versions/abc").status_code == 422

@@ -9,10 +9,11 @@ import pytest
 
 from cloud_service.limits import RateLimiter
 from cloud_service.server import build_grpc_server
+from cloud_service.session import Session
 from cloud_service.sessions import SessionStore
 from splitkd.errors import ResourceExhausted
 from splitkd.v1 import splitkd_pb2_grpc as pb_grpc
-from tests.support import DIGITS, make_service
+from tests.support import DIGITS, apply_steps, make_service
 from tests.test_grpc_errors import register, step_request
 
 
@@ -55,15 +56,19 @@ def test_a_flooding_device_is_refused_and_another_trains_on(tmp_path: Path) -> N
 
 def test_sessions_per_device_and_in_total(tmp_path: Path) -> None:
     service = make_service(tmp_path, store=SessionStore(max_per_device=2, max_sessions=3))
-    first = service.register("pi-1", DIGITS)
-    service.register("pi-1", DIGITS)
-    with pytest.raises(ResourceExhausted, match="pi-1 already has 2 unfinished sessions"):
-        service.register("pi-1", DIGITS)
-    # A finished session does not count against the device: it is dropped instead.
-    service.finish(first.session_id, first.student.part_state(0, first.student_cut), 0)
-    service.register("pi-1", DIGITS)
-    assert len(service.sessions) == 2
-    service.register("pi-2", DIGITS)
+
+    def trained(device: str) -> Session:
+        session = service.register(device, DIGITS)
+        apply_steps(service, session.session_id, 1)  # only a session that trained holds capacity
+        return session
+
+    first = trained("pi-1")
+    second = trained("pi-1")
+    service.finish(first.session_id, first.student.part_state(0, first.student_cut), 1)
+    # At its cap, a device gives up its finished, then its least recently seen session.
+    third = trained("pi-1")
+    assert {s.session_id for s in service.sessions.all()} == {second.session_id, third.session_id}
+    trained("pi-2")
     with pytest.raises(ResourceExhausted, match="already serves 3 sessions"):
         service.register("pi-3", DIGITS)
 

@@ -38,20 +38,20 @@ from splitkd.telemetry import exposition
 from splitkd.tls import ClientTLS, ServerTLS, server_tls
 from splitkd.v1 import splitkd_pb2 as pb
 from splitkd.v1 import splitkd_pb2_grpc as pb_grpc
-from tests.support import DIGITS, make_service
+from tests.support import DIGITS, apply_steps, make_service
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI_ENV = {"PYTHONUNBUFFERED": "1", "SPLITKD_LOG_LEVEL": "WARNING", "PATH": "/usr/bin:/bin"}
 
 
-def cloud_cli(*args: str) -> subprocess.CompletedProcess[str]:
+def cloud_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "cloud_service.cli", *args],
         capture_output=True,
         text=True,
         timeout=60,
-        cwd=ROOT,
-        env=CLI_ENV,
+        cwd=cwd,
+        env={**CLI_ENV, "PYTHONPATH": str(ROOT)},
     )
 
 
@@ -182,6 +182,69 @@ def test_mutual_tls_requires_a_device_certificate_from_the_ca(
         server.address, ClientTLS(ca, certs / "device-edge-a.pem", certs / "device-edge-a-key.pem")
     )
     assert device.Register(register_request("edge-a"), timeout=10).session_id
+
+
+def test_a_device_certificate_works_only_with_its_own_devices_credential(
+    certs: Path, tmp_path: Path, servers: list[Server]
+) -> None:
+    tls = server_tls(
+        certs / "server.pem", certs / "server-key.pem", certs / "ca.pem", require_client_cert=True
+    )
+    server = start(tmp_path, tls=tls)
+    servers.append(server)
+    credentials = {name: server.devices.add(name) for name in ("edge-a", "edge-b")}
+    ca = certs / "ca.pem"
+    with_cert_of_a = stub(
+        server.address, ClientTLS(ca, certs / "device-edge-a.pem", certs / "device-edge-a-key.pem")
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        with_cert_of_a.Register(
+            register_request("edge-b"), metadata=auth("edge-b", credentials["edge-b"]), timeout=10
+        )
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "certificate" in (info.value.details() or "")
+    own = with_cert_of_a.Register(
+        register_request("edge-a"), metadata=auth("edge-a", credentials["edge-a"]), timeout=10
+    )
+    assert own.session_id
+
+
+def test_a_corrupt_device_registry_is_one_line_at_start_up_and_no_path_in_answers(
+    tmp_path: Path, servers: list[Server], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "state").mkdir()
+    for garbage in ("[]", "{", '{"format": 1, "devices": {"a": {"name": 1}}}',
+                    '{"format": 1, "devices": {"a": {"name": "a", "state": "enrolled", '
+                    '"salt": "zz", "digest": "00", "enrolled_at": ""}}}'):  # fmt: skip
+        (tmp_path / "state" / "devices.json").write_text(garbage)
+        done = cloud_cli("serve", "--state-dir", "state", cwd=tmp_path)
+        assert done.returncode == 2, (garbage, done.stderr)
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and "state/devices.json" in lines[0], (garbage, done.stderr)
+        assert str(tmp_path) not in done.stderr
+    # Damaged while the cloud runs: answers say nothing of the server's files.
+    server = start(tmp_path / "running")
+    servers.append(server)
+    credential = server.devices.add("edge-a")
+    cloud = stub(server.address)
+    assert cloud.Register(register_request("edge-a"), metadata=auth("edge-a", credential))
+    server.devices.path.write_text("{")
+    with pytest.raises(grpc.RpcError) as info:
+        cloud.Register(register_request("edge-a"), timeout=10)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert str(tmp_path) not in (info.value.details() or "")
+    answer = cloud.Register(
+        register_request("edge-a"), metadata=auth("edge-a", credential), timeout=10
+    )
+    assert answer.session_id  # the last good registry still applies
+    client = TestClient(create_app(server.service, CloudSecurity(None, server.devices)))
+    health = client.get("/healthz")
+    assert health.status_code == 200 and str(tmp_path) not in health.text
+    # A registry that was never read well refuses everyone (fails closed).
+    never_good = DeviceRegistry.in_state_dir(tmp_path / "state")
+    assert never_good.has_entries()
+    assert never_good.verify("a", "anything").name == "UNKNOWN"
 
 
 def test_tls_options_fail_fast_with_actionable_messages(certs: Path, tmp_path: Path) -> None:
@@ -317,11 +380,16 @@ def test_a_device_never_touches_another_devices_session_or_model(
             pb.HeartbeatRequest(session_id=session_a), metadata=md
         ),
     }
+    unknown = pb.HeartbeatRequest(session_id="0" * 32)
+    with pytest.raises(grpc.RpcError) as info:
+        cloud.Heartbeat(unknown, metadata=b)
+    does_not_exist = info.value.details()
     for method, call in foreign_calls.items():
         with pytest.raises(grpc.RpcError) as info:
             call(b)
-        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED, method
-        assert "belongs to another device" in (info.value.details() or ""), method
+        # Another device's session looks exactly like one that does not exist.
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND, method
+        assert info.value.details() == does_not_exist, method
     # The owner gets past the access check: its empty Step fails on the tensors instead.
     with pytest.raises(grpc.RpcError) as info:
         foreign_calls["Step"](a)
@@ -329,11 +397,19 @@ def test_a_device_never_touches_another_devices_session_or_model(
 
     # A's student, published from A's session: only A may download it.
     session = server.service.sessions.get(session_a)
-    record = server.service.finish(session_a, session.student.part_state(0, session.student_cut), 0)
+    apply_steps(server.service, session_a, 1)
+    record = server.service.finish(session_a, session.student.part_state(0, session.student_cut), 1)
     request = pb.DownloadModelRequest(name=record.name, version=0)
-    with pytest.raises(grpc.RpcError) as info:
-        list(cloud.DownloadModel(request, metadata=b, timeout=10))
-    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    answers = {}
+    for name, version in [(record.name, 0), (record.name, 1), (record.name, 9), ("student-x", 1)]:
+        with pytest.raises(grpc.RpcError) as info:
+            ask = pb.DownloadModelRequest(name=name, version=version)
+            list(cloud.DownloadModel(ask, metadata=b, timeout=10))
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND, (name, version)
+        answers[name, version] = (info.value.details() or "").replace(name, "NAME")
+    # B cannot tell A's model or its versions from models that do not exist.
+    assert len({re.sub(r" version \d+", "", a) for a in answers.values()}) == 1
+    assert "versions" not in answers[record.name, 9]
     chunks = list(cloud.DownloadModel(request, metadata=a, timeout=10))
     assert sum(len(c.data) for c in chunks) == record.size_bytes
 
@@ -344,8 +420,9 @@ def test_http_api_answers_a_device_about_its_own_models_only(tmp_path: Path) -> 
     a = dict(auth("edge-a", devices.add("edge-a")))
     b = dict(auth("edge-b", devices.add("edge-b")))
     session = service.register("edge-a", DIGITS)
+    apply_steps(service, session.session_id, 1)
     record = service.finish(
-        session.session_id, session.student.part_state(0, session.student_cut), 0
+        session.session_id, session.student.part_state(0, session.student_cut), 1
     )
     client = TestClient(create_app(service, CloudSecurity(None, devices)))
     health = client.get("/healthz").json()
@@ -356,8 +433,16 @@ def test_http_api_answers_a_device_about_its_own_models_only(tmp_path: Path) -> 
     assert client.get("/v1/models", headers=a).json()["models"][0]["name"] == record.name
     assert client.get("/v1/models", headers=b).json() == {"models": []}
     model_file = f"/v1/models/{record.name}/versions/1/model.onnx"
-    assert client.get(model_file, headers=b).status_code == 403
-    assert client.get(f"/v1/models/{record.name}/versions/1", headers=b).status_code == 403
+    # Another device's model answers exactly like one that does not exist.
+    for path in (model_file, f"/v1/models/{record.name}/versions/1"):
+        theirs = client.get(path, headers=b)
+        missing = client.get(path.replace("versions/1", "versions/7"), headers=a)
+        assert theirs.status_code == missing.status_code == 404
+        assert theirs.json()["detail"].replace(" 1", " 7") == missing.json()["detail"]
+    # The API's own description is not handed to strangers when authentication is on.
+    for path in ("/docs", "/openapi.json", "/redoc"):
+        assert client.get(path).status_code == 404, path
+    assert TestClient(create_app(service)).get("/openapi.json").status_code == 200
     assert len(client.get(model_file, headers=a).content) == record.size_bytes
     assert client.get("/v1/sessions", headers=b).json() == {"sessions": []}
     assert len(client.get("/v1/sessions", headers=a).json()["sessions"]) == 1

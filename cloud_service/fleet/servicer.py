@@ -48,7 +48,8 @@ class FleetServicer(pb_grpc.FleetServicer):
     ) -> pb.RoundTask:
         _require_member(request.member_id)
         task = self.fleet.fetch(request.member_id, request.after_round, authenticated_device())
-        session = None if task.session is None else session_message(task.session)  # type: ignore[arg-type]
+        accuracy = self.fleet.split.teacher.accuracy
+        session = None if task.session is None else session_message(task.session, accuracy)  # type: ignore[arg-type]
         return serde.round_task_to_pb(task, session)
 
     @rpc

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from splitkd.errors import InvalidArgument
+from splitkd.models.normalize import check_std
 
 
 class StagedModel(nn.Module):
@@ -52,13 +53,15 @@ class StagedModel(nn.Module):
             raise InvalidArgument(
                 f"weights for stages [{start}, {stop}) must name {sorted(expected)}, got {sorted(state)}"
             )
+        for name, value in state.items():  # all checked before any is loaded
+            if tuple(value.shape) != expected[name]:
+                raise InvalidArgument(
+                    f"weight {name} has shape {list(value.shape)}, expected {list(expected[name])}"
+                )
+            check_std(name, value)
         own = self.state_dict()
         with torch.no_grad():
             for name, value in state.items():
-                if tuple(value.shape) != expected[name]:
-                    raise InvalidArgument(
-                        f"weight {name} has shape {list(value.shape)}, expected {list(expected[name])}"
-                    )
                 own[name].copy_(torch.from_numpy(np.array(value, dtype=np.float32)))
 
 

@@ -13,6 +13,7 @@ from math import prod
 import torch
 from torch import nn
 
+from splitkd.models.normalize import InputStage
 from splitkd.models.spec import ModelSpec
 from splitkd.models.staged import StagedModel, count_parameters
 from splitkd.signature import DatasetSignature
@@ -81,11 +82,22 @@ def _cnn2d(spec: ModelSpec) -> list[nn.Module]:
     return stages + _classifier_stages(channels * height * width, spec, flatten=True)
 
 
+def _staged(spec: ModelSpec) -> StagedModel:
+    """The family's stages, stage 0 standardising raw inputs first (see normalize.py)."""
+    stages = _FAMILIES[spec.family](spec)
+    stages[0] = InputStage(spec.input_shape, *stages[0].children())
+    return StagedModel(stages)
+
+
 def build(spec: ModelSpec, seed: int = 0) -> StagedModel:
-    """Build ``spec`` with weights initialised deterministically from ``seed``."""
+    """Build ``spec`` with weights initialised deterministically from ``seed``.
+
+    The input statistics start as the identity (mean 0, std 1); whoever trains
+    the model fits them on its data (``normalize.fit_inputs``).
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return StagedModel(_FAMILIES[spec.family](spec))
+        return _staged(spec)
 
 
 def _family_for(signature: DatasetSignature) -> str:
@@ -131,7 +143,7 @@ def default_teacher(signature: DatasetSignature, student: ModelSpec | None = Non
 # once per spec is enough, not once per session or per report.
 @cache
 def parameter_count(spec: ModelSpec) -> int:
-    return count_parameters(StagedModel(_FAMILIES[spec.family](spec)))
+    return count_parameters(_staged(spec))
 
 
 @cache

@@ -341,6 +341,7 @@ class RegisterResponse(_message.Message):
     HYPERPARAMETERS_FIELD_NUMBER: _builtins.int
     NEXT_STEP_FIELD_NUMBER: _builtins.int
     MODEL_NAME_FIELD_NUMBER: _builtins.int
+    TEACHER_ACCURACY_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     student_cut: _builtins.int
     teacher_cut: _builtins.int
@@ -348,6 +349,10 @@ class RegisterResponse(_message.Message):
     """first step number the cloud expects"""
     model_name: _builtins.str
     """name the finished student will be published under"""
+    teacher_accuracy: _builtins.float
+    """The teacher's accuracy on the cloud's own held-out data; 0 = unknown. The
+    edge measures it again on its own data (Evaluate with teacher_activations).
+    """
     @_builtins.property
     def student(self) -> Global___ModelSpec: ...
     @_builtins.property
@@ -375,10 +380,11 @@ class RegisterResponse(_message.Message):
         hyperparameters: Global___Hyperparameters | None = ...,
         next_step: _builtins.int = ...,
         model_name: _builtins.str = ...,
+        teacher_accuracy: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["hyperparameters", b"hyperparameters", "student", b"student", "student_head", b"student_head", "teacher", b"teacher", "teacher_head", b"teacher_head"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hyperparameters", b"hyperparameters", "model_name", b"model_name", "next_step", b"next_step", "session_id", b"session_id", "student", b"student", "student_cut", b"student_cut", "student_head", b"student_head", "teacher", b"teacher", "teacher_cut", b"teacher_cut", "teacher_head", b"teacher_head"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hyperparameters", b"hyperparameters", "model_name", b"model_name", "next_step", b"next_step", "session_id", b"session_id", "student", b"student", "student_cut", b"student_cut", "student_head", b"student_head", "teacher", b"teacher", "teacher_accuracy", b"teacher_accuracy", "teacher_cut", b"teacher_cut", "teacher_head", b"teacher_head"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -398,8 +404,14 @@ class StepRequest(_message.Message):
     TEACHER_ACTIVATIONS_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     NEXT_TEACHER_ACTIVATIONS_FIELD_NUMBER: _builtins.int
+    KD_ALPHA_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     step: _builtins.int
+    kd_alpha: _builtins.float
+    """Optional: the KD weight for this step, chosen by the edge from the teacher's
+    accuracy on its own data (splitkd-edge train --kd-alpha auto); in [0, 1].
+    Unset: the session's hyperparameters.kd_alpha.
+    """
     @_builtins.property
     def student_activations(self) -> Global___Tensor:
         """output of the student head, [B, ...]"""
@@ -430,12 +442,15 @@ class StepRequest(_message.Message):
         teacher_activations: Global___Tensor | None = ...,
         labels: Global___Tensor | None = ...,
         next_teacher_activations: Global___Tensor | None = ...,
+        kd_alpha: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels", "next_teacher_activations", b"next_teacher_activations", "student_activations", b"student_activations", "teacher_activations", b"teacher_activations"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_kd_alpha", b"_kd_alpha", "kd_alpha", b"kd_alpha", "labels", b"labels", "next_teacher_activations", b"next_teacher_activations", "student_activations", b"student_activations", "teacher_activations", b"teacher_activations"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels", "next_teacher_activations", b"next_teacher_activations", "session_id", b"session_id", "step", b"step", "student_activations", b"student_activations", "teacher_activations", b"teacher_activations"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_kd_alpha", b"_kd_alpha", "kd_alpha", b"kd_alpha", "labels", b"labels", "next_teacher_activations", b"next_teacher_activations", "session_id", b"session_id", "step", b"step", "student_activations", b"student_activations", "teacher_activations", b"teacher_activations"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__kd_alpha: _TypeAlias = _typing.Literal["kd_alpha"]  # noqa: Y015
+    _WhichOneofArgType__kd_alpha: _TypeAlias = _typing.Literal["_kd_alpha", b"_kd_alpha"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__kd_alpha) -> _WhichOneofReturnType__kd_alpha | None: ...
 
 Global___StepRequest: _TypeAlias = StepRequest  # noqa: Y015
 
@@ -493,18 +508,27 @@ class EvaluateRequest(_message.Message):
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
     STUDENT_ACTIVATIONS_FIELD_NUMBER: _builtins.int
+    TEACHER_ACTIVATIONS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     @_builtins.property
     def student_activations(self) -> Global___Tensor: ...
+    @_builtins.property
+    def teacher_activations(self) -> Global___Tensor:
+        """Instead of student_activations: the teacher head's output, to measure the
+        teacher on the device's own held-out data (the logits of the teacher's tail
+        come back; labels stay on the device). Set exactly one of the two.
+        """
+
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
         student_activations: Global___Tensor | None = ...,
+        teacher_activations: Global___Tensor | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["student_activations", b"student_activations"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["student_activations", b"student_activations", "teacher_activations", b"teacher_activations"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id", "student_activations", b"student_activations"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id", "student_activations", b"student_activations", "teacher_activations", b"teacher_activations"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

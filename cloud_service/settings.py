@@ -1,0 +1,167 @@
+"""The options of every ``splitkd-cloud`` command, each declared once.
+
+Flags, ``SPLITKD_*`` variables, config-file keys, ``--help`` and
+docs/CONFIGURATION.md are generated from these fields; to add an option, add one
+field (see :mod:`splitkd.settings`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from cloud_service.security import CloudSecurityOptions
+from splitkd.data.partition import DEFAULT_PRESUMED_FRACTION
+from splitkd.hyper import Hyperparameters
+from splitkd.messages import CohortConfig
+from splitkd.settings import Options, option
+
+_HYPER = Hyperparameters()
+TRAINING = "training (sent to every edge with its session)"
+DATA = "digits, npz:PATH or csv:PATH"
+
+
+class StateDirOptions(Options):
+    state_dir: Path = option(
+        Path(".splitkd-cloud"),
+        "the cloud's state folder: models, sessions, the trained teacher, devices.json",
+    )
+
+
+class TrainingOptions(Options):
+    presumed_fraction: float = option(
+        DEFAULT_PRESUMED_FRACTION,
+        "share of --teacher-data kept as the cloud's presumed data; edges given the same "
+        "data never train on it",
+        group=TRAINING,
+    )
+    student_cut: int = option(1, "student stages on the device", group=TRAINING)
+    teacher_cut: int = option(1, "frozen teacher stages on the device", group=TRAINING)
+    epochs: int = option(_HYPER.epochs, "default epochs per edge", group=TRAINING)
+    batch_size: int = option(_HYPER.batch_size, "batch size", group=TRAINING)
+    learning_rate: float = option(_HYPER.learning_rate, "learning rate", group=TRAINING)
+    optimizer: Literal["adam", "sgd"] = option(_HYPER.optimizer, "optimizer", group=TRAINING)
+    kd_alpha: float = option(_HYPER.kd_alpha, "weight of the KD term", group=TRAINING)
+    kd_temperature: float = option(_HYPER.kd_temperature, "softmax temperature", group=TRAINING)
+    seed: int = option(_HYPER.seed, "seed of every random choice", group=TRAINING)
+    wire_dtype: Literal["float32", "float16"] = option(
+        _HYPER.wire_dtype, "dtype of activations and gradients on the wire", group=TRAINING
+    )
+    checkpoint_every: int = option(
+        _HYPER.checkpoint_every,
+        "steps between session checkpoints on both sides; a fault repeats at most this many steps",
+        group=TRAINING,
+    )
+
+
+FLEETS = "fleets (defaults for cohorts; devices join with splitkd-edge train --cohort NAME)"
+_COHORT = CohortConfig()
+
+
+class FleetOptions(Options):
+    cohort_mode: Literal["federated", "split"] = option(
+        _COHORT.mode,
+        "federated: devices train the whole small student locally, weights travel once per round "
+        "and the server model learns from them (KOALA); split: devices train through the split "
+        "against the teacher, heads and tails averaged per round",
+        group=FLEETS,
+    )
+    cohort_min_devices: int = option(
+        _COHORT.min_devices, "round 1 starts when this many devices joined", group=FLEETS
+    )
+    rounds: int = option(_COHORT.rounds, "rounds per cohort", group=FLEETS)
+    local_epochs: int = option(_COHORT.local_epochs, "device epochs per round", group=FLEETS)
+    round_timeout: float = option(
+        _COHORT.round_timeout_seconds,
+        "seconds after which a round closes with whoever delivered (stragglers never stall it)",
+        group=FLEETS,
+    )
+    cohort_config: Path | None = option(
+        None,
+        "TOML file with per-cohort overrides ([cohorts.NAME] mode, rounds, local_epochs, "
+        "min_devices, round_timeout, strategy, classes.CLASS.widths); see docs/FLEETS.md",
+        group=FLEETS,
+    )
+    proxy_data: str | None = option(
+        None,
+        f"unlabelled inputs ({DATA}; labels ignored) on which the server model and the cohorts' "
+        "students exchange knowledge in federated cohorts (default: the teacher's presumed data)",
+        group=FLEETS,
+    )
+
+
+class ServeSettings(CloudSecurityOptions, FleetOptions, TrainingOptions, StateDirOptions):
+    host: str = option("0.0.0.0", "address to listen on")
+    grpc_port: int = option(50051, "gRPC port for edge agents")
+    http_port: int = option(8000, "HTTP port: /healthz, /v1/models, /v1/sessions")
+    teacher: Path | None = option(
+        None,
+        "teacher checkpoint (.safetensors from 'splitkd-cloud train-teacher')",
+        exclusive="teacher",
+    )
+    teacher_data: str = option(
+        "digits",
+        f"train the teacher at start-up on this data: {DATA} (unused with --teacher)",
+        exclusive="teacher",
+    )
+    keep_versions: int = option(
+        5,
+        "newest versions of each model kept in the registry; older ones are deleted when a new "
+        "one is published (0 = keep all)",
+    )
+    max_message_mb: float = option(16.0, "largest gRPC message accepted (MiB)")
+    session_timeout: float = option(900.0, "seconds of silence after which a session expires")
+    max_steps_per_second: float = option(
+        400.0, "per device: more steps than this get RESOURCE_EXHAUSTED (0: no limit)"
+    )
+
+
+class TrainTeacherSettings(Options):
+    data: str = option("digits", f"the cloud's data: {DATA}")
+    out: Path = option(help="output .safetensors file")
+    presumed_fraction: float = option(
+        DEFAULT_PRESUMED_FRACTION, "share of the data the cloud keeps"
+    )
+
+
+# The admin commands act on what their arguments name: command line only.
+class CertsSettings(Options):
+    out: Path = option(help="folder for the PEM files", cli_only=True)
+    cert_devices: list[str] = option(
+        [],
+        "issue a client certificate for this device (repeatable)",
+        flag="--device",
+        metavar="NAME",
+        cli_only=True,
+    )
+    cert_hosts: list[str] = option(
+        [],
+        "extra DNS name or IP address in the server certificate (repeatable; localhost, "
+        "127.0.0.1 and ::1 are always in it)",
+        flag="--host",
+        metavar="NAME",
+        cli_only=True,
+    )
+
+
+class DevicesAddSettings(StateDirOptions):
+    name: str = option(help="the device's id (its --device-id)", positional=True)
+    replace: bool = option(
+        False,
+        "issue a new credential for an enrolled or revoked device (the old one stops working)",
+        cli_only=True,
+    )
+    write_credential: Path | None = option(
+        None,
+        "write the credential to this file (mode 0600) instead of printing it",
+        flag="--credential-file",
+        cli_only=True,
+    )
+
+
+class DevicesListSettings(StateDirOptions):
+    as_json: bool = option(False, "machine-readable output", flag="--json", cli_only=True)
+
+
+class DevicesRevokeSettings(StateDirOptions):
+    name: str = option(help="the device's id", positional=True)
