@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from splitkd.data.specs import Dataset
 from splitkd.hyper import Hyperparameters
 from splitkd.models import zoo
+from splitkd.models.normalize import fit_inputs, input_stage
 from splitkd.models.spec import ModelSpec
 from splitkd.models.staged import StagedModel
 from splitkd.training import batch_order, make_optimizer
@@ -57,8 +58,15 @@ def weights_of(model: StagedModel) -> Weights:
 def local_train(
     spec: ModelSpec, weights: Weights, data: Dataset, hyper: Hyperparameters, epochs: int, seed: int
 ) -> tuple[Weights, float]:
-    """A device's federated round: CE on its own data from the round's weights."""
+    """A device's federated round: CE on its own data from the round's weights.
+
+    A student that has no input statistics yet (the cohort's first round) takes
+    the device's own; FedAvg then averages them like every other tensor.
+    """
     model = model_from(spec, weights)
+    stage = input_stage(model)
+    if stage is not None and not stage.input_mean.any() and bool((stage.input_std == 1).all()):
+        fit_inputs(model, data.x)
     optimizer = make_optimizer(model.parameters(), hyper)
     x, y = torch.from_numpy(data.x), torch.from_numpy(data.y)
     model.train()

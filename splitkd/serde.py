@@ -21,6 +21,7 @@ from splitkd.messages import (
     Update,
     UpdateAnswer,
 )
+from splitkd.models.normalize import check_std
 from splitkd.models.spec import ModelSpec
 from splitkd.signature import DatasetSignature
 from splitkd.v1 import splitkd_pb2 as pb
@@ -200,6 +201,8 @@ def update_to_pb(update: Update) -> pb.SubmitUpdateRequest:
 def update_from_pb(message: pb.SubmitUpdateRequest, expected: dict[str, tuple[int, ...]]) -> Update:
     """Decode a device's update, refusing wrong names, shapes or non-finite values."""
     weights = codec.decode_weights(message.weights, expected=expected, what="update weights")
+    for name, value in weights.items():
+        check_std(name, value)  # input statistics must not divide by zero
     if not 0.0 <= message.heldout_accuracy <= 1.0:
         raise InvalidArgument(f"heldout_accuracy must be in [0, 1], got {message.heldout_accuracy}")
     if not 1 <= message.num_samples <= 1 << 40:
