@@ -106,3 +106,26 @@ def test_spec_json_round_trip_and_garbage() -> None:
     for text in ["[]", "{}", "not json", '{"input_shape": [3], "num_classes": "x", "widths": [1]}']:
         with pytest.raises(InvalidArgument):
             ModelSpec.from_json("mlp", text)
+
+
+def test_a_family_is_registered_by_its_decorator_alone() -> None:
+    from torch import nn
+
+    from splitkd.models import zoo
+
+    @zoo.register_family("test-linear", input_rank=1)
+    def _linear(spec: ModelSpec) -> list[nn.Module]:
+        # Each stage is a Sequential, as the built-in families make them.
+        first = nn.Sequential(nn.Linear(spec.input_shape[0], spec.widths[0]), nn.ReLU())
+        return [first, nn.Sequential(nn.Linear(spec.widths[0], spec.num_classes))]
+
+    try:
+        spec = ModelSpec("test-linear", (5,), 3, widths=(4,))
+        assert zoo.build(spec, 0).run(torch.zeros(2, 5), 0, 2).shape == (2, 3)
+        with pytest.raises(InvalidArgument, match="rank 1"):
+            ModelSpec("test-linear", (1, 5), 3, widths=(4,))
+    finally:
+        zoo._FAMILIES.pop("test-linear")
+        zoo._INPUT_RANKS.pop("test-linear")
+    with pytest.raises(InvalidArgument, match="unknown model family"):
+        ModelSpec("test-linear", (5,), 3, widths=(4,))

@@ -13,7 +13,6 @@ from typing import Any
 from splitkd.errors import InvalidArgument
 from splitkd.signature import DatasetSignature
 
-FAMILIES = ("mlp", "cnn1d", "cnn2d")
 MAX_WIDTH = 8192
 MAX_LAYERS = 16
 
@@ -35,12 +34,13 @@ class ModelSpec:
     hidden: tuple[int, ...] = field(default=())
 
     def __post_init__(self) -> None:
-        if self.family not in FAMILIES:
+        families = _registered()
+        if self.family not in families:
             raise InvalidArgument(
-                f"unknown model family {self.family!r}; known: {', '.join(FAMILIES)}"
+                f"unknown model family {self.family!r}; known: {', '.join(sorted(families))}"
             )
         DatasetSignature(self.input_shape, self.num_classes)  # same limits as a signature
-        expected_rank = {"mlp": 1, "cnn1d": 2, "cnn2d": 3}[self.family]
+        expected_rank = families[self.family]
         if len(self.input_shape) != expected_rank:
             raise InvalidArgument(
                 f"family {self.family} takes inputs of rank {expected_rank}, got shape {list(self.input_shape)}"
@@ -99,3 +99,10 @@ class ModelSpec:
             raise InvalidArgument(
                 f"{what} {cut} leaves no stage for the cloud (model has {self.num_stages} stages)"
             )
+
+
+def _registered() -> dict[str, int]:
+    """The families ``@register_family`` registered (importing the zoo registers the built-ins)."""
+    from splitkd.models import zoo  # here, not at the top: the zoo imports this module
+
+    return zoo.input_ranks()

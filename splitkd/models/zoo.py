@@ -20,18 +20,32 @@ from splitkd.signature import DatasetSignature
 
 Builder = Callable[[ModelSpec], list[nn.Module]]
 _FAMILIES: dict[str, Builder] = {}
+_INPUT_RANKS: dict[str, int] = {}
 
 # The teacher must be much larger than the student (the brief asks for >= 50x);
 # we aim a little higher so that rounding widths never lands under the bar.
 MIN_TEACHER_RATIO = 64
 
 
-def register_family(name: str) -> Callable[[Builder], Builder]:
+def register_family(name: str, input_rank: int) -> Callable[[Builder], Builder]:
+    """Register a model family: this decorator is the only table of families.
+
+    ``input_rank`` is the rank of one sample (1: feature vectors, 2: sequences
+    ``C x L``, 3: images ``C x H x W``); specs naming the family are checked
+    against it.
+    """
+
     def wrap(builder: Builder) -> Builder:
         _FAMILIES[name] = builder
+        _INPUT_RANKS[name] = input_rank
         return builder
 
     return wrap
+
+
+def input_ranks() -> dict[str, int]:
+    """Registered family names and the rank of their inputs."""
+    return dict(_INPUT_RANKS)
 
 
 def _classifier_stages(in_features: int, spec: ModelSpec, flatten: bool) -> list[nn.Module]:
@@ -46,7 +60,7 @@ def _classifier_stages(in_features: int, spec: ModelSpec, flatten: bool) -> list
     return stages
 
 
-@register_family("mlp")
+@register_family("mlp", input_rank=1)
 def _mlp(spec: ModelSpec) -> list[nn.Module]:
     stages: list[nn.Module] = []
     width = spec.input_shape[0]
@@ -56,7 +70,7 @@ def _mlp(spec: ModelSpec) -> list[nn.Module]:
     return stages + _classifier_stages(width, spec, flatten=False)
 
 
-@register_family("cnn1d")
+@register_family("cnn1d", input_rank=2)
 def _cnn1d(spec: ModelSpec) -> list[nn.Module]:
     channels, length = spec.input_shape
     stages: list[nn.Module] = []
@@ -68,7 +82,7 @@ def _cnn1d(spec: ModelSpec) -> list[nn.Module]:
     return stages + _classifier_stages(channels * length, spec, flatten=True)
 
 
-@register_family("cnn2d")
+@register_family("cnn2d", input_rank=3)
 def _cnn2d(spec: ModelSpec) -> list[nn.Module]:
     channels, height, width = spec.input_shape
     stages: list[nn.Module] = []
