@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextvars
 import logging
-import re
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol, cast
@@ -38,13 +37,13 @@ from prometheus_client import CollectorRegistry, Counter
 from cloud_service.devices import DeviceRegistry, Verdict
 from cloud_service.limits import UNKNOWN_SESSION
 from cloud_service.registry import model_not_found
+from splitkd import names
 from splitkd.errors import NotFound, PermissionDenied, SplitKDError, Unauthenticated
 
 log = logging.getLogger(__name__)
 
 DEVICE_HEADER = "x-splitkd-device"
 AUTHORIZATION_HEADER = "authorization"
-_DEVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _BEARER = "bearer "
 # The longest credential accepted: ours are 43 characters; anything huge is not one.
 _MAX_CREDENTIAL = 512
@@ -121,7 +120,7 @@ class DeviceAuthenticator:
                 "no device credentials: this cloud only serves enrolled devices; run the edge with "
                 "--device-id NAME and --credential-file FILE (from 'splitkd-cloud devices add NAME')"
             )
-        if not _DEVICE_NAME.fullmatch(device):
+        if not names.is_device_id(device):
             raise Unauthenticated(f"{DEVICE_HEADER} must be 1-64 letters, digits, '.', '_' or '-'")
         if authorization[: len(_BEARER)].lower() != _BEARER or len(authorization) > _MAX_CREDENTIAL:
             raise Unauthenticated("authorization must be 'Bearer <credential>'")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from splitkd import names as known_names
 from splitkd.errors import SplitKDError
 
 CA_CERT = "ca.pem"
@@ -31,7 +31,6 @@ DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1")
 # Development lifetimes: long enough for a testbed, short enough to be replaced.
 CA_DAYS = 5 * 365
 LEAF_DAYS = 825  # the longest lifetime browsers and most TLS stacks still accept
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 def device_files(name: str) -> tuple[str, str]:
@@ -159,7 +158,7 @@ def make_certs(
     so adding a device later does not replace the server's.
     """
     for name in devices:
-        if not _NAME.fullmatch(name):
+        if not known_names.is_device_id(name):
             raise SplitKDError(
                 f"device name {name!r} must be 1-64 letters, digits, '.', '_' or '-'"
             )

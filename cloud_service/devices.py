@@ -22,7 +22,6 @@ import hashlib
 import hmac
 import json
 import logging
-import re
 import secrets
 import threading
 from collections.abc import Iterator
@@ -32,6 +31,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from splitkd import names
 from splitkd.atomic import write_bytes_atomic
 from splitkd.errors import FailedPrecondition, InvalidArgument, NotFound
 
@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 DEVICES_FILE = "devices.json"
 ENROLLED = "enrolled"
 REVOKED = "revoked"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _FORMAT = 1
 
 
@@ -90,7 +89,7 @@ def _device(name: str, fields: Any) -> Device:
 
 
 def check_device_name(name: str) -> str:
-    if not _NAME.fullmatch(name):
+    if not names.is_device_id(name):
         shown = repr(name) if len(name) <= 64 else f"of {len(name)} characters"
         raise InvalidArgument(f"device name {shown} must be 1-64 letters, digits, '.', '_' or '-'")
     return name

@@ -12,7 +12,7 @@ from fastapi.responses import FileResponse, HTMLResponse
 from cloud_service.http_auth import caller_dependency, owns_model, require_model
 from cloud_service.security import CloudSecurity
 from cloud_service.service import CloudService
-from splitkd import __version__
+from splitkd import __version__, names
 from splitkd.errors import SplitKDError
 from splitkd.telemetry import exposition
 
@@ -22,9 +22,7 @@ _HTTP_STATUS = {
     "FAILED_PRECONDITION": 409,
     "RESOURCE_EXHAUSTED": 429,
 }
-NAME = Path(
-    pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", description="model name, e.g. student-edge-0"
-)
+NAME = Path(pattern=names.MODEL_NAME_PATTERN, description="model name, e.g. student-edge-0")
 VERSION = Path(ge=1, le=1_000_000, description="model version, from 1")
 
 
@@ -145,7 +143,7 @@ def create_app(
     return app
 
 
-COHORT = Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,47}$", description="cohort name")
+COHORT = Path(pattern=names.COHORT_NAME_PATTERN, description="cohort name")
 
 
 def _cohort_routes(app: FastAPI, fleet: Any, caller: Any) -> None:

@@ -11,17 +11,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import threading
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from splitkd import names
 from splitkd.atomic import fsync_directory, write_bytes_atomic, write_json_atomic
 from splitkd.errors import InvalidArgument, NotFound
 
 log = logging.getLogger(__name__)
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _FILES = ("model.onnx", "metadata.json")
 # Enough to roll a device back a few trainings; a registry must not grow forever.
 DEFAULT_KEEP_VERSIONS = 5
@@ -48,7 +47,7 @@ class ModelRecord:
 
 
 def check_name(name: str) -> str:
-    if not _NAME.fullmatch(name):
+    if not names.is_model_name(name):
         shown = repr(name) if len(name) <= 128 else f"of {len(name)} characters"
         raise InvalidArgument(f"model name {shown} must be 1-128 letters, digits, '.', '_' or '-'")
     return name
@@ -124,7 +123,9 @@ class ModelRegistry:
         )
 
     def names(self) -> list[str]:
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _NAME.fullmatch(p.name))
+        return sorted(
+            p.name for p in self.root.iterdir() if p.is_dir() and names.is_model_name(p.name)
+        )
 
     def versions(self, name: str) -> list[ModelRecord]:
         return [self.get(name, v) for v in self._versions(check_name(name))]

@@ -7,7 +7,6 @@ servicer and the HTTP API are thin adapters over this class.
 from __future__ import annotations
 
 import logging
-import re
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -20,11 +19,13 @@ from cloud_service.checkpoints import SessionCheckpoints
 from cloud_service.limits import RateLimiter, check_free_text, check_label, shown
 from cloud_service.metrics import CloudMetrics
 from cloud_service.registry import ModelRecord, ModelRegistry
-from cloud_service.session import Session, StepResult
+from cloud_service.session import Session
 from cloud_service.sessions import SessionStore
 from cloud_service.teacher import Teacher, TeacherVersions
+from splitkd import names
 from splitkd.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, SplitKDError
 from splitkd.hyper import Hyperparameters
+from splitkd.messages import StepOutcome
 from splitkd.models import zoo
 from splitkd.models.spec import ModelSpec
 from splitkd.onnx_export import export_checked
@@ -32,7 +33,6 @@ from splitkd.signature import DatasetSignature
 
 log = logging.getLogger(__name__)
 
-_DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # 1 MiB chunks: well under gRPC's 4 MiB default receive limit on any client.
 DOWNLOAD_CHUNK_BYTES = 1 << 20
 
@@ -101,7 +101,7 @@ class CloudService:
 
     @staticmethod
     def check_device(device_id: str) -> None:
-        if not _DEVICE_ID.fullmatch(device_id):
+        if not names.is_device_id(device_id):
             raise InvalidArgument(
                 f"device id {shown(device_id)} must be 1-64 letters, digits, '.', '_' or '-'"
             )
@@ -177,7 +177,7 @@ class CloudService:
         labels: np.ndarray,
         next_teacher_act: np.ndarray | None = None,
         kd_alpha: float | None = None,
-    ) -> StepResult:
+    ) -> StepOutcome:
         session = self.admit(session_id)
         return self.apply_step(
             session, step, student_act, teacher_act, labels, next_teacher_act, kd_alpha
@@ -192,7 +192,7 @@ class CloudService:
         labels: np.ndarray,
         next_teacher_act: np.ndarray | None = None,
         kd_alpha: float | None = None,
-    ) -> StepResult:
+    ) -> StepOutcome:
         """A step of an admitted session (see :meth:`admit`)."""
         if kd_alpha is not None and not 0.0 <= kd_alpha <= 1.0:
             raise InvalidArgument(f"kd_alpha must be in [0, 1], got {kd_alpha}")

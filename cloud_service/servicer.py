@@ -21,7 +21,7 @@ from cloud_service.metrics import CloudMetrics
 from cloud_service.registry import ModelRecord
 from cloud_service.service import CloudService
 from cloud_service.session import Session
-from splitkd import codec
+from splitkd import codec, serde
 from splitkd.errors import InvalidArgument, SplitKDError
 from splitkd.signature import DatasetSignature
 from splitkd.v1 import splitkd_pb2 as pb
@@ -30,7 +30,6 @@ from splitkd.v1 import splitkd_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
 FLOATS = (pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT16)
-_WIRE = {"float32": pb.DTYPE_FLOAT32, "float16": pb.DTYPE_FLOAT16}
 
 
 def rpc(method: F) -> F:
@@ -172,16 +171,7 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
         if result.next_teacher_accepted and not result.replayed:
             # Once the answer is sent: the teacher tail then runs while the edge works.
             context.add_callback(functools.partial(self.service.start_ahead, request.session_id))
-        return pb.StepResponse(
-            step=result.step,
-            gradient=codec.encode(result.gradient, request.student_activations.dtype),
-            loss=result.loss,
-            kd_loss=result.kd_loss,
-            ce_loss=result.ce_loss,
-            correct=result.correct,
-            replayed=result.replayed,
-            next_teacher_accepted=result.next_teacher_accepted,
-        )
+        return serde.step_outcome_to_pb(result, request.student_activations.dtype)
 
     @rpc
     def Evaluate(
@@ -237,35 +227,4 @@ def _stream(
 
 def session_message(session: Session, teacher_accuracy: float | None) -> pb.RegisterResponse:
     """Everything an edge needs to train a session: on Register, and again on Resume."""
-    hyper = session.hyper
-    return pb.RegisterResponse(
-        session_id=session.session_id,
-        student_cut=session.student_cut,
-        teacher_cut=session.teacher_cut,
-        student=pb.ModelSpec(
-            family=session.student_spec.family,
-            spec_json=session.student_spec.to_json(),
-            num_stages=session.student_spec.num_stages,
-        ),
-        teacher=pb.ModelSpec(
-            family=session.teacher_spec.family,
-            spec_json=session.teacher_spec.to_json(),
-            num_stages=session.teacher_spec.num_stages,
-        ),
-        student_head=codec.encode_weights(session.student.part_state(0, session.student_cut)),
-        teacher_head=codec.encode_weights(session.teacher.part_state(0, session.teacher_cut)),
-        hyperparameters=pb.Hyperparameters(
-            optimizer=hyper.optimizer,
-            learning_rate=hyper.learning_rate,
-            batch_size=hyper.batch_size,
-            epochs=hyper.epochs,
-            kd_alpha=hyper.kd_alpha,
-            kd_temperature=hyper.kd_temperature,
-            seed=hyper.seed,
-            wire_dtype=_WIRE[hyper.wire_dtype],
-            checkpoint_every=hyper.checkpoint_every,
-        ),
-        next_step=session.next_step,
-        model_name=session.model_name,
-        teacher_accuracy=teacher_accuracy or 0.0,
-    )
+    return serde.session_to_pb(session.info(teacher_accuracy))

@@ -11,7 +11,7 @@ import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ from splitkd import checkpoint
 from splitkd.errors import FailedPrecondition, InvalidArgument
 from splitkd.hyper import Hyperparameters
 from splitkd.kd import kd_loss
+from splitkd.messages import SessionInfo, StepOutcome
 from splitkd.models import zoo
 from splitkd.models.spec import ModelSpec
 from splitkd.models.staged import StagedModel
@@ -30,18 +31,6 @@ _TEACHER_POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_
 
 # One batch is at most this many samples; the edge's batch size is far below.
 MAX_BATCH = 4096
-
-
-@dataclass(frozen=True)
-class StepResult:
-    step: int
-    gradient: np.ndarray
-    loss: float
-    kd_loss: float
-    ce_loss: float
-    correct: int
-    replayed: bool = False
-    next_teacher_accepted: bool = False
 
 
 @dataclass
@@ -76,7 +65,7 @@ class Session:
     times: SessionTimes = field(default_factory=SessionTimes)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _optimizer: torch.optim.Optimizer | None = field(default=None, repr=False)
-    _last: StepResult | None = field(default=None, repr=False)
+    _last: StepOutcome | None = field(default=None, repr=False)
     # The last step's inputs, to recognise a retry: copies or digests, never views
     # that would keep a whole request (up to the message limit) alive per session.
     _last_inputs: tuple[object, ...] = field(default=(), repr=False)
@@ -173,7 +162,7 @@ class Session:
         labels: np.ndarray,
         next_teacher_act: np.ndarray | None = None,
         kd_alpha: float | None = None,
-    ) -> StepResult:
+    ) -> StepOutcome:
         """Finish both forward passes, apply the KD loss, update the tail, return the cut gradient.
 
         ``teacher_act`` may be None when the edge sent this step's teacher
@@ -191,7 +180,7 @@ class Session:
         inputs = (student_act, teacher_act, labels, next_teacher_act)
         if self._last is not None and step == self._last.step:
             if _fingerprint(inputs) == self._last_inputs:
-                return StepResult(**{**self._last.__dict__, "replayed": True})
+                return replace(self._last, replayed=True)
             raise FailedPrecondition(f"step {step} was already applied with different data")
         if self.finished_version is not None:
             raise FailedPrecondition("this session is finished; register again to train more")
@@ -253,7 +242,7 @@ class Session:
         )
         self._ahead = (step + 1, np.array(next_teacher_act)) if keep_ahead else None
 
-        result = StepResult(
+        result = StepOutcome(
             next_teacher_accepted=keep_ahead,
             step=step,
             gradient=cut.grad.numpy(),
@@ -322,6 +311,22 @@ class Session:
         whole.load_part(0, self.student_cut, head_state)
         whole.eval()
         return whole
+
+    def info(self, teacher_accuracy: float | None = None) -> SessionInfo:
+        """What the edge needs to train this session (Register's and Resume's answer)."""
+        return SessionInfo(
+            session_id=self.session_id,
+            student_spec=self.student_spec,
+            teacher_spec=self.teacher_spec,
+            student_cut=self.student_cut,
+            teacher_cut=self.teacher_cut,
+            student_head=self.student.part_state(0, self.student_cut),
+            teacher_head=self.teacher.part_state(0, self.teacher_cut),
+            hyper=self.hyper,
+            next_step=self.next_step,
+            model_name=self.model_name,
+            teacher_accuracy=teacher_accuracy,
+        )
 
     def head_shapes(self) -> dict[str, tuple[int, ...]]:
         return self.student.part_shapes(0, self.student_cut)

@@ -25,8 +25,14 @@ from edge_agent.errors import CloudRefused, EdgeError
 from edge_agent.security import open_channel
 from splitkd import codec, serde
 from splitkd.grpc_options import DEFAULT_MAX_MESSAGE_BYTES, channel_options
-from splitkd.hyper import Hyperparameters
-from splitkd.messages import JoinAnswer, RoundTask, Update, UpdateAnswer
+from splitkd.messages import (
+    JoinAnswer,
+    RoundTask,
+    SessionInfo,
+    StepOutcome,
+    Update,
+    UpdateAnswer,
+)
 from splitkd.models.spec import ModelSpec
 from splitkd.signature import DatasetSignature
 from splitkd.v1 import splitkd_pb2 as pb
@@ -47,34 +53,6 @@ _TRANSIENT = (
 # Register created nothing, and a lost one only leaves a session that holds no
 # capacity on the cloud until it is evicted (cloud_service/sessions.py).
 _REGISTER_RETRY = (*_TRANSIENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
-_WIRE_DTYPE = {pb.DTYPE_FLOAT32: "float32", pb.DTYPE_FLOAT16: "float16"}
-
-
-@dataclass(frozen=True)
-class SessionInfo:
-    session_id: str
-    student_spec: ModelSpec
-    teacher_spec: ModelSpec
-    student_cut: int
-    teacher_cut: int
-    student_head: dict[str, np.ndarray]
-    teacher_head: dict[str, np.ndarray]
-    hyper: Hyperparameters
-    next_step: int
-    model_name: str
-    teacher_accuracy: float | None = None  # on the cloud's held-out data; None: unknown
-
-
-@dataclass(frozen=True)
-class StepReply:
-    step: int
-    gradient: np.ndarray
-    loss: float
-    kd_loss: float
-    ce_loss: float
-    correct: int
-    replayed: bool
-    next_teacher_accepted: bool = False
 
 
 @dataclass
@@ -288,7 +266,7 @@ class CloudClient:
         wire_dtype: int,
         next_teacher: np.ndarray | None = None,
         kd_alpha: float | None = None,
-    ) -> StepReply:
+    ) -> StepOutcome:
         request = pb.StepRequest(
             session_id=session_id,
             step=step,
@@ -306,19 +284,7 @@ class CloudClient:
             "Step", lambda: self._stub.Step(request, timeout=self.timeout), idempotent=True
         )
         self._count(request.ByteSize(), reply.ByteSize())
-        gradient = codec.decode(
-            reply.gradient, what="gradient", shape=student.shape, finite=True
-        ).astype(np.float32)
-        return StepReply(
-            reply.step,
-            gradient,
-            reply.loss,
-            reply.kd_loss,
-            reply.ce_loss,
-            reply.correct,
-            reply.replayed,
-            reply.next_teacher_accepted,
-        )
+        return serde.step_outcome_from_pb(reply, student.shape)
 
     def evaluate(
         self, session_id: str, activations: np.ndarray, wire_dtype: int, *, teacher: bool = False
@@ -449,27 +415,4 @@ class CloudClient:
 
 
 def _session_info(reply: pb.RegisterResponse) -> SessionInfo:
-    h = reply.hyperparameters
-    return SessionInfo(
-        session_id=reply.session_id,
-        student_spec=_spec(reply.student),
-        teacher_spec=_spec(reply.teacher),
-        student_cut=reply.student_cut,
-        teacher_cut=reply.teacher_cut,
-        student_head=codec.decode_weights(reply.student_head, what="student_head"),
-        teacher_head=codec.decode_weights(reply.teacher_head, what="teacher_head"),
-        hyper=Hyperparameters(
-            optimizer=h.optimizer,
-            learning_rate=h.learning_rate,
-            batch_size=h.batch_size,
-            epochs=h.epochs,
-            kd_alpha=h.kd_alpha,
-            kd_temperature=h.kd_temperature,
-            seed=h.seed,
-            wire_dtype=_WIRE_DTYPE.get(h.wire_dtype, "float32"),
-            checkpoint_every=h.checkpoint_every or Hyperparameters.checkpoint_every,
-        ),
-        next_step=reply.next_step,
-        model_name=reply.model_name,
-        teacher_accuracy=reply.teacher_accuracy or None,
-    )
+    return serde.session_from_pb(reply)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.client import CloudClient, SessionInfo
+from edge_agent.client import CloudClient
 from edge_agent.errors import CloudRefused, EdgeError
 from edge_agent.inference import Predictor
 from edge_agent.model_store import LocalModel, ModelStore
@@ -25,7 +25,7 @@ from edge_agent.telemetry import TrainingTelemetry
 from edge_agent.trainer import EdgeTrainer, GrpcTransport
 from splitkd import koala, serde
 from splitkd.data.partition import EdgeSplit
-from splitkd.messages import JoinAnswer, RoundState, RoundTask, Update
+from splitkd.messages import JoinAnswer, RoundState, RoundTask, SessionInfo, Update
 from splitkd.models import zoo
 from splitkd.training import accuracy_of, predict
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.checkpoints import EdgeCheckpoints
-from edge_agent.client import CloudClient, SessionInfo
+from edge_agent.client import CloudClient
 from edge_agent.errors import CloudRefused, EdgeError
 from edge_agent.inference import Predictor
 from edge_agent.metrics import EdgeMetrics
@@ -21,14 +21,13 @@ from edge_agent.teacher_check import check_teacher, compare_with_student
 from edge_agent.teacher_check import report as teacher_report
 from edge_agent.telemetry import TrainingTelemetry
 from edge_agent.trainer import EdgeTrainer, EvalRecord, GrpcTransport, StepRecord
-from splitkd import checkpoint
+from splitkd import checkpoint, serde
 from splitkd.data import edge_split, load_dataset
 from splitkd.data.partition import Shard
+from splitkd.messages import SessionInfo
 from splitkd.models import zoo
-from splitkd.v1 import splitkd_pb2 as pb
 
 log = logging.getLogger(__name__)
-_WIRE = {"float32": pb.DTYPE_FLOAT32, "float16": pb.DTYPE_FLOAT16}
 # Each resume follows a real fault; more than this in one run means a loop.
 MAX_RESUMES = 100
 
@@ -115,7 +114,9 @@ def train(
                 link_profile=telemetry.link.name,
             )
             store.start({**identity, "session_id": session.session_id})
-        transport = GrpcTransport(client, session.session_id, _WIRE[session.hyper.wire_dtype])
+        transport = GrpcTransport(
+            client, session.session_id, serde.WIRE_DTYPES[session.hyper.wire_dtype]
+        )
         trainer = EdgeTrainer(session, split.train, split.heldout, transport, store)
         if restored is not None:
             trainer.load(restored)

@@ -15,10 +15,10 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from edge_agent.client import SessionInfo, StepReply
 from edge_agent.errors import EdgeError
 from splitkd import checkpoint
 from splitkd.data.specs import Dataset
+from splitkd.messages import SessionInfo, StepOutcome
 from splitkd.models import zoo
 from splitkd.models.normalize import fit_inputs
 from splitkd.models.staged import StagedModel
@@ -38,7 +38,7 @@ class SplitTransport(Protocol):
         labels: np.ndarray,
         next_teacher: np.ndarray | None = None,
         kd_alpha: float | None = None,
-    ) -> StepReply: ...
+    ) -> StepOutcome: ...
 
     def evaluate(self, activations: np.ndarray, *, teacher: bool = False) -> np.ndarray: ...
 
@@ -308,8 +308,8 @@ class GrpcTransport:
         labels: np.ndarray,
         next_teacher: np.ndarray | None = None,
         kd_alpha: float | None = None,
-    ) -> StepReply:
-        reply: StepReply = self.client.step(
+    ) -> StepOutcome:
+        reply: StepOutcome = self.client.step(
             self.session_id, step, student, teacher, labels, self.wire_dtype, next_teacher, kd_alpha
         )
         return reply

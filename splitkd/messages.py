@@ -20,6 +20,37 @@ Weights = dict[str, np.ndarray]
 
 
 @dataclass(frozen=True)
+class SessionInfo:
+    """A split session as both sides know it: Register's and Resume's answer."""
+
+    session_id: str
+    student_spec: ModelSpec
+    teacher_spec: ModelSpec
+    student_cut: int
+    teacher_cut: int
+    student_head: Weights
+    teacher_head: Weights
+    hyper: Hyperparameters
+    next_step: int
+    model_name: str
+    teacher_accuracy: float | None = None  # on the cloud's held-out data; None: unknown
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """The cloud's half of one split step, as the cloud computes it and the edge receives it."""
+
+    step: int
+    gradient: np.ndarray  # dLoss/d(student activations), the activations' shape
+    loss: float
+    kd_loss: float
+    ce_loss: float
+    correct: int
+    replayed: bool = False
+    next_teacher_accepted: bool = False
+
+
+@dataclass(frozen=True)
 class CohortConfig:
     """How a cohort trains: the cloud's ``serve`` flags, overridden per cohort by a TOML file."""
 

@@ -18,6 +18,8 @@ from splitkd.messages import (
     ModelSummary,
     RoundState,
     RoundTask,
+    SessionInfo,
+    StepOutcome,
     Update,
     UpdateAnswer,
 )
@@ -225,3 +227,63 @@ def update_answer_to_pb(answer: UpdateAnswer) -> pb.SubmitUpdateResponse:
 
 def update_answer_from_pb(message: pb.SubmitUpdateResponse) -> UpdateAnswer:
     return UpdateAnswer(message.accepted, message.round, message.duplicate)
+
+
+def session_to_pb(session: SessionInfo) -> pb.RegisterResponse:
+    return pb.RegisterResponse(
+        session_id=session.session_id,
+        student_cut=session.student_cut,
+        teacher_cut=session.teacher_cut,
+        student=spec_to_pb(session.student_spec),
+        teacher=spec_to_pb(session.teacher_spec),
+        student_head=codec.encode_weights(session.student_head),
+        teacher_head=codec.encode_weights(session.teacher_head),
+        hyperparameters=hyper_to_pb(session.hyper),
+        next_step=session.next_step,
+        model_name=session.model_name,
+        teacher_accuracy=session.teacher_accuracy or 0.0,
+    )
+
+
+def session_from_pb(message: pb.RegisterResponse) -> SessionInfo:
+    return SessionInfo(
+        session_id=message.session_id,
+        student_spec=spec_from_pb(message.student),
+        teacher_spec=spec_from_pb(message.teacher),
+        student_cut=message.student_cut,
+        teacher_cut=message.teacher_cut,
+        student_head=codec.decode_weights(message.student_head, what="student_head"),
+        teacher_head=codec.decode_weights(message.teacher_head, what="teacher_head"),
+        hyper=hyper_from_pb(message.hyperparameters),
+        next_step=message.next_step,
+        model_name=message.model_name,
+        teacher_accuracy=message.teacher_accuracy or None,
+    )
+
+
+def step_outcome_to_pb(outcome: StepOutcome, wire_dtype: int) -> pb.StepResponse:
+    return pb.StepResponse(
+        step=outcome.step,
+        gradient=codec.encode(outcome.gradient, wire_dtype),
+        loss=outcome.loss,
+        kd_loss=outcome.kd_loss,
+        ce_loss=outcome.ce_loss,
+        correct=outcome.correct,
+        replayed=outcome.replayed,
+        next_teacher_accepted=outcome.next_teacher_accepted,
+    )
+
+
+def step_outcome_from_pb(message: pb.StepResponse, shape: tuple[int, ...]) -> StepOutcome:
+    """Decode the cloud's answer; the gradient must have the activations' ``shape``."""
+    gradient = codec.decode(message.gradient, what="gradient", shape=shape, finite=True)
+    return StepOutcome(
+        step=message.step,
+        gradient=gradient.astype(np.float32),
+        loss=message.loss,
+        kd_loss=message.kd_loss,
+        ce_loss=message.ce_loss,
+        correct=message.correct,
+        replayed=message.replayed,
+        next_teacher_accepted=message.next_teacher_accepted,
+    )

@@ -9,7 +9,6 @@ seconds of knowledge transfer.
 from __future__ import annotations
 
 import logging
-import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from cloud_service.fleet.config import CohortPlan
 from cloud_service.fleet.store import CohortStore
 from cloud_service.fleet.strategy import Contribution, RoundOutcome, Strategy, strategy_for
 from cloud_service.service import CloudService
-from splitkd import koala
+from splitkd import koala, names
 from splitkd.data.specs import Dataset
 from splitkd.device_classes import STANDARD, device_class, student_for
 from splitkd.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
@@ -34,8 +33,6 @@ from splitkd.onnx_export import export_checked
 from splitkd.signature import DatasetSignature
 
 log = logging.getLogger(__name__)
-# "cohort-NAME-CLASS" must stay a valid model name (<= 128 characters).
-_COHORT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,47}$")
 MAX_MEMBERS_PER_COHORT = 10_000
 
 
@@ -117,7 +114,7 @@ class FleetService:
         num_samples: int,
         profile: str = "",
     ) -> JoinAnswer:
-        if not _COHORT_NAME.fullmatch(cohort_name):
+        if not names.is_cohort_name(cohort_name):
             raise InvalidArgument(
                 f"cohort name {cohort_name!r} must be 1-48 letters, digits, '.', '_' or '-'"
             )
