@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import socket
 import sys
 from pathlib import Path
@@ -17,6 +18,8 @@ from typing import Any
 from edge_agent import security
 from splitkd.env import env
 from splitkd.errors import SplitKDError
+
+log = logging.getLogger("splitkd-edge")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -163,7 +166,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--device-profile", default=env("DEVICE_PROFILE", "laptop-x86"))
     serve.add_argument("--link-profile", default=env("LINK_PROFILE", "ethernet"))
+    serve.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=int(env("MAX_BODY_BYTES", "0") or 0),
+        help="largest /v1/predict body; larger ones get 413 (SPLITKD_MAX_BODY_BYTES; default 0: "
+        "a full batch of the model's inputs as JSON, 32 bytes a value)",
+    )
     security.add_https_arguments(serve)
+    security.add_http_token_arguments(serve)
 
     predict = sub.add_parser(
         "predict",
@@ -264,10 +275,23 @@ def _serve(args: argparse.Namespace) -> int:
     from edge_agent.metrics import EdgeMetrics
     from edge_agent.model_store import ModelStore
 
+    token = security.http_token(args)
+    if args.max_body_bytes < 0:
+        raise SplitKDError("--max-body-bytes must be 0 (sized from the model) or more")
     metrics = EdgeMetrics(training=False)
     metrics.describe_device(args.device_id, args.device_profile, args.link_profile)
+    if token is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning(
+            "/v1/predict answers anyone who reaches %s:%d: set SPLITKD_HTTP_TOKEN_FILE to "
+            "require a token (docs/SECURITY.md)",
+            args.host,
+            args.http_port,
+        )
+    app = create_app(
+        ModelStore(args.model_dir), metrics, token=token, max_body_bytes=args.max_body_bytes
+    )
     uvicorn.run(
-        create_app(ModelStore(args.model_dir), metrics),
+        app,
         host=args.host,
         port=args.http_port,
         log_level="warning",

@@ -80,21 +80,44 @@ def https_options(args: argparse.Namespace) -> dict[str, Any]:
     return tls.uvicorn_options() if tls is not None else {}
 
 
-def read_credential(credential: str | None, credential_file: Path | None) -> str | None:
+def read_credential(
+    credential: str | None, credential_file: Path | None, flag: str = "--credential"
+) -> str | None:
+    """A secret given inline or in a file (``flag`` and ``flag``-file name it in errors)."""
     if credential and credential_file:
-        raise SplitKDError("give --credential or --credential-file, not both")
+        raise SplitKDError(f"give {flag} or {flag}-file, not both")
     if credential_file is not None:
         try:
             credential = credential_file.read_text().strip()
         except OSError as exc:
             raise SplitKDError(
-                f"cannot read --credential-file {credential_file}: {exc.strerror}"
+                f"cannot read {flag}-file {credential_file}: {exc.strerror}"
             ) from None
         if not credential:
-            raise SplitKDError(f"--credential-file {credential_file} is empty")
+            raise SplitKDError(f"{flag}-file {credential_file} is empty")
     if credential is not None and (not credential.isprintable() or " " in credential.strip()):
-        raise SplitKDError("the credential must be one word of printable characters")
+        raise SplitKDError(f"the {flag.lstrip('-')} must be one word of printable characters")
     return credential.strip() if credential else None
+
+
+def add_http_token_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("access to /v1/predict")
+    group.add_argument(
+        "--http-token",
+        default=env("HTTP_TOKEN"),
+        help="require 'Authorization: Bearer TOKEN' on /v1/predict (SPLITKD_HTTP_TOKEN; "
+        "default: no token, anyone who reaches the port may predict)",
+    )
+    group.add_argument(
+        "--http-token-file",
+        type=Path,
+        default=env_path("HTTP_TOKEN_FILE"),
+        help="file holding that token (SPLITKD_HTTP_TOKEN_FILE)",
+    )
+
+
+def http_token(args: argparse.Namespace) -> str | None:
+    return read_credential(args.http_token, args.http_token_file, flag="--http-token")
 
 
 @dataclass(frozen=True)
