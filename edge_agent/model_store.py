@@ -113,8 +113,8 @@ class ModelStore:
             )
         try:
             raw = json.loads(pointer.read_text())
-            name, version = raw["name"], raw["version"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            name, version = check_model_id(raw["name"], raw["version"])
+        except (OSError, ValueError, KeyError, TypeError, EdgeError) as exc:
             raise EdgeError(f"{pointer} is damaged ({exc}); pull the model again") from None
         return self.load(name, version)
 
