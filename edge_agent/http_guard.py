@@ -1,6 +1,6 @@
-"""What ``/v1/predict`` checks before FastAPI reads a body: the token, then the body's size.
+"""What ``/v1/predict`` checks before FastAPI parses a body: its size, then the token.
 
-A pure ASGI layer, so that an unauthorised or oversized request costs neither
+A pure ASGI layer, so that an oversized or unauthorised request costs neither
 memory nor JSON parsing: a 50 MB body is refused from its Content-Length, or
 after the first bytes past the limit when it is streamed without one.
 """
@@ -50,23 +50,28 @@ class PredictGuard:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
-        if self.token is not None and not authorized(headers.get(b"authorization"), self.token):
-            await _answer(
-                send, 401, "missing or wrong bearer token", {"www-authenticate": "Bearer"}
-            )
-            return
         limit = self.limit()
         too_large = f"request body larger than {limit} bytes (--max-body-bytes)"
+        # The rest of an oversized body stays unread: the connection must close after
+        # the answer, or the client would hang writing into a socket nobody reads.
+        close = {"connection": "close"}
         try:
             declared = int(headers.get(b"content-length", b"0"))
         except ValueError:
             declared = 0
         if declared > limit:
-            await _answer(send, 413, too_large)
+            await _answer(send, 413, too_large, close)
             return
+        # The token is checked after the (bounded) body is read, so that a refused client
+        # gets its 401 on a connection that is still in step, not a reset.
         body = await _read_at_most(receive, limit)
         if body is None:
-            await _answer(send, 413, too_large)
+            await _answer(send, 413, too_large, close)
+            return
+        if self.token is not None and not authorized(headers.get(b"authorization"), self.token):
+            await _answer(
+                send, 401, "missing or wrong bearer token", {"www-authenticate": "Bearer"}
+            )
             return
         await self.app(scope, _replay(body, receive), send)
 
