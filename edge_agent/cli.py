@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from typing import Any
 
@@ -17,6 +18,8 @@ from edge_agent import security
 from edge_agent.settings import PredictSettings, PullSettings, ServeSettings, TrainSettings
 from splitkd.errors import SplitKDError
 from splitkd.settings import Command, Program
+
+log = logging.getLogger("splitkd-edge")
 
 
 def _global_options(parser: argparse.ArgumentParser) -> None:
@@ -99,8 +102,21 @@ def _serve(args: ServeSettings) -> int:
 
     metrics = EdgeMetrics(training=False)
     metrics.describe_device(args.device_id, args.device_profile, args.link_profile)
+    token = security.http_token(args)
+    if args.max_body_bytes < 0:
+        raise SplitKDError("--max-body-bytes must be 0 (sized from the model) or more")
+    if token is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning(
+            "/v1/predict answers anyone who reaches %s:%d: set SPLITKD_HTTP_TOKEN_FILE to "
+            "require a token (docs/SECURITY.md)",
+            args.host,
+            args.http_port,
+        )
+    app = create_app(
+        ModelStore(args.model_dir), metrics, token=token, max_body_bytes=args.max_body_bytes
+    )
     uvicorn.run(
-        create_app(ModelStore(args.model_dir), metrics),
+        app,
         host=args.host,
         port=args.http_port,
         log_level="warning",

@@ -22,6 +22,7 @@ import grpc
 import numpy as np
 
 from edge_agent.errors import CloudRefused, EdgeError
+from edge_agent.model_store import check_model_id
 from edge_agent.security import open_channel
 from splitkd import codec, serde
 from splitkd.grpc_options import DEFAULT_MAX_MESSAGE_BYTES, channel_options
@@ -311,6 +312,9 @@ class CloudClient:
             idempotent=True,
         )
         self._count(request.ByteSize(), reply.ByteSize())
+        # The name and version become paths on this device: a cloud (or anyone on a
+        # plaintext link) must not be able to point them outside the model directory.
+        check_model_id(reply.model.name, reply.model.version)
         return reply.model
 
     def download(

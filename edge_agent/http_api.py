@@ -1,11 +1,15 @@
 """The edge's inference API (FastAPI) over the current local student.
 
 The model is reloaded when ``CURRENT.json`` changes, so a newly trained or
-pulled version is served without a restart. No torch.
+pulled version is served without a restart. No torch. ``/v1/predict`` takes
+at most a body sized for a full batch of the model's inputs and, with a
+token, only requests that carry it (edge_agent/http_guard.py); ``/healthz``
+and ``/metrics`` stay open (docs/SECURITY.md).
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from typing import Any
@@ -18,12 +22,26 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from edge_agent.errors import EdgeError
+from edge_agent.http_guard import PredictGuard
 from edge_agent.inference import MAX_BATCH, Predictor
 from edge_agent.metrics import EdgeMetrics
 from edge_agent.model_store import LocalModel, ModelStore
 from splitkd import __version__
 from splitkd.errors import InvalidArgument
 from splitkd.telemetry import exposition
+
+# JSON spends at most ~25 characters on a float32 ("-1.2345678e-05, " with spaces):
+# 32 bytes per value leaves room for pretty-printing without room for abuse.
+JSON_BYTES_PER_VALUE = 32
+# Without a model every request is refused anyway; this bounds what it may send.
+MIN_BODY_BYTES = 64 * 1024
+
+
+def default_body_limit(input_shape: tuple[int, ...] | None) -> int:
+    """A full batch of the model's inputs as JSON, and not much more."""
+    if input_shape is None:
+        return MIN_BODY_BYTES
+    return max(MIN_BODY_BYTES, math.prod(input_shape) * MAX_BATCH * JSON_BYTES_PER_VALUE)
 
 
 class PredictRequest(BaseModel):
@@ -56,12 +74,31 @@ class ServedModel:
             return self._model, self._predictor
 
 
-def create_app(store: ModelStore, metrics: EdgeMetrics | None = None) -> FastAPI:
+def create_app(
+    store: ModelStore,
+    metrics: EdgeMetrics | None = None,
+    *,
+    token: str | None = None,
+    max_body_bytes: int = 0,
+) -> FastAPI:
+    """``token``: required as a bearer token on /v1/predict; ``max_body_bytes``: 0 sizes the
+    limit from the served model (``default_body_limit``)."""
     app = FastAPI(title="splitkd edge", version=__version__)
     served = ServedModel(store)
     metrics = metrics or EdgeMetrics(training=False)
     app.state.served = served
     app.state.metrics = metrics
+
+    def body_limit() -> int:
+        if max_body_bytes > 0:
+            return max_body_bytes
+        try:
+            model, _ = served.get()
+        except EdgeError:
+            return default_body_limit(None)
+        return default_body_limit(tuple(model.metadata["input_shape"]))
+
+    app.add_middleware(PredictGuard, path="/v1/predict", token=token, limit=body_limit)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -75,12 +112,14 @@ def create_app(store: ModelStore, metrics: EdgeMetrics | None = None) -> FastAPI
         body, content_type = exposition(metrics.registry)
         return Response(content=body, media_type=content_type)
 
-    @app.get("/healthz")
-    def healthz() -> dict[str, Any]:
+    @app.get("/healthz", response_model=None)
+    def healthz() -> dict[str, Any] | JSONResponse:
         try:
             model, _ = served.get()
         except EdgeError as exc:
-            return {"status": "no-model", "detail": str(exc)}
+            # 503, not 200: a load balancer or a container check must not route here.
+            status = "model-unusable" if store.pointer_mtime() else "no-model"
+            return JSONResponse(status_code=503, content={"status": status, "detail": str(exc)})
         return {"status": "ok", "model": {"name": model.name, "version": model.version}}
 
     @app.post("/v1/predict")
@@ -99,6 +138,7 @@ def create_app(store: ModelStore, metrics: EdgeMetrics | None = None) -> FastAPI
             model, predictor = served.get()
         except EdgeError as exc:
             raise HTTPException(status_code=503, detail=str(exc)) from exc
+        check_nesting(request.inputs, predictor.input_shape)
         try:
             # Values beyond float32 become inf here and are refused by the predictor.
             with np.errstate(over="ignore"):
@@ -122,3 +162,34 @@ def create_app(store: ModelStore, metrics: EdgeMetrics | None = None) -> FastAPI
         }
 
     return app
+
+
+def check_nesting(inputs: list[Any], input_shape: tuple[int, ...]) -> None:
+    """Count the values level by level before numpy builds anything (HTTPException if refused).
+
+    One sample of ``input_shape`` or a batch of them: at most one level deeper than
+    the shape, rectangular, at most MAX_BATCH samples' worth of numbers.
+    """
+    limit = MAX_BATCH * math.prod(input_shape)
+    level: list[Any] = [inputs]
+    for _depth in range(len(input_shape) + 2):
+        lists = [node for node in level if isinstance(node, list)]
+        if not lists:
+            return  # the leaves: numpy checks that they are numbers
+        if len(lists) != len(level) or len({len(node) for node in lists}) != 1:
+            raise HTTPException(
+                status_code=400, detail="inputs must be a numeric array (rows of unequal length)"
+            )
+        count = len(level) * len(lists[0])
+        if count > limit:
+            raise HTTPException(
+                status_code=413,
+                detail=f"inputs hold more than {limit} values ({MAX_BATCH} samples of "
+                f"{list(input_shape)})",
+            )
+        level = [child for node in lists for child in node]
+    raise HTTPException(
+        status_code=400,
+        detail=f"inputs are nested deeper than a batch [N, {', '.join(map(str, input_shape))}]"
+        " and do not fit the model",
+    )

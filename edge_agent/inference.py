@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from edge_agent.errors import EdgeError
 from splitkd.errors import InvalidArgument
 
 MAX_BATCH = 1024
@@ -25,8 +26,20 @@ class Predictor:
         # One thread per request keeps latency predictable on a 4-core Pi that
         # also runs other services; raise it for throughput.
         options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
+        try:
+            self.session = ort.InferenceSession(
+                str(path), options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime's errors share no base class but Exception
+            raise EdgeError(f"{path} cannot be loaded ({exc}); pull the model again") from None
+        model_input = self.session.get_inputs()[0]
+        declared = tuple(model_input.shape[1:])
+        if all(isinstance(d, int) for d in declared) and declared != tuple(input_shape):
+            raise EdgeError(
+                f"{path} takes inputs of shape {list(declared)}, its metadata says "
+                f"{list(input_shape)}; pull the model again"
+            )
+        self.input_name = model_input.name
         self.input_shape = input_shape
 
     def predict(self, inputs: np.ndarray) -> Prediction:

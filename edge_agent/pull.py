@@ -6,11 +6,10 @@ import json
 import ssl
 import urllib.error
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 from edge_agent.errors import EdgeError
-from edge_agent.model_store import LocalModel, ModelStore
+from edge_agent.model_store import LocalModel, ModelStore, check_model_id
 
 
 def _fetch(
@@ -43,19 +42,30 @@ def pull(
 ) -> LocalModel:
     """``headers``: the device's credentials; ``context``: TLS trust for an https:// cloud."""
     base = base_url.rstrip("/")
+    check_model_id(name, version or 1)  # before it goes into a URL or a path
+    latest: object = version
     if version == 0:
-        listing: dict[str, Any] = json.loads(_fetch(f"{base}/v1/models", timeout, headers, context))
-        found = [m for m in listing.get("models", []) if m.get("name") == name]
+        listing = _json(_fetch(f"{base}/v1/models", timeout, headers, context), base)
+        models = listing.get("models") if isinstance(listing, dict) else None
+        found = [m for m in models or [] if isinstance(m, dict) and m.get("name") == name]
         if not found:
             raise EdgeError(f"the cloud at {base} has no model named {name!r}")
-        version = int(found[0]["latest"])
-    metadata = json.loads(
-        _fetch(f"{base}/v1/models/{name}/versions/{version}", timeout, headers, context)
+        latest = found[0].get("latest")
+    name, version = check_model_id(name, latest)
+    metadata = _json(
+        _fetch(f"{base}/v1/models/{name}/versions/{version}", timeout, headers, context), base
     )
     data = _fetch(
         f"{base}/v1/models/{name}/versions/{version}/model.onnx", timeout, headers, context
     )
     store.root.mkdir(parents=True, exist_ok=True)
-    download = Path(store.root) / f".{name}-{version}.download"
-    download.write_bytes(data)
+    download = store.download_path(name, version)
+    download.write_bytes(data)  # our own dot-file; install() moves it in durably
     return store.install(name, version, download, metadata)
+
+
+def _json(body: bytes, base: str) -> Any:
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise EdgeError(f"the cloud at {base} answered something that is not JSON") from None

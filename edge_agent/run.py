@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from edge_agent.teacher_check import report as teacher_report
 from edge_agent.telemetry import TrainingTelemetry
 from edge_agent.trainer import EdgeTrainer, EvalRecord, GrpcTransport, StepRecord
 from splitkd import checkpoint, serde
+from splitkd.atomic import write_json_atomic
 from splitkd.data import edge_split, load_dataset
 from splitkd.data.partition import Shard
 from splitkd.messages import SessionInfo
@@ -97,7 +97,7 @@ def train(
         metadata=security.call_metadata(options.device_id),
     ) as client:
         client.on_traffic = telemetry.on_traffic
-        store = EdgeCheckpoints(options.checkpoint_dir)
+        store = EdgeCheckpoints(options.checkpoint_dir, avoid=options.model_dir)
         identity = {
             "cloud": options.cloud,
             "data": options.data,
@@ -105,6 +105,10 @@ def train(
             "device_id": options.device_id,
         }
         session, restored = _resume_saved(client, store, identity, options.fresh)
+        telemetry.earlier = store.earlier if restored is not None else {}
+        store.totals = lambda: telemetry.totals(
+            **asdict(client.traffic), wall_seconds=time.perf_counter() - started
+        )
         if session is None:
             session = client.register(
                 options.device_id,
@@ -173,7 +177,7 @@ def train(
                 bar.close()
         info = client.finish(session.session_id, trainer.head_state(), result.steps)
         models = ModelStore(options.model_dir)
-        download = options.model_dir / f".{info.name}-{info.version}.download"
+        download = models.download_path(info.name, info.version)
         client.download(info.name, info.version, download, expected_sha256=info.sha256)
         metadata = {
             "name": info.name,
@@ -262,6 +266,7 @@ def train(
     }
     compare_with_student(teacher, accuracy)
     report["teacher_check"] = teacher_report(teacher, accuracy)
+    report = telemetry.add_earlier(report)  # a run resumed after a restart counts every process
     write_report(options.report, report)
     if options.plots:
         _plot(options.report, report)
@@ -318,9 +323,7 @@ def _resume_saved(
 
 def write_report(path: Path, report: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(path)
+    write_json_atomic(path, report)
 
 
 def _progress(total: int, options: TrainOptions) -> Any:

@@ -64,21 +64,49 @@ def https_options(options: HttpsOptions) -> dict[str, Any]:
     return tls.uvicorn_options() if tls is not None else {}
 
 
-def read_credential(credential: str | None, credential_file: Path | None) -> str | None:
+def read_credential(
+    credential: str | None, credential_file: Path | None, flag: str = "--credential"
+) -> str | None:
+    """A secret given inline or in a file (``flag`` and ``flag``-file name it in errors)."""
     if credential and credential_file:
-        raise SplitKDError("give --credential or --credential-file, not both")
+        raise SplitKDError(f"give {flag} or {flag}-file, not both")
     if credential_file is not None:
         try:
             credential = credential_file.read_text().strip()
         except OSError as exc:
             raise SplitKDError(
-                f"cannot read --credential-file {credential_file}: {exc.strerror}"
+                f"cannot read {flag}-file {credential_file}: {exc.strerror}"
             ) from None
         if not credential:
-            raise SplitKDError(f"--credential-file {credential_file} is empty")
+            raise SplitKDError(f"{flag}-file {credential_file} is empty")
     if credential is not None and (not credential.isprintable() or " " in credential.strip()):
-        raise SplitKDError("the credential must be one word of printable characters")
+        raise SplitKDError(f"the {flag.lstrip('-')} must be one word of printable characters")
     return credential.strip() if credential else None
+
+
+TOKEN_GROUP = "access to /v1/predict"
+
+
+class HttpTokenOptions(Options):
+    """The optional bearer token that guards ``/v1/predict`` (``edge_agent/http_guard.py``)."""
+
+    http_token: str | None = option(
+        None,
+        "require 'Authorization: Bearer TOKEN' on /v1/predict (default: no token, anyone who "
+        "reaches the port may predict; prefer --http-token-file)",
+        group=TOKEN_GROUP,
+    )
+    http_token_file: Path | None = option(None, "file holding that token", group=TOKEN_GROUP)
+    max_body_bytes: int = option(
+        0,
+        "largest /v1/predict body; larger ones get 413 (0: a full batch of the model's inputs "
+        "as JSON, 32 bytes a value)",
+        group=TOKEN_GROUP,
+    )
+
+
+def http_token(options: HttpTokenOptions) -> str | None:
+    return read_credential(options.http_token, options.http_token_file, flag="--http-token")
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import model_validator
 
 from edge_agent.model_store import DEFAULT_MODEL_DIR, default_model_dir
-from edge_agent.security import ClientSecurityOptions, HttpsOptions
+from edge_agent.security import ClientSecurityOptions, HttpsOptions, HttpTokenOptions
 from splitkd.settings import Options, option
 
 TRAINING_DATA = "digits, npz:PATH (arrays x, y) or csv:PATH (label last)"
@@ -98,7 +98,7 @@ class TrainSettings(ClientSecurityOptions, ProfileOptions, DeviceOptions, ModelD
     no_progress: bool = option(False, "no progress bar")
 
 
-class ServeSettings(HttpsOptions, ProfileOptions, DeviceOptions, ModelDirOptions):
+class ServeSettings(HttpTokenOptions, HttpsOptions, ProfileOptions, DeviceOptions, ModelDirOptions):
     host: str = option("127.0.0.1", "address to listen on")
     http_port: int = option(8001, "HTTP port of the inference API")
 

@@ -38,6 +38,15 @@ class TrainingTelemetry:
         # (a step repeated after a fault keeps its latest figure: energy spent
         # on the repeat is real and stays counted).
         self.cumulative_joules: dict[int, float] = {}
+        # This process's step work, and what earlier processes of the same run spent
+        # (restored from the edge checkpoint after a restart; see ``totals``).
+        self.steps_run = 0
+        self.step_seconds = {
+            "forward_seconds": 0.0,
+            "network_seconds": 0.0,
+            "backward_seconds": 0.0,
+        }
+        self.earlier: dict[str, float] = {}
 
     def on_traffic(self, up: int, down: int) -> None:
         self.all_bytes_up += up
@@ -56,6 +65,10 @@ class TrainingTelemetry:
         )
         self.step_bytes_up += record.bytes_up
         self.step_bytes_down += record.bytes_down
+        self.steps_run += 1
+        self.step_seconds["forward_seconds"] += record.forward_seconds
+        self.step_seconds["network_seconds"] += record.network_seconds
+        self.step_seconds["backward_seconds"] += record.backward_seconds
         self.cumulative_joules[record.step] = self.meter.totals.total
         if self.metrics is not None:
             self.metrics.observe_step(
@@ -95,3 +108,40 @@ class TrainingTelemetry:
             "measured_source": self.counter.source or None,
             "model": "docs/ENERGY.md",
         }
+
+    def totals(
+        self, bytes_up: int, bytes_down: int, calls: int, wall_seconds: float
+    ) -> dict[str, float]:
+        """The run's totals so far, earlier processes included: saved with each checkpoint."""
+        energy_totals = self.meter.totals
+        mine = {
+            "bytes_up": bytes_up,
+            "bytes_down": bytes_down,
+            "calls": calls,
+            "compute_joules": energy_totals.compute,
+            "idle_joules": energy_totals.idle,
+            "radio_joules": energy_totals.radio,
+            "wall_seconds": wall_seconds,
+            "steps_run": self.steps_run,
+            **self.step_seconds,
+        }
+        return {k: float(v) + self.earlier.get(k, 0.0) for k, v in mine.items()}
+
+    def add_earlier(self, report: dict[str, Any]) -> dict[str, Any]:
+        """``report`` with the figures of the earlier processes of this run added in."""
+        before = self.earlier
+        if not before:
+            return report
+        traffic, timing = report["traffic"], report["timing"]
+        for key in ("bytes_up", "bytes_down", "calls"):
+            traffic[key] = traffic.get(key, 0) + int(before.get(key, 0))
+        for key in self.step_seconds:
+            timing[key] = timing.get(key, 0.0) + before.get(key, 0.0)
+        joules = report["energy"]["estimate_joules"]
+        for part in ("compute", "idle", "radio"):
+            joules[part] = joules.get(part, 0.0) + before.get(f"{part}_joules", 0.0)
+        joules["total"] = joules["compute"] + joules["idle"] + joules["radio"]
+        report["wall_seconds"] += before.get("wall_seconds", 0.0)
+        report["faults"]["earlier_processes"] = dict(before)
+        report["faults"]["steps_run"] = int(before.get("steps_run", 0)) + self.steps_run
+        return report

@@ -19,6 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from splitkd.atomic import fsync_directory
 from splitkd.errors import InvalidArgument
 
 KEEP_CHECKPOINTS = 3
@@ -81,6 +82,7 @@ def write(path: Path, state: TrainingState) -> None:
     with tmp.open("rb") as handle:
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+    fsync_directory(path.parent)  # the rename itself must reach the disk too
 
 
 def read(path: Path) -> TrainingState:

@@ -82,15 +82,23 @@ def student_alone(edge_report: dict[str, Any], data: str, shard: str) -> float:
     return accuracy_of(predict(model, split.heldout.x), split.heldout.y)
 
 
+def _point_latest(latest: Path, stamp: str) -> Path | None:
+    """``runs/latest`` -> this run; a ``latest`` that is not splitkd's symlink is left alone."""
+    if latest.is_symlink():
+        latest.unlink()
+    elif latest.exists():
+        print(f"splitkd demo: {latest} is not a symlink; leaving it alone")
+        return None
+    latest.symlink_to(stamp)
+    return latest
+
+
 def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = Path(args.runs) / stamp
     run_dir.mkdir(parents=True, exist_ok=True)
-    latest = Path(args.runs) / "latest"
-    if latest.is_symlink() or latest.exists():
-        latest.unlink()
-    latest.symlink_to(stamp)
+    latest = _point_latest(Path(args.runs) / "latest", stamp) or run_dir
     grpc_port, http_port = free_port(), free_port()
     python = sys.executable
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

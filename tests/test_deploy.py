@@ -178,6 +178,9 @@ def test_pi_units_and_config() -> None:
     assert settings["SPLITKD_LINK_PROFILE"] in LINKS
     # Reachable by Prometheus from another machine, on the ports of its scrape config.
     assert settings["SPLITKD_HOST"] == "0.0.0.0"
+    # ... so the file tells how to require a token on /v1/predict.
+    assert "#SPLITKD_HTTP_TOKEN_FILE=/etc/splitkd/http.token" in env
+    assert "SPLITKD_HTTP_TOKEN_FILE" in (ROOT / "docs" / "RASPBERRY_PI.md").read_text()
     assert settings["SPLITKD_HTTP_PORT"] == "8001" and settings["SPLITKD_METRICS_PORT"] == "9101"
 
 

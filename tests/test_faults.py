@@ -233,6 +233,16 @@ def test_edge_killed_and_restarted(
     assert report["faults"]["resumed_at_start"] is not None
     assert report["faults"]["resumed_at_start"] % 25 == 0
     record("edge SIGKILL", report, reference)
+    # The report counts both processes (the first one up to its last checkpoint): every
+    # step went up at least once, so at least the uninterrupted run's bytes and steps.
+    assert report["traffic"]["bytes_up"] >= reference["traffic"]["bytes_up"]
+    earlier = report["faults"]["earlier_processes"]
+    assert earlier["steps_run"] >= report["faults"]["resumed_at_start"] > 0
+    assert report["traffic"]["bytes_down"] >= earlier["bytes_down"] > 0
+    assert report["faults"]["steps_run"] >= reference["steps"]
+    joules = report["energy"]["estimate_joules"]
+    assert joules["total"] > earlier["compute_joules"] + earlier["radio_joules"] > 0
+    assert report["wall_seconds"] > earlier["wall_seconds"] > 0
 
 
 def test_link_cut_for_60_seconds(

@@ -16,6 +16,7 @@ import re
 import ssl
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -599,12 +600,14 @@ def test_edge_serve_answers_over_https(certs: Path, tmp_path: Path) -> None:
         while True:
             assert server.poll() is None, server.stderr.read() if server.stderr else ""
             try:
-                health = json.loads(https_get(f"https://127.0.0.1:{port}/healthz", context))
+                https_get(f"https://127.0.0.1:{port}/healthz", context)
+            except urllib.error.HTTPError as exc:  # 503: no model yet, answered over HTTPS
+                status, health = exc.code, json.loads(exc.read())
                 break
             except (OSError, ValueError):
                 assert time.monotonic() < deadline, "the edge never answered over HTTPS"
                 time.sleep(0.2)
-        assert health["status"] == "no-model"
+        assert status == 503 and health["status"] == "no-model"
         with pytest.raises((OSError, http.client.HTTPException)):
             urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
     finally:
