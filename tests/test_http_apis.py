@@ -194,17 +194,17 @@ def test_a_token_guards_predict_but_not_health_or_metrics(edge_store: ModelStore
 
 def test_serve_reads_the_token_from_a_file(tmp_path: Path) -> None:
     from edge_agent import security
-    from edge_agent.cli import _parser
+    from edge_agent.cli import PROGRAM
 
     token_file = tmp_path / "http.token"
     token_file.write_text("from-a-file\n")
-    args = _parser().parse_args(["serve", "--http-token-file", str(token_file)])
-    assert security.http_token(args) == "from-a-file"
+    _, _, options = PROGRAM.parse(["serve", "--http-token-file", str(token_file)])
+    assert security.http_token(options) == "from-a-file"  # type: ignore[arg-type]
     empty = tmp_path / "empty.token"
     empty.write_text("")
-    args = _parser().parse_args(["serve", "--http-token-file", str(empty)])
+    _, _, options = PROGRAM.parse(["serve", "--http-token-file", str(empty)])
     with pytest.raises(SplitKDError, match="is empty"):
-        security.http_token(args)
+        security.http_token(options)  # type: ignore[arg-type]
 
 
 # --- Damaged local files: 503 with a reason, and one line from the CLI ---------------------
