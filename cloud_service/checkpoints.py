@@ -18,6 +18,7 @@ from typing import Any
 
 from cloud_service.session import Session
 from splitkd import checkpoint
+from splitkd.classes import check_class_weights
 from splitkd.errors import SplitKDError
 from splitkd.hyper import Hyperparameters
 from splitkd.models import zoo
@@ -56,6 +57,7 @@ class SessionCheckpoints:
             "model_name": session.model_name,
             "device_profile": session.device_profile,
             "link_profile": session.link_profile,
+            "class_weights": list(session.class_weights),
             "finished_version": session.finished_version,
         }
         folder = self._folder(session.session_id)
@@ -104,6 +106,9 @@ class SessionCheckpoints:
             teacher=teacher,
             device_profile=meta.get("device_profile", ""),
             link_profile=meta.get("link_profile", ""),
+            class_weights=check_class_weights(
+                meta.get("class_weights", []), student_spec.num_classes
+            ),
             finished_version=meta.get("finished_version"),
             next_step=max(steps, default=0),
             snapshots=states,

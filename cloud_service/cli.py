@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
         "--teacher-data",
         default=env("TEACHER_DATA", "digits"),
         help="train the teacher at start-up on this data: digits, npz:PATH or csv:PATH "
-        "(default digits)",
+        "(default digits); all of a file but its held-out 20 %% unless --presumed-fraction",
     )
     serve.add_argument(
         "--state-dir",
@@ -88,31 +88,34 @@ def _parser() -> argparse.ArgumentParser:
     )
     security.add_arguments(serve)
 
-    train = sub.add_parser(
-        "train-teacher", help="train a teacher on the cloud's presumed data and save it"
-    )
+    train = sub.add_parser("train-teacher", help="train a teacher on the cloud's data and save it")
     train.add_argument("--data", default="digits", help="digits, npz:PATH or csv:PATH")
     train.add_argument("--out", type=Path, required=True, help="output .safetensors file")
-    train.add_argument(
-        "--presumed-fraction", type=float, default=None, help="share of the data the cloud keeps"
-    )
+    _presumed_option(train)
     admin_cli.add_commands(sub)
     return parser
 
 
+def _presumed_option(parser: argparse.ArgumentParser) -> None:
+    from splitkd.data.partition import DEMO_PRESUMED_FRACTION
+
+    fraction = env("PRESUMED_FRACTION")
+    parser.add_argument(
+        "--presumed-fraction",
+        type=float,
+        default=None if fraction is None else float(fraction),
+        help="when the edges are handed the same data set: the share of it the teacher trains "
+        "on (its 'presumed' data), which those edges then never use (SPLITKD_PRESUMED_FRACTION; "
+        f"default {DEMO_PRESUMED_FRACTION} for the built-in digits, and all of a file of yours)",
+    )
+
+
 def _training_options(parser: argparse.ArgumentParser) -> None:
-    from splitkd.data.partition import DEFAULT_PRESUMED_FRACTION
     from splitkd.hyper import Hyperparameters
 
     d = Hyperparameters()
+    _presumed_option(parser)
     group = parser.add_argument_group("training (sent to every edge with its session)")
-    group.add_argument(
-        "--presumed-fraction",
-        type=float,
-        default=DEFAULT_PRESUMED_FRACTION,
-        help="share of --teacher-data kept as the cloud's presumed data; edges given the same "
-        f"data never train on it (default {DEFAULT_PRESUMED_FRACTION})",
-    )
     group.add_argument(
         "--student-cut", type=int, default=1, help="student stages on the device (default 1)"
     )
@@ -207,16 +210,15 @@ def _serve(args: argparse.Namespace) -> None:
 
 def _train_teacher(args: argparse.Namespace) -> None:
     from cloud_service.teacher import train_teacher
-    from splitkd.data.partition import DEFAULT_PRESUMED_FRACTION
 
-    fraction = (
-        DEFAULT_PRESUMED_FRACTION if args.presumed_fraction is None else args.presumed_fraction
-    )
-    teacher = train_teacher(args.data, presumed_fraction=fraction)
+    teacher = train_teacher(args.data, presumed_fraction=args.presumed_fraction)
     teacher.save(args.out)
+    samples = teacher.samples
     print(
         f"teacher {teacher.spec.describe()}: {teacher.parameters} parameters, "
-        f"held-out accuracy {teacher.accuracy:.4f}, saved to {args.out}"
+        f"held-out accuracy {teacher.accuracy:.4f} ({samples['train']} training, "
+        f"{samples['heldout']} held-out samples, {samples['set_aside']} set aside for the edges), "
+        f"saved to {args.out}"
     )
 
 

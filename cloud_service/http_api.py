@@ -54,6 +54,7 @@ def create_app(service: CloudService, security: CloudSecurity | None = None) -> 
                 "parameters": teacher.parameters,
                 "accuracy": teacher.accuracy,
                 "signature": teacher.signature.describe(),
+                "samples": teacher.samples,
             },
             "sessions": len(service.sessions),
             **security_status(),

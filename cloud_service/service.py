@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +22,7 @@ from cloud_service.registry import ModelRecord, ModelRegistry
 from cloud_service.session import Session, StepResult
 from cloud_service.sessions import SessionStore
 from cloud_service.teacher import Teacher
+from splitkd.classes import check_class_weights, padded_class_weights
 from splitkd.errors import FailedPrecondition, InvalidArgument, SplitKDError
 from splitkd.hyper import Hyperparameters
 from splitkd.models import zoo
@@ -86,6 +87,7 @@ class CloudService:
         requested_epochs: int = 0,
         device_profile: str = "",
         link_profile: str = "",
+        class_weights: Sequence[float] = (),
     ) -> Session:
         if not _DEVICE_ID.fullmatch(device_id):
             raise InvalidArgument(
@@ -94,6 +96,10 @@ class CloudService:
         if requested_epochs < 0:
             raise InvalidArgument(f"requested epochs must be >= 0, got {requested_epochs}")
         self.teacher.check_serves(signature)
+        weights = padded_class_weights(
+            check_class_weights(class_weights, signature.num_classes),
+            self.student_spec.num_classes,
+        )
         hyper = self.config.hyper.with_epochs(requested_epochs)
         session = Session(
             session_id=SessionStore.new_id(),
@@ -108,6 +114,7 @@ class CloudService:
             teacher=self.teacher.model,
             device_profile=device_profile,
             link_profile=link_profile,
+            class_weights=weights,
         )
         self.sessions.add(session)
         if self.checkpoints is not None:

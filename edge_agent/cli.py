@@ -57,7 +57,9 @@ def _parser() -> argparse.ArgumentParser:
         "--data",
         default=env("DATA"),
         required=env("DATA") is None,
-        help="local data: digits, npz:PATH (arrays x, y) or csv:PATH (label last) (SPLITKD_DATA)",
+        help="local data: digits, npz:PATH (arrays x, y) or csv:PATH (numbers, label last, "
+        "optional header row) (SPLITKD_DATA). Labels are the task's class numbers (the "
+        "teacher's); a device may hold only some of the classes",
     )
     train.add_argument(
         "--shard", default=env("SHARD"), help="use shard I of N of the data (I from 0), e.g. 0/2"
@@ -68,12 +70,23 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="non-IID shards: Dirichlet concentration per class (default: IID)",
     )
+    fraction = env("PRESUMED_FRACTION")
     train.add_argument(
         "--presumed-fraction",
         type=float,
-        default=float(env("PRESUMED_FRACTION", "0.4") or 0.4),
-        help="share of the data reserved for the cloud's teacher when both are handed the same "
-        "file; set 0 when this data is the device's own (default 0.4)",
+        default=None if fraction is None else float(fraction),
+        help="when the cloud was handed the same data set: the share its teacher trains on, "
+        "which this device then leaves out (SPLITKD_PRESUMED_FRACTION; default 0.4 for the "
+        "built-in digits, 0 for a file: all of it is used)",
+    )
+    train.add_argument(
+        "--class-weighting",
+        choices=["none", "balanced"],
+        default=env("CLASS_WEIGHTING", "none"),
+        help="weights of the cross-entropy term per class: 'balanced' weighs each class by the "
+        "inverse of its frequency in this device's training labels, for imbalanced data; the "
+        "weights are sent to the cloud, which computes the loss (SPLITKD_CLASS_WEIGHTING; "
+        "default %(default)s)",
     )
     train.add_argument(
         "--device-id",
@@ -229,6 +242,7 @@ def _train(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         dirichlet_alpha=args.dirichlet_alpha,
         presumed_fraction=args.presumed_fraction,
+        class_weighting=args.class_weighting,
         device_profile=args.device_profile,
         link_profile=args.link_profile,
         progress=not args.no_progress,
@@ -241,14 +255,19 @@ def _train(args: argparse.Namespace) -> int:
         security=security.EdgeSecurity.from_args(args),
     )
     report = train(options)
-    student = report["student"]
+    student, data = report["student"], report["data"]
     print(
-        f"{args.device_id}: student {student['name']} v{student['version']} accuracy {student['accuracy']:.4f} "
-        f"(onnxruntime, {report['data']['heldout_samples']} held-out samples), {report['steps']} steps, "
+        f"{args.device_id}: student {student['name']} v{student['version']} accuracy {student['accuracy']:.4f}, "
+        f"macro recall {student['macro_recall']:.4f} (onnxruntime, {data['heldout_samples']} held-out samples), "
+        f"{report['steps']} steps, "
         f"{report['traffic']['bytes_up'] / 1e6:.2f} MB up / {report['traffic']['bytes_down'] / 1e6:.2f} MB down, "
         f"{report['wall_seconds']:.1f} s, est. {report['energy']['estimate_joules']['total']:.1f} J "
         f"({report['energy']['device_profile']}, {report['energy']['link_profile']}); "
-        f"report: {args.report}"
+        f"report: {args.report}\n"
+        f"{args.device_id}: data {data['spec']}: {data['train_samples']} training, "
+        f"{data['heldout_samples']} held-out samples, {data['set_aside_samples']} set aside for "
+        f"the cloud, {data['other_shard_samples']} in other shards; classes seen "
+        f"{data['classes_seen']} of {data['signature']}"
     )
     if metrics is not None and args.metrics_linger > 0:
         import time

@@ -12,6 +12,7 @@ from typing import Any
 
 from edge_agent.checkpoints import EdgeCheckpoints
 from edge_agent.client import CloudClient, SessionInfo
+from edge_agent.data import LocalData
 from edge_agent.errors import CloudRefused, EdgeError
 from edge_agent.inference import Predictor
 from edge_agent.metrics import EdgeMetrics
@@ -20,7 +21,7 @@ from edge_agent.security import EdgeSecurity
 from edge_agent.telemetry import TrainingTelemetry
 from edge_agent.trainer import EdgeTrainer, EvalRecord, GrpcTransport, StepRecord
 from splitkd import checkpoint
-from splitkd.data import edge_split, load_dataset
+from splitkd.classes import class_scores
 from splitkd.data.partition import Shard
 from splitkd.models import zoo
 from splitkd.v1 import splitkd_pb2 as pb
@@ -41,7 +42,9 @@ class TrainOptions:
     model_dir: Path
     epochs: int = 0
     dirichlet_alpha: float | None = None
-    presumed_fraction: float = 0.4
+    # None: splitkd.data.partition.default_presumed_fraction (none of a user's file).
+    presumed_fraction: float | None = None
+    class_weighting: str = "none"  # or "balanced" (splitkd/classes.py)
     device_profile: str = ""
     link_profile: str = ""
     progress: bool = True
@@ -65,20 +68,8 @@ def train(
         options.metrics.describe_device(
             options.device_id, telemetry.device.name, telemetry.link.name
         )
-    dataset = load_dataset(options.data)
-    split = edge_split(
-        dataset,
-        options.shard,
-        alpha=options.dirichlet_alpha,
-        presumed_fraction=options.presumed_fraction,
-    )
-    log.info(
-        "%s: %d training and %d held-out samples (%s)",
-        options.device_id,
-        len(split.train),
-        len(split.heldout),
-        dataset.signature.describe(),
-    )
+    local = LocalData.load(options)
+    dataset, split = local.dataset, local.split
     security = options.security or EdgeSecurity()
     with CloudClient(
         options.cloud,
@@ -94,17 +85,20 @@ def train(
             "data": options.data,
             "shard": str(options.shard) if options.shard else "0/1",
             "device_id": options.device_id,
+            "class_weighting": options.class_weighting,
         }
         session, restored = _resume_saved(client, store, identity, options.fresh)
         if session is None:
             session = client.register(
                 options.device_id,
-                dataset.signature,
+                local.signature,
                 requested_epochs=options.epochs,
                 device_profile=telemetry.device.name,
                 link_profile=telemetry.link.name,
+                class_weights=local.class_weights,
             )
             store.start({**identity, "session_id": session.session_id})
+        local.check_task(session.student_spec.num_classes)
         transport = GrpcTransport(client, session.session_id, _WIRE[session.hyper.wire_dtype])
         trainer = EdgeTrainer(session, split.train, split.heldout, transport, store)
         if restored is not None:
@@ -166,25 +160,19 @@ def train(
             "num_classes": info.num_classes,
             "created_at": info.created_at,
         }
-        local = models.install(info.name, info.version, download, metadata)
+        installed = models.install(info.name, info.version, download, metadata)
         store.clear()  # finished: nothing left to resume
         traffic_totals = asdict(client.traffic)
     telemetry.finish()
-    predictor = Predictor(local.path, dataset.signature.input_shape)
-    accuracy = predictor.accuracy(split.heldout.x, split.heldout.y)
+    predictor = Predictor(installed.path, dataset.signature.input_shape)
+    scores = class_scores(predictor.classes(split.heldout.x), split.heldout.y)
     steps = max(1, len(result.history))
     report = {
         "device_id": options.device_id,
         "device_profile": telemetry.device.name,
         "link_profile": telemetry.link.name,
         "cloud": options.cloud,
-        "data": {
-            "spec": options.data,
-            "shard": str(options.shard) if options.shard else "0/1",
-            "signature": dataset.signature.describe(),
-            "train_samples": len(split.train),
-            "heldout_samples": len(split.heldout),
-        },
+        "data": local.report(session.student_spec.num_classes),
         "session": {
             "student_cut": session.student_cut,
             "teacher_cut": session.teacher_cut,
@@ -197,15 +185,15 @@ def train(
             "hyperparameters": asdict(session.hyper),
         },
         "student": {
-            "name": local.name,
-            "version": local.version,
-            "accuracy": accuracy,
+            "name": installed.name,
+            "version": installed.version,
+            **scores.as_report(),
             "split_accuracy": last_eval[-1].accuracy if last_eval else None,
             "parameters": info.parameters,
             "onnx_sha256": info.sha256,
             "onnx_bytes": info.size_bytes,
             "max_abs_diff": info.max_abs_diff,
-            "path": str(local.path),
+            "path": str(installed.path),
         },
         "teacher": {
             "parameters": zoo.parameter_count(session.teacher_spec),

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18splitkd/v1/splitkd.proto\x12\nsplitkd.v1\"G\n\x06Tensor\x12 \n\x05\x64type\x18\x01 \x01(\x0e\x32\x11.splitkd.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"?\n\x0bNamedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x06tensor\x18\x02 \x01(\x0b\x32\x12.splitkd.v1.Tensor\"8\n\x0cModelWeights\x12(\n\x07tensors\x18\x01 \x03(\x0b\x32\x17.splitkd.v1.NamedTensor\"B\n\tModelSpec\x12\x0e\n\x06\x66\x61mily\x18\x01 \x01(\t\x12\x11\n\tspec_json\x18\x02 \x01(\t\x12\x12\n\nnum_stages\x18\x03 \x01(\x05\"J\n\x10\x44\x61tasetSignature\x12\x13\n\x0binput_shape\x18\x01 \x03(\x03\x12\x13\n\x0bnum_classes\x18\x02 \x01(\x05\x12\x0c\n\x04name\x18\x03 \x01(\t\"T\n\rDeviceProfile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04link\x18\x02 \x01(\t\x12\x11\n\tcpu_cores\x18\x03 \x01(\x05\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x03\"\xd8\x01\n\x0fHyperparameters\x12\x11\n\toptimizer\x18\x01 \x01(\t\x12\x15\n\rlearning_rate\x18\x02 \x01(\x01\x12\x12\n\nbatch_size\x18\x03 \x01(\x05\x12\x0e\n\x06\x65pochs\x18\x04 \x01(\x05\x12\x10\n\x08kd_alpha\x18\x05 \x01(\x01\x12\x16\n\x0ekd_temperature\x18\x06 \x01(\x01\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12%\n\nwire_dtype\x18\x08 \x01(\x0e\x32\x11.splitkd.v1.DType\x12\x18\n\x10\x63heckpoint_every\x18\t \x01(\x05\"\x9b\x01\n\x0fRegisterRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12*\n\x07profile\x18\x02 \x01(\x0b\x32\x19.splitkd.v1.DeviceProfile\x12/\n\tsignature\x18\x03 \x01(\x0b\x32\x1c.splitkd.v1.DatasetSignature\x12\x18\n\x10requested_epochs\x18\x04 \x01(\x05\"\xdd\x02\n\x10RegisterResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bstudent_cut\x18\x02 \x01(\x05\x12\x13\n\x0bteacher_cut\x18\x03 \x01(\x05\x12&\n\x07student\x18\x04 \x01(\x0b\x32\x15.splitkd.v1.ModelSpec\x12&\n\x07teacher\x18\x05 \x01(\x0b\x32\x15.splitkd.v1.ModelSpec\x12.\n\x0cstudent_head\x18\x06 \x01(\x0b\x32\x18.splitkd.v1.ModelWeights\x12.\n\x0cteacher_head\x18\x07 \x01(\x0b\x32\x18.splitkd.v1.ModelWeights\x12\x34\n\x0fhyperparameters\x18\x08 \x01(\x0b\x32\x1b.splitkd.v1.Hyperparameters\x12\x11\n\tnext_step\x18\t \x01(\x03\x12\x12\n\nmodel_name\x18\n \x01(\t\"\xeb\x01\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12/\n\x13student_activations\x18\x03 \x01(\x0b\x32\x12.splitkd.v1.Tensor\x12/\n\x13teacher_activations\x18\x04 \x01(\x0b\x32\x12.splitkd.v1.Tensor\x12\"\n\x06labels\x18\x05 \x01(\x0b\x32\x12.splitkd.v1.Tensor\x12\x34\n\x18next_teacher_activations\x18\x06 \x01(\x0b\x32\x12.splitkd.v1.Tensor\"\xb4\x01\n\x0cStepResponse\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12$\n\x08gradient\x18\x02 \x01(\x0b\x32\x12.splitkd.v1.Tensor\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x0f\n\x07kd_loss\x18\x04 \x01(\x01\x12\x0f\n\x07\x63\x65_loss\x18\x05 \x01(\x01\x12\x0f\n\x07\x63orrect\x18\x06 \x01(\x05\x12\x10\n\x08replayed\x18\x07 \x01(\x08\x12\x1d\n\x15next_teacher_accepted\x18\x08 \x01(\x08\"V\n\x0f\x45valuateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12/\n\x13student_activations\x18\x02 \x01(\x0b\x32\x12.splitkd.v1.Tensor\"6\n\x10\x45valuateResponse\x12\"\n\x06logits\x18\x01 \x01(\x0b\x32\x12.splitkd.v1.Tensor\"b\n\rFinishRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12.\n\x0cstudent_head\x18\x02 \x01(\x0b\x32\x18.splitkd.v1.ModelWeights\x12\r\n\x05steps\x18\x03 \x01(\x03\"\xb6\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x03\x12\x12\n\nparameters\x18\x05 \x01(\x03\x12\x14\n\x0cmax_abs_diff\x18\x06 \x01(\x01\x12\x13\n\x0binput_shape\x18\x07 \x03(\x03\x12\x13\n\x0bnum_classes\x18\x08 \x01(\x05\x12\x12\n\ncreated_at\x18\t \x01(\t\"6\n\x0e\x46inishResponse\x12$\n\x05model\x18\x01 \x01(\x0b\x32\x15.splitkd.v1.ModelInfo\"E\n\x14\x44ownloadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x0e\n\x06offset\x18\x03 \x01(\x03\"_\n\nModelChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x12\n\ntotal_size\x18\x03 \x01(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\x05\"<\n\rResumeRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x17\n\x0f\x61vailable_steps\x18\x02 \x03(\x03\"M\n\x0eResumeResponse\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12-\n\x07session\x18\x02 \x01(\x0b\x32\x1c.splitkd.v1.RegisterResponse\"&\n\x10HeartbeatRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"G\n\x11HeartbeatResponse\x12\x11\n\tnext_step\x18\x01 \x01(\x03\x12\x1f\n\x17session_timeout_seconds\x18\x02 \x01(\x01*\x87\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x0f\n\x0b\x44TYPE_INT64\x10\x03\x12\x0f\n\x0b\x44TYPE_INT32\x10\x04\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x05\x12\x0e\n\nDTYPE_INT8\x10\x06\x32\xf1\x03\n\rSplitTraining\x12\x45\n\x08Register\x12\x1b.splitkd.v1.RegisterRequest\x1a\x1c.splitkd.v1.RegisterResponse\x12\x39\n\x04Step\x12\x17.splitkd.v1.StepRequest\x1a\x18.splitkd.v1.StepResponse\x12\x45\n\x08\x45valuate\x12\x1b.splitkd.v1.EvaluateRequest\x1a\x1c.splitkd.v1.EvaluateResponse\x12?\n\x06\x46inish\x12\x19.splitkd.v1.FinishRequest\x1a\x1a.splitkd.v1.FinishResponse\x12K\n\rDownloadModel\x12 .splitkd.v1.DownloadModelRequest\x1a\x16.splitkd.v1.ModelChunk0\x01\x12?\n\x06Resume\x12\x19.splitkd.v1.ResumeRequest\x1a\x1a.splitkd.v1.ResumeResponse\x12H\n\tHeartbeat\x12\x1c.splitkd.v1.HeartbeatRequest\x1a\x1d.splitkd.v1.HeartbeatResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18splitkd/v1/splitkd.proto\x12\nsplitkd.v1\"G\n\x06Tensor\x12 \n\x05\x64type\x18\x01 \x01(\x0e\x32\x11.splitkd.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"?\n\x0bNamedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x06tensor\x18\x02 \x01(\x0b\x32\x12.splitkd.v1.Tensor\"8\n\x0cModelWeights\x12(\n\x07tensors\x18\x01 \x03(\x0b\x32\x17.splitkd.v1.NamedTensor\"B\n\tModelSpec\x12\x0e\n\x06\x66\x61mily\x18\x01 \x01(\t\x12\x11\n\tspec_json\x18\x02 \x01(\t\x12\x12\n\nnum_stages\x18\x03 \x01(\x05\"J\n\x10\x44\x61tasetSignature\x12\x13\n\x0binput_shape\x18\x01 \x03(\x03\x12\x13\n\x0bnum_classes\x18\x02 \x01(\x05\x12\x0c\n\x04name\x18\x03 \x01(\t\"T\n\rDeviceProfile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04link\x18\x02 \x01(\t\x12\x11\n\tcpu_cores\x18\x03 \x01(\x05\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x03\"\xd8\x01\n\x0fHyperparameters\x12\x11\n\toptimizer\x18\x01 \x01(\t\x12\x15\n\rlearning_rate\x18\x02 \x01(\x01\x12\x12\n\nbatch_size\x18\x03 \x01(\x05\x12\x0e\n\x06\x65pochs\x18\x04 \x01(\x05\x12\x10\n\x08kd_alpha\x18\x05 \x01(\x01\x12\x16\n\x0ekd_temperature\x18\x06 \x01(\x01\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12%\n\nwire_dtype\x18\x08 \x01(\x0e\x32\x11.splitkd.v1.DType\x12\x18\n\x10\x63heckpoint_every\x18\t \x01(\x05\"\xb2\x01\n\x0fRegisterRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12*\n\x07profile\x18\x02 \x01(\x0b\x32\x19.splitkd.v1.DeviceProfile\x12/\n\tsignature\x18\x03 \x01(\x0b\x32\x1c.splitkd.v1.DatasetSignature\x12\x18\n\x10requested_epochs\x18\x04 \x01(\x05\x12\x15\n\rclass_weights\x18\x05 \x03(\x02\"\xdd\x02\n\x10RegisterResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bstudent_cut\x18\x02 \x01(\x05\x12\x13\n\x0bteacher_cut\x18\x03 \x01(\x05\x12&\n\x07student\x18\x04 \x01(\x0b\x32\x15.splitkd.v1.ModelSpec\x12&\n\x07teacher\x18\x05 \x01(\x0b\x32\x15.splitkd.v1.ModelSpec\x12.\n\x0cstudent_head\x18\x06 \x01(\x0b\x32\x18.splitkd.v1.ModelWeights\x12.\n\x0cteacher_head\x18\x07 \x01(\x0b\x32\x18.splitkd.v1.ModelWeights\x12\x34\n\x0fhyperparameters\x18\x08 \x01(\x0b\x32\x1b.splitkd.v1.Hyperparameters\x12\x11\n\tnext_step\x18\t \x01(\x03\x12\x12\n\nmodel_name\x18\n \x01(\t\"\xeb\x01\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12/\n\x13student_activations\x18\x03 \x01(\x0b\x32\x12.splitkd.v1.Tensor\x12/\n\x13teacher_activations\x18\x04 \x01(\x0b\x32\x12.splitkd.v1.Tensor\x12\"\n\x06labels\x18\x05 \x01(\x0b\x32\x12.splitkd.v1.Tensor\x12\x34\n\x18next_teacher_activations\x18\x06 \x01(\x0b\x32\x12.splitkd.v1.Tensor\"\xb4\x01\n\x0cStepResponse\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12$\n\x08gradient\x18\x02 \x01(\x0b\x32\x12.splitkd.v1.Tensor\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x0f\n\x07kd_loss\x18\x04 \x01(\x01\x12\x0f\n\x07\x63\x65_loss\x18\x05 \x01(\x01\x12\x0f\n\x07\x63orrect\x18\x06 \x01(\x05\x12\x10\n\x08replayed\x18\x07 \x01(\x08\x12\x1d\n\x15next_teacher_accepted\x18\x08 \x01(\x08\"V\n\x0f\x45valuateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12/\n\x13student_activations\x18\x02 \x01(\x0b\x32\x12.splitkd.v1.Tensor\"6\n\x10\x45valuateResponse\x12\"\n\x06logits\x18\x01 \x01(\x0b\x32\x12.splitkd.v1.Tensor\"b\n\rFinishRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12.\n\x0cstudent_head\x18\x02 \x01(\x0b\x32\x18.splitkd.v1.ModelWeights\x12\r\n\x05steps\x18\x03 \x01(\x03\"\xb6\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x03\x12\x12\n\nparameters\x18\x05 \x01(\x03\x12\x14\n\x0cmax_abs_diff\x18\x06 \x01(\x01\x12\x13\n\x0binput_shape\x18\x07 \x03(\x03\x12\x13\n\x0bnum_classes\x18\x08 \x01(\x05\x12\x12\n\ncreated_at\x18\t \x01(\t\"6\n\x0e\x46inishResponse\x12$\n\x05model\x18\x01 \x01(\x0b\x32\x15.splitkd.v1.ModelInfo\"E\n\x14\x44ownloadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x0e\n\x06offset\x18\x03 \x01(\x03\"_\n\nModelChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x12\n\ntotal_size\x18\x03 \x01(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\x05\"<\n\rResumeRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x17\n\x0f\x61vailable_steps\x18\x02 \x03(\x03\"M\n\x0eResumeResponse\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12-\n\x07session\x18\x02 \x01(\x0b\x32\x1c.splitkd.v1.RegisterResponse\"&\n\x10HeartbeatRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"G\n\x11HeartbeatResponse\x12\x11\n\tnext_step\x18\x01 \x01(\x03\x12\x1f\n\x17session_timeout_seconds\x18\x02 \x01(\x01*\x87\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x0f\n\x0b\x44TYPE_INT64\x10\x03\x12\x0f\n\x0b\x44TYPE_INT32\x10\x04\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x05\x12\x0e\n\nDTYPE_INT8\x10\x06\x32\xf1\x03\n\rSplitTraining\x12\x45\n\x08Register\x12\x1b.splitkd.v1.RegisterRequest\x1a\x1c.splitkd.v1.RegisterResponse\x12\x39\n\x04Step\x12\x17.splitkd.v1.StepRequest\x1a\x18.splitkd.v1.StepResponse\x12\x45\n\x08\x45valuate\x12\x1b.splitkd.v1.EvaluateRequest\x1a\x1c.splitkd.v1.EvaluateResponse\x12?\n\x06\x46inish\x12\x19.splitkd.v1.FinishRequest\x1a\x1a.splitkd.v1.FinishResponse\x12K\n\rDownloadModel\x12 .splitkd.v1.DownloadModelRequest\x1a\x16.splitkd.v1.ModelChunk0\x01\x12?\n\x06Resume\x12\x19.splitkd.v1.ResumeRequest\x1a\x1a.splitkd.v1.ResumeResponse\x12H\n\tHeartbeat\x12\x1c.splitkd.v1.HeartbeatRequest\x1a\x1d.splitkd.v1.HeartbeatResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'splitkd.v1.splitkd_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=2524
-  _globals['_DTYPE']._serialized_end=2659
+  _globals['_DTYPE']._serialized_start=2547
+  _globals['_DTYPE']._serialized_end=2682
   _globals['_TENSOR']._serialized_start=40
   _globals['_TENSOR']._serialized_end=111
   _globals['_NAMEDTENSOR']._serialized_start=113
@@ -48,35 +48,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HYPERPARAMETERS']._serialized_start=467
   _globals['_HYPERPARAMETERS']._serialized_end=683
   _globals['_REGISTERREQUEST']._serialized_start=686
-  _globals['_REGISTERREQUEST']._serialized_end=841
-  _globals['_REGISTERRESPONSE']._serialized_start=844
-  _globals['_REGISTERRESPONSE']._serialized_end=1193
-  _globals['_STEPREQUEST']._serialized_start=1196
-  _globals['_STEPREQUEST']._serialized_end=1431
-  _globals['_STEPRESPONSE']._serialized_start=1434
-  _globals['_STEPRESPONSE']._serialized_end=1614
-  _globals['_EVALUATEREQUEST']._serialized_start=1616
-  _globals['_EVALUATEREQUEST']._serialized_end=1702
-  _globals['_EVALUATERESPONSE']._serialized_start=1704
-  _globals['_EVALUATERESPONSE']._serialized_end=1758
-  _globals['_FINISHREQUEST']._serialized_start=1760
-  _globals['_FINISHREQUEST']._serialized_end=1858
-  _globals['_MODELINFO']._serialized_start=1861
-  _globals['_MODELINFO']._serialized_end=2043
-  _globals['_FINISHRESPONSE']._serialized_start=2045
-  _globals['_FINISHRESPONSE']._serialized_end=2099
-  _globals['_DOWNLOADMODELREQUEST']._serialized_start=2101
-  _globals['_DOWNLOADMODELREQUEST']._serialized_end=2170
-  _globals['_MODELCHUNK']._serialized_start=2172
-  _globals['_MODELCHUNK']._serialized_end=2267
-  _globals['_RESUMEREQUEST']._serialized_start=2269
-  _globals['_RESUMEREQUEST']._serialized_end=2329
-  _globals['_RESUMERESPONSE']._serialized_start=2331
-  _globals['_RESUMERESPONSE']._serialized_end=2408
-  _globals['_HEARTBEATREQUEST']._serialized_start=2410
-  _globals['_HEARTBEATREQUEST']._serialized_end=2448
-  _globals['_HEARTBEATRESPONSE']._serialized_start=2450
-  _globals['_HEARTBEATRESPONSE']._serialized_end=2521
-  _globals['_SPLITTRAINING']._serialized_start=2662
-  _globals['_SPLITTRAINING']._serialized_end=3159
+  _globals['_REGISTERREQUEST']._serialized_end=864
+  _globals['_REGISTERRESPONSE']._serialized_start=867
+  _globals['_REGISTERRESPONSE']._serialized_end=1216
+  _globals['_STEPREQUEST']._serialized_start=1219
+  _globals['_STEPREQUEST']._serialized_end=1454
+  _globals['_STEPRESPONSE']._serialized_start=1457
+  _globals['_STEPRESPONSE']._serialized_end=1637
+  _globals['_EVALUATEREQUEST']._serialized_start=1639
+  _globals['_EVALUATEREQUEST']._serialized_end=1725
+  _globals['_EVALUATERESPONSE']._serialized_start=1727
+  _globals['_EVALUATERESPONSE']._serialized_end=1781
+  _globals['_FINISHREQUEST']._serialized_start=1783
+  _globals['_FINISHREQUEST']._serialized_end=1881
+  _globals['_MODELINFO']._serialized_start=1884
+  _globals['_MODELINFO']._serialized_end=2066
+  _globals['_FINISHRESPONSE']._serialized_start=2068
+  _globals['_FINISHRESPONSE']._serialized_end=2122
+  _globals['_DOWNLOADMODELREQUEST']._serialized_start=2124
+  _globals['_DOWNLOADMODELREQUEST']._serialized_end=2193
+  _globals['_MODELCHUNK']._serialized_start=2195
+  _globals['_MODELCHUNK']._serialized_end=2290
+  _globals['_RESUMEREQUEST']._serialized_start=2292
+  _globals['_RESUMEREQUEST']._serialized_end=2352
+  _globals['_RESUMERESPONSE']._serialized_start=2354
+  _globals['_RESUMERESPONSE']._serialized_end=2431
+  _globals['_HEARTBEATREQUEST']._serialized_start=2433
+  _globals['_HEARTBEATREQUEST']._serialized_end=2471
+  _globals['_HEARTBEATRESPONSE']._serialized_start=2473
+  _globals['_HEARTBEATRESPONSE']._serialized_end=2544
+  _globals['_SPLITTRAINING']._serialized_start=2685
+  _globals['_SPLITTRAINING']._serialized_end=3182
 # @@protoc_insertion_point(module_scope)

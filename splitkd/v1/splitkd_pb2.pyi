@@ -169,6 +169,11 @@ class DatasetSignature(_message.Message):
     NUM_CLASSES_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     num_classes: _builtins.int
+    """In RegisterRequest: 0 (what the edge sends) means "the task's classes": the
+    teacher's. The edge learns them from the RegisterResponse's specs and checks
+    its labels itself, so the cloud learns nothing about which classes it holds.
+    A value > 0 must be <= the teacher's class count.
+    """
     name: _builtins.str
     """informative only, e.g. "digits" """
     @_builtins.property
@@ -279,6 +284,7 @@ class RegisterRequest(_message.Message):
     PROFILE_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
     REQUESTED_EPOCHS_FIELD_NUMBER: _builtins.int
+    CLASS_WEIGHTS_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     requested_epochs: _builtins.int
     """0: the cloud's default"""
@@ -286,6 +292,14 @@ class RegisterRequest(_message.Message):
     def profile(self) -> Global___DeviceProfile: ...
     @_builtins.property
     def signature(self) -> Global___DatasetSignature: ...
+    @_builtins.property
+    def class_weights(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Optional weights of the CE term, one per class of the task (empty: none),
+        each finite and in [1e-6, 1e6]; e.g. inverse class frequencies of the
+        device's training labels (--class-weighting balanced). The labels of every
+        step reach the cloud anyway, so these reveal nothing more.
+        """
+
     def __init__(
         self,
         *,
@@ -293,10 +307,11 @@ class RegisterRequest(_message.Message):
         profile: Global___DeviceProfile | None = ...,
         signature: Global___DatasetSignature | None = ...,
         requested_epochs: _builtins.int = ...,
+        class_weights: _abc.Iterable[_builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["profile", b"profile", "signature", b"signature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "profile", b"profile", "requested_epochs", b"requested_epochs", "signature", b"signature"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_weights", b"class_weights", "device_id", b"device_id", "profile", b"profile", "requested_epochs", b"requested_epochs", "signature", b"signature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
