@@ -181,7 +181,12 @@ def _serve(args: argparse.Namespace) -> None:
     )
     if args.teacher:
         teacher = Teacher.load(Path(args.teacher))
-        log.info("teacher loaded from %s: %s", args.teacher, teacher.spec.describe())
+        log.info(
+            "teacher loaded from %s: %s, trained on %s samples",
+            args.teacher,
+            teacher.spec.describe(),
+            teacher.samples or "an unrecorded number of",
+        )
     else:
         teacher = train_teacher(args.teacher_data, presumed_fraction=args.presumed_fraction)
         teacher.save(args.state_dir / "teacher.safetensors")

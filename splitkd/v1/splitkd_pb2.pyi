@@ -169,10 +169,11 @@ class DatasetSignature(_message.Message):
     NUM_CLASSES_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     num_classes: _builtins.int
-    """In RegisterRequest: 0 (what the edge sends) means "the task's classes": the
-    teacher's. The edge learns them from the RegisterResponse's specs and checks
-    its labels itself, so the cloud learns nothing about which classes it holds.
-    A value > 0 must be <= the teacher's class count.
+    """In RegisterRequest: 1 + the device's largest label. The task's classes are
+    the teacher's; a device may hold only some of them, so this must be <= the
+    teacher's class count (else FAILED_PRECONDITION). 0: not said (the edge then
+    checks its labels against the RegisterResponse's student spec itself). The
+    labels of every step reach the cloud anyway; this reveals nothing more.
     """
     name: _builtins.str
     """informative only, e.g. "digits" """
@@ -294,10 +295,10 @@ class RegisterRequest(_message.Message):
     def signature(self) -> Global___DatasetSignature: ...
     @_builtins.property
     def class_weights(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
-        """Optional weights of the CE term, one per class of the task (empty: none),
-        each finite and in [1e-6, 1e6]; e.g. inverse class frequencies of the
-        device's training labels (--class-weighting balanced). The labels of every
-        step reach the cloud anyway, so these reveal nothing more.
+        """Optional weights of the CE term (empty: none): one per class up to the
+        device's largest label (signature.num_classes of them), each finite and in
+        [1e-6, 1e6]; the task's classes beyond get 1. E.g. inverse class frequencies
+        of the device's training labels (splitkd-edge --class-weighting balanced).
         """
 
     def __init__(
