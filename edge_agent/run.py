@@ -85,6 +85,8 @@ def train(
             "data": options.data,
             "shard": str(options.shard) if options.shard else "0/1",
             "device_id": options.device_id,
+            # Another split or weighting is another run: never resume it.
+            "presumed_fraction": str(local.presumed_fraction),
             "class_weighting": options.class_weighting,
         }
         session, restored = _resume_saved(client, store, identity, options.fresh)
