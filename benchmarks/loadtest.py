@@ -65,11 +65,13 @@ class SimulatedEdge:
         import grpc
 
         from splitkd.data import edge_split, load_dataset
-        from splitkd.data.partition import Shard
+        from splitkd.data.partition import DEMO_PRESUMED_FRACTION, Shard
         from splitkd.grpc_options import channel_options
         from splitkd.v1 import splitkd_pb2_grpc as pb_grpc
 
-        self.data = edge_split(load_dataset("digits"), Shard(shard, SHARDS)).train
+        self.data = edge_split(
+            load_dataset("digits"), Shard(shard, SHARDS), presumed_fraction=DEMO_PRESUMED_FRACTION
+        ).train
         self.channel = grpc.aio.insecure_channel(address, options=channel_options())
         self.stub = pb_grpc.SplitTrainingStub(self.channel)
         self.timeout = timeout

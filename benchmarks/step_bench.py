@@ -36,7 +36,7 @@ from edge_agent.metrics import EdgeMetrics
 from edge_agent.telemetry import TrainingTelemetry
 from edge_agent.trainer import EdgeTrainer, GrpcTransport
 from splitkd.data import edge_split, load_dataset
-from splitkd.data.partition import Shard
+from splitkd.data.partition import DEMO_PRESUMED_FRACTION, Shard
 from splitkd.demo import free_port, wait_healthy
 from splitkd.hyper import Hyperparameters
 from splitkd.kd import kd_loss
@@ -155,7 +155,7 @@ def main() -> None:
     torch.set_num_threads(1)
 
     data = load_dataset("digits")
-    split = edge_split(data, Shard(0, 2))
+    split = edge_split(data, Shard(0, 2), presumed_fraction=DEMO_PRESUMED_FRACTION)
     hyper = Hyperparameters(epochs=1000, batch_size=args.batch)
     teacher_spec = zoo.default_teacher(data.signature)
     teacher = Teacher(teacher_spec, zoo.build(teacher_spec, 7), None, "digits")

@@ -31,7 +31,7 @@ from edge_agent.client import CloudClient
 from edge_agent.inference import Predictor
 from edge_agent.trainer import EdgeTrainer, GrpcTransport
 from splitkd.data import edge_split
-from splitkd.data.partition import EdgeSplit, cloud_split
+from splitkd.data.partition import DEMO_PRESUMED_FRACTION, EdgeSplit, cloud_split
 from splitkd.data.specs import Dataset
 from splitkd.hyper import Hyperparameters
 from splitkd.models import zoo
@@ -121,7 +121,8 @@ def distilled(teacher: Teacher, split: EdgeSplit, folder: Path) -> float:
 
 def check(name: str, folder: Path) -> Row:
     data = DATASETS[name]()
-    cloud, split = cloud_split(data), edge_split(data)
+    cloud = cloud_split(data, DEMO_PRESUMED_FRACTION)
+    split = edge_split(data, presumed_fraction=DEMO_PRESUMED_FRACTION)
     teacher_spec = zoo.default_teacher(data.signature)
     teacher_model = train_supervised(teacher_spec, cloud.train, TEACHER_HYPER)
     teacher = Teacher(teacher_spec, teacher_model, None, name)

@@ -21,6 +21,7 @@ from cloud_service.session import Session
 from cloud_service.teacher import Teacher, TeacherVersions
 from splitkd import checkpoint
 from splitkd.atomic import write_json_atomic
+from splitkd.classes import check_class_weights
 from splitkd.errors import SplitKDError
 from splitkd.hyper import Hyperparameters
 from splitkd.models import zoo
@@ -71,6 +72,7 @@ class SessionCheckpoints:
             # Written at the first step. Folders of older versions lack it; those with
             # nothing past step 0 may be a flood of bare registrations (see _load).
             "trained": True,
+            "class_weights": list(session.class_weights),
         }
         folder = self._folder(session.session_id)
         folder.mkdir(parents=True, exist_ok=True)
@@ -157,6 +159,9 @@ class SessionCheckpoints:
             teacher_version=teacher.version,
             device_profile=meta.get("device_profile", ""),
             link_profile=meta.get("link_profile", ""),
+            class_weights=check_class_weights(
+                meta.get("class_weights", []), student_spec.num_classes
+            ),
             next_step=max(states),
             snapshots=states,
         )

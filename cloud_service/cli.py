@@ -59,7 +59,12 @@ def _serve(args: ServeSettings) -> int:
     )
     if args.teacher:
         teacher = Teacher.load(Path(args.teacher))
-        log.info("teacher loaded from %s: %s", args.teacher, teacher.spec.describe())
+        log.info(
+            "teacher loaded from %s: %s, trained on %s samples",
+            args.teacher,
+            teacher.spec.describe(),
+            teacher.samples or "an unrecorded number of",
+        )
     else:
         teacher = train_teacher(args.teacher_data, presumed_fraction=args.presumed_fraction)
         teacher.save(args.state_dir / "teacher.safetensors")
@@ -94,7 +99,7 @@ def _fleet(args: ServeSettings, service: Any) -> Any:
     from cloud_service.fleet.service import FleetService, FleetSettings
     from cloud_service.publish import publish_teacher
     from splitkd.data import load_dataset
-    from splitkd.data.partition import cloud_split
+    from splitkd.data.partition import cloud_split, default_presumed_fraction
     from splitkd.messages import CohortConfig
 
     defaults = CohortConfig(
@@ -109,7 +114,10 @@ def _fleet(args: ServeSettings, service: Any) -> Any:
     if args.proxy_data:
         proxy = load_dataset(args.proxy_data).x
     elif not args.teacher:
-        anchor = cloud_split(load_dataset(args.teacher_data), args.presumed_fraction).train
+        fraction = args.presumed_fraction
+        if fraction is None:
+            fraction = default_presumed_fraction(args.teacher_data)
+        anchor = cloud_split(load_dataset(args.teacher_data), fraction).train
         proxy = anchor.x
     else:
         proxy = None
@@ -125,9 +133,12 @@ def _train_teacher(args: TrainTeacherSettings) -> int:
 
     teacher = train_teacher(args.data, presumed_fraction=args.presumed_fraction)
     teacher.save(args.out)
+    samples = teacher.samples
     print(
         f"teacher {teacher.spec.describe()}: {teacher.parameters} parameters, "
-        f"held-out accuracy {teacher.accuracy:.4f}, saved to {args.out}"
+        f"held-out accuracy {teacher.accuracy:.4f} ({samples['train']} training, "
+        f"{samples['heldout']} held-out samples, {samples['set_aside']} set aside for the edges), "
+        f"saved to {args.out}"
     )
     return 0
 

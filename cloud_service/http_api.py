@@ -71,6 +71,7 @@ def create_app(
                 "parameters": teacher.parameters,
                 "accuracy": teacher.accuracy,
                 "signature": teacher.signature.describe(),
+                "samples": teacher.samples,
             },
             "sessions": len(service.sessions),
             **security_status(),

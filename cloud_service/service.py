@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from cloud_service.session import Session
 from cloud_service.sessions import SessionStore
 from cloud_service.teacher import Teacher, TeacherVersions
 from splitkd import names
+from splitkd.classes import check_class_weights, padded_class_weights
 from splitkd.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, SplitKDError
 from splitkd.hyper import Hyperparameters
 from splitkd.messages import StepOutcome
@@ -118,6 +119,7 @@ class CloudService:
         initial_state: dict[str, np.ndarray] | None = None,
         model_name: str | None = None,
         persist: bool = True,
+        class_weights: Sequence[float] = (),
     ) -> Session:
         """A new split session; a cohort passes its class's spec and current weights."""
         self.check_device(device_id)
@@ -128,6 +130,10 @@ class CloudService:
             raise InvalidArgument(f"requested epochs must be >= 0, got {requested_epochs}")
         teacher = self.teachers.current()
         teacher.check_serves(signature)
+        weights = padded_class_weights(
+            check_class_weights(class_weights, signature.num_classes),
+            self.student_spec.num_classes,
+        )
         hyper = self.config.hyper.with_epochs(requested_epochs)
         spec = student_spec or self.student_spec
         student = zoo.build(spec, hyper.seed)
@@ -150,6 +156,7 @@ class CloudService:
             persisted=persist,
             device_profile=device_profile,
             link_profile=link_profile,
+            class_weights=weights,
         )
         # Pending until its first step: holds no capacity, nothing on disk (sessions.py).
         self.sessions.add(session)

@@ -99,13 +99,17 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
                 f"input shape of {len(sig.input_shape)} dimensions is not supported: use features "
                 "(F), sequences (C, L) or images (C, H, W)"
             )
-        signature = DatasetSignature(tuple(sig.input_shape), sig.num_classes, sig.name)
+        # 0: the device does not say; the task's classes are the teacher's (the
+        # edge checks its own labels against them), so nothing about them leaks.
+        classes = sig.num_classes or self.service.teacher.signature.num_classes
+        signature = DatasetSignature(tuple(sig.input_shape), classes, sig.name)
         session = self.service.register(
             request.device_id,
             signature,
             requested_epochs=request.requested_epochs,
             device_profile=request.profile.name,
             link_profile=request.profile.link,
+            class_weights=list(request.class_weights),
         )
         return session_message(session, self.service.teacher.accuracy)
 

@@ -24,7 +24,7 @@ from splitkd.messages import SessionInfo, StepOutcome
 from splitkd.models import zoo
 from splitkd.models.spec import ModelSpec
 from splitkd.models.staged import StagedModel
-from splitkd.training import make_optimizer
+from splitkd.training import make_optimizer, weight_tensor
 
 # Teacher tails computed ahead of their step (see Session.step), for all sessions.
 _TEACHER_POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="teacher")
@@ -59,6 +59,8 @@ class Session:
     persisted: bool = True
     device_profile: str = ""
     link_profile: str = ""
+    # Weights of the CE term per class, chosen by the device (empty: none).
+    class_weights: tuple[float, ...] = ()
     next_step: int = 0
     last_seen: float = field(default_factory=time.monotonic)
     finished_version: int | None = None
@@ -71,6 +73,7 @@ class Session:
     _last_inputs: tuple[object, ...] = field(default=(), repr=False)
     _student_shape: tuple[int, ...] = ()
     _teacher_shape: tuple[int, ...] = ()
+    _class_weights: torch.Tensor | None = field(default=None, repr=False)
     # Restorable states by step: step 0 and the latest few multiples of
     # hyper.checkpoint_every (the edge keeps the same steps).
     snapshots: dict[int, checkpoint.TrainingState] = field(default_factory=dict, repr=False)
@@ -88,6 +91,7 @@ class Session:
         self._optimizer = make_optimizer(tail.parameters(), self.hyper)
         self._student_shape = zoo.activation_shape(self.student_spec, self.student_cut)
         self._teacher_shape = zoo.activation_shape(self.teacher_spec, self.teacher_cut)
+        self._class_weights = weight_tensor(self.class_weights)
         if not self.snapshots:
             self.snapshots[self.next_step] = self.take_snapshot()
 
@@ -218,6 +222,7 @@ class Session:
             torch.from_numpy(labels.astype(np.int64)),
             self.hyper.kd_alpha if kd_alpha is None else kd_alpha,
             self.hyper.kd_temperature,
+            self._class_weights,
         )
         assert self._optimizer is not None
         self._optimizer.zero_grad()

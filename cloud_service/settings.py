@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 from cloud_service.security import CloudSecurityOptions
-from splitkd.data.partition import DEFAULT_PRESUMED_FRACTION
+from splitkd.data.partition import DEMO_PRESUMED_FRACTION
 from splitkd.hyper import Hyperparameters
 from splitkd.messages import CohortConfig
 from splitkd.settings import Options, option
@@ -29,11 +29,12 @@ class StateDirOptions(Options):
 
 
 class TrainingOptions(Options):
-    presumed_fraction: float = option(
-        DEFAULT_PRESUMED_FRACTION,
-        "share of --teacher-data kept as the cloud's presumed data; edges given the same "
-        "data never train on it",
+    presumed_fraction: float | None = option(
+        None,
+        "when the edges are handed the same data set: the share of --teacher-data the teacher "
+        "trains on (its 'presumed' data), which those edges then never use",
         group=TRAINING,
+        shown_default=f"{DEMO_PRESUMED_FRACTION} for the built-in digits, all of a file of yours",
     )
     student_cut: int = option(1, "student stages on the device", group=TRAINING)
     teacher_cut: int = option(1, "frozen teacher stages on the device", group=TRAINING)
@@ -119,8 +120,10 @@ class ServeSettings(CloudSecurityOptions, FleetOptions, TrainingOptions, StateDi
 class TrainTeacherSettings(Options):
     data: str = option("digits", f"the cloud's data: {DATA}")
     out: Path = option(help="output .safetensors file")
-    presumed_fraction: float = option(
-        DEFAULT_PRESUMED_FRACTION, "share of the data the cloud keeps"
+    presumed_fraction: float | None = option(
+        None,
+        "when the edges are handed the same data set: the share of it the teacher trains on",
+        shown_default=f"{DEMO_PRESUMED_FRACTION} for the built-in digits, all of a file of yours",
     )
 
 

@@ -1,4 +1,4 @@
-"""The teacher: trained at start-up on the cloud's presumed data, or loaded from a file.
+"""The teacher: trained at start-up on the cloud's data, or loaded from a file.
 
 Checkpoints are safetensors files (no pickle) whose metadata carries the
 architecture spec, so a file a user hands us can only ever be weights.
@@ -6,18 +6,21 @@ architecture spec, so a file a user hands us can only ever be weights.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from splitkd.data import load_dataset
-from splitkd.data.partition import DEFAULT_PRESUMED_FRACTION, cloud_split
+from splitkd.data.partition import cloud_split, default_presumed_fraction
+from splitkd.data.specs import DataError
 from splitkd.errors import FailedPrecondition, InvalidArgument
 from splitkd.hyper import Hyperparameters
 from splitkd.models import normalize, zoo
@@ -37,6 +40,9 @@ class Teacher:
     model: StagedModel
     accuracy: float | None = None
     data_name: str = ""
+    # Samples of its data used for what (train, heldout, set_aside, other_shards);
+    # empty for a checkpoint saved before they were recorded.
+    samples: dict[str, int] = field(default_factory=dict)
     # The server model can learn (reverse KD in federated cohorts): each update is
     # a new Teacher with the next version and a new model object, never an
     # in-place change, so a session keeps the frozen version it registered with.
@@ -53,10 +59,18 @@ class Teacher:
     def check_serves(self, signature: DatasetSignature) -> None:
         """Refuse an edge whose data this teacher was not built for."""
         mine = self.signature
-        if signature.input_shape != mine.input_shape or signature.num_classes != mine.num_classes:
+        if signature.input_shape != mine.input_shape:
             raise FailedPrecondition(
                 f"this cloud's teacher serves {mine.describe()}, but the edge's data is "
-                f"{signature.describe()}: start the cloud with a teacher for that data (--teacher-data)"
+                f"{signature.kind} {'x'.join(map(str, signature.input_shape))}: start the cloud "
+                "with a teacher for that data (--teacher-data)"
+            )
+        # A device may see only some of the task's classes (the usual case in a fleet).
+        if signature.num_classes > mine.num_classes:
+            raise FailedPrecondition(
+                f"this cloud's teacher serves {mine.num_classes} classes (labels 0.."
+                f"{mine.num_classes - 1}), but the edge's labels go up to "
+                f"{signature.num_classes - 1}: start the cloud with a teacher for that data"
             )
 
     def save(self, path: Path) -> None:
@@ -67,6 +81,7 @@ class Teacher:
             "family": self.spec.family,
             "spec": self.spec.to_json(),
             "accuracy": str(self.accuracy or ""),
+            "samples": json.dumps(self.samples),
         }
         save_file(state, str(tmp), metadata=metadata)
         tmp.replace(path)
@@ -98,7 +113,18 @@ class Teacher:
             ) from exc
         model.eval()
         accuracy = float(metadata["accuracy"]) if metadata.get("accuracy") else None
-        return cls(spec, model, accuracy, path.stem)
+        return cls(spec, model, accuracy, path.stem, _samples(metadata.get("samples", "{}")))
+
+
+def _samples(text: str) -> dict[str, int]:
+    """The sample counts in a checkpoint's metadata; anything malformed reads as unknown."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {}
+    if not isinstance(value, dict):
+        return {}
+    return {str(k): v for k, v in value.items() if isinstance(v, int)}
 
 
 def _identity_stats_if_older(
@@ -114,27 +140,35 @@ def _identity_stats_if_older(
 def train_teacher(
     data_spec: str,
     *,
-    presumed_fraction: float = DEFAULT_PRESUMED_FRACTION,
+    presumed_fraction: float | None = None,
     hyper: Hyperparameters = TEACHER_HYPER,
     spec: ModelSpec | None = None,
 ) -> Teacher:
-    """Train the default teacher for ``data_spec`` on the cloud's presumed part of it."""
+    """Train the default teacher for ``data_spec``: on all of a user's file (but its
+    held-out part) unless ``presumed_fraction`` says which share the cloud keeps."""
+    if presumed_fraction is None:
+        presumed_fraction = default_presumed_fraction(data_spec)
     dataset = load_dataset(data_spec)
     split = cloud_split(dataset, presumed_fraction)
+    if len(np.unique(split.train.y)) < 2:
+        raise DataError(f"{data_spec}: the teacher's training data holds fewer than 2 classes")
     spec = spec or zoo.default_teacher(dataset.signature)
     log.info(
-        "training teacher %s (%d parameters) on %d presumed samples of %s",
+        "training teacher %s (%d parameters) on %d samples of %s (%d held out, %d set aside "
+        "for the edges)",
         spec.describe(),
         zoo.parameter_count(spec),
         len(split.train),
         data_spec,
+        len(split.heldout),
+        split.set_aside,
     )
     model = train_supervised(spec, split.train, hyper)
     accuracy = accuracy_of(predict(model, split.heldout.x), split.heldout.y)
     log.info("teacher accuracy on its held-out split: %.4f", accuracy)
     with torch.no_grad():
         model.eval()
-    return Teacher(spec, model, accuracy, dataset.signature.name)
+    return Teacher(spec, model, accuracy, dataset.signature.name, split.sample_counts())
 
 
 class TeacherVersions:
@@ -188,7 +222,9 @@ class TeacherVersions:
         model.eval()
         with self._lock:
             old = self._current
-            new = Teacher(old.spec, model, accuracy, old.data_name, old.version + 1)
+            new = Teacher(
+                old.spec, model, accuracy, old.data_name, dict(old.samples), old.version + 1
+            )
             if self.folder is not None:
                 new.save(self.folder / f"v{new.version}.safetensors")
             self._versions[new.version] = new

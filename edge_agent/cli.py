@@ -84,13 +84,24 @@ def _train_options(args: TrainSettings, metrics: Any) -> Any:
 
 def _summary(args: TrainSettings, report: dict[str, Any]) -> str:
     student, traffic, energy = report["student"], report["traffic"], report["energy"]
-    return (
-        f"{args.device_id}: student {student['name']} v{student['version']} accuracy {student['accuracy']:.4f} "
-        f"(onnxruntime, {report['data']['heldout_samples']} held-out samples), {report['steps']} steps, "
+    data = report["data"]
+    recall = student.get("macro_recall")
+    macro = f", macro recall {recall:.4f}" if recall is not None else ""
+    line = (
+        f"{args.device_id}: student {student['name']} v{student['version']} accuracy {student['accuracy']:.4f}"
+        f"{macro} (onnxruntime, {data['heldout_samples']} held-out samples), {report['steps']} steps, "
         f"{traffic['bytes_up'] / 1e6:.2f} MB up / {traffic['bytes_down'] / 1e6:.2f} MB down, "
         f"{report['wall_seconds']:.1f} s, est. {energy['estimate_joules']['total']:.1f} J "
         f"({energy['device_profile']}, {energy['link_profile']}); report: {args.report}"
     )
+    if "set_aside_samples" in data:
+        line += (
+            f"\n{args.device_id}: data {data['spec']}: {data['train_samples']} training, "
+            f"{data['heldout_samples']} held-out samples, {data['set_aside_samples']} set aside for "
+            f"the cloud, {data['other_shard_samples']} in other shards; classes seen "
+            f"{data['classes_seen']} of {data['signature']}"
+        )
+    return line
 
 
 def _serve(args: ServeSettings) -> int:

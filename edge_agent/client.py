@@ -198,7 +198,10 @@ class CloudClient:
         requested_epochs: int = 0,
         device_profile: str = "",
         link_profile: str = "",
+        class_weights: Sequence[float] = (),
     ) -> SessionInfo:
+        """A new session; ``signature.num_classes`` is the class count of this device's
+        labels (max + 1), which the cloud checks against its teacher's."""
         request = pb.RegisterRequest(
             device_id=device_id,
             profile=pb.DeviceProfile(name=device_profile, link=link_profile),
@@ -208,6 +211,7 @@ class CloudClient:
                 name=signature.name,
             ),
             requested_epochs=requested_epochs,
+            class_weights=list(class_weights),
         )
         reply: pb.RegisterResponse = self._call(
             "Register",

@@ -8,12 +8,13 @@ from dataclasses import asdict
 from typing import Any
 
 from edge_agent.client import CloudClient
+from edge_agent.data import LocalData
 from edge_agent.fleet import cohort_report, install_final, run_rounds
 from edge_agent.model_store import ModelStore
 from edge_agent.run import TrainOptions, _plot, write_report
 from edge_agent.security import EdgeSecurity
 from edge_agent.telemetry import TrainingTelemetry
-from splitkd.data import edge_split, load_dataset
+from splitkd.classes import class_scores
 from splitkd.models import zoo
 
 log = logging.getLogger(__name__)
@@ -22,20 +23,9 @@ log = logging.getLogger(__name__)
 def train_cohort(options: TrainOptions) -> dict[str, Any]:
     started = time.perf_counter()
     telemetry = TrainingTelemetry(options.device_profile, options.link_profile, options.metrics)
-    dataset = load_dataset(options.data)
-    split = edge_split(
-        dataset,
-        options.shard,
-        alpha=options.dirichlet_alpha,
-        presumed_fraction=options.presumed_fraction,
-    )
-    log.info(
-        "%s: %d training and %d held-out samples, joining cohort %s",
-        options.device_id,
-        len(split.train),
-        len(split.heldout),
-        options.cohort,
-    )
+    local = LocalData.load(options)
+    dataset, split = local.dataset, local.split
+    log.info("%s: joining cohort %s", options.device_id, options.cohort)
     security = options.security or EdgeSecurity()
     with CloudClient(
         options.cloud,
@@ -48,7 +38,7 @@ def train_cohort(options: TrainOptions) -> dict[str, Any]:
         join = client.join_cohort(
             options.device_id,
             options.cohort,
-            dataset.signature,
+            local.signature,
             len(split.train),
             device_profile=telemetry.device.name,
             link_profile=telemetry.link.name,
@@ -61,35 +51,30 @@ def train_cohort(options: TrainOptions) -> dict[str, Any]:
             join.config.rounds,
             join.config.local_epochs,
         )
+        local.check_task(join.student_spec.num_classes)
         run = run_rounds(client, join, split, telemetry)
-        local, predictor = install_final(
+        installed, predictor = install_final(
             client, run, ModelStore(options.model_dir), dataset.signature.input_shape
         )
         traffic = asdict(client.traffic)
     telemetry.finish()
-    accuracy = predictor.accuracy(split.heldout.x, split.heldout.y)
+    scores = class_scores(predictor.classes(split.heldout.x), split.heldout.y)
     report = {
         "device_id": options.device_id,
         "device_profile": telemetry.device.name,
         "link_profile": telemetry.link.name,
         "cloud": options.cloud,
-        "data": {
-            "spec": options.data,
-            "shard": str(options.shard) if options.shard else "0/1",
-            "signature": dataset.signature.describe(),
-            "train_samples": len(split.train),
-            "heldout_samples": len(split.heldout),
-        },
+        "data": local.report(join.student_spec.num_classes),
         "cohort": cohort_report(run),
         "student": {
-            "name": local.name,
-            "version": local.version,
-            "accuracy": accuracy,
+            "name": installed.name,
+            "version": installed.version,
+            **scores.as_report(),
             "parameters": zoo.parameter_count(join.student_spec),
             "spec": join.student_spec.describe(),
-            "onnx_sha256": local.metadata["sha256"],
-            "onnx_bytes": local.metadata["size_bytes"],
-            "path": str(local.path),
+            "onnx_sha256": installed.metadata["sha256"],
+            "onnx_bytes": installed.metadata["size_bytes"],
+            "path": str(installed.path),
         },
         "traffic": traffic,
         "steps": sum(r.steps for r in run.rounds),
@@ -104,9 +89,9 @@ def train_cohort(options: TrainOptions) -> dict[str, Any]:
     log.info(
         "cohort %s: student %s v%d, accuracy %.4f on %d held-out samples",
         join.cohort,
-        local.name,
-        local.version,
-        accuracy,
+        installed.name,
+        installed.version,
+        scores.accuracy,
         len(split.heldout),
     )
     if options.plots:

@@ -11,6 +11,7 @@ from typing import Any
 
 from edge_agent.checkpoints import EdgeCheckpoints
 from edge_agent.client import CloudClient
+from edge_agent.data import LocalData
 from edge_agent.errors import CloudRefused, EdgeError
 from edge_agent.inference import Predictor
 from edge_agent.metrics import EdgeMetrics
@@ -22,7 +23,7 @@ from edge_agent.telemetry import TrainingTelemetry
 from edge_agent.trainer import EdgeTrainer, EvalRecord, GrpcTransport, StepRecord
 from splitkd import checkpoint, serde
 from splitkd.atomic import write_json_atomic
-from splitkd.data import edge_split, load_dataset
+from splitkd.classes import class_scores
 from splitkd.data.partition import Shard
 from splitkd.messages import SessionInfo
 from splitkd.models import zoo
@@ -42,7 +43,9 @@ class TrainOptions:
     model_dir: Path
     epochs: int = 0
     dirichlet_alpha: float | None = None
-    presumed_fraction: float = 0.4
+    # None: splitkd.data.partition.default_presumed_fraction (none of a user's file).
+    presumed_fraction: float | None = None
+    class_weighting: str = "none"  # or "balanced" (splitkd/classes.py)
     device_profile: str = ""
     link_profile: str = ""
     progress: bool = True
@@ -74,20 +77,8 @@ def train(
         options.metrics.describe_device(
             options.device_id, telemetry.device.name, telemetry.link.name
         )
-    dataset = load_dataset(options.data)
-    split = edge_split(
-        dataset,
-        options.shard,
-        alpha=options.dirichlet_alpha,
-        presumed_fraction=options.presumed_fraction,
-    )
-    log.info(
-        "%s: %d training and %d held-out samples (%s)",
-        options.device_id,
-        len(split.train),
-        len(split.heldout),
-        dataset.signature.describe(),
-    )
+    local = LocalData.load(options)
+    dataset, split = local.dataset, local.split
     security = options.security or EdgeSecurity()
     with CloudClient(
         options.cloud,
@@ -103,6 +94,9 @@ def train(
             "data": options.data,
             "shard": str(options.shard) if options.shard else "0/1",
             "device_id": options.device_id,
+            # Another split or weighting is another run: never resume it.
+            "presumed_fraction": str(local.presumed_fraction),
+            "class_weighting": options.class_weighting,
         }
         session, restored = _resume_saved(client, store, identity, options.fresh)
         telemetry.earlier = store.earlier if restored is not None else {}
@@ -112,12 +106,14 @@ def train(
         if session is None:
             session = client.register(
                 options.device_id,
-                dataset.signature,
+                local.signature,
                 requested_epochs=options.epochs,
                 device_profile=telemetry.device.name,
                 link_profile=telemetry.link.name,
+                class_weights=local.class_weights,
             )
             store.start({**identity, "session_id": session.session_id})
+        local.check_task(session.student_spec.num_classes)
         transport = GrpcTransport(
             client, session.session_id, serde.WIRE_DTYPES[session.hyper.wire_dtype]
         )
@@ -190,25 +186,19 @@ def train(
             "num_classes": info.num_classes,
             "created_at": info.created_at,
         }
-        local = models.install(info.name, info.version, download, metadata)
+        installed = models.install(info.name, info.version, download, metadata)
         store.clear()  # finished: nothing left to resume
         traffic_totals = asdict(client.traffic)
     telemetry.finish()
-    predictor = Predictor(local.path, dataset.signature.input_shape)
-    accuracy = predictor.accuracy(split.heldout.x, split.heldout.y)
+    predictor = Predictor(installed.path, dataset.signature.input_shape)
+    scores = class_scores(predictor.classes(split.heldout.x), split.heldout.y)
     steps = max(1, len(result.history))
     report = {
         "device_id": options.device_id,
         "device_profile": telemetry.device.name,
         "link_profile": telemetry.link.name,
         "cloud": options.cloud,
-        "data": {
-            "spec": options.data,
-            "shard": str(options.shard) if options.shard else "0/1",
-            "signature": dataset.signature.describe(),
-            "train_samples": len(split.train),
-            "heldout_samples": len(split.heldout),
-        },
+        "data": local.report(session.student_spec.num_classes),
         "session": {
             "student_cut": session.student_cut,
             "teacher_cut": session.teacher_cut,
@@ -221,15 +211,15 @@ def train(
             "hyperparameters": asdict(session.hyper),
         },
         "student": {
-            "name": local.name,
-            "version": local.version,
-            "accuracy": accuracy,
+            "name": installed.name,
+            "version": installed.version,
+            **scores.as_report(),
             "split_accuracy": last_eval[-1].accuracy if last_eval else None,
             "parameters": info.parameters,
             "onnx_sha256": info.sha256,
             "onnx_bytes": info.size_bytes,
             "max_abs_diff": info.max_abs_diff,
-            "path": str(local.path),
+            "path": str(installed.path),
         },
         "teacher": {
             "parameters": zoo.parameter_count(session.teacher_spec),
@@ -264,8 +254,8 @@ def train(
         ],
         "evaluations": [asdict(e) for e in result.evaluations],
     }
-    compare_with_student(teacher, accuracy)
-    report["teacher_check"] = teacher_report(teacher, accuracy)
+    compare_with_student(teacher, scores.accuracy)
+    report["teacher_check"] = teacher_report(teacher, scores.accuracy)
     report = telemetry.add_earlier(report)  # a run resumed after a restart counts every process
     write_report(options.report, report)
     if options.plots:

@@ -56,10 +56,17 @@ class TrainSettings(ClientSecurityOptions, ProfileOptions, DeviceOptions, ModelD
     dirichlet_alpha: float | None = option(
         None, "non-IID shards: Dirichlet concentration per class (default: IID)"
     )
-    presumed_fraction: float = option(
-        0.4,
-        "share of the data reserved for the cloud's teacher when both are handed the same file; "
-        "set 0 when this data is the device's own",
+    presumed_fraction: float | None = option(
+        None,
+        "when the cloud was handed the same data set: the share its teacher trains on, which "
+        "this device then leaves out",
+        shown_default="0.4 for the built-in digits, 0 for a file (all of it is used)",
+    )
+    class_weighting: Literal["none", "balanced"] = option(
+        "none",
+        "weights of the cross-entropy term per class: 'balanced' weighs each class by the inverse "
+        "of its frequency in this device's training labels, for imbalanced data; the weights are "
+        "sent to the cloud, which computes the loss",
     )
     epochs: int = option(0, "epochs (0: the cloud's choice)")
     kd_alpha: Literal["cloud", "auto"] = option(

@@ -21,7 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from splitkd.data.partition import DEFAULT_PRESUMED_FRACTION
+from splitkd.data.partition import DEMO_PRESUMED_FRACTION
 
 # Each demo edge pretends to be a different device on a different link, so the
 # energy estimates show how device and radio change the bill for the same job.
@@ -60,14 +60,16 @@ def wait_healthy(
     raise SystemExit(f"the cloud did not become healthy in {timeout:.0f} s; see {log_path}")
 
 
-def student_alone(edge_report: dict[str, Any], data: str, shard: str) -> float:
-    """The same student, same data, same hyperparameters, trained without a teacher."""
+def student_alone(edge_report: dict[str, Any], data: str, shard: str) -> dict[str, Any]:
+    """The same student, same data, same hyperparameters and class weights, trained without
+    a teacher: its accuracy, macro recall and F1 and per-class recall on the same held-out set."""
     import torch
 
+    from splitkd.classes import class_scores
     from splitkd.data import edge_split, load_dataset, parse_shard
     from splitkd.hyper import Hyperparameters
     from splitkd.models.spec import ModelSpec
-    from splitkd.training import accuracy_of, predict, train_supervised
+    from splitkd.training import predict, train_supervised
 
     torch.set_num_threads(1)
     session = edge_report["session"]
@@ -76,10 +78,14 @@ def student_alone(edge_report: dict[str, Any], data: str, shard: str) -> float:
     )
     hyper = Hyperparameters(**session["hyperparameters"])
     split = edge_split(
-        load_dataset(data), parse_shard(shard), presumed_fraction=DEFAULT_PRESUMED_FRACTION
+        load_dataset(data),
+        parse_shard(shard),
+        presumed_fraction=edge_report["data"]["presumed_fraction"],
     )
-    model = train_supervised(spec, split.train, hyper)
-    return accuracy_of(predict(model, split.heldout.x), split.heldout.y)
+    weights = edge_report["data"]["class_weights"]
+    model = train_supervised(spec, split.train, hyper, class_weights=weights)
+    predicted = predict(model, split.heldout.x).argmax(axis=1)
+    return class_scores(predicted, split.heldout.y).as_report()
 
 
 def _point_latest(latest: Path, stamp: str) -> Path | None:
@@ -119,6 +125,9 @@ def run(args: argparse.Namespace) -> int:
             str(http_port),
             "--teacher-data",
             args.data,
+            # The cloud and the edges are handed one data set: the demo's split, asked for.
+            "--presumed-fraction",
+            str(DEMO_PRESUMED_FRACTION),
             "--state-dir",
             str(run_dir / "cloud"),
         ],
@@ -135,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
         teacher = health["teacher"]
         print(
             f"      teacher {teacher['spec']}: {teacher['parameters']:,} parameters, "
-            f"held-out accuracy {teacher['accuracy']:.4f}"
+            f"held-out accuracy {teacher['accuracy']:.4f} (samples: {teacher.get('samples')})"
         )
         print(
             f"[2/4] {args.edges} edges: split KD over gRPC (raw digits stay in the edge processes)…"
@@ -153,6 +162,8 @@ def run(args: argparse.Namespace) -> int:
                 args.data,
                 "--shard",
                 shard,
+                "--presumed-fraction",
+                str(DEMO_PRESUMED_FRACTION),
                 "--device-id",
                 device,
                 "--report",
@@ -195,8 +206,8 @@ def run(args: argparse.Namespace) -> int:
         alone: dict[str, float] = {}
         for device, shard, _ in edges:
             edge_report = json.loads((run_dir / f"{device}.json").read_text())
-            alone[device] = student_alone(edge_report, args.data, shard)
-            edge_report["student_alone"] = {"accuracy": alone[device]}
+            edge_report["student_alone"] = student_alone(edge_report, args.data, shard)
+            alone[device] = edge_report["student_alone"]["accuracy"]
             full_reports[device] = edge_report
             reports[device] = {
                 k: v for k, v in edge_report.items() if k not in ("history", "evaluations")
@@ -212,16 +223,19 @@ def run(args: argparse.Namespace) -> int:
             cloud.kill()
 
     distilled = sum(r["student"]["accuracy"] for r in reports.values()) / len(reports)
+    macro_recall = sum(r["student"]["macro_recall"] for r in reports.values()) / len(reports)
     baseline = sum(alone.values()) / len(alone)
     summary = {
         "teacher": {
             "accuracy": teacher["accuracy"],
             "parameters": teacher["parameters"],
             "spec": teacher["spec"],
+            "samples": teacher.get("samples"),
         },
         "edges": reports,
         "student": {
             "accuracy": distilled,
+            "macro_recall": macro_recall,
             "parameters": next(iter(reports.values()))["student"]["parameters"],
         },
         "student_alone": {"accuracy": baseline, "per_edge": alone},

@@ -1,7 +1,7 @@
 """The knowledge-distillation loss (Hinton et al.; torchdistill's formulation).
 
 loss = alpha * tau^2 * KL(p_t || p_s) + (1 - alpha) * CE(z_s, y), with
-p = softmax(z / tau). torchdistill writes the KL term as
+p = softmax(z / tau), and optional class weights in the CE term. torchdistill writes the KL term as
 ``KLDivLoss(log_softmax(z_s / tau), softmax(z_t / tau))``; the tau^2 factor
 keeps the gradient scale independent of the temperature.
 """
@@ -28,9 +28,12 @@ def kd_loss(
     labels: torch.Tensor,
     alpha: float = DEFAULT_ALPHA,
     temperature: float = DEFAULT_TEMPERATURE,
+    class_weights: torch.Tensor | None = None,
 ) -> KDLoss:
+    """``class_weights`` (one per class) weight the CE term only, as a weighted mean
+    (PyTorch's ``cross_entropy(weight=...)``); the teacher's soft targets stay as they are."""
     log_p_student = F.log_softmax(student_logits / temperature, dim=1)
     p_teacher = F.softmax(teacher_logits / temperature, dim=1)
     kd = F.kl_div(log_p_student, p_teacher, reduction="batchmean") * temperature * temperature
-    ce = F.cross_entropy(student_logits, labels)
+    ce = F.cross_entropy(student_logits, labels, weight=class_weights)
     return KDLoss(alpha * kd + (1.0 - alpha) * ce, kd, ce)

@@ -7,7 +7,7 @@ optimizer factory here are the ones the edge and the cloud use too.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,6 +37,11 @@ def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> Iterator[np.n
         yield order[start : start + batch_size]
 
 
+def weight_tensor(class_weights: Sequence[float]) -> torch.Tensor | None:
+    """Class weights as the CE term takes them (float32, as on the wire); None for none."""
+    return torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
+
+
 def steps_per_epoch(n: int, batch_size: int) -> int:
     return (n + batch_size - 1) // batch_size
 
@@ -59,8 +64,10 @@ def train_supervised(
     data: Dataset,
     hyper: Hyperparameters,
     progress: Callable[[int, float], None] | None = None,
+    class_weights: Sequence[float] = (),
 ) -> StagedModel:
     """Plain cross-entropy training: the teacher, and the student without a teacher."""
+    weight = weight_tensor(class_weights)
     model = zoo.build(spec, hyper.seed)
     fit_inputs(model, data.x)
     optimizer = make_optimizer(model.parameters(), hyper)
@@ -70,7 +77,7 @@ def train_supervised(
         model.train()
         for index in batch_order(len(data), hyper.batch_size, hyper.seed, epoch):
             ix = torch.from_numpy(index)
-            loss = F.cross_entropy(model(x[ix]), y[ix])
+            loss = F.cross_entropy(model(x[ix]), y[ix], weight=weight)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -88,9 +95,14 @@ class KDRun:
 
 
 def train_kd_centralised(
-    student_spec: ModelSpec, teacher: StagedModel, data: Dataset, hyper: Hyperparameters
+    student_spec: ModelSpec,
+    teacher: StagedModel,
+    data: Dataset,
+    hyper: Hyperparameters,
+    class_weights: Sequence[float] = (),
 ) -> KDRun:
     """KD in one process: the reference for the split run (same seed, same batches)."""
+    weight = weight_tensor(class_weights)
     student = zoo.build(student_spec, hyper.seed)
     fit_inputs(student, data.x)  # as the edge does on its training split
     optimizer = make_optimizer(student.parameters(), hyper)
@@ -104,7 +116,7 @@ def train_kd_centralised(
             with torch.no_grad():
                 teacher_logits = teacher(x[ix])
             loss = kd_loss(
-                student(x[ix]), teacher_logits, y[ix], hyper.kd_alpha, hyper.kd_temperature
+                student(x[ix]), teacher_logits, y[ix], hyper.kd_alpha, hyper.kd_temperature, weight
             )
             optimizer.zero_grad()
             loss.total.backward()

@@ -584,12 +584,13 @@ def command(*argv: object, **options: object) -> list[str]:
 def _heldout_samples(data: str, index: int, count: int) -> tuple[list[Any], list[int]]:
     """A few of the served edge's own held-out samples, to send to its API."""
     from splitkd.data import edge_split, load_dataset, parse_shard
-    from splitkd.data.partition import DEFAULT_PRESUMED_FRACTION
+    from splitkd.data.partition import default_presumed_fraction
 
+    # The edges are started without --presumed-fraction: the same default split.
     split = edge_split(
         load_dataset(data),
         parse_shard(f"{index}/{count}"),
-        presumed_fraction=DEFAULT_PRESUMED_FRACTION,
+        presumed_fraction=default_presumed_fraction(data),
     )
     n = min(PREDICT_SAMPLES, len(split.heldout))
     return split.heldout.x[:n].tolist(), [int(y) for y in split.heldout.y[:n]]

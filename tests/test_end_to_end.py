@@ -65,7 +65,12 @@ def start_cloud(tmp: Path, *source: str, epochs: int = 3) -> Cloud:
         env=ENV, stdout=(tmp / "cloud.log").open("wb"), stderr=subprocess.STDOUT,
     )  # fmt: skip
     http = f"http://127.0.0.1:{http_port}"
-    wait_http(f"{http}/healthz", process)
+    try:
+        # Training a teacher at start-up: on a loaded 2-core machine this takes minutes.
+        wait_http(f"{http}/healthz", process, timeout=600.0)
+    except BaseException:
+        stop(process)  # never leave a cloud behind when the test fails here
+        raise
     return Cloud(f"127.0.0.1:{grpc_port}", http, process)
 
 
@@ -181,11 +186,14 @@ def test_cli_mistakes_print_one_line_and_exit_nonzero(digits_cloud: Cloud, tmp_p
         assert len(lines) == 1 and message in lines[0], result.stderr
 
 
-def test_tabular_npz_with_three_classes_and_a_refused_mismatch(tmp_path: Path) -> None:
+def test_tabular_npz_with_three_classes_devices_with_some_and_refused_mismatches(
+    tmp_path: Path,
+) -> None:
     rng = np.random.default_rng(3)
     centres = rng.normal(0, 3, size=(3, 6))
-    y = rng.integers(0, 3, size=900)
-    x = (centres[y] + rng.normal(0, 1, size=(900, 6))).astype(np.float32)
+    # 400 samples: the teacher trains on all but its held-out 80 (the default for a file).
+    y = rng.integers(0, 3, size=400)
+    x = (centres[y] + rng.normal(0, 1, size=(400, 6))).astype(np.float32)
     np.savez(tmp_path / "sensors.npz", x=x, y=y)
     cloud = start_cloud(tmp_path, "--teacher-data", f"npz:{tmp_path / 'sensors.npz'}", epochs=5)
     try:
@@ -199,6 +207,19 @@ def test_tabular_npz_with_three_classes_and_a_refused_mismatch(tmp_path: Path) -
         report = json.loads((tmp_path / "gw.json").read_text())
         assert report["data"]["signature"] == "features 6, 3 classes"
         assert report["student"]["accuracy"] > 0.8
+        # A user's file is used whole: the teacher all of it but its held-out part, the edge
+        # its shard (half), nothing set aside; both say so.
+        teacher = http_json(f"{cloud.http}/healthz")["teacher"]
+        assert teacher["samples"] == {
+            "train": 320,
+            "heldout": 80,
+            "set_aside": 0,
+            "other_shards": 0,
+        }
+        data = report["data"]
+        assert data["set_aside_samples"] == 0 and data["other_shard_samples"] == 200
+        assert data["train_samples"] + data["heldout_samples"] == 200
+        assert "200 in other shards" in result.stdout
         meta = http_json(f"{cloud.http}/v1/models/student-gateway-1/versions/1")
         assert meta["num_classes"] == 3 and meta["input_shape"] == [6]
         # Digits (1x8x8, 10 classes) cannot be served by this cloud's teacher.
@@ -207,5 +228,40 @@ def test_tabular_npz_with_three_classes_and_a_refused_mismatch(tmp_path: Path) -
         assert isinstance(refused, subprocess.CompletedProcess)
         assert refused.returncode != 0
         assert "FAILED_PRECONDITION" in refused.stderr and "--teacher-data" in refused.stderr
+        _devices_with_some_classes(cloud, tmp_path, centres)
     finally:
         stop(cloud.process)
+
+
+def _devices_with_some_classes(cloud: Cloud, tmp_path: Path, centres: np.ndarray) -> None:
+    """A device holding classes 0 and 2 of 3, imbalanced 9:1, trains with balanced class
+    weights and reports per-class recall; one with a label 3 is refused at Register."""
+    rng = np.random.default_rng(4)
+    y = np.array([0] * 270 + [2] * 30)
+    x = (centres[y] + rng.normal(0, 1, size=(300, 6))).astype(np.float32)
+    np.savez(tmp_path / "kitchen.npz", x=x, y=y)
+    result = edge(
+        "train", "--cloud", cloud.grpc, "--data", f"npz:{tmp_path / 'kitchen.npz'}",
+        "--class-weighting", "balanced", "--device-id", "kitchen",
+        "--report", str(tmp_path / "kitchen.json"), "--model-dir", str(tmp_path / "kitchen"),
+        "--no-progress", "--no-plots",
+    )  # fmt: skip
+    assert isinstance(result, subprocess.CompletedProcess)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "kitchen.json").read_text())
+    data, student = report["data"], report["student"]
+    assert data["signature"] == "features 6, 3 classes" and data["classes_seen"] == [0, 2]
+    assert data["train_samples"] + data["heldout_samples"] == 300 and data["set_aside_samples"] == 0
+    weights = data["class_weights"]
+    assert len(weights) == 3 and weights[2] > 5 * weights[0]
+    assert set(student["per_class_recall"]) == {"0", "2"}
+    assert student["macro_recall"] == np.mean(list(student["per_class_recall"].values()))
+    assert 0.0 <= student["macro_f1"] <= 1.0
+    np.savez(tmp_path / "alien.npz", x=x, y=np.where(y == 2, 3, y))
+    alien = edge(
+        "train", "--cloud", cloud.grpc, "--data", f"npz:{tmp_path / 'alien.npz'}",
+        "--report", str(tmp_path / "alien.json"), "--no-progress",
+    )  # fmt: skip
+    assert isinstance(alien, subprocess.CompletedProcess)
+    assert alien.returncode != 0
+    assert "FAILED_PRECONDITION" in alien.stderr and "labels go up to 3" in alien.stderr

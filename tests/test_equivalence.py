@@ -8,25 +8,30 @@ import pytest
 from cloud_service.server import build_grpc_server
 from edge_agent.client import CloudClient
 from edge_agent.trainer import EdgeTrainer, GrpcTransport
+from splitkd.classes import balanced_weights
 from splitkd.data import edge_split, load_dataset
-from splitkd.data.partition import Shard
+from splitkd.data.partition import DEMO_PRESUMED_FRACTION, EdgeSplit, Shard
 from splitkd.hyper import Hyperparameters
 from splitkd.training import train_kd_centralised
 from splitkd.v1 import splitkd_pb2 as pb
 from tests.support import make_service
 
 
+def _digits_shard() -> EdgeSplit:
+    return edge_split(load_dataset("digits"), Shard(0, 2), presumed_fraction=DEMO_PRESUMED_FRACTION)
+
+
 def _split_run(
-    tmp_path: Path, hyper: Hyperparameters, wire: int
+    tmp_path: Path, hyper: Hyperparameters, wire: int, class_weights: tuple[float, ...] = ()
 ) -> tuple[list[float], object, object]:
     service = make_service(tmp_path, hyper=hyper)
     server, port = build_grpc_server(service, "127.0.0.1:0")
     server.start()
     data = load_dataset("digits")
-    split = edge_split(data, Shard(0, 2))
+    split = _digits_shard()
     try:
         with CloudClient(f"127.0.0.1:{port}") as client:
-            session = client.register("edge-eq", data.signature)
+            session = client.register("edge-eq", data.signature, class_weights=class_weights)
             trainer = EdgeTrainer(
                 session, split.train, split.heldout, GrpcTransport(client, session.session_id, wire)
             )
@@ -43,7 +48,7 @@ def test_split_losses_match_centralised_kd(tmp_path: Path, optimizer: str) -> No
         epochs=2, batch_size=16, optimizer=optimizer, learning_rate=0.01, seed=3
     )
     split_losses, service, _ = _split_run(tmp_path, hyper, pb.DTYPE_FLOAT32)
-    split = edge_split(load_dataset("digits"), Shard(0, 2))
+    split = _digits_shard()
     reference = train_kd_centralised(
         service.student_spec, service.teacher.model, split.train, hyper
     )  # type: ignore[attr-defined]
@@ -59,3 +64,32 @@ def test_float16_wire_halves_activation_bytes_and_still_trains(tmp_path: Path) -
     losses16, _, traffic16 = _split_run(tmp_path / "b", hyper, pb.DTYPE_FLOAT16)
     assert traffic16.bytes_up < 0.6 * traffic32.bytes_up  # type: ignore[attr-defined]
     np.testing.assert_allclose(losses16, losses32, rtol=2e-2)
+
+
+def test_split_losses_match_centralised_kd_with_balanced_class_weights(tmp_path: Path) -> None:
+    """The device's class weights reach the cloud's CE term: the same losses as centralised
+    KD with the same weights, and other losses than without them."""
+    hyper = Hyperparameters(epochs=1, batch_size=16, seed=3)
+    split = _digits_shard()
+    # A skewed shard: classes 0-4 keep a fifth of their samples, so the weights differ.
+    keep = np.flatnonzero((split.train.y >= 5) | (np.arange(len(split.train)) % 5 == 0))
+    train = split.train.subset(keep)
+    weights = tuple(float(w) for w in balanced_weights(train.y, 10))
+    assert max(weights) > 2 * min(weights)
+    service = make_service(tmp_path, hyper=hyper)
+    server, port = build_grpc_server(service, "127.0.0.1:0")
+    server.start()
+    try:
+        with CloudClient(f"127.0.0.1:{port}") as client:
+            session = client.register("edge-w", train.signature, class_weights=weights)
+            transport = GrpcTransport(client, session.session_id, pb.DTYPE_FLOAT32)
+            split_losses = [
+                r.loss for r in EdgeTrainer(session, train, split.heldout, transport).run().history
+            ]
+    finally:
+        server.stop(0)
+    teacher = service.teacher.model
+    reference = train_kd_centralised(service.student_spec, teacher, train, hyper, weights)
+    np.testing.assert_allclose(split_losses, reference.losses, rtol=1e-5, atol=0)
+    unweighted = train_kd_centralised(service.student_spec, teacher, train, hyper)
+    assert not np.allclose(unweighted.losses, reference.losses, rtol=1e-3)

@@ -160,7 +160,14 @@ def test_message_over_the_size_limit_is_resource_exhausted(live_cloud: LiveCloud
 
 @pytest.mark.parametrize(
     "shape,classes,match",
-    [((1, 28, 28), 10, "teacher serves image 1x8x8, 10 classes"), ((1, 8, 8), 3, "3 classes")],
+    [
+        ((1, 28, 28), 10, "teacher serves image 1x8x8, 10 classes"),
+        (
+            (1, 8, 8),
+            12,
+            "teacher serves 10 classes (labels 0..9), but the edge's labels go up to 11",
+        ),
+    ],
 )
 def test_a_signature_the_teacher_cannot_serve_is_refused(
     live_cloud: LiveCloud, shape: tuple[int, ...], classes: int, match: str
@@ -174,6 +181,53 @@ def test_a_signature_the_teacher_cannot_serve_is_refused(
             signature=pb.DatasetSignature(input_shape=list(shape), num_classes=classes),
         ),
     )
+
+
+def test_a_device_holding_some_of_the_classes_is_served(live_cloud: LiveCloud) -> None:
+    """Labels 0..7 of a 10-class task (or a device that does not say: 0) are compatible."""
+    for classes in (8, 0):
+        reply = live_cloud.stub.Register(
+            pb.RegisterRequest(
+                device_id="kitchen",
+                signature=pb.DatasetSignature(input_shape=[1, 8, 8], num_classes=classes),
+            ),
+            timeout=10,
+        )
+        assert reply.student.spec_json and reply.session_id
+    session = live_cloud.service.sessions.get(reply.session_id)
+    assert session.num_classes == 10
+
+
+@pytest.mark.parametrize(
+    "weights,match",
+    [
+        ([1.0] * 7, "class_weights has 7 values, one per class expected (8)"),
+        ([1.0] * 7 + [float("nan")], "finite"),
+        ([1.0] * 7 + [0.0], "finite and >= 1e-06"),
+        ([1.0] * 7 + [-2.0], "finite and >= 1e-06"),
+        ([1.0] * 7 + [1e9], "<= 1e+06"),
+    ],
+)
+def test_bad_class_weights_are_invalid_argument(
+    live_cloud: LiveCloud, weights: list[float], match: str
+) -> None:
+    request = pb.RegisterRequest(
+        device_id="kitchen",
+        signature=pb.DatasetSignature(input_shape=[1, 8, 8], num_classes=8),
+        class_weights=weights,
+    )
+    expect(grpc.StatusCode.INVALID_ARGUMENT, match, live_cloud.stub.Register, request)
+
+
+def test_class_weights_of_some_classes_cover_the_task(live_cloud: LiveCloud) -> None:
+    request = pb.RegisterRequest(
+        device_id="kitchen",
+        signature=pb.DatasetSignature(input_shape=[1, 8, 8], num_classes=3),
+        class_weights=[0.5, 2.0, 4.0],
+    )
+    reply = live_cloud.stub.Register(request, timeout=10)
+    session = live_cloud.service.sessions.get(reply.session_id)
+    assert session.class_weights == (0.5, 2.0, 4.0, *[1.0] * 7)
 
 
 @pytest.mark.parametrize(

@@ -24,3 +24,18 @@ def test_kd_term_vanishes_when_student_equals_teacher() -> None:
     loss = kd_loss(logits, logits.clone(), torch.zeros(4, dtype=torch.long))
     assert abs(float(loss.kd)) < 1e-6
     assert float(loss.ce) > 0
+
+
+def test_class_weights_weigh_the_ce_term_only() -> None:
+    torch.manual_seed(1)
+    student, teacher = torch.randn(6, 3), torch.randn(6, 3)
+    labels = torch.tensor([0, 0, 0, 0, 1, 2])
+    weights = torch.tensor([0.5, 2.0, 3.0])
+    plain = kd_loss(student, teacher, labels, 0.6, 2.0)
+    weighted = kd_loss(student, teacher, labels, 0.6, 2.0, weights)
+    per_sample = -F.log_softmax(student, dim=1)[torch.arange(6), labels]
+    w = weights[labels]
+    torch.testing.assert_close(weighted.ce, (w * per_sample).sum() / w.sum())
+    torch.testing.assert_close(weighted.kd, plain.kd)
+    torch.testing.assert_close(weighted.total, 0.6 * plain.kd + 0.4 * weighted.ce)
+    assert not torch.isclose(weighted.ce, plain.ce)

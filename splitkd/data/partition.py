@@ -14,9 +14,9 @@ import numpy as np
 from splitkd.data.specs import DataError, Dataset
 
 # The cloud's "presumed" data: a fixed part of a dataset reserved for the
-# teacher when the cloud and the edges are handed the same file (the demo and
-# the tests); edges never see it. Set 0 on an edge whose data is its own.
-DEFAULT_PRESUMED_FRACTION = 0.4
+# teacher when the cloud and the edges are handed the same data set (the demo,
+# the tests); edges never see it. A user's own file is used whole by default.
+DEMO_PRESUMED_FRACTION = 0.4
 DEFAULT_HELDOUT_FRACTION = 0.2
 PARTITION_SEED = 20241217
 
@@ -40,6 +40,15 @@ def parse_shard(text: str) -> Shard:
     if count < 1 or not 0 <= index < count:
         raise DataError(f"shard {text!r}: I must be in 0..N-1 (edges are counted from 0)")
     return Shard(index, count)
+
+
+def default_presumed_fraction(spec: str) -> float:
+    """The share set aside for the cloud when none is asked for.
+
+    The built-in ``digits`` is handed to every cloud and every edge alike, so
+    its split keeps the demo's convention; a file is the user's own, used whole.
+    """
+    return DEMO_PRESUMED_FRACTION if spec == "digits" else 0.0
 
 
 def presumed_split(n: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
@@ -82,6 +91,19 @@ def train_heldout(
 class EdgeSplit:
     train: Dataset
     heldout: Dataset
+    # The rest of the file, for reports: the other side's share (the cloud's
+    # presumed part for an edge, the edges' part for the cloud), other shards.
+    set_aside: int = 0
+    other_shards: int = 0
+
+    def sample_counts(self) -> dict[str, int]:
+        """How many samples were used for what."""
+        return {
+            "train": len(self.train),
+            "heldout": len(self.heldout),
+            "set_aside": self.set_aside,
+            "other_shards": self.other_shards,
+        }
 
 
 def edge_split(
@@ -89,23 +111,23 @@ def edge_split(
     shard: Shard | None = None,
     *,
     alpha: float | None = None,
-    presumed_fraction: float = DEFAULT_PRESUMED_FRACTION,
+    presumed_fraction: float,
 ) -> EdgeSplit:
-    """The train and held-out data of one edge."""
-    _, pool = presumed_split(len(dataset), presumed_fraction)
+    """The train and held-out data of one edge; ``presumed_fraction`` is kept for the cloud."""
+    set_aside, pool = presumed_split(len(dataset), presumed_fraction)
     index = shard_indices(dataset.y, pool, shard or Shard(0, 1), alpha)
     if len(index) < 4:
         raise DataError(f"shard {shard} of {dataset.signature.name} has only {len(index)} samples")
     train, held = train_heldout(index)
-    return EdgeSplit(dataset.subset(train), dataset.subset(held))
+    return EdgeSplit(
+        dataset.subset(train), dataset.subset(held), len(set_aside), len(pool) - len(index)
+    )
 
 
-def cloud_split(
-    dataset: Dataset, presumed_fraction: float = DEFAULT_PRESUMED_FRACTION
-) -> EdgeSplit:
-    """The cloud's presumed data, itself split into train and held-out for the teacher."""
-    presumed, _ = presumed_split(len(dataset), presumed_fraction)
-    if presumed_fraction == 0.0:
-        presumed = np.arange(len(dataset))
+def cloud_split(dataset: Dataset, presumed_fraction: float) -> EdgeSplit:
+    """The teacher's data, split into train and held-out: the presumed share, or all when 0."""
+    presumed, edges = presumed_split(len(dataset), presumed_fraction)
+    if presumed_fraction == 0.0:  # no edge shares this file: the teacher has all of it
+        presumed, edges = edges, presumed
     train, held = train_heldout(presumed)
-    return EdgeSplit(dataset.subset(train), dataset.subset(held))
+    return EdgeSplit(dataset.subset(train), dataset.subset(held), set_aside=len(edges))

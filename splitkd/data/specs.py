@@ -1,24 +1,20 @@
 """Load a dataset from a spec string: ``digits``, ``npz:PATH`` or ``csv:PATH``.
 
-Files a user hands us are read as plain arrays: ``np.load(allow_pickle=False)``
-and a numeric CSV parser, never pickle.
+Files a user hands us are read as plain arrays (``splitkd.data.files``), never
+pickle, and validated here: every problem is one ``DataError`` line.
 """
 
 from __future__ import annotations
 
-import csv
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from splitkd.errors import InvalidArgument
-from splitkd.signature import DatasetSignature
+from splitkd.data.files import DataError, RawData, read_csv, read_npz
+from splitkd.signature import MAX_CLASSES, DatasetSignature
 
-
-class DataError(InvalidArgument):
-    """A dataset spec or file that cannot be used; the message says why."""
+__all__ = ["DataError", "Dataset", "load_dataset"]
 
 
 @dataclass(frozen=True)
@@ -34,68 +30,32 @@ class Dataset:
         return Dataset(self.x[index], self.y[index], self.signature)
 
 
-def _digits() -> tuple[np.ndarray, np.ndarray, str]:
+def _digits() -> RawData:
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
     # 8x8 grey images with values 0..16: scale to [0, 1], keep the image layout.
     x = (bunch.images / 16.0).astype(np.float32)[:, None, :, :]
-    return x, bunch.target.astype(np.int64), "digits"
-
-
-def _npz(path: Path) -> tuple[np.ndarray, np.ndarray, str]:
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            if "x" not in archive or "y" not in archive:
-                raise DataError(
-                    f"{path}: an npz dataset needs arrays 'x' and 'y', found {sorted(archive.files)}"
-                )
-            x, y = archive["x"], archive["y"]
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise DataError(f"{path}: not a readable npz file ({exc})") from exc
-    return x, y, path.stem
-
-
-def _csv(path: Path) -> tuple[np.ndarray, np.ndarray, str]:
-    rows: list[list[float]] = []
-    try:
-        with path.open(newline="") as handle:
-            for line_no, row in enumerate(csv.reader(handle), start=1):
-                if not row or all(not c.strip() for c in row):
-                    continue
-                try:
-                    rows.append([float(c) for c in row])
-                except ValueError:
-                    if line_no == 1 and not rows:
-                        continue  # a header row
-                    raise DataError(f"{path}:{line_no}: non-numeric value in {row[:6]}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot read ({exc})") from exc
-    if not rows:
-        raise DataError(f"{path}: no data rows")
-    widths = {len(r) for r in rows}
-    if len(widths) != 1 or widths.pop() < 2:
-        raise DataError(f"{path}: every row needs the same number of columns (>= 2, label last)")
-    table = np.asarray(rows, dtype=np.float64)
-    return table[:, :-1], table[:, -1], path.stem
+    return RawData(x, bunch.target.astype(np.int64), "digits", "digits", lambda i: f"sample {i}")
 
 
 def load_dataset(spec: str) -> Dataset:
     """Parse ``spec`` and load the whole dataset, validated."""
     kind, _, rest = spec.partition(":")
     if kind == "digits" and not rest:
-        x, y, name = _digits()
+        raw = _digits()
     elif kind in ("npz", "csv") and rest:
         path = Path(rest).expanduser()
         if not path.is_file():
             raise DataError(f"data file {path} does not exist")
-        x, y, name = _npz(path) if kind == "npz" else _csv(path)
+        raw = read_npz(path) if kind == "npz" else read_csv(path)
     else:
         raise DataError(f"unknown data spec {spec!r}: use 'digits', 'npz:PATH' or 'csv:PATH'")
-    return _validated(np.asarray(x), np.asarray(y), name)
+    return _validated(raw)
 
 
-def _validated(x: np.ndarray, y: np.ndarray, name: str) -> Dataset:
+def _validated(raw: RawData) -> Dataset:
+    x, y, name = np.asarray(raw.x), np.asarray(raw.y), raw.source
     if x.ndim < 2 or x.ndim > 4:
         raise DataError(
             f"{name}: x must be [N, F], [N, C, L] or [N, C, H, W], got shape {list(x.shape)}"
@@ -108,15 +68,40 @@ def _validated(x: np.ndarray, y: np.ndarray, name: str) -> Dataset:
         raise DataError(f"{name}: {len(y)} samples are too few to train and evaluate")
     if x.dtype.kind not in "fiub" or y.dtype.kind not in "fiu":
         raise DataError(f"{name}: x and y must be numeric (got {x.dtype}, {y.dtype})")
-    if y.dtype.kind == "f" and not np.all(np.equal(np.mod(y, 1), 0)):
-        raise DataError(f"{name}: labels must be integers")
-    labels = y.astype(np.int64)
-    if labels.min() < 0:
-        raise DataError(f"{name}: labels must be 0..K-1, found {labels.min()}")
-    features = x.astype(np.float32)
-    if not np.isfinite(features).all():
-        raise DataError(f"{name}: x contains NaN or Inf")
+    labels = _labels(y, raw)
+    features = _features(x, raw)
     # The class count comes from the whole file, not a shard, so that every edge
     # of one dataset presents the same signature even if its shard lacks a class.
-    signature = DatasetSignature(tuple(int(d) for d in x.shape[1:]), int(labels.max()) + 1, name)
+    # At least 2: a device whose labels are all 0 still holds part of a task's data.
+    classes = max(2, int(labels.max()) + 1)
+    signature = DatasetSignature(tuple(int(d) for d in x.shape[1:]), classes, raw.name)
     return Dataset(features, labels, signature)
+
+
+def _labels(y: np.ndarray, raw: RawData) -> np.ndarray:
+    """Class numbers 0..MAX_CLASSES-1, checked before any cast could wrap them around."""
+    # Comparisons only, no arithmetic: NaN and Inf fail them without numpy warnings.
+    whole = np.floor(y) == y if y.dtype.kind == "f" else np.ones(len(y), dtype=bool)
+    good = whole & (y >= 0) & (y < MAX_CLASSES)
+    if not good.all():
+        i = int(np.argmin(good))
+        value = y[i].item()
+        raise DataError(
+            f"{raw.source}: label {value!r} at {raw.where(i)} is not a class number: labels are "
+            f"whole numbers from 0 to {MAX_CLASSES - 1}"
+        )
+    return y.astype(np.int64)
+
+
+def _features(x: np.ndarray, raw: RawData) -> np.ndarray:
+    """float32 features; NaN, Inf and values float32 cannot hold are refused by position."""
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is found just below
+        features = x.astype(np.float32)
+        finite = np.isfinite(features.reshape(len(features), -1)).all(axis=1)
+    if not finite.all():
+        i = int(np.argmin(finite))
+        raise DataError(
+            f"{raw.source}: x at {raw.where(i)} has NaN, Inf or a value beyond float32's "
+            f"range (±{float(np.finfo(np.float32).max):.3g})"
+        )
+    return features

@@ -194,6 +194,12 @@ class DatasetSignature(_message.Message):
     NUM_CLASSES_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     num_classes: _builtins.int
+    """In RegisterRequest: 1 + the device's largest label. The task's classes are
+    the teacher's; a device may hold only some of them, so this must be <= the
+    teacher's class count (else FAILED_PRECONDITION). 0: not said (the edge then
+    checks its labels against the RegisterResponse's student spec itself). The
+    labels of every step reach the cloud anyway; this reveals nothing more.
+    """
     name: _builtins.str
     """informative only, e.g. "digits" """
     @_builtins.property
@@ -304,6 +310,7 @@ class RegisterRequest(_message.Message):
     PROFILE_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
     REQUESTED_EPOCHS_FIELD_NUMBER: _builtins.int
+    CLASS_WEIGHTS_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     requested_epochs: _builtins.int
     """0: the cloud's default"""
@@ -311,6 +318,14 @@ class RegisterRequest(_message.Message):
     def profile(self) -> Global___DeviceProfile: ...
     @_builtins.property
     def signature(self) -> Global___DatasetSignature: ...
+    @_builtins.property
+    def class_weights(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Optional weights of the CE term (empty: none): one per class up to the
+        device's largest label (signature.num_classes of them), each finite and in
+        [1e-6, 1e6]; the task's classes beyond get 1. E.g. inverse class frequencies
+        of the device's training labels (splitkd-edge --class-weighting balanced).
+        """
+
     def __init__(
         self,
         *,
@@ -318,10 +333,11 @@ class RegisterRequest(_message.Message):
         profile: Global___DeviceProfile | None = ...,
         signature: Global___DatasetSignature | None = ...,
         requested_epochs: _builtins.int = ...,
+        class_weights: _abc.Iterable[_builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["profile", b"profile", "signature", b"signature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "profile", b"profile", "requested_epochs", b"requested_epochs", "signature", b"signature"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_weights", b"class_weights", "device_id", b"device_id", "profile", b"profile", "requested_epochs", b"requested_epochs", "signature", b"signature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
