@@ -66,6 +66,10 @@ class Predictor:
         probabilities = shifted / shifted.sum(axis=1, keepdims=True)
         return Prediction(logits.argmax(axis=1), probabilities)
 
+    def accuracy(self, x: np.ndarray, y: np.ndarray) -> float:
+        """Share of ``x`` predicted as ``y``."""
+        return float((self.classes(x) == y).mean()) if len(y) else 0.0
+
     def classes(self, x: np.ndarray, batch: int = MAX_BATCH) -> np.ndarray:
         """The predicted class of every sample of ``x``, in batches of at most ``batch``."""
         parts = [

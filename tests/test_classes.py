@@ -100,7 +100,7 @@ def test_class_weights_survive_a_cloud_restart(tmp_path: Path) -> None:
     store = SessionCheckpoints(tmp_path / "sessions")
     store.save_meta(session)
     store.save_state(session.session_id, session.snapshots[0])
-    (restored,) = store.load_all(service.teacher.spec, service.teacher.model)
+    (restored,) = store.load_all(service.teachers)
     assert restored.class_weights == session.class_weights
 
 

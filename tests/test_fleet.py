@@ -194,7 +194,7 @@ def _devices(live: LiveFleet, tmp_path: Path, profiles: list[str]) -> dict[int, 
 
     def device(i: int) -> None:
         try:
-            split = edge_split(dataset, Shard(i, len(profiles)), alpha=0.3)
+            split = edge_split(dataset, Shard(i, len(profiles)), alpha=0.3, presumed_fraction=0.4)
             with CloudClient(live.address) as client:
                 join = client.join_cohort(
                     f"edge-{i}",

@@ -15,7 +15,7 @@ from cloud_service.teacher import TEACHER_HYPER, Teacher
 from edge_agent import teacher_check
 from edge_agent.run import TrainOptions, train
 from splitkd import codec
-from splitkd.data.partition import cloud_split
+from splitkd.data.partition import DEMO_PRESUMED_FRACTION, cloud_split
 from splitkd.hyper import Hyperparameters
 from splitkd.models import zoo
 from splitkd.training import train_supervised
@@ -88,7 +88,7 @@ def test_a_good_teacher_keeps_its_kd_weight_and_its_reported_accuracy(
     caplog.set_level(logging.WARNING, logger="edge_agent.teacher_check")
     data = six_orders(samples=900)
     spec = zoo.default_teacher(data.signature)
-    model = train_supervised(spec, cloud_split(data).train, TEACHER_HYPER)
+    model = train_supervised(spec, cloud_split(data, DEMO_PRESUMED_FRACTION).train, TEACHER_HYPER)
     report = _run(tmp_path, Teacher(spec, model, 0.91, "six"), data_path)
     check = report["teacher_check"]
     assert check["cloud_reported_accuracy"] == pytest.approx(0.91)
