@@ -312,6 +312,9 @@ def _run_testbed(tmp: Path, prometheus: str, promtool: str, children: list[ps.Sp
         rounds=COHORT_ROUNDS,
         local_epochs=1,
         cohort_min_devices=1,
+        # KOALA needs proxy inputs (the cloud has none with --teacher): with them every round
+        # teaches the server model a new version, so its gauge moves.
+        proxy_data="digits",
     )
     cloud = ps.spawn("cloud", cloud_argv, tmp, env)
     children.append(cloud)
