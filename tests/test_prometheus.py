@@ -3,7 +3,9 @@
 The slow tests share one run: a Prometheus server whose configuration is
 generated from deploy/prometheus/prometheus.yml (same jobs and labels, the
 test's ports, 1 s scrapes), a cloud, and two edges that train and then serve
-their student on one port each, as the edge images do. Through Prometheus'
+their student on one port each, as the edge images do, while one more device
+runs a small federated cohort (2 rounds of 1 local epoch) against the same
+cloud, so that the fleet metrics have samples. Through Prometheus'
 HTTP API they check that every target was up, that every metric of
 docs/OBSERVABILITY.md exists with its type and labels and grows, that the
 recording rules evaluate, and that every PromQL expression of every panel of
@@ -54,8 +56,16 @@ ALL_METHODS = tuple(
     m.name for service in pb.DESCRIPTOR.services_by_name.values() for m in service.methods
 )
 CLOUD_METHODS = ("Register", "Step", "Evaluate", "Finish", "DownloadModel")
-GRAFANA_VARIABLES = {"__rate_interval": "15s", "__interval": "1s", "device": ".*"}
+GRAFANA_VARIABLES = {
+    "__rate_interval": "15s",
+    "__interval": "1s",
+    "device": ".*",
+    "cohort": ".*",
+}
 MEASURED_ENERGY = "splitkd_edge_measured_energy_joules"
+# A one-device federated cohort: its rounds take a few seconds of device compute on digits.
+# The cohort flags are the cloud's cohort defaults; the solo edges' split training ignores them.
+COHORT, COHORT_DEVICE, COHORT_ROUNDS = "promtest", "promtest-0", 2
 
 # The metric contract (docs/OBSERVABILITY.md): family -> (type, label -> allowed values or None).
 GRPC_CODES = None  # any gRPC status name; checked to be upper case below
@@ -90,6 +100,10 @@ CLOUD_FAMILIES: dict[str, tuple[str, dict[str, tuple[str, ...] | None]]] = {
         "counter",
         {"reason": ("missing", "unknown", "revoked", "forbidden")},
     ),
+    "splitkd_cloud_cohort_round": ("gauge", {"cohort": (COHORT,)}),
+    "splitkd_cloud_cohort_devices": ("gauge", {"cohort": (COHORT,)}),
+    "splitkd_cloud_cohort_accuracy": ("gauge", {"cohort": (COHORT,)}),
+    "splitkd_cloud_server_model_version": ("gauge", {}),
 }
 
 # Series that must grow on every edge: (series, one label set per child).
@@ -213,6 +227,7 @@ class Run:
     edge_train_text: str
     edge_serve_text: str
     reports: dict[str, dict[str, Any]]
+    cohort: dict[str, Any]  # the cloud's GET /v1/cohorts/NAME once the cohort completed
 
     def range(self, expr: str) -> list[ps.Series]:
         return self.api.query_range(expr, self.start, self.end)
@@ -294,6 +309,12 @@ def _run_testbed(tmp: Path, prometheus: str, promtool: str, children: list[ps.Sp
         teacher=teacher,
         state_dir=tmp / "cloud",
         epochs=EPOCHS,
+        rounds=COHORT_ROUNDS,
+        local_epochs=1,
+        cohort_min_devices=1,
+        # KOALA needs proxy inputs (the cloud has none with --teacher): with them every round
+        # teaches the server model a new version, so its gauge moves.
+        proxy_data="digits",
     )
     cloud = ps.spawn("cloud", cloud_argv, tmp, env)
     children.append(cloud)
@@ -332,6 +353,8 @@ def _run_testbed(tmp: Path, prometheus: str, promtool: str, children: list[ps.Sp
         )
         trainers[device] = ps.spawn(f"train-{device}", train_argv, tmp, env)
     children += trainers.values()
+    member = ps.spawn("cohort", _cohort_argv(f"127.0.0.1:{grpc_port}", tmp), tmp, env)
+    children.append(member)
 
     def all_up() -> bool:
         health = [t["health"] for t in api.targets()]
@@ -354,6 +377,7 @@ def _run_testbed(tmp: Path, prometheus: str, promtool: str, children: list[ps.Sp
         except subprocess.TimeoutExpired:
             raise AssertionError(f"{device} did not finish\n{trainer.describe()}") from None
         assert code == 0, trainer.describe()
+    cohort = _wait_for_cohort(api, cloud_url, member, [prom, cloud])
 
     # Then each edge serves its student on the port it trained on (one target per device).
     servers = []
@@ -389,7 +413,48 @@ def _run_testbed(tmp: Path, prometheus: str, promtool: str, children: list[ps.Sp
         edge_train_text=edge_train_text,
         edge_serve_text=ps.http_get(f"http://127.0.0.1:{ports[first]}/metrics").decode(),
         reports={d: json.loads((tmp / f"{d}.json").read_text()) for d in devices},
+        cohort=cohort,
     )
+
+
+def _cohort_argv(cloud: str, tmp: Path) -> list[str]:
+    """A device that trains in the cohort (no scrape target: the cloud exports the fleet)."""
+    return _cli(
+        "edge_agent.cli",
+        "train",
+        cloud=cloud,
+        data="digits",
+        cohort=COHORT,
+        device_id=COHORT_DEVICE,
+        report=tmp / f"{COHORT_DEVICE}.json",
+        model_dir=tmp / COHORT_DEVICE / "models",
+        device_profile=DEVICE_PROFILE,
+        link_profile=LINK_PROFILE,
+        no_progress=True,
+        no_plots=True,
+    )
+
+
+def _wait_for_cohort(
+    api: ps.PrometheusAPI, cloud_url: str, member: ps.Spawned, watch: list[ps.Spawned]
+) -> dict[str, Any]:
+    """The cohort's device finished, the cloud says complete, and Prometheus saw the last round."""
+    try:
+        code = member.process.wait(150)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"the cohort's device did not finish\n{member.describe()}") from None
+    assert code == 0, member.describe()
+
+    def complete() -> dict[str, Any]:
+        detail: dict[str, Any] = json.loads(ps.http_get(f"{cloud_url}/v1/cohorts/{COHORT}"))
+        return detail if detail["complete"] else {}
+
+    detail: dict[str, Any] = ps.wait_until("the cohort to be complete", complete, 30, watch)
+    last_round = f'splitkd_cloud_cohort_round{{cohort="{COHORT}"}} == {COHORT_ROUNDS}'
+    ps.wait_until(
+        "Prometheus to scrape the cohort's last round", lambda: api.query(last_round), 30, watch
+    )
+    return detail
 
 
 def _cli(module: str, command: str, **options: object) -> list[str]:
@@ -486,6 +551,30 @@ def test_cloud_and_edges_agree(run: Run) -> None:
     assert steps[0].values[0] == sum(r["steps"] for r in run.reports.values())
     published = run.api.query("splitkd_cloud_models_published_total")
     assert published[0].values[0] == len(run.devices)
+
+
+@pytest.mark.slow
+def test_cohort_rounds_are_seen(run: Run) -> None:
+    """The fleet gauges follow the cohort's rounds and agree with the cloud's /v1/cohorts."""
+    scope = {"job": "splitkd-cloud", "instance": run.cloud, "cohort": COHORT}
+    rounds = run.range(_selector("splitkd_cloud_cohort_round", scope))
+    assert len(rounds) == 1, [s.labels for s in rounds]
+    values = rounds[0].finite
+    assert values == sorted(values) and values[-1] == COHORT_ROUNDS, values
+    assert run.cohort["round"] == COHORT_ROUNDS and len(run.cohort["rounds"]) == COHORT_ROUNDS
+
+    def last(name: str, labels: dict[str, str]) -> float:
+        series = run.api.query(_selector(name, labels), at=run.end)
+        assert len(series) == 1, f"{name}{labels}: {[s.labels for s in series]}"
+        return series[0].values[0]
+
+    assert last("splitkd_cloud_cohort_devices", scope) == run.cohort["devices"] == 1
+    accuracy = last("splitkd_cloud_cohort_accuracy", scope)
+    assert 0 <= accuracy <= 1
+    assert accuracy == pytest.approx(run.cohort["rounds"][-1]["accuracy"])
+    # A federated cohort (KOALA) teaches the server model one new version per round.
+    version = last("splitkd_cloud_server_model_version", {"instance": run.cloud})
+    assert version == run.cohort["server_model_version"] == 1 + COHORT_ROUNDS
 
 
 def _check_families(
