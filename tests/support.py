@@ -21,6 +21,9 @@ from splitkd.signature import DatasetSignature
 from splitkd.v1 import splitkd_pb2_grpc as pb_grpc
 
 torch.set_num_threads(1)
+# The first optimizer a process makes imports torch._dynamo: 20 s on a loaded 2-core box.
+# Pay it here, once, rather than inside the first Register call's deadline.
+torch.optim.Adam([torch.zeros(1, requires_grad=True)])
 DIGITS = DatasetSignature((1, 8, 8), 10, "digits")
 
 
