@@ -14,7 +14,7 @@ from edge_agent.telemetry import TrainingTelemetry
 from edge_agent.trainer import EvalRecord, StepRecord
 from splitkd.energy_counter import EnergyCounter
 from splitkd.telemetry import exposition
-from tests.support import LiveCloud
+from tests.support import RPC_TIMEOUT, LiveCloud
 from tests.test_grpc_errors import register, step_request
 
 
@@ -30,10 +30,10 @@ def samples(registry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:  
 def test_cloud_counts_steps_rpcs_bytes_and_sessions(live_cloud: LiveCloud) -> None:
     session = register(live_cloud)
     request = step_request(session, 0)
-    live_cloud.stub.Step(request, timeout=10)
+    live_cloud.stub.Step(request, timeout=RPC_TIMEOUT)
     with pytest.raises(grpc.RpcError):
-        live_cloud.stub.Step(step_request(session, 5), timeout=10)  # out of order
-    live_cloud.stub.Step(request, timeout=10)  # a retry: replayed, not a new step
+        live_cloud.stub.Step(step_request(session, 5), timeout=RPC_TIMEOUT)  # out of order
+    live_cloud.stub.Step(request, timeout=RPC_TIMEOUT)  # a retry: replayed, not a new step
     got = samples(live_cloud.service.metrics.registry)
     assert got[("splitkd_cloud_training_steps_total", ())] == 1
     assert got[("splitkd_cloud_sessions", ())] == 1
