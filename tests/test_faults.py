@@ -57,9 +57,9 @@ class CloudProcess:
         self.starts += 1
         wait_http(f"http://127.0.0.1:{self.http_port}/healthz", self.process)
 
-    def steps(self) -> int:
+    def steps(self, timeout: float = 1.0) -> int:
         try:
-            sessions = http_json(f"http://127.0.0.1:{self.http_port}/v1/sessions", timeout=1.0)
+            sessions = http_json(f"http://127.0.0.1:{self.http_port}/v1/sessions", timeout=timeout)
         except OSError:
             return -1
         return max((s["steps"] for s in sessions["sessions"]), default=0)
@@ -267,12 +267,13 @@ def test_link_cut_for_60_seconds(
 ) -> None:
     cloud = CloudProcess(tmp_path)
     cloud.start(teacher_file)
-    link = LinkCutter(cloud.grpc_port, on_restore=cloud.steps)
+    link = LinkCutter(cloud.grpc_port, on_restore=lambda: cloud.steps(timeout=30))
     edge = run_edge(edge_command(tmp_path, link.port), tmp_path / "edge.log")
     try:
         wait_for_step(cloud, FAULT_AT_STEP, edge)
         link.cut(60)
-        cut_at = cloud.steps()
+        cut_at = cloud.steps(timeout=30)
+        assert cut_at >= FAULT_AT_STEP
         # Finishing (exit code 0, every step) proves the edge did not give up during the outage.
         report = finish(edge, tmp_path)
     finally:
