@@ -123,13 +123,13 @@ def run(args: argparse.Namespace) -> int:
             str(grpc_port),
             "--http-port",
             str(http_port),
-            "--teacher-data",
-            args.data,
+            *(["--teacher", args.teacher] if args.teacher else ["--teacher-data", args.data]),
             # The cloud and the edges are handed one data set: the demo's split, asked for.
             "--presumed-fraction",
             str(DEMO_PRESUMED_FRACTION),
             "--state-dir",
             str(run_dir / "cloud"),
+            *(["--seed", str(args.seed)] if args.seed is not None else []),
         ],
         stdout=cloud_log.open("wb"),
         stderr=subprocess.STDOUT,
@@ -137,9 +137,10 @@ def run(args: argparse.Namespace) -> int:
     )
     edges: list[tuple[str, str, subprocess.Popen[bytes]]] = []
     try:
-        print(
-            f"[1/4] cloud: training the teacher on its presumed data (gRPC :{grpc_port}, HTTP :{http_port})…"
+        doing = (
+            "loading its teacher" if args.teacher else "training the teacher on its presumed data"
         )
+        print(f"[1/4] cloud: {doing} (gRPC :{grpc_port}, HTTP :{http_port})…")
         health = wait_healthy(f"http://127.0.0.1:{http_port}/healthz", cloud, cloud_log)
         teacher = health["teacher"]
         print(
@@ -327,6 +328,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--edges", type=int, default=2, help="number of edge processes (default 2)")
     parser.add_argument(
         "--epochs", type=int, default=0, help="epochs per edge (default: the cloud's)"
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="training seed sent to every edge (default: the cloud's); one seed, one result",
+    )
+    parser.add_argument(
+        "--teacher",
+        default="",
+        help="teacher checkpoint to load instead of training one ('splitkd-cloud train-teacher')",
     )
     parser.add_argument("--runs", default="runs", help="folder for run outputs (default runs/)")
     return run(parser.parse_args(argv))

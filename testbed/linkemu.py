@@ -87,7 +87,14 @@ class Counters:
     connections: int = 0
     bytes_forward: int = 0
     bytes_backward: int = 0
+    # Most chunks one direction held at once: above one, reading did not wait for
+    # release (a delay line, not stop-and-wait), whatever the machine's speed.
+    max_held_chunks: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def held(self, chunks: int) -> None:
+        with self.lock:
+            self.max_held_chunks = max(self.max_held_chunks, chunks)
 
     def add(self, forward: bool, size: int) -> None:
         with self.lock:
@@ -132,10 +139,12 @@ class _Pipe:
         not_before: float,
         on_bytes: Any,
         closing: threading.Event,
+        on_held: Any,
     ) -> None:
         self.source, self.sink, self.delay, self.rng = source, sink, delay, rng
         self.not_before = not_before
         self.on_bytes = on_bytes
+        self.on_held = on_held
         self.closing = closing
         self.queue: queue.Queue[tuple[float, bytes] | None] = queue.Queue(MAX_QUEUED_CHUNKS)
         self.threads = [
@@ -172,6 +181,7 @@ class _Pipe:
                 release = max(arrival, self.not_before) + self.delay.sample(self.rng)
                 last_release = max(release, last_release)
                 self._put((last_release, data))
+                self.on_held(self.queue.qsize())
         except OSError:
             self.closing.set()
         finally:
@@ -329,6 +339,7 @@ class LinkEmulator:
                 handshake_done,
                 lambda n: self.counters.add(True, n),
                 closing,
+                self.counters.held,
             ),
             _Pipe(
                 upstream,
@@ -338,6 +349,7 @@ class LinkEmulator:
                 0.0,
                 lambda n: self.counters.add(False, n),
                 closing,
+                self.counters.held,
             ),
         ]
         for pipe in pipes:

@@ -22,6 +22,12 @@ from splitkd.signature import DatasetSignature
 from splitkd.v1 import splitkd_pb2_grpc as pb_grpc
 
 torch.set_num_threads(1)
+# The first optimizer a process makes imports torch._dynamo: 20 s on a loaded 2-core box.
+# Pay it here, once, rather than inside the first Register call's deadline.
+torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+# Deadline of a test's RPC: a guard against a hang, not a speed goal; a loaded 2-core
+# box can take seconds over a call that takes milliseconds alone.
+RPC_TIMEOUT = 60.0
 DIGITS = DatasetSignature((1, 8, 8), 10, "digits")
 
 

@@ -68,8 +68,10 @@ ALLOWED = {
     grpc.StatusCode.UNAUTHENTICATED,
     grpc.StatusCode.PERMISSION_DENIED,
 }
-CALL_TIMEOUT = 10.0  # seconds; a call that takes longer is a hang
-DECODE_SECONDS = 0.5  # one decode of a <= 4 KiB message, with a wide margin for a busy CI box
+CALL_TIMEOUT = 30.0  # seconds; a call that takes longer is a hang, not a slow machine
+# One decode of a <= 4 KiB message, in this thread's CPU time: other processes on a busy
+# box do not count, so only a decode that works through the claimed size reaches it.
+DECODE_CPU_SECONDS = 0.5
 SERVICE = pb.DESCRIPTOR.services_by_name["SplitTraining"]
 # Examples per test: chosen so that the whole file refuses > 10,000 messages in
 # well under 90 s on 2 cores.
@@ -390,7 +392,7 @@ def test_codec_decodes_exactly_the_declared_shape_or_refuses(
     SENT["codec"] += 1
     if huge:
         tracemalloc.start()
-    started = time.perf_counter()
+    started = time.thread_time()
     try:
         array = codec.decode(tensor, **options)
     except (InvalidArgument, ResourceExhausted) as exc:
@@ -409,13 +411,13 @@ def test_codec_decodes_exactly_the_declared_shape_or_refuses(
         if options.get("finite") and array.dtype.kind == "f":
             assert np.isfinite(array).all()
     finally:
-        elapsed = time.perf_counter() - started
+        elapsed = time.thread_time() - started
         if huge:
             _, peak = tracemalloc.get_traced_memory()
             tracemalloc.stop()
             # A huge claim is refused from the shape alone: no buffer of that size.
             assert peak < 1 << 20, f"decoding a claim of shape {dims} allocated {peak} bytes"
-    assert elapsed < DECODE_SECONDS, f"decode took {elapsed:.3f} s for shape {dims}"
+    assert elapsed < DECODE_CPU_SECONDS, f"decode took {elapsed:.3f} s of CPU for shape {dims}"
 
 
 @pytest.mark.parametrize(
@@ -432,7 +434,7 @@ def test_codec_decodes_exactly_the_declared_shape_or_refuses(
 def test_huge_claims_are_refused_before_allocating(dims: list[int]) -> None:
     tensor = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=dims, data=b"")
     tracemalloc.start()
-    started = time.perf_counter()
+    started = time.thread_time()
     try:
         try:
             array = codec.decode(tensor)
@@ -443,7 +445,7 @@ def test_huge_claims_are_refused_before_allocating(dims: list[int]) -> None:
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert time.perf_counter() - started < DECODE_SECONDS and peak < 1 << 20
+    assert time.thread_time() - started < DECODE_CPU_SECONDS and peak < 1 << 20
 
 
 _PARSE_CORPUS = sample_corpus("0" * 32, pb.ModelWeights(), "student-fuzz")

@@ -13,7 +13,7 @@ from cloud_service.sessions import SessionStore
 from splitkd import codec
 from splitkd.v1 import splitkd_pb2 as pb
 from splitkd.v1 import splitkd_pb2_grpc as pb_grpc
-from tests.support import DIGITS, LiveCloud, make_service
+from tests.support import DIGITS, RPC_TIMEOUT, LiveCloud, make_service
 
 B = 4
 
@@ -25,7 +25,7 @@ def register(
         device_id=device,
         signature=pb.DatasetSignature(input_shape=list(shape), num_classes=classes),
     )
-    return cloud.stub.Register(request, timeout=10)
+    return cloud.stub.Register(request, timeout=RPC_TIMEOUT)
 
 
 def step_request(
@@ -43,7 +43,7 @@ def step_request(
 
 def expect(code: grpc.StatusCode, match: str, call, *args) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(grpc.RpcError) as info:
-        call(*args, timeout=10)
+        call(*args, timeout=RPC_TIMEOUT)
     assert info.value.code() == code, info.value.details()
     assert match in info.value.details()
 
@@ -51,7 +51,7 @@ def expect(code: grpc.StatusCode, match: str, call, *args) -> None:  # type: ign
 def test_a_good_step_returns_a_gradient_of_the_cut_shape(live_cloud: LiveCloud) -> None:
     session = register(live_cloud)
     assert session.student_cut == 1 and session.teacher_cut == 1
-    reply = live_cloud.stub.Step(step_request(session, 0), timeout=10)
+    reply = live_cloud.stub.Step(step_request(session, 0), timeout=RPC_TIMEOUT)
     gradient = codec.decode(reply.gradient)
     assert gradient.shape == (B, 8, 4, 4) and np.abs(gradient).sum() > 0
     assert reply.loss > 0 and not reply.replayed
@@ -111,7 +111,7 @@ def test_wrong_dtype_shape_bytes_and_nan_are_invalid_argument(live_cloud: LiveCl
     bad.teacher_activations.CopyFrom(codec.encode(np.zeros((B + 1, 32, 4, 4), np.float32)))
     expect(grpc.StatusCode.INVALID_ARGUMENT, "teacher activations have", stub.Step, bad)
     # None of these changed the session: step 0 is still the next one.
-    assert live_cloud.stub.Step(step_request(session, 0), timeout=10).step == 0
+    assert live_cloud.stub.Step(step_request(session, 0), timeout=RPC_TIMEOUT).step == 0
 
 
 def test_steps_out_of_order_and_repeats(live_cloud: LiveCloud) -> None:
@@ -120,12 +120,12 @@ def test_steps_out_of_order_and_repeats(live_cloud: LiveCloud) -> None:
     expect(
         grpc.StatusCode.FAILED_PRECONDITION, "expects step 0", stub.Step, step_request(session, 1)
     )
-    first = stub.Step(step_request(session, 0), timeout=10)
+    first = stub.Step(step_request(session, 0), timeout=RPC_TIMEOUT)
     state_after_first = {
         k: v.clone()
         for k, v in live_cloud.service.sessions.get(session.session_id).student.state_dict().items()
     }
-    again = stub.Step(step_request(session, 0), timeout=10)
+    again = stub.Step(step_request(session, 0), timeout=RPC_TIMEOUT)
     assert (
         again.replayed and again.loss == first.loss and again.gradient.data == first.gradient.data
     )
@@ -138,7 +138,7 @@ def test_steps_out_of_order_and_repeats(live_cloud: LiveCloud) -> None:
         step_request(session, 0, seed=5),
     )
     expect(grpc.StatusCode.FAILED_PRECONDITION, "out of order", stub.Step, step_request(session, 5))
-    assert stub.Step(step_request(session, 1), timeout=10).step == 1
+    assert stub.Step(step_request(session, 1), timeout=RPC_TIMEOUT).step == 1
     expect(
         grpc.StatusCode.FAILED_PRECONDITION,
         "out of order",
@@ -155,7 +155,7 @@ def test_message_over_the_size_limit_is_resource_exhausted(live_cloud: LiveCloud
     huge = step_request(session, 0)
     huge.student_activations.shape[:] = [1 << 30, 8, 4, 4]
     expect(grpc.StatusCode.RESOURCE_EXHAUSTED, "above the limit", live_cloud.stub.Step, huge)
-    assert live_cloud.stub.Step(step_request(session, 0), timeout=10).step == 0
+    assert live_cloud.stub.Step(step_request(session, 0), timeout=RPC_TIMEOUT).step == 0
 
 
 @pytest.mark.parametrize(
@@ -280,7 +280,7 @@ def test_evaluate_and_finish_validate(live_cloud: LiveCloud) -> None:
             session_id=session.session_id,
             student_activations=codec.encode(np.zeros((3, 8, 4, 4), np.float32)),
         ),
-        timeout=10,
+        timeout=RPC_TIMEOUT,
     )
     assert codec.decode(logits.logits).shape == (3, 10)
     expect(
@@ -292,7 +292,7 @@ def test_evaluate_and_finish_validate(live_cloud: LiveCloud) -> None:
             student_activations=codec.encode(np.zeros((3, 9), np.float32)),
         ),
     )
-    stub.Step(step_request(session, 0), timeout=10)
+    stub.Step(step_request(session, 0), timeout=RPC_TIMEOUT)
     head = session.student_head
     expect(
         grpc.StatusCode.FAILED_PRECONDITION,
@@ -324,13 +324,14 @@ def test_evaluate_and_finish_validate(live_cloud: LiveCloud) -> None:
 def test_download_validates_and_streams_the_whole_file(live_cloud: LiveCloud) -> None:
     session = register(live_cloud)
     stub = live_cloud.stub
-    stub.Step(step_request(session, 0), timeout=10)
+    stub.Step(step_request(session, 0), timeout=RPC_TIMEOUT)
     info = stub.Finish(
         pb.FinishRequest(session_id=session.session_id, student_head=session.student_head, steps=1),
         timeout=60,
     ).model
     data = b"".join(
-        c.data for c in stub.DownloadModel(pb.DownloadModelRequest(name=info.name), timeout=10)
+        c.data
+        for c in stub.DownloadModel(pb.DownloadModelRequest(name=info.name), timeout=RPC_TIMEOUT)
     )
     assert len(data) == info.size_bytes
     import hashlib
@@ -338,7 +339,9 @@ def test_download_validates_and_streams_the_whole_file(live_cloud: LiveCloud) ->
     assert hashlib.sha256(data).hexdigest() == info.sha256
     tail = b"".join(
         c.data
-        for c in stub.DownloadModel(pb.DownloadModelRequest(name=info.name, offset=100), timeout=10)
+        for c in stub.DownloadModel(
+            pb.DownloadModelRequest(name=info.name, offset=100), timeout=RPC_TIMEOUT
+        )
     )
     assert tail == data[100:]
     for request, code, match in [
@@ -356,7 +359,7 @@ def test_download_validates_and_streams_the_whole_file(live_cloud: LiveCloud) ->
         (pb.DownloadModelRequest(name="../etc"), grpc.StatusCode.INVALID_ARGUMENT, "model name"),
     ]:
         with pytest.raises(grpc.RpcError) as caught:
-            list(stub.DownloadModel(request, timeout=10))
+            list(stub.DownloadModel(request, timeout=RPC_TIMEOUT))
         assert caught.value.code() == code and match in caught.value.details()
 
 
@@ -368,8 +371,8 @@ def test_bad_peers_do_not_harm_another_session(live_cloud: LiveCloud) -> None:
         garbage = step_request(victim_target, step)
         garbage.student_activations.data = b"\xff" * 7
         with pytest.raises(grpc.RpcError):
-            stub.Step(garbage, timeout=10)
-        assert stub.Step(step_request(healthy, step), timeout=10).step == step
+            stub.Step(garbage, timeout=RPC_TIMEOUT)
+        assert stub.Step(step_request(healthy, step), timeout=RPC_TIMEOUT).step == step
     assert live_cloud.service.sessions.get(healthy.session_id).next_step == 3
 
 

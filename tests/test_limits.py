@@ -13,7 +13,7 @@ from cloud_service.session import Session
 from cloud_service.sessions import SessionStore
 from splitkd.errors import ResourceExhausted
 from splitkd.v1 import splitkd_pb2_grpc as pb_grpc
-from tests.support import DIGITS, apply_steps, make_service
+from tests.support import DIGITS, RPC_TIMEOUT, apply_steps, make_service
 from tests.test_grpc_errors import register, step_request
 
 
@@ -34,7 +34,9 @@ def test_token_bucket_refills_at_its_rate() -> None:
 
 def test_a_flooding_device_is_refused_and_another_trains_on(tmp_path: Path) -> None:
     service = make_service(tmp_path)
-    service.limiter = RateLimiter(rate=1, burst=3)
+    # The limiter's clock stands still: however slowly a loaded machine sends the
+    # steps, no token comes back, so the fourth is over the limit.
+    service.limiter = RateLimiter(rate=1, burst=3, clock=lambda: 0.0)
     server, port = build_grpc_server(service, "127.0.0.1:0")
     server.start()
     try:
@@ -44,12 +46,12 @@ def test_a_flooding_device_is_refused_and_another_trains_on(tmp_path: Path) -> N
             flood = register(cloud, "flooder")  # type: ignore[arg-type]
             calm = register(cloud, "calm")  # type: ignore[arg-type]
             for step in range(3):
-                stub.Step(step_request(flood, step), timeout=10)
+                stub.Step(step_request(flood, step), timeout=RPC_TIMEOUT)
             with pytest.raises(grpc.RpcError) as refused:
-                stub.Step(step_request(flood, 3), timeout=10)
+                stub.Step(step_request(flood, 3), timeout=RPC_TIMEOUT)
             assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "flooder" in refused.value.details()
-            assert stub.Step(step_request(calm, 0), timeout=10).step == 0
+            assert stub.Step(step_request(calm, 0), timeout=RPC_TIMEOUT).step == 0
     finally:
         server.stop(0)
 

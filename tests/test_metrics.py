@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
 import pytest
@@ -14,7 +14,7 @@ from edge_agent.telemetry import TrainingTelemetry
 from edge_agent.trainer import EvalRecord, StepRecord
 from splitkd.energy_counter import EnergyCounter
 from splitkd.telemetry import exposition
-from tests.support import LiveCloud
+from tests.support import RPC_TIMEOUT, LiveCloud
 from tests.test_grpc_errors import register, step_request
 
 
@@ -30,10 +30,10 @@ def samples(registry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:  
 def test_cloud_counts_steps_rpcs_bytes_and_sessions(live_cloud: LiveCloud) -> None:
     session = register(live_cloud)
     request = step_request(session, 0)
-    live_cloud.stub.Step(request, timeout=10)
+    live_cloud.stub.Step(request, timeout=RPC_TIMEOUT)
     with pytest.raises(grpc.RpcError):
-        live_cloud.stub.Step(step_request(session, 5), timeout=10)  # out of order
-    live_cloud.stub.Step(request, timeout=10)  # a retry: replayed, not a new step
+        live_cloud.stub.Step(step_request(session, 5), timeout=RPC_TIMEOUT)  # out of order
+    live_cloud.stub.Step(request, timeout=RPC_TIMEOUT)  # a retry: replayed, not a new step
     got = samples(live_cloud.service.metrics.registry)
     assert got[("splitkd_cloud_training_steps_total", ())] == 1
     assert got[("splitkd_cloud_sessions", ())] == 1
@@ -57,14 +57,19 @@ def _record(step: int, up: int = 1000, down: int = 400) -> StepRecord:
     )  # fmt: skip
 
 
-def test_edge_telemetry_feeds_metrics_and_the_energy_report(tmp_path: Path) -> None:
+def test_edge_telemetry_feeds_metrics_and_the_energy_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The radio model reads the clock; the test's clock spaces the steps as a device would.
+    now = [100.0]
+    monkeypatch.setattr("edge_agent.telemetry.time", SimpleNamespace(monotonic=lambda: now[0]))
     metrics = EdgeMetrics(inference=False)
     telemetry = TrainingTelemetry("raspberry-pi-4", "wifi", metrics, EnergyCounter(tmp_path))
     metrics.describe_device("pi-7", "raspberry-pi-4", "wifi")
     for step in range(3):
         telemetry.on_traffic(1000, 400)
         telemetry.on_step(_record(step))
-        time.sleep(0.01)
+        now[0] += 0.05
     telemetry.on_eval(EvalRecord(step=3, epoch=0, accuracy=0.75))
     telemetry.on_traffic(5000, 20000)  # finish + download, outside the step loop
     telemetry.finish()

@@ -48,6 +48,7 @@ needs_prometheus = pytest.mark.skipif(
 # Digits steps take milliseconds: 3 epochs (42 steps) pass between two 1 s scrapes. 10 epochs
 # keep each edge training for several scrapes, so rates and the per-epoch accuracy are seen.
 EPOCHS = 10
+GOOD_PREDICTIONS = 5  # per serving edge, and one bad request
 DEVICE_PROFILE, LINK_PROFILE = "raspberry-pi-4", "wifi"
 PHASES = ("forward", "network", "backward")
 ENERGY_COMPONENTS = ("compute", "idle", "radio")
@@ -397,10 +398,29 @@ def _run_testbed(tmp: Path, prometheus: str, promtool: str, children: list[ps.Sp
     # Let Prometheus scrape each server once before any request, so the inference
     # counters are seen starting from zero and their growth is visible.
     ps.wait_until("every scrape target to be up again", all_up, 30, [prom, cloud, *servers])
-    time.sleep(2)
+    instances = [f"127.0.0.1:{ports[device]}" for device in devices]
+    ps.wait_until(
+        "Prometheus to scrape every server before any request",
+        lambda: _requests_seen(api, instances, ok=0, error=0),
+        30,
+        [prom, *servers],
+    )
     for device in devices:
         _predict(f"http://127.0.0.1:{ports[device]}", servers)
-    time.sleep(3)  # three scrapes after the last request: rate() sees every one of them
+    ps.wait_until(
+        "Prometheus to scrape every server after its last request",
+        lambda: _requests_seen(api, instances, ok=GOOD_PREDICTIONS, error=1),
+        30,
+        [prom, *servers],
+    )
+    # Two scrapes more: rate() over the last window sees every request.
+    scrapes = _scrapes(api, instances)
+    ps.wait_until(
+        "two more scrapes of every server",
+        lambda: _scrapes(api, instances) >= scrapes + 2,
+        30,
+        [prom, *servers],
+    )
     return Run(
         api=api,
         start=started,
@@ -478,6 +498,28 @@ def _metrics_once_training(url: str, trainer: ps.Spawned) -> str:
     return result
 
 
+def _requests_seen(api: ps.PrometheusAPI, instances: list[str], ok: int, error: int) -> bool:
+    """Whether Prometheus' latest scrape of every server shows these request counts."""
+    for instance in instances:
+        for outcome, count in (("ok", ok), ("error", error)):
+            labels = {"instance": instance, "outcome": outcome}
+            series = api.query(_selector("splitkd_edge_inference_requests_total", labels))
+            if [s.values[0] for s in series] != [count]:
+                return False
+    return True
+
+
+def _scrapes(api: ps.PrometheusAPI, instances: list[str]) -> int:
+    """Scrapes Prometheus holds of the server scraped least (one sample per scrape)."""
+    counts = []
+    for instance in instances:
+        labels = {"instance": instance, "outcome": "ok"}
+        expr = f"count_over_time({_selector('splitkd_edge_inference_requests_total', labels)}[1h])"
+        series = api.query(expr)
+        counts.append(int(series[0].values[0]) if series else 0)
+    return min(counts)
+
+
 def _predict(base_url: str, servers: list[ps.Spawned]) -> None:
     """A few good requests and one bad one."""
     ps.wait_until(
@@ -487,7 +529,7 @@ def _predict(base_url: str, servers: list[ps.Spawned]) -> None:
         servers,
     )
     rng = np.random.default_rng(0)
-    for _ in range(5):
+    for _ in range(GOOD_PREDICTIONS):
         sample = rng.uniform(0, 16, size=(1, 8, 8)).tolist()
         status, answer = ps.http_post_json(f"{base_url}/v1/predict", {"inputs": [sample]})
         assert status == 200, answer

@@ -90,8 +90,6 @@ def _echo_all(sock: socket.socket, payload: bytes, pieces: list[int] | None = No
 
 
 def test_emulator_adds_at_least_the_configured_delay(echo_server: tuple[str, int]) -> None:
-    with _connect(echo_server[1]) as direct:
-        baseline = min(_round_trip(direct) for _ in range(10))
     delay = Delay.from_ms(30.0)
     with (
         LinkEmulator(("127.0.0.1", 0), echo_server, delay, delay) as emulator,
@@ -99,10 +97,9 @@ def test_emulator_adds_at_least_the_configured_delay(echo_server: tuple[str, int
     ):
         _round_trip(sock)  # the first one also pays the emulated handshake
         rtts = [_round_trip(sock) for _ in range(10)]
-    # One way each direction: a round trip is at least 2 x 30 ms, and not much more.
-    assert baseline < 0.01
+    # One way each direction: a round trip is at least 2 x 30 ms, however fast the machine.
+    # How little more it is depends on the machine's load: `make bench` prints that ratio.
     assert min(rtts) >= 0.060
-    assert sorted(rtts)[len(rtts) // 2] < 0.060 + 0.030
 
 
 def test_emulator_preserves_bytes_and_order_under_jitter(echo_server: tuple[str, int]) -> None:
@@ -128,13 +125,13 @@ def test_emulator_keeps_throughput(echo_server: tuple[str, int]) -> None:
         LinkEmulator(("127.0.0.1", 0), echo_server, delay, delay) as emulator,
         _connect(emulator.port) as sock,
     ):
-        started = time.perf_counter()
         echoed = _echo_all(sock, payload)
-        elapsed = time.perf_counter() - started
+        held = emulator.counters.max_held_chunks
     assert echoed == payload
-    # Stop-and-wait per 64 KiB chunk would take 16e6 / 65536 x 100 ms = 24 s;
-    # a pipelined delay line takes one round trip plus copying.
-    assert elapsed < 5.0
+    # Stop-and-wait per 64 KiB chunk (16e6 / 65536 x 100 ms = 24 s) would never hold
+    # more than the chunk it waits on; a delay line reads on while earlier chunks wait
+    # out their delay. `make bench` prints the time against the stop-and-wait bound.
+    assert held >= 4, f"the emulator held at most {held} chunk(s) at once: stop-and-wait"
 
 
 def test_emulator_refuses_nothing_when_upstream_is_down() -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import cache
-from math import prod
+from math import prod, sqrt
 
 import torch
 from torch import nn
@@ -107,11 +107,39 @@ def build(spec: ModelSpec, seed: int = 0) -> StagedModel:
     """Build ``spec`` with weights initialised deterministically from ``seed``.
 
     The input statistics start as the identity (mean 0, std 1); whoever trains
-    the model fits them on its data (``normalize.fit_inputs``).
+    the model fits them on its data (``normalize.fit_inputs``). The weights come
+    from a generator owned by this call, never from torch's global RNG: sessions are built on gRPC worker threads at the same moment,
+    and seeding a shared RNG there hands one session another's draws.
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return _staged(spec)
+    model = _staged(spec)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            _initialise(module, generator)
+    return model
+
+
+# Modules whose own parameters start from constants, not random draws.
+_CONSTANT_INIT = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)
+
+
+def _initialise(module: nn.Module, generator: torch.Generator) -> None:
+    """PyTorch's default initialisation of ``module``, drawn from ``generator``.
+
+    Same distributions and same draw order as ``reset_parameters`` of Linear and
+    Conv (so a seed gives the weights ``torch.manual_seed(seed)`` used to give).
+    """
+    if isinstance(module, nn.Linear | nn.Conv1d | nn.Conv2d):
+        nn.init.kaiming_uniform_(module.weight, a=sqrt(5), generator=generator)
+        if module.bias is not None:
+            fan_in, _ = nn.init._calculate_fan_in_and_fan_out(module.weight)
+            bound = 1 / sqrt(fan_in) if fan_in > 0 else 0.0
+            nn.init.uniform_(module.bias, -bound, bound, generator=generator)
+    elif any(True for _ in module.parameters(recurse=False)) and not isinstance(
+        module, _CONSTANT_INIT
+    ):
+        # A layer added to a family must say how it draws from the generator.
+        raise TypeError(f"zoo.build does not know how to initialise {type(module).__name__}")
 
 
 def _family_for(signature: DatasetSignature) -> str:
