@@ -108,8 +108,9 @@ def build(spec: ModelSpec, seed: int = 0) -> StagedModel:
 
     The input statistics start as the identity (mean 0, std 1); whoever trains
     the model fits them on its data (``normalize.fit_inputs``). The weights come
-    from a generator owned by this call, never from torch's global RNG: sessions are built on gRPC worker threads at the same moment,
-    and seeding a shared RNG there hands one session another's draws.
+    from a generator owned by this call, never from torch's global RNG: sessions
+    are built on gRPC worker threads at the same moment, and seeding a shared RNG
+    there hands one session another's draws.
     """
     model = _staged(spec)
     generator = torch.Generator().manual_seed(seed)
