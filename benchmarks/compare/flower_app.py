@@ -49,7 +49,7 @@ def _load(model: StagedModel, weights: list[np.ndarray]) -> None:
     )
 
 
-class DigitsClient(flwr.client.NumPyClient):  # type: ignore[misc]
+class DigitsClient(flwr.client.NumPyClient):
     """One device: its shard, the shared student, E local epochs per round."""
 
     def __init__(
@@ -96,9 +96,8 @@ class DigitsClient(flwr.client.NumPyClient):  # type: ignore[misc]
         accuracy = accuracy_of(logits, self.heldout_y)
         if config.get("final"):
             names = list(self.model.state_dict())
-            np.savez(
-                self.out.with_suffix(".npz"), **dict(zip(names, _weights(self.model), strict=True))
-            )
+            arrays: dict[str, Any] = dict(zip(names, _weights(self.model), strict=True))
+            np.savez(self.out.with_suffix(".npz"), **arrays)
             report = {
                 "accuracy": accuracy,
                 "rounds": self.rounds,
@@ -108,7 +107,7 @@ class DigitsClient(flwr.client.NumPyClient):  # type: ignore[misc]
         return loss, len(self.heldout_y), {"accuracy": accuracy}
 
 
-class FinalEvaluationFedAvg(flwr.server.strategy.FedAvg):  # type: ignore[misc]
+class FinalEvaluationFedAvg(flwr.server.strategy.FedAvg):
     """FedAvg that sends the model for evaluation after the last round only:
     each device still ends with the final model, without one extra download per round."""
 
