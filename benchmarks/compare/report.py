@@ -103,7 +103,9 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
             for r in picked
         ]
         bars = left.bar(xs, accuracy, width, yerr=error, capsize=3, label=system)
-        left.scatter(xs, union, marker="_", s=200, color="black", zorder=3)
+        left.scatter(
+            xs, union, marker="D", s=25, color="black", zorder=3, label="union" if i == 0 else None
+        )
         right.bar(xs, megabytes, width, color=bars.patches[0].get_facecolor(), label=system)
         for x, mb in zip(xs, megabytes, strict=True):
             right.annotate(f"{mb:.2f}", (x, mb), ha="center", va="bottom", fontsize=8)
@@ -111,9 +113,11 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
         axis.set_xticks([j + 0.4 - width / 2 for j in range(len(scenarios))], scenarios)
     lowest = min((r["union_accuracy"] for r in rows), default=0.5)
     left.set_ylim(max(0.0, min(lowest, min(r["accuracy"] for r in rows)) - 0.05), 1.0)
-    left.set_ylabel("accuracy (bars: device mean ± sd over seeds; black: union)")
+    left.set_ylabel("accuracy")
+    left.set_title("device mean ± sd over seeds; ◆ on the union of held-out splits", fontsize=9)
     right.set_yscale("log")
-    right.set_ylabel("MB per device on the socket (up + down)")
+    right.set_ylabel("MB per device (up + down)")
+    right.set_title("bytes counted on each device's socket, mean over seeds", fontsize=9)
     left.legend(fontsize=8, loc="lower left")
     fig.suptitle("accuracy vs bytes per device, same shards, same student")
     fig.tight_layout()
