@@ -101,7 +101,7 @@ def run_fedavg(ctx: RunContext, python: Path | None = None) -> SystemRun:
             command += ["--shard", str(data.path), "--hyper", hyper]
             command += ["--local-epochs", str(ctx.local_epochs), "--out", str(folder / data.name)]
             devices.append(Device(data.name, start(command, log, env), relay, log))
-        ended = wait_devices(devices, timeout=3600)
+        ended = wait_devices(devices, [server], timeout=3600)
         results = [
             _device_result(ctx, folder, d, data.shard)
             for d, data in zip(devices, ctx.devices, strict=True)

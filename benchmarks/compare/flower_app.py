@@ -150,7 +150,10 @@ def client(args: argparse.Namespace) -> None:
     spec = ModelSpec.from_json(args.family, args.spec)
     hyper = Hyperparameters(**json.loads(args.hyper))
     device = DigitsClient(spec, hyper, args.shard, args.out, args.local_epochs)
-    flwr.client.start_client(server_address=args.server, client=device.to_client(), insecure=True)
+    # The server is up before any client starts; a client that cannot reach it gives up.
+    flwr.client.start_client(
+        server_address=args.server, client=device.to_client(), insecure=True, max_wait_time=120
+    )
 
 
 def main() -> None:

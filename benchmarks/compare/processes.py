@@ -49,20 +49,31 @@ def wait_listening(port: int, process: subprocess.Popen[bytes], log: Path, timeo
     raise RunFailed(f"server not listening on :{port} after {timeout:.0f} s; see {log}")
 
 
-def wait_devices(devices: list[Device], timeout: float) -> float:
-    """Wait until every device process exits; returns when the last one did (monotonic)."""
+def wait_devices(
+    devices: list[Device], servers: list[subprocess.Popen[bytes]], timeout: float
+) -> float:
+    """Wait until every device process exits; returns when the last one did (monotonic).
+    A device or a server failing ends the wait at once: a dead server must not leave its
+    clients retrying until the time-out."""
     deadline = time.monotonic() + timeout
-    for device in devices:
-        try:
-            code = device.process.wait(max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            raise RunFailed(
-                f"{device.name} still running after {timeout:.0f} s; see {device.log}"
-            ) from None
-        if code != 0:
-            raise RunFailed(f"{device.name} exited with code {code}; see {device.log}")
+    while any(d.process.poll() is None for d in devices):
+        for device in devices:
+            if device.process.poll() not in (None, 0):
+                raise RunFailed(
+                    f"{device.name} exited with code {device.process.returncode}; see {device.log}"
+                )
+        for server in servers:
+            if server.poll() not in (None, 0):
+                raise RunFailed(f"the server exited with code {server.returncode}")
+        if time.monotonic() > deadline:
+            raise RunFailed(f"devices still running after {timeout:.0f} s")
+        time.sleep(0.2)
     ended = time.monotonic()
     for device in devices:
+        if device.process.returncode != 0:
+            raise RunFailed(
+                f"{device.name} exited with code {device.process.returncode}; see {device.log}"
+            )
         # The counts are final once the device's connections have closed.
         if not device.relay.wait_closed(timeout=30):
             raise RunFailed(f"{device.name}: a connection through its relay is still open")

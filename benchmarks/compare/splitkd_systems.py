@@ -55,7 +55,7 @@ def run_split_kd(ctx: RunContext) -> SystemRun:
                     log,
                 )
             )
-        ended = wait_devices(devices, timeout=3600)
+        ended = wait_devices(devices, [cloud], timeout=3600)
         results = [
             _device_result(ctx, folder, d, data.shard)
             for d, data in zip(devices, ctx.devices, strict=True)
