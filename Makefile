@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help venv demo fleet-demo test lint typecheck unit proto proto-check config-doc bench loadtest testbed compose-check clean
+.PHONY: help venv demo fleet-demo test lint typecheck unit proto proto-check config-doc bench loadtest compare testbed compose-check clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -58,6 +58,9 @@ bench: $(STAMP) ## split step vs in-process step, wire bytes vs raw tensor bytes
 
 loadtest: $(STAMP) ## 32 async edges against one cloud process for 3 min: failures, p50/p99, cloud RSS
 	$(BIN)/python -m benchmarks.loadtest $(LOADTEST_ARGS)
+
+compare: $(STAMP) ## Flower 1.42 FedAvg (own venv .venv-flower) vs splitkd, same shards: accuracy, bytes per device, seconds
+	$(BIN)/python -m benchmarks.compare $(COMPARE_ARGS)
 
 compose-check: $(STAMP) ## (root) build the images, run docker-compose.yml for real, check it, tear down
 	scripts/compose_check.sh

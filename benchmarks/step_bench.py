@@ -17,18 +17,17 @@ both alike; medians are reported.
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from benchmarks.relay import CountingRelay
 from cloud_service.metrics import CloudMetrics
 from cloud_service.teacher import Teacher
 from edge_agent.client import CloudClient
@@ -43,46 +42,6 @@ from splitkd.kd import kd_loss
 from splitkd.models import zoo
 from splitkd.training import batch_order, make_optimizer
 from splitkd.v1 import splitkd_pb2 as pb
-
-
-class CountingRelay:
-    """A TCP relay on loopback that counts every byte in each direction."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.up = 0
-        self.down = 0
-        self._lock = threading.Lock()
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self._listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            client, _ = self._listener.accept()
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            for sock in (client, upstream):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
-
-    def _pipe(self, source: socket.socket, sink: socket.socket, up: bool) -> None:
-        try:
-            while data := source.recv(1 << 20):
-                with self._lock:
-                    if up:
-                        self.up += len(data)
-                    else:
-                        self.down += len(data)
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            sink.close()
-
-    def snapshot(self) -> tuple[int, int]:
-        with self._lock:
-            return self.up, self.down
 
 
 def cloud_figures(http_port: int) -> tuple[float, float, float]:

@@ -1,0 +1,106 @@
+"""The jobs every system runs: the demo's digits split and a non-IID fleet.
+
+Shards come from splitkd's own partition functions (the cloud's presumed
+share set aside, then edge shards, then each edge's held-out split), so a
+Flower device and a splitkd edge with the same shard see the same samples.
+Each shard is exported to an ``.npz`` for processes that do not load datasets
+themselves (the Flower clients).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from splitkd.data import Dataset, Shard, edge_split, load_dataset
+from splitkd.hyper import Hyperparameters
+from splitkd.models import zoo
+from splitkd.models.spec import ModelSpec
+
+DATA = "digits"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    edges: int
+    alpha: float | None  # Dirichlet concentration per class; None: IID (the demo's split)
+
+    def shard(self, index: int) -> str:
+        return f"{index}/{self.edges}"
+
+
+SCENARIOS = {
+    "demo-2-iid": Scenario("demo-2-iid", 2, None),
+    "noniid-4-a0.3": Scenario("noniid-4-a0.3", 4, 0.3),
+}
+
+
+@dataclass(frozen=True)
+class DeviceData:
+    name: str
+    shard: str
+    path: Path  # .npz with train_x, train_y, heldout_x, heldout_y
+    train_samples: int
+    heldout_samples: int
+
+
+@dataclass
+class RunContext:
+    """What a system needs to run one (scenario, seed): shards, the student, the budget."""
+
+    scenario: Scenario
+    seed: int
+    folder: Path
+    devices: list[DeviceData]
+    union_x: np.ndarray  # the union of the devices' held-out splits
+    union_y: np.ndarray
+    student: ModelSpec
+    hyper: Hyperparameters
+    rounds: int
+    local_epochs: int
+    options: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def epochs(self) -> int:
+        """Epochs over its data each device trains in all: the split demo's 60 by default."""
+        return self.rounds * self.local_epochs
+
+
+def prepare(
+    scenario: Scenario, seed: int, folder: Path, rounds: int, local_epochs: int
+) -> RunContext:
+    """Export the scenario's shards to ``folder`` and describe the run."""
+    dataset = load_dataset(DATA)
+    folder.mkdir(parents=True, exist_ok=True)
+    devices: list[DeviceData] = []
+    heldouts: list[Dataset] = []
+    for i in range(scenario.edges):
+        split = edge_split(dataset, Shard(i, scenario.edges), alpha=scenario.alpha)
+        path = folder / f"edge-{i}.npz"
+        np.savez(
+            path,
+            train_x=split.train.x,
+            train_y=split.train.y,
+            heldout_x=split.heldout.x,
+            heldout_y=split.heldout.y,
+        )
+        devices.append(
+            DeviceData(f"edge-{i}", scenario.shard(i), path, len(split.train), len(split.heldout))
+        )
+        heldouts.append(split.heldout)
+    hyper = Hyperparameters(seed=seed, epochs=rounds * local_epochs)
+    return RunContext(
+        scenario=scenario,
+        seed=seed,
+        folder=folder,
+        devices=devices,
+        union_x=np.concatenate([h.x for h in heldouts]),
+        union_y=np.concatenate([h.y for h in heldouts]),
+        student=zoo.default_student(dataset.signature),
+        hyper=hyper,
+        rounds=rounds,
+        local_epochs=local_epochs,
+    )

@@ -1,0 +1,103 @@
+"""splitkd's side: ``splitkd-cloud serve`` and one ``splitkd-edge train`` per device, as the demo runs them."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.compare.processes import Device, RunFailed, cleanup, start, wait_devices
+from benchmarks.compare.results import DeviceResult, SystemRun
+from benchmarks.compare.scenarios import DATA, RunContext
+from benchmarks.relay import CountingRelay
+from edge_agent.inference import Predictor
+from splitkd.demo import free_port, wait_healthy
+
+
+def teacher_file(folder: Path) -> Path:
+    """The cloud's teacher, trained once per harness run: it depends on neither the seed nor the
+    scenario (its own fixed hyperparameters, the cloud's presumed share), so every run shares it."""
+    path = folder / "teacher.safetensors"
+    if not path.exists():
+        command = [sys.executable, "-m", "cloud_service.cli", "-q", "train-teacher"]
+        log = folder / "teacher.log"
+        process = start([*command, "--data", DATA, "--out", str(path)], log)
+        if process.wait() != 0:
+            raise RunFailed(f"training the teacher failed; see {log}")
+    return path
+
+
+def run_split_kd(ctx: RunContext) -> SystemRun:
+    """Per-device split KD (each device its own session with the teacher), over gRPC."""
+    folder = ctx.folder / "splitkd-split-kd"
+    folder.mkdir(parents=True, exist_ok=True)
+    teacher = teacher_file(ctx.folder.parent)
+    grpc_port, http_port = free_port(), free_port()
+    cloud_log = folder / "cloud.log"
+    command = [sys.executable, "-m", "cloud_service.cli", "serve", "--host", "127.0.0.1"]
+    command += ["--grpc-port", str(grpc_port), "--http-port", str(http_port)]
+    command += ["--teacher", str(teacher), "--state-dir", str(folder / "cloud")]
+    command += ["--seed", str(ctx.seed), "--epochs", str(ctx.epochs)]
+    cloud = start(command, cloud_log)
+    devices: list[Device] = []
+    with cleanup([cloud], devices):
+        wait_healthy(f"http://127.0.0.1:{http_port}/healthz", cloud, cloud_log)
+        started = time.monotonic()
+        for data in ctx.devices:
+            relay = CountingRelay(grpc_port)
+            log = folder / f"{data.name}.log"
+            devices.append(
+                Device(
+                    data.name,
+                    start(_edge_command(ctx, folder, data.name, data.shard, relay.port), log),
+                    relay,
+                    log,
+                )
+            )
+        ended = wait_devices(devices, [cloud], timeout=3600)
+        results = [
+            _device_result(ctx, folder, d, data.shard)
+            for d, data in zip(devices, ctx.devices, strict=True)
+        ]
+    return SystemRun(
+        results, ended - started, {"transport": "splitkd gRPC (per-step activations and gradients)"}
+    )
+
+
+def _edge_command(ctx: RunContext, folder: Path, device: str, shard: str, port: int) -> list[str]:
+    command = [sys.executable, "-m", "edge_agent.cli", "train", "--cloud", f"127.0.0.1:{port}"]
+    command += ["--data", DATA, "--shard", shard, "--device-id", device, "--fresh"]
+    command += [
+        "--report",
+        str(folder / f"{device}.json"),
+        "--model-dir",
+        str(folder / device / "models"),
+    ]
+    command += [
+        "--checkpoint-dir",
+        str(folder / device / "checkpoints"),
+        "--no-progress",
+        "--no-plots",
+    ]
+    if ctx.scenario.alpha is not None:
+        command += ["--dirichlet-alpha", str(ctx.scenario.alpha)]
+    return command
+
+
+def _device_result(ctx: RunContext, folder: Path, device: Device, shard: str) -> DeviceResult:
+    report = json.loads((folder / f"{device.name}.json").read_text())
+    student = report["student"]
+    # The ONNX student the device downloaded and verified, on everyone's held-out data.
+    predictor = Predictor(Path(student["path"]), tuple(ctx.union_x.shape[1:]))
+    union = predictor.accuracy(ctx.union_x, ctx.union_y)
+    up, down = device.relay.snapshot()
+    return DeviceResult(
+        device.name,
+        shard,
+        float(student["accuracy"]),
+        union,
+        up,
+        down,
+        len(device.relay.connections),
+    )
