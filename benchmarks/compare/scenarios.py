@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from splitkd.data import Dataset, Shard, edge_split, load_dataset
+from splitkd.data.partition import DEMO_PRESUMED_FRACTION
 from splitkd.hyper import Hyperparameters
 from splitkd.models import zoo
 from splitkd.models.spec import ModelSpec
@@ -78,7 +79,12 @@ def prepare(
     devices: list[DeviceData] = []
     heldouts: list[Dataset] = []
     for i in range(scenario.edges):
-        split = edge_split(dataset, Shard(i, scenario.edges), alpha=scenario.alpha)
+        split = edge_split(
+            dataset,
+            Shard(i, scenario.edges),
+            alpha=scenario.alpha,
+            presumed_fraction=DEMO_PRESUMED_FRACTION,
+        )
         path = folder / f"edge-{i}.npz"
         np.savez(
             path,

@@ -7,11 +7,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from benchmarks.compare.processes import Device, RunFailed, cleanup, start, wait_devices
 from benchmarks.compare.results import DeviceResult, SystemRun
 from benchmarks.compare.scenarios import DATA, RunContext
 from benchmarks.relay import CountingRelay
 from edge_agent.inference import Predictor
+from splitkd.data import load_dataset
+from splitkd.data.partition import DEMO_PRESUMED_FRACTION, cloud_split
 from splitkd.demo import free_port, wait_healthy
 
 
@@ -101,3 +105,61 @@ def _device_result(ctx: RunContext, folder: Path, device: Device, shard: str) ->
         down,
         len(device.relay.connections),
     )
+
+
+def proxy_file(folder: Path) -> Path:
+    """The cloud's unlabelled proxy inputs for KOALA: the inputs of its presumed share only
+    (the devices' shards are never in it); the npz spec needs labels, which the cloud ignores."""
+    path = folder / "proxy.npz"
+    if not path.exists():
+        presumed = cloud_split(load_dataset(DATA), DEMO_PRESUMED_FRACTION)
+        x = np.concatenate([presumed.train.x, presumed.heldout.x])
+        np.savez(path, x=x, y=np.zeros(len(x), np.int64))
+    return path
+
+
+def _run_cohort(ctx: RunContext, mode: str) -> SystemRun:
+    """A cohort of ``ctx.devices`` in ``mode``: one cloud, one edge process per device."""
+    name = f"splitkd-{mode}-cohort"
+    folder = ctx.folder / name
+    folder.mkdir(parents=True, exist_ok=True)
+    teacher, proxy = teacher_file(ctx.folder.parent), proxy_file(ctx.folder.parent)
+    grpc_port, http_port = free_port(), free_port()
+    cloud_log = folder / "cloud.log"
+    command = [sys.executable, "-m", "cloud_service.cli", "serve", "--host", "127.0.0.1"]
+    command += ["--grpc-port", str(grpc_port), "--http-port", str(http_port)]
+    command += ["--teacher", str(teacher), "--state-dir", str(folder / "cloud")]
+    command += ["--seed", str(ctx.seed), "--proxy-data", f"npz:{proxy}"]
+    command += ["--cohort-mode", mode, "--cohort-min-devices", str(len(ctx.devices))]
+    command += ["--rounds", str(ctx.rounds), "--local-epochs", str(ctx.local_epochs)]
+    command += ["--round-timeout", "600"]
+    cloud = start(command, cloud_log)
+    devices: list[Device] = []
+    with cleanup([cloud], devices):
+        wait_healthy(f"http://127.0.0.1:{http_port}/healthz", cloud, cloud_log)
+        started = time.monotonic()
+        for data in ctx.devices:
+            relay = CountingRelay(grpc_port)
+            edge = _edge_command(ctx, folder, data.name, data.shard, relay.port)
+            log = folder / f"{data.name}.log"
+            devices.append(
+                Device(data.name, start([*edge, "--cohort", "compare"], log), relay, log)
+            )
+        ended = wait_devices(devices, [cloud], timeout=3600)
+        results = [
+            _device_result(ctx, folder, d, data.shard)
+            for d, data in zip(devices, ctx.devices, strict=True)
+        ]
+    transport = {
+        "federated": "splitkd gRPC, weights once per round (KOALA: the server model learns too)",
+        "split": "splitkd gRPC, split steps per round, heads and tails averaged per round",
+    }[mode]
+    return SystemRun(results, ended - started, {"transport": transport})
+
+
+def run_split_cohort(ctx: RunContext) -> SystemRun:
+    return _run_cohort(ctx, "split")
+
+
+def run_federated_cohort(ctx: RunContext) -> SystemRun:
+    return _run_cohort(ctx, "federated")
