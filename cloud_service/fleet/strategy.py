@@ -107,8 +107,11 @@ class Koala(FedAvg):
         models = {k: koala.model_from(specs[k], averaged.students[k]) for k in classes}
         server = self.teachers.current()
         seed = 1000 + round_number
+        # The server model is half of the ensemble it learns from: early rounds' weak
+        # students cannot drag it far, a fleet that knows more moves it step by step.
+        ensemble = [*models.values(), *[server.model] * len(models)]
         learned = koala.reverse_kd(
-            server.model, list(models.values()), self.proxy, self.settings, seed, self.anchor
+            server.model, ensemble, self.proxy, self.settings, seed, self.anchor
         )
         updated = self.teachers.update(learned)
         for device_class, model in models.items():
