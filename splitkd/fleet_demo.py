@@ -74,6 +74,9 @@ def _start_cloud(
         str(args.local_epochs),
         "--round-timeout",
         str(args.round_timeout),
+        # Every round's student and server model stay in the registry: the per-round plot reads them.
+        "--keep-versions",
+        "0",
     ]
     process = subprocess.Popen(
         command, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=_pythonpath_env()
@@ -412,7 +415,8 @@ def _table(summary: dict[str, Any]) -> None:
         if name in modes:
             m = modes[name]
             print(
-                f"  {name}: {100 * (m['accuracy'] - summary['best_alone']):+.1f} points vs the best device alone, "
+                f"  {name}: {100 * (m['accuracy'] - summary['best_alone']):+.1f} points vs the best device alone "
+                f"({100 * (m['accuracy'] - float(np.mean(summary['alone']))):+.1f} vs their mean), "
                 f"{100 * (m['accuracy'] - summary['centralised_kd']):+.1f} vs centralised KD"
             )
     if "split" in modes and "federated" in modes:
