@@ -18,13 +18,14 @@
 #
 # Usage: sudo scripts/pi_check.sh [--board pi4|pi5|both] [--train]
 #                                 [--torch-from-registry] [--epochs N] [--keep]
+#   --train-only           the training stage alone (implies --train)
 #   --torch-from-registry  when download.pytorch.org (the installer's CPU
 #                          index) is unreachable, install the registry's
 #                          torch instead: on aarch64 that is the CUDA build
 #                          (~4.7 GB venv), which no Pi should get; the report
 #                          says so.
 # Environment: PI_CHECK_CACHE (root file systems, default
-# /var/cache/splitkd-pi), PI_CHECK_PYTHON (the host's splitkd python, default
+# /var/cache/splitkd-pi), PI_CHECK_OUT (default runs/pi-check), PI_CHECK_PYTHON (the host's splitkd python, default
 # .venv/bin/python), PI_TRAIN=1 (= --train).
 # Figures under emulation are not a Pi's: qemu translates every instruction
 # (latency is many times a real board's) and its translator adds memory.
@@ -39,7 +40,8 @@ KEEP=0
 CACHE="${PI_CHECK_CACHE:-/var/cache/splitkd-pi}"
 PY="${PI_CHECK_PYTHON:-$ROOT/.venv/bin/python}"
 BINFMT_DIR="${PI_CHECK_BINFMT_DIR:-/proc/sys/fs/binfmt_misc}"
-OUT="$ROOT/runs/pi-check"
+OUT="${PI_CHECK_OUT:-$ROOT/runs/pi-check}"
+INFERENCE=1
 MEMORY_LIMIT_MB=512
 PREDICTS=30
 EXTRA_NOTES=()
@@ -55,6 +57,7 @@ while [ $# -gt 0 ]; do
       esac
       shift 2 ;;
     --train) TRAIN=1; shift ;;
+    --train-only) TRAIN=1; INFERENCE=0; shift ;;
     --torch-from-registry) TORCH_FROM_REGISTRY=1; shift ;;
     --epochs) EPOCHS="$2"; shift 2 ;;
     --keep) KEEP=1; shift ;;
@@ -143,6 +146,13 @@ cleanup() {
   CGROUP=""
   for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
   PIDS=()
+  # Whatever still runs inside the chroot (an install cut short): by pid,
+  # found by its root directory.
+  if [ -n "$WORK" ]; then
+    for m in /proc/[0-9]*; do
+      [ "$(readlink "$m/root" 2>/dev/null)" = "$WORK" ] && kill -9 "${m#/proc/}" 2>/dev/null
+    done
+  fi
   for ((i = ${#MOUNTS[@]} - 1; i >= 0; i--)); do
     m="${MOUNTS[$i]}"
     umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
@@ -384,6 +394,7 @@ serve_stage() {
 
 # -------------------------------------------------------- 3. inference only --
 for board in "${BOARDS[@]}"; do
+  [ "$INFERENCE" -eq 1 ] || break
   prepare "$board" inference
   record "$board" inference cpu "$(cpu_of "$board")"
   record "$board" inference hwcap_atomics "$(has_atomics "$(cpu_of "$board")")"

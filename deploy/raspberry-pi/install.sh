@@ -39,7 +39,8 @@ set -euo pipefail
 # The install ends with a smoke test that runs both on this CPU: a version
 # that crashes here fails the install, not the first training run.
 TORCH_VERSION="2.13.0"
-TORCH_INDEX_URL="${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}"
+TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX_URL="${TORCH_INDEX_URL:-$TORCH_CPU_INDEX}"
 ONNXRUNTIME_VERSION="${ONNXRUNTIME_VERSION:-1.20.1}"
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -105,6 +106,10 @@ if [ "$INFERENCE_ONLY" -eq 1 ]; then
   TARGET="$SOURCE"
 else
   say "training and inference: torch $TORCH_VERSION (CPU build), onnxruntime $ONNXRUNTIME_VERSION"
+  if [ "$TORCH_INDEX_URL" != "$TORCH_CPU_INDEX" ] && [ -z "$WHEELHOUSE" ]; then
+    # Another index (PyPI, a mirror) serves the CUDA build for aarch64.
+    say "warning: torch from $TORCH_INDEX_URL, not the PyTorch CPU index: an aarch64 torch from PyPI or a mirror of it is the CUDA build, with gigabytes of NVIDIA libraries"
+  fi
   TARGET="${SOURCE}[train]"
 fi
 
@@ -197,8 +202,16 @@ if [ "$SYSTEMD" -eq 1 ]; then
         -e "s#^Group=splitkd#Group=$SERVICE_USER#" "$HERE/$unit" >"/etc/systemd/system/$unit"
     fi
   done
-  run systemctl daemon-reload
-  run systemctl enable --now splitkd-edge.service
+  if [ -d /run/systemd/system ] || [ "$DRY_RUN" -eq 1 ]; then
+    run systemctl daemon-reload
+    run systemctl enable --now splitkd-edge.service
+  else
+    # No running systemd (a chroot, a container, an SD-card image being
+    # built): systemctl would fail here, after the whole install. Enable the
+    # unit for the next boot instead.
+    say "systemd is not running here: splitkd-edge.service is enabled for the next boot, not started"
+    run systemctl --root=/ enable splitkd-edge.service
+  fi
 fi
 
 say "done. Next: edit $CONFIG_DIR/edge.env (the cloud's address, this device's id and data),"
