@@ -202,8 +202,10 @@ prepare() {
   printf '[global]\ncert = /etc/ssl/certs/ca-certificates.crt\ndefault-timeout = 180\n' >"$WORK/etc/pip.conf"
   # The host's extra indexes are file:// folders of x86-64 wheels: of no use
   # to an arm64 pip, and absent inside the chroot. Only the cert carries over.
+  # And the host's apt settings for reaching its mirror (a proxy, snapshot validity).
   local f
-  for f in /etc/apt/apt.conf.d/99artifact-registry; do [ -e "$f" ] && cp "$f" "$WORK$f"; done
+  grep -l -E 'Acquire::(https?::)?Proxy|Check-Valid-Until' /etc/apt/apt.conf.d/* 2>/dev/null |
+    while read -r f; do cp "$f" "$WORK$f"; done
   mount -t proc proc "$WORK/proc"; MOUNTS+=("$WORK/proc")
   bind /dev "$WORK/dev"
   mkdir -p "$WORK/run/fakesys"
@@ -309,21 +311,41 @@ install_stage() {
   t0=$(date +%s.%N)
   if ! in_pi "$cpu" "${INSTALL_ENV[@]}" /bin/bash -c 'cd /root/splitkd && deploy/raspberry-pi/install.sh "$@"' \
     install.sh "$@" >"$OUT/$board-$stage-install.log" 2>&1; then
-    tail -n 15 "$OUT/$board-$stage-install.log" | sed 's/^/    /'
-    fail "$board: the $stage install failed; see $OUT/$board-$stage-install.log"
+    tail -n 5 "$OUT/$board-$stage-install.log" | sed 's/^/    /'
+    say "$board: the $stage install FAILED; see $OUT/$board-$stage-install.log"
+    record "$board" "$stage" install_result "$(install_failure "$OUT/$board-$stage-install.log")"
+    return 1
   fi
+  record "$board" "$stage" install_result ok
   t1=$(date +%s.%N)
   record "$board" "$stage" install_seconds "$(awk "BEGIN { printf \"%.1f\", $t1 - $t0 }")"
   record "$board" "$stage" venv_mb "$(du -sm "$WORK/opt/splitkd" | cut -f1)"
   grep -E '^(onnxruntime|torch|splitkd-edge) ' "$OUT/$board-$stage-install.log" | sed 's/^/    smoke: /' || true
 }
 INSTALL_ENV=()
+# The installer's own verdict, from its last line: which smoke test, which signal.
+install_failure() {
+  if grep -q "torch crashed with 'Illegal instruction'" "$1"; then echo "FAILED: torch SIGILL"
+  elif grep -q "onnxruntime crashed with 'Illegal instruction'" "$1"; then echo "FAILED: onnxruntime SIGILL"
+  else echo "FAILED"; fi
+}
 
-# systemd-analyze verify inside the chroot, where the units' ExecStart exists.
+# systemd-analyze verify inside the chroot, where the units' ExecStart exists:
+# the units the installer put in /etc/systemd/system, and the repository's
+# others (the training unit after an inference-only install) from a scratch
+# folder.
 verify_units() {
   local board="$1" stage="$2" cpu units=() u out
   cpu="$(cpu_of "$board")"
-  for u in "$WORK"/etc/systemd/system/splitkd-edge*.service; do units+=("/etc/systemd/system/${u##*/}"); done
+  mkdir -p "$WORK/run/unit-check"
+  for u in "$ROOT"/deploy/raspberry-pi/*.service; do
+    if [ -e "$WORK/etc/systemd/system/${u##*/}" ]; then
+      units+=("/etc/systemd/system/${u##*/}")
+    else
+      cp "$u" "$WORK/run/unit-check/"
+      units+=("/run/unit-check/${u##*/}")
+    fi
+  done
   if out="$(in_pi "$cpu" systemd-analyze verify "${units[@]}" 2>&1)"; then
     record "$board" "$stage" units_verified "${#units[@]} ok"
   else
@@ -334,20 +356,25 @@ verify_units() {
   record "$board" "$stage" unit_enabled "$([ -L "$WORK/etc/systemd/system/multi-user.target.wants/splitkd-edge.service" ] && echo yes || echo no)"
 }
 
-# pid of the emulated `splitkd-edge serve` in the cgroup (qemu runs it: its
-# /proc entry is qemu's, with the arm64 program's command line after it).
-serve_pid() {
-  local pid
+# Peak resident memory (VmHWM, MB) of the emulated `splitkd-edge serve`: the
+# python process in the cgroup. qemu runs it, so its /proc entry is qemu's,
+# with the arm64 program's command line after qemu's (runuser and the shell
+# that exec'd it mention "splitkd-edge serve" too: the largest one is python).
+serve_vmhwm_mb() {
+  local pid best=0 kb
   while read -r pid; do
-    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q 'splitkd-edge serve' && { echo "$pid"; return 0; }
+    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q 'python3* .*splitkd-edge serve' || continue
+    kb="$(awk '/^VmHWM:/ { print $2 }' "/proc/$pid/status" 2>/dev/null)"
+    [ -n "$kb" ] && [ "$kb" -gt "$best" ] && best="$kb"
   done <"$CGROUP/cgroup.procs"
-  return 1
+  [ "$best" -gt 0 ] || return 1
+  echo $((best / 1024))
 }
 
 # pull, then serve in a memory cgroup of 512 MB (no swap here), predict over
 # HTTP and with the CLI. $1 board, $2 stage.
 serve_stage() {
-  local board="$1" stage="$2" cpu port model pid status
+  local board="$1" stage="$2" cpu port model hwm status
   cpu="$(cpu_of "$board")"
   port="$(free_port)"
   configure "$board" "$port" "$(free_port)"
@@ -379,14 +406,19 @@ serve_stage() {
   record "$board" "$stage" serve_ready_seconds "$(awk "BEGIN { printf \"%.1f\", $t1 - $t0 }")"
   "$PY" -m testbed.pi_report latency "http://127.0.0.1:$port/v1/predict" "$SAMPLE_JSON" "$PREDICTS" |
     while read -r key value; do record "$board" "$stage" "$key" "$value"; done
+  # The same model and sample with onnxruntime natively: the emulated Pi must agree.
+  record "$board" "$stage" native_class "$("$PY" -c 'import json, sys, numpy as np, onnxruntime as ort
+s = ort.InferenceSession(sys.argv[1])
+x = np.asarray([json.loads(sys.argv[2])], dtype=np.float32)
+print(int(s.run(None, {s.get_inputs()[0].name: x})[0].argmax()))' "$OUT/native/models/$model/1/model.onnx" "$SAMPLE_JSON")"
   cp "$OUT/sample.npy" "$WORK/var/lib/splitkd/sample.npy"
   t0=$(date +%s.%N)
   as_splitkd "$cpu" "/opt/splitkd/bin/splitkd-edge predict --input /var/lib/splitkd/sample.npy" \
     >"$OUT/$board-$stage-predict.log" 2>&1 || { cat "$OUT/$board-$stage-predict.log"; fail "$board: predict failed"; }
   t1=$(date +%s.%N)
   record "$board" "$stage" predict_cli_seconds "$(awk "BEGIN { printf \"%.1f\", $t1 - $t0 }")"
-  pid="$(serve_pid)" || fail "$board: serve is gone (killed by the ${MEMORY_LIMIT_MB} MB limit?)"
-  record "$board" "$stage" serve_vmhwm_mb "$(awk '/^VmHWM:/ { printf "%.0f", $2 / 1024 }' "/proc/$pid/status")"
+  hwm="$(serve_vmhwm_mb)" || fail "$board: serve is gone (killed by the ${MEMORY_LIMIT_MB} MB limit?)"
+  record "$board" "$stage" serve_vmhwm_mb "$hwm"
   record "$board" "$stage" cgroup_peak_mb "$(awk '{ printf "%.0f", $1 / 1048576 }' "$CGROUP/memory.max_usage_in_bytes")"
   record "$board" "$stage" oom_kills "$(awk '/^oom_kill / { print $2 }' "$CGROUP/memory.oom_control")"
   record "$board" "$stage" memory_limit_mb "$MEMORY_LIMIT_MB"
@@ -398,7 +430,7 @@ for board in "${BOARDS[@]}"; do
   prepare "$board" inference
   record "$board" inference cpu "$(cpu_of "$board")"
   record "$board" inference hwcap_atomics "$(has_atomics "$(cpu_of "$board")")"
-  install_stage "$board" inference --inference-only
+  install_stage "$board" inference --inference-only || fail "$board: the inference-only install failed"
   verify_units "$board" inference
   serve_stage "$board" inference
   cleanup
@@ -446,9 +478,10 @@ if [ "$TRAIN" -eq 1 ]; then
   for board in "${BOARDS[@]}"; do
     prepare "$board" train
     record "$board" train cpu "$(cpu_of "$board")"
-    install_stage "$board" train
-    verify_units "$board" train
-    train_stage "$board" train
+    if install_stage "$board" train; then
+      verify_units "$board" train
+      train_stage "$board" train
+    fi
     cleanup
   done
   INSTALL_ENV=()
