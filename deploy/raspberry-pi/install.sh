@@ -28,6 +28,9 @@ set -euo pipefail
 #   `import torch`, pytorch#174344 and #176993, fixed in 2.11.0).
 #   onnxruntime 1.21.0 (SIGILL at `import onnxruntime` on Pi 4,
 #   onnxruntime#23957 and #24112); 1.20 ran on the same boards.
+#   PyPI's aarch64 torch 2.13.0 (the CUDA build): its first matrix product
+#   dies on a Cortex-A72 (`ldaddal` in the bundled NVIDIA BLAS,
+#   libnvpl_blas_core), found by `make pi-check`; the CPU build is needed.
 # So, conservatively:
 #   torch 2.13.0: the version the whole project is pinned to and tested with
 #   (pyproject.toml), after the 2.11.0 fix; the CPU-only build from the
@@ -169,6 +172,9 @@ smoke() {
   "$PREFIX/bin/python" -c "$code" || status=$?
   if [ "$status" -eq 132 ]; then
     echo "install.sh: $what crashed with 'Illegal instruction' on this CPU; see the pins at the top of $0" >&2
+    if [ "$what" = torch ] && [ "$TORCH_INDEX_URL" != "$TORCH_CPU_INDEX" ]; then
+      echo "install.sh: this torch came from $TORCH_INDEX_URL: the aarch64 CUDA build's BLAS (NVPL) uses LSE atomics, which a Pi 4 lacks; install the CPU build" >&2
+    fi
     exit 1
   elif [ "$status" -ne 0 ]; then
     echo "install.sh: the $what smoke test failed (exit $status)" >&2
