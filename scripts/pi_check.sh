@@ -208,6 +208,8 @@ prepare() {
     while read -r f; do cp "$f" "$WORK$f"; done
   mount -t proc proc "$WORK/proc"; MOUNTS+=("$WORK/proc")
   bind /dev "$WORK/dev"
+  # /dev/shm is its own tmpfs (1777): without it, joblib (scikit-learn) falls back to serial.
+  bind /dev/shm "$WORK/dev/shm"
   mkdir -p "$WORK/run/fakesys"
   fake_sysfs "$CACHE/sys-$board" "$(midr_of "$board")"
   bind "$CACHE/sys-$board" "$WORK/sys"
@@ -471,7 +473,7 @@ if [ "$TRAIN" -eq 1 ]; then
     say "download.pytorch.org is unreachable: --torch-from-registry installs torch from $registry,"
     say "  whose aarch64 torch is the CUDA build (~4.7 GB with its NVIDIA libraries): NOT what a Pi gets"
     INSTALL_ENV=(TORCH_INDEX_URL="$registry")
-    EXTRA_NOTES+=("training install: download.pytorch.org unreachable, torch from the registry ($registry): its aarch64 build is the CUDA one, so the venv size is not a Pi's (the CPU build is ~1.4 GB)")
+    EXTRA_NOTES+=("training install: download.pytorch.org unreachable, torch from the registry ($registry): its aarch64 build is the CUDA one, so the venv size is not a Pi's, and on the Pi 4 its NVPL BLAS dies with SIGILL (LSE atomics)")
   else
     fail "download.pytorch.org is unreachable from here: add --torch-from-registry (PI_CHECK_ARGS=--torch-from-registry) to install the registry's CUDA torch instead"
   fi
