@@ -134,14 +134,15 @@ CGROUP=""
 PIDS=()
 # Stop what one board's stage started, unmount, remove its copy.
 cleanup() {
-  local pid m i
+  local pid m i procs
   if [ -n "$CGROUP" ] && [ -d "$CGROUP" ]; then
+    # cgroup files report size 0: read them. A cgroup goes only once empty.
     for _ in $(seq 50); do
-      [ -s "$CGROUP/cgroup.procs" ] || break
-      while read -r pid; do kill -9 "$pid" 2>/dev/null || true; done <"$CGROUP/cgroup.procs"
+      procs="$(cat "$CGROUP/cgroup.procs")"
+      [ -z "$procs" ] && rmdir "$CGROUP" 2>/dev/null && break
+      for pid in $procs; do kill -9 "$pid" 2>/dev/null || true; done
       sleep 0.2
     done
-    rmdir "$CGROUP" 2>/dev/null || true
   fi
   CGROUP=""
   for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
