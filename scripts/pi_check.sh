@@ -214,8 +214,6 @@ prepare() {
   mkdir -p "$WORK/run/fakesys"
   fake_sysfs "$CACHE/sys-$board" "$(midr_of "$board")"
   bind "$CACHE/sys-$board" "$WORK/sys"
-  mkdir -p "$CACHE/pip-cache" "$WORK/root/.cache/pip"
-  bind "$CACHE/pip-cache" "$WORK/root/.cache/pip"
   # The repository as a Pi owner clones it: the tracked files of this tree.
   mkdir -p "$WORK/root/splitkd"
   (cd "$ROOT" && git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf -) |
@@ -496,7 +494,7 @@ fi
 NOTES=(
   "emulated with qemu-user $(/usr/bin/qemu-aarch64-static --version | head -n 1 | awk '{print $3}') on $(uname -m), $(nproc) host cores; fake /sys/devices/system/cpu with the board's MIDR_EL1 (an emulation artefact: oneDNN in torch reads it at import)"
   "memory: serve ran in a cgroup with memory.limit_in_bytes=${MEMORY_LIMIT_MB} MB and no swap; peak MB is VmHWM of the qemu process running it (qemu's translator included, so a real Pi's is lower)"
-  "latency: $PREDICTS POST /v1/predict of one 8x8 digit from this host over loopback; install time includes downloads (pip cache $CACHE/pip-cache shared between boards)"
+  "latency: $PREDICTS POST /v1/predict of one 8x8 digit from this host over loopback; install time includes apt-get and every download (each board starts from a fresh root file system)"
 )
 [ "${#EXTRA_NOTES[@]}" -gt 0 ] && NOTES+=("${EXTRA_NOTES[@]}")
 args=()
