@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help venv demo fleet-demo test lint typecheck unit proto proto-check config-doc bench loadtest compare testbed compose-check clean
+.PHONY: help venv demo fleet-demo test lint typecheck unit proto proto-check config-doc bench loadtest compare testbed compose-check pi-check clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -64,6 +64,9 @@ compare: $(STAMP) ## Flower 1.42 FedAvg (own venv .venv-flower) vs splitkd, same
 
 compose-check: $(STAMP) ## (root) build the images, run docker-compose.yml for real, check it, tear down
 	scripts/compose_check.sh
+
+pi-check: $(STAMP) ## (root) install.sh on emulated Pi 4/5 CPUs (arm64 chroot, qemu); PI_TRAIN=1 adds training
+	PI_CHECK_PYTHON=$(BIN)/python PI_TRAIN=$(PI_TRAIN) scripts/pi_check.sh $(PI_CHECK_ARGS)
 
 testbed: $(STAMP) ## (root) cloud + 3 edges in network namespaces, shaped links, report in runs/testbed
 	$(BIN)/python -m testbed.run

@@ -28,6 +28,9 @@ set -euo pipefail
 #   `import torch`, pytorch#174344 and #176993, fixed in 2.11.0).
 #   onnxruntime 1.21.0 (SIGILL at `import onnxruntime` on Pi 4,
 #   onnxruntime#23957 and #24112); 1.20 ran on the same boards.
+#   PyPI's aarch64 torch 2.13.0 (the CUDA build): its first matrix product
+#   dies on a Cortex-A72 (`ldaddal` in the bundled NVIDIA BLAS,
+#   libnvpl_blas_core), found by `make pi-check`; the CPU build is needed.
 # So, conservatively:
 #   torch 2.13.0: the version the whole project is pinned to and tested with
 #   (pyproject.toml), after the 2.11.0 fix; the CPU-only build from the
@@ -39,7 +42,8 @@ set -euo pipefail
 # The install ends with a smoke test that runs both on this CPU: a version
 # that crashes here fails the install, not the first training run.
 TORCH_VERSION="2.13.0"
-TORCH_INDEX_URL="${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}"
+TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX_URL="${TORCH_INDEX_URL:-$TORCH_CPU_INDEX}"
 ONNXRUNTIME_VERSION="${ONNXRUNTIME_VERSION:-1.20.1}"
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -105,6 +109,10 @@ if [ "$INFERENCE_ONLY" -eq 1 ]; then
   TARGET="$SOURCE"
 else
   say "training and inference: torch $TORCH_VERSION (CPU build), onnxruntime $ONNXRUNTIME_VERSION"
+  if [ "$TORCH_INDEX_URL" != "$TORCH_CPU_INDEX" ] && [ -z "$WHEELHOUSE" ]; then
+    # Another index (PyPI, a mirror) serves the CUDA build for aarch64.
+    say "warning: torch from $TORCH_INDEX_URL, not the PyTorch CPU index: an aarch64 torch from PyPI or a mirror of it is the CUDA build, with gigabytes of NVIDIA libraries"
+  fi
   TARGET="${SOURCE}[train]"
 fi
 
@@ -164,6 +172,9 @@ smoke() {
   "$PREFIX/bin/python" -c "$code" || status=$?
   if [ "$status" -eq 132 ]; then
     echo "install.sh: $what crashed with 'Illegal instruction' on this CPU; see the pins at the top of $0" >&2
+    if [ "$what" = torch ] && [ "$TORCH_INDEX_URL" != "$TORCH_CPU_INDEX" ]; then
+      echo "install.sh: this torch came from $TORCH_INDEX_URL: the aarch64 CUDA build's BLAS (NVPL) uses LSE atomics, which a Pi 4 lacks; install the CPU build" >&2
+    fi
     exit 1
   elif [ "$status" -ne 0 ]; then
     echo "install.sh: the $what smoke test failed (exit $status)" >&2
@@ -197,8 +208,16 @@ if [ "$SYSTEMD" -eq 1 ]; then
         -e "s#^Group=splitkd#Group=$SERVICE_USER#" "$HERE/$unit" >"/etc/systemd/system/$unit"
     fi
   done
-  run systemctl daemon-reload
-  run systemctl enable --now splitkd-edge.service
+  if [ -d /run/systemd/system ] || [ "$DRY_RUN" -eq 1 ]; then
+    run systemctl daemon-reload
+    run systemctl enable --now splitkd-edge.service
+  else
+    # No running systemd (a chroot, a container, an SD-card image being
+    # built): systemctl would fail here, after the whole install. Enable the
+    # unit for the next boot instead.
+    say "systemd is not running here: splitkd-edge.service is enabled for the next boot, not started"
+    run systemctl --root=/ enable splitkd-edge.service
+  fi
 fi
 
 say "done. Next: edit $CONFIG_DIR/edge.env (the cloud's address, this device's id and data),"
