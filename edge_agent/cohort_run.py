@@ -7,12 +7,10 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from edge_agent.client import CloudClient
 from edge_agent.data import LocalData
 from edge_agent.fleet import cohort_report, install_final, run_rounds
 from edge_agent.model_store import ModelStore
-from edge_agent.run import TrainOptions, _plot, write_report
-from edge_agent.security import EdgeSecurity
+from edge_agent.run import TrainOptions, _plot, cloud_client, write_report
 from edge_agent.telemetry import TrainingTelemetry
 from splitkd.classes import class_scores
 from splitkd.models import zoo
@@ -26,15 +24,7 @@ def train_cohort(options: TrainOptions) -> dict[str, Any]:
     local = LocalData.load(options)
     dataset, split = local.dataset, local.split
     log.info("%s: joining cohort %s", options.device_id, options.cohort)
-    security = options.security or EdgeSecurity()
-    with CloudClient(
-        options.cloud,
-        timeout=options.timeout,
-        retry_seconds=options.retry_seconds,
-        credentials=security.channel_credentials(),
-        metadata=security.call_metadata(options.device_id),
-    ) as client:
-        client.on_traffic = telemetry.on_traffic
+    with cloud_client(options, telemetry) as client:
         join = client.join_cohort(
             options.device_id,
             options.cohort,

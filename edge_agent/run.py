@@ -63,6 +63,20 @@ class TrainOptions:
     cohort: str = ""  # join this cohort (a fleet) instead of training alone
 
 
+def cloud_client(options: TrainOptions, telemetry: TrainingTelemetry) -> CloudClient:
+    """The run's gRPC client: TLS and credential from ``options``, traffic into ``telemetry``."""
+    security = options.security or EdgeSecurity()
+    client = CloudClient(
+        options.cloud,
+        timeout=options.timeout,
+        retry_seconds=options.retry_seconds,
+        credentials=security.channel_credentials(),
+        metadata=security.call_metadata(options.device_id),
+    )
+    client.on_traffic = telemetry.on_traffic
+    return client
+
+
 def train(
     options: TrainOptions,
     on_step: Callable[[StepRecord], None] | None = None,
@@ -79,15 +93,7 @@ def train(
         )
     local = LocalData.load(options)
     dataset, split = local.dataset, local.split
-    security = options.security or EdgeSecurity()
-    with CloudClient(
-        options.cloud,
-        timeout=options.timeout,
-        retry_seconds=options.retry_seconds,
-        credentials=security.channel_credentials(),
-        metadata=security.call_metadata(options.device_id),
-    ) as client:
-        client.on_traffic = telemetry.on_traffic
+    with cloud_client(options, telemetry) as client:
         store = EdgeCheckpoints(options.checkpoint_dir, avoid=options.model_dir)
         identity = {
             "cloud": options.cloud,
