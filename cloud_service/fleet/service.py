@@ -285,9 +285,11 @@ class FleetService:
         number = cohort.round
         outcome: RoundOutcome | None = None
         published: dict[str, int] = {}
+        # In device order, not arrival order: float sums then come out the same every run.
+        ordered = sorted(pending, key=lambda p: cohort.members[p.contribution.member_id].device_id)
         try:
             outcome = self._strategies[cohort.name].aggregate(
-                number, dict(cohort.students), dict(cohort.specs), [p.contribution for p in pending]
+                number, dict(cohort.students), dict(cohort.specs), [p.contribution for p in ordered]
             )
             for klass in sorted({p.contribution.device_class for p in pending}):
                 published[klass] = self._publish(cohort, klass, outcome.students[klass], number)
