@@ -11,8 +11,6 @@ import logging
 from typing import Any
 
 from splitkd.errors import SplitKDError
-from splitkd.models import zoo
-from splitkd.onnx_export import export_checked
 
 log = logging.getLogger(__name__)
 TEACHER_MODEL_NAME = "teacher"
@@ -27,16 +25,8 @@ def publish_teacher(service: Any) -> int:
             return int(latest.version)
     except SplitKDError:
         pass  # nothing published yet
-    with service.export_lock:
-        onnx_bytes, diff = export_checked(teacher.model, teacher.spec.input_shape)
-        record = service.registry.publish(
-            TEACHER_MODEL_NAME,
-            onnx_bytes,
-            parameters=zoo.parameter_count(teacher.spec),
-            max_abs_diff=diff,
-            input_shape=list(teacher.spec.input_shape),
-            num_classes=teacher.spec.num_classes,
-            teacher_version=teacher.version,
-        )
+    record = service.publish_model(
+        TEACHER_MODEL_NAME, teacher.model, teacher.spec, teacher_version=teacher.version
+    )
     log.info("server model v%d published as %s v%d", teacher.version, record.name, record.version)
     return int(record.version)

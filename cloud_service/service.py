@@ -29,6 +29,7 @@ from splitkd.hyper import Hyperparameters
 from splitkd.messages import StepOutcome
 from splitkd.models import zoo
 from splitkd.models.spec import ModelSpec
+from splitkd.models.staged import StagedModel
 from splitkd.onnx_export import export_checked
 from splitkd.signature import DatasetSignature
 
@@ -304,19 +305,14 @@ class CloudService:
                     "published; train first"
                 )
             student = session.assemble(head_state)
-            with self.export_lock:
-                onnx_bytes, diff = export_checked(student, self.student_spec.input_shape)
-                record = self.registry.publish(
-                    session.model_name,
-                    onnx_bytes,
-                    parameters=zoo.parameter_count(self.student_spec),
-                    max_abs_diff=diff,
-                    input_shape=list(self.student_spec.input_shape),
-                    num_classes=self.student_spec.num_classes,
-                    device_id=session.device_id,
-                    steps=session.next_step,
-                    teacher_version=session.teacher_version,
-                )
+            record = self.publish_model(
+                session.model_name,
+                student,
+                session.student_spec,
+                device_id=session.device_id,
+                steps=session.next_step,
+                teacher_version=session.teacher_version,
+            )
             session.finished_version = record.version
             if self.checkpoints is not None:
                 # Published: nothing left to resume, so nothing kept on disk.
@@ -330,6 +326,26 @@ class CloudService:
                 record.size_bytes,
             )
             return record
+
+    def publish_model(
+        self, name: str, model: StagedModel, spec: ModelSpec, **meta: object
+    ) -> ModelRecord:
+        """Export ``model`` to ONNX, check it against PyTorch and publish it as a new version.
+
+        Every published model (solo students, cohort students, the server model) comes
+        through here; ``meta`` adds what the record should say of its origin.
+        """
+        with self.export_lock:
+            onnx_bytes, diff = export_checked(model, spec.input_shape)
+            return self.registry.publish(
+                name,
+                onnx_bytes,
+                parameters=zoo.parameter_count(spec),
+                max_abs_diff=diff,
+                input_shape=list(spec.input_shape),
+                num_classes=spec.num_classes,
+                **meta,
+            )
 
     def open_download(
         self, name: str, version: int, offset: int

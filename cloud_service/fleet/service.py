@@ -29,7 +29,6 @@ from splitkd.errors import FailedPrecondition, InvalidArgument, NotFound, Permis
 from splitkd.messages import CohortConfig, JoinAnswer, ModelSummary, RoundState, RoundTask, Update
 from splitkd.models import zoo
 from splitkd.models.spec import ModelSpec
-from splitkd.onnx_export import export_checked
 from splitkd.signature import DatasetSignature
 
 log = logging.getLogger(__name__)
@@ -324,19 +323,14 @@ class FleetService:
         spec = cohort.specs[klass]
         model = koala.model_from(spec, weights)
         model.eval()
-        with self.split.export_lock:
-            onnx_bytes, diff = export_checked(model, spec.input_shape)
-            record = self.split.registry.publish(
-                self.model_name(cohort.name, klass),
-                onnx_bytes,
-                parameters=zoo.parameter_count(spec),
-                max_abs_diff=diff,
-                input_shape=list(spec.input_shape),
-                num_classes=spec.num_classes,
-                steps=number,
-                cohort=cohort.name,
-                teacher_version=self.split.teachers.current().version,
-            )
+        record = self.split.publish_model(
+            self.model_name(cohort.name, klass),
+            model,
+            spec,
+            steps=number,
+            cohort=cohort.name,
+            teacher_version=self.split.teachers.current().version,
+        )
         return record.version
 
     def _save(self, cohort: Cohort) -> None:
