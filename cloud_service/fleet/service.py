@@ -25,7 +25,13 @@ from cloud_service.service import CloudService
 from splitkd import koala, names
 from splitkd.data.specs import Dataset
 from splitkd.device_classes import STANDARD, device_class, student_for
-from splitkd.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from splitkd.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    SplitKDError,
+)
 from splitkd.messages import CohortConfig, JoinAnswer, ModelSummary, RoundState, RoundTask, Update
 from splitkd.models import zoo
 from splitkd.models.spec import ModelSpec
@@ -54,6 +60,7 @@ class FleetService:
         self._strategies: dict[str, Strategy] = {}
         self._member_cohort: dict[str, str] = {}
         self._sessions: dict[str, tuple[int, str]] = {}  # member -> (round, split session id)
+        self._session_lock = threading.Lock()
         self._closer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="round-close")
         self.store = CohortStore(settings.state_dir) if settings.state_dir else None
         split.cohort_member = self.is_member
@@ -199,14 +206,23 @@ class FleetService:
         return ModelSummary(record.name, record.version, record.sha256, record.size_bytes)
 
     def _round_session(self, cohort: Cohort, member: Member, number: int, weights: Any) -> Any:
-        """Split mode: the member's split session for this round, from the class's student."""
-        existing = self._sessions.get(member.member_id)
-        if existing is not None and existing[0] == number:
-            try:
-                return self.split.sessions.get(existing[1])
-            except Exception:
-                pass  # expired: make a new one
-        session = self.split.register(
+        """Split mode: the member's split session for this round, from the class's student.
+
+        Under ``_session_lock``: a fetch repeated at once (a retry) must not make two.
+        """
+        with self._session_lock:
+            existing = self._sessions.get(member.member_id)
+            if existing is not None and existing[0] == number:
+                try:
+                    return self.split.sessions.get(existing[1])
+                except SplitKDError:
+                    pass  # expired: make a new one
+            session = self._new_round_session(cohort, member, weights)
+            self._sessions[member.member_id] = (number, session.session_id)
+            return session
+
+    def _new_round_session(self, cohort: Cohort, member: Member, weights: Any) -> Any:
+        return self.split.register(
             member.device_id,
             self.split.teacher.signature,
             requested_epochs=cohort.config.local_epochs,
@@ -215,8 +231,6 @@ class FleetService:
             model_name=self.model_name(cohort.name, member.device_class),
             persist=False,
         )
-        self._sessions[member.member_id] = (number, session.session_id)
-        return session
 
     def expected_update(self, member_id: str) -> dict[str, tuple[int, ...]]:
         """Names and shapes a member's update must have (its whole student, or its head)."""
@@ -226,10 +240,8 @@ class FleetService:
             if entry is None:
                 raise FailedPrecondition("no split session for this round; fetch the round first")
             return self.split.sessions.get(entry[1]).head_shapes()
-        spec = cohort.specs[member.device_class]
-        return {k: tuple(v.shape) for k, v in cohort.students[member.device_class].items()} or {
-            k: tuple(v.shape) for k, v in zoo.build(spec).state_dict().items()
-        }
+        # A class's student exists from its first member's join on.
+        return {k: tuple(v.shape) for k, v in cohort.students[member.device_class].items()}
 
     def submit(self, update: Update, device: str | None = None) -> tuple[bool, int]:
         cohort, member = self._member(update.member_id, device)

@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save
 
 from cloud_service.fleet.cohort import Cohort, Member, Pending, RoundRecord
 from cloud_service.fleet.config import CohortPlan
 from cloud_service.fleet.strategy import Contribution
+from splitkd.atomic import write_bytes_atomic, write_json_atomic
 from splitkd.messages import CohortConfig
 from splitkd.models.spec import ModelSpec
 
@@ -30,21 +30,8 @@ log = logging.getLogger(__name__)
 Weights = dict[str, np.ndarray]
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)
-
-
 def _save_weights(path: Path, weights: Weights) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: np.ascontiguousarray(v) for k, v in weights.items()}, str(tmp))
-    with tmp.open("rb") as handle:
-        os.fsync(handle.fileno())
-    tmp.replace(path)
+    write_bytes_atomic(path, save({k: np.ascontiguousarray(v) for k, v in weights.items()}))
 
 
 class CohortStore:
@@ -82,7 +69,7 @@ class CohortStore:
                 for k, p in cohort.pending.items()
             },
         }
-        _write_atomic(folder / "cohort.json", json.dumps(state, indent=1).encode())
+        write_json_atomic(folder / "cohort.json", state)
         self._prune(folder, cohort.round)
 
     def _prune(self, folder: Path, current: int) -> None:

@@ -9,7 +9,6 @@ configuration; adding one is one class plus one line in ``STRATEGIES``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -119,9 +118,6 @@ class Koala(FedAvg):
             averaged.students[device_class] = koala.weights_of(model)
         averaged.server_model_version = updated.version
         return averaged
-
-
-StrategyFactory = Callable[[], Strategy]
 
 
 def strategy_for(
