@@ -17,49 +17,9 @@ import socket
 import statistics
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
+from testbed.echo import connect, echo_server, round_trip
 from testbed.linkemu import CHUNK_BYTES, Delay, LinkEmulator
-
-
-@contextmanager
-def echo_server() -> Iterator[tuple[str, int]]:
-    server = socket.create_server(("127.0.0.1", 0))
-
-    def handle(conn: socket.socket) -> None:
-        with conn:
-            while data := conn.recv(65536):
-                conn.sendall(data)
-
-    def accept() -> None:
-        while True:
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            threading.Thread(target=handle, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
-    try:
-        yield server.getsockname()[:2]
-    finally:
-        server.close()
-
-
-def connect(port: int) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
-
-
-def round_trip(sock: socket.socket, size: int = 100) -> float:
-    started = time.perf_counter()
-    sock.sendall(b"x" * size)
-    got = 0
-    while got < size:
-        got += len(sock.recv(size - got))
-    return time.perf_counter() - started
 
 
 def echo_seconds(sock: socket.socket, payload: bytes) -> float:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,3 +92,13 @@ def apply_steps(service: CloudService, session_id: str, count: int, start: int =
             rng.standard_normal((4, *session.teacher_activation_shape)).astype(np.float32),
             rng.integers(0, session.num_classes, 4),
         )
+
+
+def wait_for(
+    what: str, condition: Callable[[], object], timeout: float = 60.0, interval: float = 0.02
+) -> None:
+    """Poll ``condition`` until it holds; the generous deadline only turns a hang into a failure."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(interval)

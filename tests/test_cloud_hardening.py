@@ -6,7 +6,6 @@ import gc
 import json
 import logging
 import threading
-import time
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +28,7 @@ from splitkd.errors import FailedPrecondition, InvalidArgument, NotFound
 from splitkd.hyper import Hyperparameters
 from splitkd.v1 import splitkd_pb2 as pb
 from splitkd.v1 import splitkd_pb2_grpc as pb_grpc
-from tests.support import DIGITS, apply_steps, make_teacher
+from tests.support import DIGITS, apply_steps, make_teacher, wait_for
 from tests.test_grpc_errors import register, step_request
 
 TEACHER = make_teacher()
@@ -48,13 +47,6 @@ def durable_service(state: Path, store: SessionStore | None = None, **hyper: int
 
 def session_folders(state: Path) -> list[str]:
     return sorted(p.name for p in (state / "sessions").iterdir() if not p.name.startswith("."))
-
-
-def wait_until(condition: object, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.01)
 
 
 # --- 1. Register floods hold no capacity and nothing on disk ---------------------------------
@@ -102,8 +94,8 @@ def test_the_edge_retries_register_while_the_cloud_is_full(tmp_path: Path) -> No
                 target=lambda: results.append(client.register("pi-1", DIGITS)), daemon=True
             )
             worker.start()
-            wait_until(
-                lambda: client.retried_calls > 0 or not worker.is_alive(), "a refused Register"
+            wait_for(
+                "a refused Register", lambda: client.retried_calls > 0 or not worker.is_alive(), 30
             )
             service.sessions.remove(occupier.session_id)
             worker.join(60)
@@ -130,7 +122,7 @@ def test_a_device_at_its_session_cap_gives_up_its_oldest_idle_session(tmp_path: 
     with pytest.raises(NotFound):
         service.sessions.get(crashed[0])
     assert service.sessions.get(crashed[1]).next_step == 2
-    wait_until(lambda: crashed[0] not in session_folders(tmp_path), "its files are removed")
+    wait_for("its files are removed", lambda: crashed[0] not in session_folders(tmp_path), 30)
 
 
 def test_fresh_discards_the_saved_session_before_registering(tmp_path: Path) -> None:

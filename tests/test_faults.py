@@ -29,6 +29,7 @@ import pytest
 from cloud_service.teacher import train_teacher
 from splitkd.demo import free_port
 from splitkd.hyper import Hyperparameters
+from tests.support import wait_for
 from tests.test_end_to_end import ENV, http_json, stop, wait_http
 
 pytestmark = pytest.mark.slow
@@ -158,14 +159,6 @@ def run_edge(command: list[str], log: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(command, env=ENV, stdout=log.open("ab"), stderr=subprocess.STDOUT)
 
 
-def wait_for(what: str, condition: Callable[[], bool], timeout: float = 120) -> None:
-    """Poll ``condition``; the generous deadline only turns a hang into a failure."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-
-
 def retries_logged(tmp: Path) -> int:
     return (tmp / "edge.log").read_text(errors="replace").count("retrying in")
 
@@ -225,7 +218,7 @@ def test_cloud_killed_or_stopped_mid_training(
             log = (tmp_path / "cloud-0.log").read_text()
             assert "checkpointed 1 unfinished sessions" in log, log[-2000:]
         # Restart only once the edge has seen the cloud gone and is retrying.
-        wait_for("the edge to retry", lambda: retries_logged(tmp_path) > retries)
+        wait_for("the edge to retry", lambda: retries_logged(tmp_path) > retries, 120, interval=0.1)
         cloud.start(teacher_file)
         report = finish(edge, tmp_path)
     finally:

@@ -6,8 +6,6 @@ edge has landed, so neither a slow machine nor a fast one changes what happens.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,7 @@ from cloud_service.server import build_grpc_server
 from cloud_service.sessions import SessionStore
 from edge_agent.client import CloudClient
 from edge_agent.errors import CloudRefused
-from tests.support import DIGITS, make_service
+from tests.support import DIGITS, make_service, wait_for
 
 IDLE_TIMEOUT = 1.0
 
@@ -27,14 +25,6 @@ class ManualClock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def wait_for(what: str, condition: Callable[[], bool], timeout: float = 60.0) -> None:
-    """Poll ``condition``; the generous deadline only turns a hang into a failure."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def test_heartbeats_keep_a_session_that_would_expire(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from testbed import netns
+from testbed import echo, netns
 from testbed.linkemu import Delay, LinkEmulator, link_profile
 from testbed.run import command
 
@@ -31,41 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def echo_server() -> Iterator[tuple[str, int]]:
     """A TCP echo server on loopback that echoes until the client half-closes."""
-    server = socket.create_server(("127.0.0.1", 0))
-
-    def handle(conn: socket.socket) -> None:
-        with conn:
-            while data := conn.recv(65536):
-                conn.sendall(data)
-
-    def accept() -> None:
-        while True:
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            threading.Thread(target=handle, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
-    try:
-        yield server.getsockname()[:2]
-    finally:
-        server.close()
-
-
-def _connect(port: int) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
-
-
-def _round_trip(sock: socket.socket, size: int = 100) -> float:
-    started = time.perf_counter()
-    sock.sendall(b"x" * size)
-    got = 0
-    while got < size:
-        got += len(sock.recv(size - got))
-    return time.perf_counter() - started
+    with echo.echo_server() as address:
+        yield address
 
 
 def _echo_all(sock: socket.socket, payload: bytes, pieces: list[int] | None = None) -> bytes:
@@ -93,10 +60,10 @@ def test_emulator_adds_at_least_the_configured_delay(echo_server: tuple[str, int
     delay = Delay.from_ms(30.0)
     with (
         LinkEmulator(("127.0.0.1", 0), echo_server, delay, delay) as emulator,
-        _connect(emulator.port) as sock,
+        echo.connect(emulator.port) as sock,
     ):
-        _round_trip(sock)  # the first one also pays the emulated handshake
-        rtts = [_round_trip(sock) for _ in range(10)]
+        echo.round_trip(sock)  # the first one also pays the emulated handshake
+        rtts = [echo.round_trip(sock) for _ in range(10)]
     # One way each direction: a round trip is at least 2 x 30 ms, however fast the machine.
     # How little more it is depends on the machine's load: `make bench` prints that ratio.
     assert min(rtts) >= 0.060
@@ -111,7 +78,7 @@ def test_emulator_preserves_bytes_and_order_under_jitter(echo_server: tuple[str,
     # byte stream must come out exactly as it went in.
     delay = Delay.from_ms(3.0, 3.0)
     with LinkEmulator(("127.0.0.1", 0), echo_server, delay, delay, seed=1) as emulator:
-        with _connect(emulator.port) as sock:
+        with echo.connect(emulator.port) as sock:
             echoed = _echo_all(sock, payload, pieces)
         counters = emulator.counters
     assert echoed == payload
@@ -123,7 +90,7 @@ def test_emulator_keeps_throughput(echo_server: tuple[str, int]) -> None:
     delay = Delay.from_ms(50.0)
     with (
         LinkEmulator(("127.0.0.1", 0), echo_server, delay, delay) as emulator,
-        _connect(emulator.port) as sock,
+        echo.connect(emulator.port) as sock,
     ):
         echoed = _echo_all(sock, payload)
         held = emulator.counters.max_held_chunks
@@ -140,7 +107,7 @@ def test_emulator_refuses_nothing_when_upstream_is_down() -> None:
         dead = placeholder.getsockname()[:2]
     with (
         LinkEmulator(("127.0.0.1", 0), dead, Delay(0.0), Delay(0.0)) as emulator,
-        _connect(emulator.port) as sock,
+        echo.connect(emulator.port) as sock,
     ):
         # The emulator closes the client's connection: EOF, not a hang.
         assert sock.recv(1) == b""
