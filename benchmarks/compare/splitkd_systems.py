@@ -34,7 +34,20 @@ def teacher_file(folder: Path) -> Path:
 
 def run_split_kd(ctx: RunContext) -> SystemRun:
     """Per-device split KD (each device its own session with the teacher), over gRPC."""
-    folder = ctx.folder / "splitkd-split-kd"
+    return _run_processes(
+        ctx,
+        "splitkd-split-kd",
+        ["--epochs", str(ctx.epochs)],
+        [],
+        "splitkd gRPC (per-step activations and gradients)",
+    )
+
+
+def _run_processes(
+    ctx: RunContext, name: str, cloud_flags: list[str], edge_flags: list[str], transport: str
+) -> SystemRun:
+    """One ``splitkd-cloud serve`` and one ``splitkd-edge train`` per device, each behind a relay."""
+    folder = ctx.folder / name
     folder.mkdir(parents=True, exist_ok=True)
     teacher = teacher_file(ctx.folder.parent)
     grpc_port, http_port = free_port(), free_port()
@@ -42,7 +55,7 @@ def run_split_kd(ctx: RunContext) -> SystemRun:
     command = [sys.executable, "-m", "cloud_service.cli", "serve", "--host", "127.0.0.1"]
     command += ["--grpc-port", str(grpc_port), "--http-port", str(http_port)]
     command += ["--teacher", str(teacher), "--state-dir", str(folder / "cloud")]
-    command += ["--seed", str(ctx.seed), "--epochs", str(ctx.epochs)]
+    command += ["--seed", str(ctx.seed), *cloud_flags]
     cloud = start(command, cloud_log)
     devices: list[Device] = []
     with cleanup([cloud], devices):
@@ -50,23 +63,15 @@ def run_split_kd(ctx: RunContext) -> SystemRun:
         started = time.monotonic()
         for data in ctx.devices:
             relay = CountingRelay(grpc_port)
+            edge = _edge_command(ctx, folder, data.name, data.shard, relay.port)
             log = folder / f"{data.name}.log"
-            devices.append(
-                Device(
-                    data.name,
-                    start(_edge_command(ctx, folder, data.name, data.shard, relay.port), log),
-                    relay,
-                    log,
-                )
-            )
+            devices.append(Device(data.name, start([*edge, *edge_flags], log), relay, log))
         ended = wait_devices(devices, [cloud], timeout=3600)
         results = [
             _device_result(ctx, folder, d, data.shard)
             for d, data in zip(devices, ctx.devices, strict=True)
         ]
-    return SystemRun(
-        results, ended - started, {"transport": "splitkd gRPC (per-step activations and gradients)"}
-    )
+    return SystemRun(results, ended - started, {"transport": transport})
 
 
 def _edge_command(ctx: RunContext, folder: Path, device: str, shard: str, port: int) -> list[str]:
@@ -120,41 +125,17 @@ def proxy_file(folder: Path) -> Path:
 
 def _run_cohort(ctx: RunContext, mode: str) -> SystemRun:
     """A cohort of ``ctx.devices`` in ``mode``: one cloud, one edge process per device."""
-    name = f"splitkd-{mode}-cohort"
-    folder = ctx.folder / name
-    folder.mkdir(parents=True, exist_ok=True)
-    teacher, proxy = teacher_file(ctx.folder.parent), proxy_file(ctx.folder.parent)
-    grpc_port, http_port = free_port(), free_port()
-    cloud_log = folder / "cloud.log"
-    command = [sys.executable, "-m", "cloud_service.cli", "serve", "--host", "127.0.0.1"]
-    command += ["--grpc-port", str(grpc_port), "--http-port", str(http_port)]
-    command += ["--teacher", str(teacher), "--state-dir", str(folder / "cloud")]
-    command += ["--seed", str(ctx.seed), "--proxy-data", f"npz:{proxy}"]
-    command += ["--cohort-mode", mode, "--cohort-min-devices", str(len(ctx.devices))]
-    command += ["--rounds", str(ctx.rounds), "--local-epochs", str(ctx.local_epochs)]
-    command += ["--round-timeout", "600"]
-    cloud = start(command, cloud_log)
-    devices: list[Device] = []
-    with cleanup([cloud], devices):
-        wait_healthy(f"http://127.0.0.1:{http_port}/healthz", cloud, cloud_log)
-        started = time.monotonic()
-        for data in ctx.devices:
-            relay = CountingRelay(grpc_port)
-            edge = _edge_command(ctx, folder, data.name, data.shard, relay.port)
-            log = folder / f"{data.name}.log"
-            devices.append(
-                Device(data.name, start([*edge, "--cohort", "compare"], log), relay, log)
-            )
-        ended = wait_devices(devices, [cloud], timeout=3600)
-        results = [
-            _device_result(ctx, folder, d, data.shard)
-            for d, data in zip(devices, ctx.devices, strict=True)
-        ]
+    proxy = proxy_file(ctx.folder.parent)
+    cloud_flags = ["--proxy-data", f"npz:{proxy}", "--cohort-mode", mode]
+    cloud_flags += ["--cohort-min-devices", str(len(ctx.devices)), "--round-timeout", "600"]
+    cloud_flags += ["--rounds", str(ctx.rounds), "--local-epochs", str(ctx.local_epochs)]
     transport = {
         "federated": "splitkd gRPC, weights once per round (KOALA: the server model learns too)",
         "split": "splitkd gRPC, split steps per round, heads and tails averaged per round",
     }[mode]
-    return SystemRun(results, ended - started, {"transport": transport})
+    return _run_processes(
+        ctx, f"splitkd-{mode}-cohort", cloud_flags, ["--cohort", "compare"], transport
+    )
 
 
 def run_split_cohort(ctx: RunContext) -> SystemRun:
