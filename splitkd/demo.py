@@ -88,7 +88,7 @@ def student_alone(edge_report: dict[str, Any], data: str, shard: str) -> dict[st
     return class_scores(predicted, split.heldout.y).as_report()
 
 
-def _point_latest(latest: Path, stamp: str) -> Path | None:
+def point_latest(latest: Path, stamp: str) -> Path | None:
     """``runs/latest`` -> this run; a ``latest`` that is not splitkd's symlink is left alone."""
     if latest.is_symlink():
         latest.unlink()
@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = Path(args.runs) / stamp
     run_dir.mkdir(parents=True, exist_ok=True)
-    latest = _point_latest(Path(args.runs) / "latest", stamp) or run_dir
+    latest = point_latest(Path(args.runs) / "latest", stamp) or run_dir
     grpc_port, http_port = free_port(), free_port()
     python = sys.executable
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from splitkd.demo import free_port, http_json, wait_healthy
+from splitkd.demo import free_port, http_json, point_latest, wait_healthy
 
 PROFILES = [
     ("raspberry-pi-4", "wifi"),
@@ -319,11 +319,7 @@ def run(args: argparse.Namespace) -> int:
     root = Path(args.runs)
     folder = root / stamp
     folder.mkdir(parents=True, exist_ok=True)
-    latest = root / "latest"
-    if latest.is_symlink():
-        latest.unlink()
-    if not latest.exists():
-        latest.symlink_to(stamp)
+    point_latest(root / "latest", stamp)
     print(
         f"splitkd fleet demo: {args.edges} non-IID devices (Dirichlet {args.alpha}), run folder {folder}"
     )

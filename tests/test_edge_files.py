@@ -265,13 +265,13 @@ def test_checkpoints_carry_the_runs_totals_to_the_next_process(tmp_path: Path) -
 
 
 def test_the_demo_replaces_only_its_own_latest_symlink(tmp_path: Path) -> None:
-    from splitkd.demo import _point_latest
+    from splitkd.demo import point_latest
 
     (tmp_path / "latest").write_text("a user's file named latest")
-    _point_latest(tmp_path / "latest", "20260101-000000")
+    point_latest(tmp_path / "latest", "20260101-000000")
     assert (tmp_path / "latest").read_text() == "a user's file named latest"
     link = tmp_path / "other" / "latest"
     link.parent.mkdir()
     link.symlink_to("old")
-    _point_latest(link, "new")
+    point_latest(link, "new")
     assert os.readlink(link) == "new"
