@@ -239,13 +239,19 @@ class CloudService:
             session.start_ahead()
 
     def checkpoint_all(self) -> int:
-        """On shutdown: every unfinished session's live state to disk. Returns how many."""
+        """On shutdown: every unfinished session's live state to disk. Returns how many are there.
+
+        A session whose live step is already a checkpoint (the signal came right on a
+        checkpoint step) is counted without being written again.
+        """
         count = 0
         for session in self.sessions.all():
             with session.lock:
-                if session.finished_version is None and session.next_step not in session.snapshots:
+                if session.finished_version is not None or not session.persisted:
+                    continue
+                if session.next_step not in session.snapshots:
                     self._checkpoint(session)
-                    count += 1
+                count += 1
         return count
 
     def resume(self, session_id: str, available_steps: list[int]) -> tuple[int, Session]:
