@@ -160,7 +160,7 @@ def main() -> None:
             session,
             split.train,
             split.heldout,
-            GrpcTransport(client, session.session_id, pb.DTYPE_FLOAT32),
+            GrpcTransport(client, session),
         )
         step_number = {"n": 0}
         records = []
@@ -191,7 +191,7 @@ def main() -> None:
         teacher_s, student_s, handler_s = cloud_figures(cloud_http)
         # Wire bytes over a fresh run of steps through the relay, against the
         # tensors' own bytes (same session: steps go on where timing stopped).
-        trainer.transport = GrpcTransport(relayed, session.session_id, pb.DTYPE_FLOAT32)
+        trainer.transport = GrpcTransport(relayed, session)
         records.clear()
         up0, down0 = relay.snapshot()
         wire_steps = 100

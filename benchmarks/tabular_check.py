@@ -115,7 +115,7 @@ def distilled(teacher: Teacher, split: EdgeSplit, folder: Path) -> float:
     try:
         with CloudClient(f"127.0.0.1:{port}") as client:
             session = client.register("tabular-check", split.train.signature)
-            transport = GrpcTransport(client, session.session_id, pb.DTYPE_FLOAT32)
+            transport = GrpcTransport(client, session)
             trainer = EdgeTrainer(session, split.train, split.heldout, transport)
             result = trainer.run()
             info = client.finish(session.session_id, trainer.head_state(), result.steps)

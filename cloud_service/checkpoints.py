@@ -19,6 +19,7 @@ from typing import Any
 
 from cloud_service.session import Session
 from cloud_service.teacher import Teacher, TeacherVersions
+from cloud_service.teacher_cache import TeacherCache
 from splitkd import checkpoint
 from splitkd.atomic import write_json_atomic
 from splitkd.classes import check_class_weights
@@ -73,6 +74,9 @@ class SessionCheckpoints:
             # nothing past step 0 may be a flood of bare registrations (see _load).
             "trained": True,
             "class_weights": list(session.class_weights),
+            # The cache itself is not saved: after a restart the edge's next step
+            # misses and sends its teacher activations again (teacher_cache.py).
+            "teacher_cache_samples": 0 if session.cache is None else session.cache.capacity,
         }
         folder = self._folder(session.session_id)
         folder.mkdir(parents=True, exist_ok=True)
@@ -140,8 +144,9 @@ class SessionCheckpoints:
         self, folder: Path, meta: dict[str, Any], teacher_spec: ModelSpec, teacher: Teacher
     ) -> Session:
         student_spec = ModelSpec.from_json(meta["student"]["family"], meta["student"]["spec"])
-        hyper = Hyperparameters(**meta["hyper"])
+        hyper = _hyper(meta["hyper"])
         student = zoo.build(student_spec, hyper.seed)
+        capacity = int(meta.get("teacher_cache_samples", 0))
         states = _intact_states(folder, student)
         if not states:
             raise Unrestorable("no intact checkpoint")
@@ -164,9 +169,18 @@ class SessionCheckpoints:
             ),
             next_step=max(states),
             snapshots=states,
+            cache=TeacherCache(capacity, student_spec.num_classes) if capacity > 0 else None,
         )
         session.load(states[max(states)])  # live = newest; older ones stay restorable
         return session
+
+
+def _hyper(saved: dict[str, Any]) -> Hyperparameters:
+    """Hyperparameters as saved; folders of versions before the wire codecs had wire_dtype."""
+    saved = dict(saved)
+    if "wire_dtype" in saved:
+        saved.setdefault("wire_codec", saved.pop("wire_dtype"))
+    return Hyperparameters(**saved)
 
 
 def _intact_states(folder: Path, student: StagedModel) -> dict[int, checkpoint.TrainingState]:

@@ -54,7 +54,8 @@ def _serve(args: ServeSettings) -> int:
         kd_alpha=args.kd_alpha,
         kd_temperature=args.kd_temperature,
         seed=args.seed,
-        wire_dtype=args.wire_dtype,
+        wire_codec=args.wire_codec,
+        topk_ratio=args.topk_ratio,
         checkpoint_every=args.checkpoint_every,
     )
     if args.teacher:
@@ -75,7 +76,13 @@ def _serve(args: ServeSettings) -> int:
         TeacherVersions(teacher, args.state_dir / "teacher-versions"),
         ModelRegistry(args.state_dir / "models", keep_versions=args.keep_versions),
         SessionStore(idle_timeout=args.session_timeout),
-        CloudConfig(student_cut=args.student_cut, teacher_cut=args.teacher_cut, hyper=hyper),
+        CloudConfig(
+            student_cut=args.student_cut,
+            teacher_cut=args.teacher_cut,
+            hyper=hyper,
+            teacher_cache_bytes=int(args.teacher_cache_mb * (1 << 20)),
+            teacher_cache_samples=args.teacher_cache_samples,
+        ),
         checkpoints=SessionCheckpoints(args.state_dir / "sessions"),
         limiter=RateLimiter(args.max_steps_per_second),
     )

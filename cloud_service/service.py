@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +22,12 @@ from cloud_service.registry import ModelRecord, ModelRegistry
 from cloud_service.session import Session
 from cloud_service.sessions import SessionStore
 from cloud_service.teacher import Teacher, TeacherVersions
-from splitkd import names
+from cloud_service.teacher_cache import TeacherCache
+from splitkd import codecs, names
 from splitkd.classes import check_class_weights, padded_class_weights
 from splitkd.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, SplitKDError
 from splitkd.hyper import Hyperparameters
-from splitkd.messages import StepOutcome
+from splitkd.messages import SessionAsk, StepOutcome, TaskDescription
 from splitkd.models import zoo
 from splitkd.models.spec import ModelSpec
 from splitkd.models.staged import StagedModel
@@ -45,6 +46,10 @@ class CloudConfig:
     teacher_cut: int = 1
     hyper: Hyperparameters = field(default_factory=Hyperparameters)
     student_spec: ModelSpec | None = None
+    # Teacher-output caches (teacher_cache.py): all sessions' together stay within
+    # this many bytes, and one session caches at most this many samples.
+    teacher_cache_bytes: int = 256 << 20
+    teacher_cache_samples: int = 1_000_000
 
 
 class CloudService:
@@ -121,8 +126,10 @@ class CloudService:
         model_name: str | None = None,
         persist: bool = True,
         class_weights: Sequence[float] = (),
+        ask: SessionAsk | None = None,
     ) -> Session:
         """A new split session; a cohort passes its class's spec and current weights."""
+        ask = ask or SessionAsk()
         self.check_device(device_id)
         check_label(device_profile, "device profile")
         check_label(link_profile, "link profile")
@@ -136,7 +143,10 @@ class CloudService:
             self.student_spec.num_classes,
         )
         hyper = self.config.hyper.with_epochs(requested_epochs)
+        if ask.wire_codec:
+            hyper = replace(hyper, wire_codec=codecs.check_name(ask.wire_codec))
         spec = student_spec or self.student_spec
+        student_cut, teacher_cut = self.cuts(spec, teacher.spec, ask)
         student = zoo.build(spec, hyper.seed)
         if initial_state is not None:
             student.load_state_dict(
@@ -147,8 +157,8 @@ class CloudService:
             device_id=device_id,
             student_spec=spec,
             teacher_spec=teacher.spec,
-            student_cut=self.config.student_cut,
-            teacher_cut=self.config.teacher_cut,
+            student_cut=student_cut,
+            teacher_cut=teacher_cut,
             hyper=hyper,
             model_name=model_name or f"student-{device_id}",
             student=student,
@@ -158,6 +168,7 @@ class CloudService:
             device_profile=device_profile,
             link_profile=link_profile,
             class_weights=weights,
+            cache=self.grant_cache(ask.train_samples, self.student_spec.num_classes),
         )
         # Pending until its first step: holds no capacity, nothing on disk (sessions.py).
         self.sessions.add(session)
@@ -168,6 +179,60 @@ class CloudService:
             signature.describe(),
         )
         return session
+
+    def cuts(self, student: ModelSpec, teacher: ModelSpec, ask: SessionAsk) -> tuple[int, int]:
+        """The cuts a session trains at: the edge's ask when allowed, else the defaults.
+
+        A cut is allowed from 1 (never raw inputs on the wire) to the last stage
+        boundary before the model's final stage (the cloud always has a tail).
+        """
+        for cut, spec, what in (
+            (ask.student_cut, student, "student"),
+            (ask.teacher_cut, teacher, "teacher"),
+        ):
+            if cut and cut not in allowed_cuts(spec):
+                raise InvalidArgument(
+                    f"a {what} cut of {cut} is not allowed: choose one of {allowed_cuts(spec)} "
+                    "(cut 0 would send raw inputs)"
+                )
+        return (
+            ask.student_cut or self.config.student_cut,
+            ask.teacher_cut or self.config.teacher_cut,
+        )
+
+    def describe(self, signature: DatasetSignature) -> TaskDescription:
+        """What a session for ``signature`` would train, without opening one (the planner)."""
+        teacher = self.teachers.current()
+        teacher.check_serves(signature)
+        return TaskDescription(
+            student_spec=self.student_spec,
+            teacher_spec=teacher.spec,
+            student_cuts=tuple(allowed_cuts(self.student_spec)),
+            teacher_cuts=tuple(allowed_cuts(teacher.spec)),
+            default_student_cut=self.config.student_cut,
+            default_teacher_cut=self.config.teacher_cut,
+            hyper=self.config.hyper,
+            wire_codecs=codecs.CODECS,
+            teacher_cache_samples=self.config.teacher_cache_samples,
+        )
+
+    def grant_cache(self, train_samples: int, num_classes: int) -> TeacherCache | None:
+        """A teacher-output cache when the sample count fits the per-session and total budgets."""
+        if train_samples < 0:
+            raise InvalidArgument(f"train_samples must be >= 0, got {train_samples}")
+        if not 0 < train_samples <= self.config.teacher_cache_samples:
+            return None
+        wanted = TeacherCache.bytes_for(train_samples, num_classes)
+        held = sum(s.cache.reserved_bytes for s in self.sessions.all() if s.cache is not None)
+        if held + wanted > self.config.teacher_cache_bytes:
+            log.warning("teacher cache budget spent (%d bytes held): no cache granted", held)
+            return None
+        return TeacherCache(train_samples, num_classes)
+
+    def cache_bytes(self) -> tuple[int, int]:
+        """(allocated, reserved) bytes of every session's teacher cache."""
+        caches = [s.cache for s in self.sessions.all() if s.cache is not None]
+        return sum(c.nbytes for c in caches), sum(c.reserved_bytes for c in caches)
 
     def admit(self, session_id: str, what: str = "steps") -> Session:
         """The session, once the caller's rate limit allows one more call: the
@@ -182,13 +247,14 @@ class CloudService:
         step: int,
         student_act: np.ndarray,
         teacher_act: np.ndarray | None,
-        labels: np.ndarray,
+        labels: np.ndarray | None,
         next_teacher_act: np.ndarray | None = None,
         kd_alpha: float | None = None,
+        sample_ids: np.ndarray | None = None,
     ) -> StepOutcome:
         session = self.admit(session_id)
         return self.apply_step(
-            session, step, student_act, teacher_act, labels, next_teacher_act, kd_alpha
+            session, step, student_act, teacher_act, labels, next_teacher_act, kd_alpha, sample_ids
         )
 
     def apply_step(
@@ -197,9 +263,10 @@ class CloudService:
         step: int,
         student_act: np.ndarray,
         teacher_act: np.ndarray | None,
-        labels: np.ndarray,
+        labels: np.ndarray | None,
         next_teacher_act: np.ndarray | None = None,
         kd_alpha: float | None = None,
+        sample_ids: np.ndarray | None = None,
     ) -> StepOutcome:
         """A step of an admitted session (see :meth:`admit`)."""
         if kd_alpha is not None and not 0.0 <= kd_alpha <= 1.0:
@@ -214,7 +281,7 @@ class CloudService:
                 self.checkpoints.save_meta(session)
                 self.checkpoints.save_state(session.session_id, session.snapshots[0])
             result = session.step(
-                step, student_act, teacher_act, labels, next_teacher_act, kd_alpha
+                step, student_act, teacher_act, labels, next_teacher_act, kd_alpha, sample_ids
             )
             if session.due_for_checkpoint():
                 self._checkpoint(session)
@@ -372,3 +439,8 @@ def _chunks(path: Path, offset: int) -> Iterator[tuple[int, bytes]]:
         while chunk := handle.read(DOWNLOAD_CHUNK_BYTES):
             yield offset, chunk
             offset += len(chunk)
+
+
+def allowed_cuts(spec: ModelSpec) -> list[int]:
+    """Stage boundaries a session may cut at: never 0 (raw inputs), never the end."""
+    return list(range(1, spec.num_stages))

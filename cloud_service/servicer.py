@@ -11,9 +11,10 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import grpc
+import numpy as np
 from google.protobuf.message import Message
 
 from cloud_service.limits import MAX_SESSION_ID
@@ -30,6 +31,7 @@ from splitkd.v1 import splitkd_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
 FLOATS = (pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT16)
+MAX_PROBE_BYTES = 4 << 20
 
 
 def rpc(method: F) -> F:
@@ -63,6 +65,31 @@ def rpc(method: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _signature(service: CloudService, sig: pb.DatasetSignature) -> DatasetSignature:
+    if len(sig.input_shape) > 3:
+        raise InvalidArgument(
+            f"input shape of {len(sig.input_shape)} dimensions is not supported: use features "
+            "(F), sequences (C, L) or images (C, H, W)"
+        )
+    # 0: the device does not say; the task's classes are the teacher's (the
+    # edge checks its own labels against them), so nothing about them leaks.
+    classes = sig.num_classes or service.teacher.signature.num_classes
+    return DatasetSignature(tuple(sig.input_shape), classes, sig.name)
+
+
+def _teacher_field(
+    session: Session,
+    request: pb.StepRequest,
+    what: Literal["teacher_activations", "next_teacher_activations"],
+) -> np.ndarray | None:
+    if not request.HasField(what):
+        return None
+    shape = (None, *session.teacher_activation_shape)
+    return session.accept(
+        codec.unpack(getattr(request, what), what=what, shape=shape), what, teacher=True
+    )
+
+
 def _require_session_id(session_id: str) -> None:
     if not session_id:
         raise InvalidArgument("session_id is empty; call Register first")
@@ -93,16 +120,7 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
     def Register(
         self, request: pb.RegisterRequest, context: grpc.ServicerContext
     ) -> pb.RegisterResponse:
-        sig = request.signature
-        if len(sig.input_shape) > 3:
-            raise InvalidArgument(
-                f"input shape of {len(sig.input_shape)} dimensions is not supported: use features "
-                "(F), sequences (C, L) or images (C, H, W)"
-            )
-        # 0: the device does not say; the task's classes are the teacher's (the
-        # edge checks its own labels against them), so nothing about them leaks.
-        classes = sig.num_classes or self.service.teacher.signature.num_classes
-        signature = DatasetSignature(tuple(sig.input_shape), classes, sig.name)
+        signature = _signature(self.service, request.signature)
         session = self.service.register(
             request.device_id,
             signature,
@@ -110,6 +128,7 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
             device_profile=request.profile.name,
             link_profile=request.profile.link,
             class_weights=list(request.class_weights),
+            ask=serde.session_ask_from_pb(request),
         )
         return session_message(session, self.service.teacher.accuracy)
 
@@ -139,43 +158,34 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
         _require_session_id(request.session_id)
         # Lookup and rate limit first: a refused call costs no decoding.
         session = self.service.admit(request.session_id)
-        student = codec.decode(
-            request.student_activations,
-            what="student_activations",
-            dtypes=FLOATS,
-            shape=(None, *session.student_activation_shape),
-            finite=True,
+        student = session.accept(
+            codec.unpack(
+                request.student_activations,
+                what="student_activations",
+                shape=(None, *session.student_activation_shape),
+            ),
+            "student_activations",
         )
-        teacher_shape = (None, *session.teacher_activation_shape)
-        teacher = None
-        if request.HasField("teacher_activations"):
-            teacher = codec.decode(
-                request.teacher_activations,
-                what="teacher_activations",
-                dtypes=FLOATS,
-                shape=teacher_shape,
-                finite=True,
+        teacher = _teacher_field(session, request, "teacher_activations")
+        next_teacher = _teacher_field(session, request, "next_teacher_activations")
+        labels = None
+        if request.HasField("labels"):
+            labels = codec.decode(
+                request.labels, what="labels", dtypes=(pb.DTYPE_INT64,), shape=(None,)
             )
-        next_teacher = None
-        if request.HasField("next_teacher_activations"):
-            next_teacher = codec.decode(
-                request.next_teacher_activations,
-                what="next_teacher_activations",
-                dtypes=FLOATS,
-                shape=teacher_shape,
-                finite=True,
+        sample_ids = None
+        if request.HasField("sample_ids"):
+            sample_ids = codec.decode(
+                request.sample_ids, what="sample_ids", dtypes=(pb.DTYPE_INT32,), shape=(None,)
             )
-        labels = codec.decode(
-            request.labels, what="labels", dtypes=(pb.DTYPE_INT64,), shape=(None,)
-        )
         kd_alpha = request.kd_alpha if request.HasField("kd_alpha") else None
         result = self.service.apply_step(
-            session, request.step, student, teacher, labels, next_teacher, kd_alpha
+            session, request.step, student, teacher, labels, next_teacher, kd_alpha, sample_ids
         )
         if result.next_teacher_accepted and not result.replayed:
             # Once the answer is sent: the teacher tail then runs while the edge works.
             context.add_callback(functools.partial(self.service.start_ahead, request.session_id))
-        return serde.step_outcome_to_pb(result, request.student_activations.dtype)
+        return serde.step_outcome_to_pb(result)
 
     @rpc
     def Evaluate(
@@ -188,11 +198,27 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
             raise InvalidArgument("set exactly one of student_activations and teacher_activations")
         what = "teacher_activations" if teacher else "student_activations"
         shape = session.teacher_activation_shape if teacher else session.student_activation_shape
-        activations = codec.decode(
-            getattr(request, what), what=what, dtypes=FLOATS, shape=(None, *shape), finite=True
+        activations = session.accept_evaluation(
+            codec.unpack(getattr(request, what), what=what, shape=(None, *shape)), what
         )
         logits = self.service.apply_evaluate(session, activations, teacher=teacher)
         return pb.EvaluateResponse(logits=codec.encode(logits, pb.DTYPE_FLOAT32))
+
+    @rpc
+    def Describe(
+        self, request: pb.DescribeRequest, context: grpc.ServicerContext
+    ) -> pb.DescribeResponse:
+        return serde.task_description_to_pb(
+            self.service.describe(_signature(self.service, request.signature))
+        )
+
+    @rpc
+    def Probe(self, request: pb.ProbeRequest, context: grpc.ServicerContext) -> pb.ProbeResponse:
+        if len(request.payload) > MAX_PROBE_BYTES:
+            raise InvalidArgument(f"probe payload is above {MAX_PROBE_BYTES} bytes")
+        if not 0 <= request.reply_bytes <= MAX_PROBE_BYTES:
+            raise InvalidArgument(f"reply_bytes must be in 0..{MAX_PROBE_BYTES}")
+        return pb.ProbeResponse(payload=bytes(request.reply_bytes))
 
     @rpc
     def Finish(self, request: pb.FinishRequest, context: grpc.ServicerContext) -> pb.FinishResponse:

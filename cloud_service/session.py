@@ -16,10 +16,12 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from splitkd import checkpoint
+from cloud_service.teacher_cache import TeacherCache
+from splitkd import checkpoint, codecs
+from splitkd.codecs import Encoded
 from splitkd.errors import FailedPrecondition, InvalidArgument
 from splitkd.hyper import Hyperparameters
-from splitkd.kd import kd_loss
+from splitkd.kd import KDLoss, kd_loss
 from splitkd.messages import SessionInfo, StepOutcome
 from splitkd.models import zoo
 from splitkd.models.spec import ModelSpec
@@ -83,6 +85,8 @@ class Session:
     _prefetch: tuple[int, Future[tuple[torch.Tensor, float]]] | None = field(
         default=None, repr=False
     )
+    # Teacher outputs per sample (None: the session was granted no cache).
+    cache: TeacherCache | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.student_spec.check_cut(self.student_cut, "student cut")
@@ -92,6 +96,13 @@ class Session:
         self._student_shape = zoo.activation_shape(self.student_spec, self.student_cut)
         self._teacher_shape = zoo.activation_shape(self.teacher_spec, self.teacher_cut)
         self._class_weights = weight_tensor(self.class_weights)
+        # One codec per stream: the gradient's carries error feedback (topk) and a
+        # random stream (stochastic rounding); teacher and evaluation activations
+        # go once per sample, so they use the codec's no-memory variant.
+        name, ratio = self.hyper.wire_codec, self.hyper.topk_ratio
+        self._student_codec = codecs.make(name, topk_ratio=ratio)
+        self._gradient_codec = codecs.make(name, seed=self.hyper.seed, topk_ratio=ratio)
+        self._teacher_codec = codecs.make(codecs.evaluation_codec(name))
         if not self.snapshots:
             self.snapshots[self.next_step] = self.take_snapshot()
 
@@ -134,6 +145,7 @@ class Session:
         self._last, self._last_inputs = None, ()
         self._prefetch = None
         self._ahead = None
+        self._gradient_codec.reset()
 
     @property
     def student_activation_shape(self) -> tuple[int, ...]:
@@ -163,9 +175,10 @@ class Session:
         step: int,
         student_act: np.ndarray,
         teacher_act: np.ndarray | None,
-        labels: np.ndarray,
+        labels: np.ndarray | None,
         next_teacher_act: np.ndarray | None = None,
         kd_alpha: float | None = None,
+        sample_ids: np.ndarray | None = None,
     ) -> StepOutcome:
         """Finish both forward passes, apply the KD loss, update the tail, return the cut gradient.
 
@@ -175,47 +188,37 @@ class Session:
         backward pass, off the step's critical path. The teacher is frozen, so
         this changes when the arithmetic happens, never what it computes.
 
+        With ``sample_ids`` (the batch's positions in the device's training
+        order) the teacher's outputs and the labels are cached per sample: a
+        step without teacher activations and labels takes them from the cache
+        (``teacher_cache.py``).
+
         ``kd_alpha`` is the edge's choice of KD weight (from its measure of the
         teacher on its own data); None means the session's hyperparameter.
 
         Callers hold ``self.lock``. A resent last step (same number, same bytes)
         returns the stored result and changes nothing.
         """
-        inputs = (student_act, teacher_act, labels, next_teacher_act)
+        inputs = (student_act, teacher_act, labels, next_teacher_act, sample_ids)
         if self._last is not None and step == self._last.step:
             if _fingerprint(inputs) == self._last_inputs:
                 return replace(self._last, replayed=True)
             raise FailedPrecondition(f"step {step} was already applied with different data")
-        if self.finished_version is not None:
-            raise FailedPrecondition("this session is finished; register again to train more")
-        if step != self.next_step:
-            raise FailedPrecondition(
-                f"step {step} is out of order: the cloud expects step {self.next_step}"
-            )
+        self._check_order(step)
         batch = self._check_batch(student_act, labels)
         if teacher_act is not None and teacher_act.shape[0] != batch:
             raise InvalidArgument(
                 f"teacher activations have {teacher_act.shape[0]} samples, student activations {batch}"
             )
-        if teacher_act is None and not self._ahead_for(step):
-            raise FailedPrecondition(
-                f"step {step} has no teacher activations, and none were sent ahead with step "
-                f"{step - 1}; send them (or resume)"
-            )
+        ids = self._check_ids(sample_ids, batch)
         # The student's tail first: a teacher tail computing ahead finishes meanwhile.
         student_started = time.perf_counter()
         self.student.train()
         cut = torch.from_numpy(student_act.astype(np.float32)).requires_grad_(True)
         student_logits = self.student.run(cut, self.student_cut, len(self.student.stages))
-        if teacher_act is not None:
-            teacher_logits, teacher_seconds = self._teacher_logits(teacher_act)
-        else:
-            teacher_logits, teacher_seconds = self._ahead_logits()
-            if teacher_logits.shape[0] != batch:
-                raise InvalidArgument(
-                    f"the teacher activations sent ahead for step {step} have "
-                    f"{teacher_logits.shape[0]} samples, student activations {batch}"
-                )
+        teacher_logits, labels, teacher_seconds = self._targets(
+            step, batch, teacher_act, labels, ids
+        )
         loss = kd_loss(
             student_logits,
             teacher_logits,
@@ -224,6 +227,85 @@ class Session:
             self.hyper.kd_temperature,
             self._class_weights,
         )
+        gradient = self._apply(step, loss, cut)
+        if ids is not None and (teacher_act is not None or self._ahead_for(step)):
+            assert self.cache is not None
+            self.cache.put(ids, teacher_logits, labels)
+        correct = int((student_logits.detach().argmax(dim=1).numpy() == labels).sum())
+        self.times = SessionTimes(teacher_seconds, time.perf_counter() - student_started)
+        self._prefetch = None
+        # Kept until the next step: a copy (not a view on the request), and only for a
+        # batch the session's own batch size allows, which bounds what one peer holds here.
+        keep_ahead = (
+            next_teacher_act is not None and next_teacher_act.shape[0] <= self.hyper.batch_size
+        )
+        self._ahead = (step + 1, np.array(next_teacher_act)) if keep_ahead else None
+        encoded = self._gradient_codec.encode(gradient, ids)
+        result = StepOutcome(
+            next_teacher_accepted=keep_ahead,
+            step=step,
+            gradient=self._gradient_codec.decode(encoded),
+            loss=float(loss.total.detach()),
+            kd_loss=float(loss.kd.detach()),
+            ce_loss=float(loss.ce.detach()),
+            correct=correct,
+            encoded=encoded,
+        )
+        self._last, self._last_inputs = result, _fingerprint(inputs)
+        self.next_step = step + 1
+        return result
+
+    def _check_order(self, step: int) -> None:
+        if self.finished_version is not None:
+            raise FailedPrecondition("this session is finished; register again to train more")
+        if step != self.next_step:
+            raise FailedPrecondition(
+                f"step {step} is out of order: the cloud expects step {self.next_step}"
+            )
+
+    def _check_ids(self, sample_ids: np.ndarray | None, batch: int) -> np.ndarray | None:
+        if sample_ids is None:
+            return None
+        if self.cache is None:
+            raise FailedPrecondition(
+                "this session has no teacher-output cache: send steps without sample_ids "
+                "(register with train_samples to be granted one)"
+            )
+        return self.cache.check_ids(sample_ids, batch)
+
+    def _targets(
+        self,
+        step: int,
+        batch: int,
+        teacher_act: np.ndarray | None,
+        labels: np.ndarray | None,
+        ids: np.ndarray | None,
+    ) -> tuple[torch.Tensor, np.ndarray, float]:
+        """The teacher's logits and the labels of this batch: sent, sent ahead, or cached."""
+        if teacher_act is None and not self._ahead_for(step):
+            if ids is None or labels is not None:
+                raise FailedPrecondition(
+                    f"step {step} has no teacher activations, and none were sent ahead with step "
+                    f"{step - 1}; send them (or resume)"
+                )
+            assert self.cache is not None
+            logits, cached_labels = self.cache.get(ids)
+            return logits, cached_labels, 0.0
+        if labels is None:
+            raise InvalidArgument(f"step {step} carries teacher activations but no labels")
+        if teacher_act is not None:
+            logits, seconds = self._teacher_logits(teacher_act)
+        else:
+            logits, seconds = self._ahead_logits()
+        if logits.shape[0] != batch:
+            raise InvalidArgument(
+                f"the teacher activations sent ahead for step {step} have "
+                f"{logits.shape[0]} samples, student activations {batch}"
+            )
+        return logits, labels, seconds
+
+    def _apply(self, step: int, loss: KDLoss, cut: torch.Tensor) -> np.ndarray:
+        """Backward and optimizer step; the gradient at the cut."""
         assert self._optimizer is not None
         self._optimizer.zero_grad()
         loss.total.backward()
@@ -237,28 +319,17 @@ class Session:
                 "the step was not applied (are the inputs scaled as in training?)"
             )
         self._optimizer.step()
-        correct = int((student_logits.detach().argmax(dim=1).numpy() == labels).sum())
-        self.times = SessionTimes(teacher_seconds, time.perf_counter() - student_started)
-        self._prefetch = None
-        # Kept until the next step: a copy (not a view on the request), and only for a
-        # batch the session's own batch size allows, which bounds what one peer holds here.
-        keep_ahead = (
-            next_teacher_act is not None and next_teacher_act.shape[0] <= self.hyper.batch_size
-        )
-        self._ahead = (step + 1, np.array(next_teacher_act)) if keep_ahead else None
+        return cut.grad.numpy()
 
-        result = StepOutcome(
-            next_teacher_accepted=keep_ahead,
-            step=step,
-            gradient=cut.grad.numpy(),
-            loss=float(loss.total.detach()),
-            kd_loss=float(loss.kd.detach()),
-            ce_loss=float(loss.ce.detach()),
-            correct=correct,
-        )
-        self._last, self._last_inputs = result, _fingerprint(inputs)
-        self.next_step = step + 1
-        return result
+    def accept(self, encoded: Encoded, what: str, *, teacher: bool = False) -> np.ndarray:
+        """Activations as the session's codec packs them, decoded (any other packing refused)."""
+        wire = self._teacher_codec if teacher else self._student_codec
+        wire.check(encoded, what)
+        return wire.decode(encoded)
+
+    def accept_evaluation(self, encoded: Encoded, what: str) -> np.ndarray:
+        self._teacher_codec.check(encoded, what)
+        return self._teacher_codec.decode(encoded)
 
     def start_ahead(self) -> None:
         """Start the teacher tail of the activations sent ahead, in the background.
@@ -331,6 +402,7 @@ class Session:
             next_step=self.next_step,
             model_name=self.model_name,
             teacher_accuracy=teacher_accuracy,
+            teacher_cache_samples=0 if self.cache is None else self.cache.capacity,
         )
 
     def head_shapes(self) -> dict[str, tuple[int, ...]]:

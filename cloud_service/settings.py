@@ -45,8 +45,23 @@ class TrainingOptions(Options):
     kd_alpha: float = option(_HYPER.kd_alpha, "weight of the KD term", group=TRAINING)
     kd_temperature: float = option(_HYPER.kd_temperature, "softmax temperature", group=TRAINING)
     seed: int = option(_HYPER.seed, "seed of every random choice", group=TRAINING)
-    wire_dtype: Literal["float32", "float16"] = option(
-        _HYPER.wire_dtype, "dtype of activations and gradients on the wire", group=TRAINING
+    wire_codec: Literal["float32", "float16", "int8", "int8-stochastic", "topk"] = option(
+        _HYPER.wire_codec,
+        "how activations and gradients travel when the edge does not ask for a codec: float32, "
+        "float16, int8 (per-channel affine), int8-stochastic, topk (largest values, error feedback)",
+        group=TRAINING,
+    )
+    topk_ratio: float = option(
+        _HYPER.topk_ratio, "share of the elements the topk codec sends", group=TRAINING
+    )
+    teacher_cache_mb: float = option(
+        256.0,
+        "memory all sessions' teacher-output caches may take together (MB); a session that "
+        "does not fit trains without one (its edge then sends teacher activations every step)",
+        group=TRAINING,
+    )
+    teacher_cache_samples: int = option(
+        1_000_000, "most samples one session's teacher-output cache holds", group=TRAINING
     )
     checkpoint_every: int = option(
         _HYPER.checkpoint_every,

@@ -25,12 +25,15 @@ from edge_agent.errors import CloudRefused, EdgeError
 from edge_agent.model_store import check_model_id
 from edge_agent.security import open_channel
 from splitkd import codec, serde
+from splitkd.codecs import Encoded
 from splitkd.grpc_options import DEFAULT_MAX_MESSAGE_BYTES, channel_options
 from splitkd.messages import (
     JoinAnswer,
     RoundTask,
+    SessionAsk,
     SessionInfo,
     StepOutcome,
+    TaskDescription,
     Update,
     UpdateAnswer,
 )
@@ -199,20 +202,19 @@ class CloudClient:
         device_profile: str = "",
         link_profile: str = "",
         class_weights: Sequence[float] = (),
+        ask: SessionAsk | None = None,
     ) -> SessionInfo:
         """A new session; ``signature.num_classes`` is the class count of this device's
         labels (max + 1), which the cloud checks against its teacher's."""
         request = pb.RegisterRequest(
             device_id=device_id,
             profile=pb.DeviceProfile(name=device_profile, link=link_profile),
-            signature=pb.DatasetSignature(
-                input_shape=list(signature.input_shape),
-                num_classes=signature.num_classes,
-                name=signature.name,
-            ),
+            signature=serde.signature_to_pb(signature),
             requested_epochs=requested_epochs,
             class_weights=list(class_weights),
         )
+        if ask is not None:
+            serde.session_ask_to_pb(ask, request)
         reply: pb.RegisterResponse = self._call(
             "Register",
             lambda: self._stub.Register(request, timeout=self.timeout),
@@ -265,23 +267,25 @@ class CloudClient:
         self,
         session_id: str,
         step: int,
-        student: np.ndarray,
-        teacher: np.ndarray | None,
-        labels: np.ndarray,
-        wire_dtype: int,
-        next_teacher: np.ndarray | None = None,
+        student: Encoded,
+        teacher: Encoded | None,
+        labels: np.ndarray | None,
+        next_teacher: Encoded | None = None,
         kd_alpha: float | None = None,
+        sample_ids: np.ndarray | None = None,
     ) -> StepOutcome:
+        """One step; activations come packed by the session's codec (``GrpcTransport``)."""
         request = pb.StepRequest(
-            session_id=session_id,
-            step=step,
-            student_activations=codec.encode(student, wire_dtype),
-            labels=codec.encode(labels.astype(np.int64)),
+            session_id=session_id, step=step, student_activations=codec.pack(student)
         )
+        if labels is not None:
+            request.labels.CopyFrom(codec.encode(labels.astype(np.int64)))
         if teacher is not None:
-            request.teacher_activations.CopyFrom(codec.encode(teacher, wire_dtype))
+            request.teacher_activations.CopyFrom(codec.pack(teacher))
         if next_teacher is not None:
-            request.next_teacher_activations.CopyFrom(codec.encode(next_teacher, wire_dtype))
+            request.next_teacher_activations.CopyFrom(codec.pack(next_teacher))
+        if sample_ids is not None:
+            request.sample_ids.CopyFrom(codec.encode(sample_ids.astype(np.int32)))
         if kd_alpha is not None:
             request.kd_alpha = kd_alpha
         # Steps are idempotent by number on the cloud, so a retry is safe.
@@ -292,18 +296,36 @@ class CloudClient:
         return serde.step_outcome_from_pb(reply, student.shape)
 
     def evaluate(
-        self, session_id: str, activations: np.ndarray, wire_dtype: int, *, teacher: bool = False
+        self, session_id: str, activations: Encoded, *, teacher: bool = False
     ) -> np.ndarray:
         """Logits of the student's tail for its head's ``activations`` (or the teacher's)."""
         field = "teacher_activations" if teacher else "student_activations"
-        request = pb.EvaluateRequest(
-            session_id=session_id, **{field: codec.encode(activations, wire_dtype)}
-        )
+        request = pb.EvaluateRequest(session_id=session_id, **{field: codec.pack(activations)})
         reply: pb.EvaluateResponse = self._call(
             "Evaluate", lambda: self._stub.Evaluate(request, timeout=self.timeout), idempotent=True
         )
         self._count(request.ByteSize(), reply.ByteSize())
         return codec.decode(reply.logits, what="logits", shape=(activations.shape[0], None))
+
+    def describe(self, signature: DatasetSignature) -> TaskDescription:
+        """What the cloud would train for this data (no session is opened)."""
+        request = pb.DescribeRequest(signature=serde.signature_to_pb(signature))
+        reply: pb.DescribeResponse = self._call(
+            "Describe", lambda: self._stub.Describe(request, timeout=self.timeout), idempotent=True
+        )
+        self._count(request.ByteSize(), reply.ByteSize())
+        return serde.task_description_from_pb(reply)
+
+    def probe(self, payload_bytes: int, reply_bytes: int) -> float:
+        """Seconds of one round trip carrying these many bytes each way (the planner's probe)."""
+        request = pb.ProbeRequest(payload=bytes(payload_bytes), reply_bytes=reply_bytes)
+        started = time.perf_counter()
+        reply: pb.ProbeResponse = self._call(
+            "Probe", lambda: self._stub.Probe(request, timeout=self.timeout), idempotent=True
+        )
+        seconds = time.perf_counter() - started
+        self._count(request.ByteSize(), reply.ByteSize())
+        return seconds
 
     def finish(self, session_id: str, head: dict[str, np.ndarray], steps: int) -> pb.ModelInfo:
         request = pb.FinishRequest(

@@ -23,7 +23,7 @@ from edge_agent.inference import Predictor
 from edge_agent.model_store import LocalModel, ModelStore
 from edge_agent.telemetry import TrainingTelemetry
 from edge_agent.trainer import EdgeTrainer, GrpcTransport
-from splitkd import koala, serde
+from splitkd import koala
 from splitkd.data.partition import EdgeSplit
 from splitkd.messages import JoinAnswer, RoundState, RoundTask, SessionInfo, Update
 from splitkd.models import zoo
@@ -147,9 +147,7 @@ def _split_round(
     client: CloudClient, session: SessionInfo, split: EdgeSplit
 ) -> tuple[dict[str, np.ndarray], float, int, float]:
     """Train the round's split session; returns head, start accuracy, steps, device seconds."""
-    transport = GrpcTransport(
-        client, session.session_id, serde.WIRE_DTYPES[session.hyper.wire_dtype]
-    )
+    transport = GrpcTransport(client, session)
     trainer = EdgeTrainer(session, split.train, split.heldout, transport)
     accuracy = trainer.evaluate_split()
     for _ in range(MAX_RESUMES_PER_ROUND):

@@ -21,11 +21,11 @@ from edge_agent.teacher_check import check_teacher, compare_with_student
 from edge_agent.teacher_check import report as teacher_report
 from edge_agent.telemetry import TrainingTelemetry
 from edge_agent.trainer import EdgeTrainer, EvalRecord, GrpcTransport, StepRecord
-from splitkd import checkpoint, serde
+from splitkd import checkpoint
 from splitkd.atomic import write_json_atomic
 from splitkd.classes import class_scores
 from splitkd.data.partition import Shard
-from splitkd.messages import SessionInfo
+from splitkd.messages import SessionAsk, SessionInfo
 from splitkd.models import zoo
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,11 @@ class TrainOptions:
     # on this device's held-out data (edge_agent/teacher_check.py).
     kd_alpha: str = "cloud"
     cohort: str = ""  # join this cohort (a fleet) instead of training alone
+    # The frugal wire (splitkd/codecs.py, cloud_service/teacher_cache.py) and the cuts.
+    wire_codec: str = ""  # empty: the cloud's
+    no_teacher_cache: bool = False
+    student_cut: int = 0  # 0: the cloud's
+    teacher_cut: int = 0
 
 
 def cloud_client(options: TrainOptions, telemetry: TrainingTelemetry) -> CloudClient:
@@ -117,12 +122,16 @@ def train(
                 device_profile=telemetry.device.name,
                 link_profile=telemetry.link.name,
                 class_weights=local.class_weights,
+                ask=SessionAsk(
+                    wire_codec=options.wire_codec,
+                    train_samples=0 if options.no_teacher_cache else len(split.train),
+                    student_cut=options.student_cut,
+                    teacher_cut=options.teacher_cut,
+                ),
             )
             store.start({**identity, "session_id": session.session_id})
         local.check_task(session.student_spec.num_classes)
-        transport = GrpcTransport(
-            client, session.session_id, serde.WIRE_DTYPES[session.hyper.wire_dtype]
-        )
+        transport = GrpcTransport(client, session)
         trainer = EdgeTrainer(session, split.train, split.heldout, transport, store)
         if restored is not None:
             trainer.load(restored)

@@ -74,6 +74,19 @@ class TrainSettings(ClientSecurityOptions, ProfileOptions, DeviceOptions, ModelD
         "KD weight: the cloud's, or auto: scaled down by the teacher's accuracy on this device's "
         "held-out data when it is weak",
     )
+    wire_codec: Literal["", "float32", "float16", "int8", "int8-stochastic", "topk"] = option(
+        "",
+        "how activations and gradients travel: float32, float16, int8 (per-channel affine, 1 byte "
+        "per value), int8-stochastic, topk (largest values with error feedback); empty: the cloud's",
+        shown_default="the cloud's",
+    )
+    no_teacher_cache: bool = option(
+        False,
+        "send the teacher's activations every epoch instead of once per sample (the cloud then "
+        "keeps no teacher outputs for this device)",
+    )
+    student_cut: int = option(0, "student stages on this device (0: the cloud's choice)")
+    teacher_cut: int = option(0, "frozen teacher stages on this device (0: the cloud's choice)")
     report: Path = option(Path("report.json"), "JSON run report to write")
     metrics_port: int = option(0, "serve Prometheus metrics on this port while training (0: off)")
     metrics_host: str = option("0.0.0.0", "address for --metrics-port")

@@ -15,13 +15,15 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from edge_agent.errors import EdgeError
-from splitkd import checkpoint
+from edge_agent.errors import CloudRefused, EdgeError
+from splitkd import checkpoint, codecs
+from splitkd.codecs import Encoded
 from splitkd.data.specs import Dataset
 from splitkd.messages import SessionInfo, StepOutcome
 from splitkd.models import zoo
 from splitkd.models.normalize import fit_inputs
 from splitkd.models.staged import StagedModel
+from splitkd.names import TEACHER_CACHE_MISS as CACHE_MISS
 from splitkd.training import batch_order, make_optimizer, steps_per_epoch
 
 
@@ -35,9 +37,10 @@ class SplitTransport(Protocol):
         step: int,
         student: np.ndarray,
         teacher: np.ndarray | None,
-        labels: np.ndarray,
+        labels: np.ndarray | None,
         next_teacher: np.ndarray | None = None,
         kd_alpha: float | None = None,
+        sample_ids: np.ndarray | None = None,
     ) -> StepOutcome: ...
 
     def evaluate(self, activations: np.ndarray, *, teacher: bool = False) -> np.ndarray: ...
@@ -127,6 +130,11 @@ class EdgeTrainer:
         self._teacher_sent: int | None = None
         # The KD weight this edge chose (edge_agent/teacher_check.py); None: the cloud's.
         self.kd_alpha: float | None = None
+        # Which training samples' teacher outputs the cloud holds (teacher_cache.py);
+        # None: no cache (not granted, too many samples, or turned off).
+        fits = 0 < len(train) <= session.teacher_cache_samples
+        self.cached: np.ndarray | None = np.zeros(len(train), dtype=bool) if fits else None
+        self._teacher_seconds = 0.0
 
     def _head_tensors(self) -> dict[str, torch.Tensor]:
         return {k: torch.from_numpy(v) for k, v in self.head_state().items()}
@@ -153,10 +161,17 @@ class EdgeTrainer:
         self.snapshots.setdefault(state.step, state)
         self.next_step = state.step
         self._teacher_sent = None  # the cloud drops what was sent ahead when it rolls back
+        self.forget_cache()
+
+    def forget_cache(self) -> None:
+        """Assume the cloud holds nothing (it may have restarted): send teacher outputs again."""
+        if self.cached is not None:
+            self.cached[:] = False
 
     def restore(self, step: int) -> None:
         """Roll back to ``step``, agreed with the cloud; later records are dropped."""
         self._teacher_sent = None  # whatever went ahead, the cloud no longer holds it
+        self.forget_cache()
         if step != self.next_step:
             if step not in self.snapshots:
                 raise EdgeError(
@@ -191,8 +206,8 @@ class EdgeTrainer:
         self.student_head.train()
         for step in range(self.next_step, len(schedule)):
             epoch, index = schedule[step]
-            ahead = x[torch.from_numpy(schedule[step + 1][1])] if step + 1 < len(schedule) else None
-            record = self._step(step, epoch, x[torch.from_numpy(index)], y[index], traffic, ahead)
+            ahead = schedule[step + 1][1] if step + 1 < len(schedule) else None
+            record = self._step(step, epoch, x, y, index, traffic, ahead)
             self.history.append(record)
             if on_step is not None:
                 on_step(record)
@@ -225,24 +240,26 @@ class EdgeTrainer:
         self,
         step: int,
         epoch: int,
-        inputs: torch.Tensor,
-        labels: np.ndarray,
+        x: torch.Tensor,
+        y: np.ndarray,
+        index: np.ndarray,
         traffic: Callable[[], tuple[int, int]] | None,
-        next_inputs: torch.Tensor | None = None,
+        next_index: np.ndarray | None = None,
     ) -> StepRecord:
         t0 = time.perf_counter()
+        inputs = x[torch.from_numpy(index)]
         student_act = self.student_head(inputs)
-        with torch.no_grad():
-            # This step's teacher activations went ahead with the previous step
-            # (the cloud already has its tail's output); send the next step's now.
-            teacher_act = None if self._teacher_sent == step else self.teacher_head(inputs).numpy()
-            ahead = None if next_inputs is None else self.teacher_head(next_inputs).numpy()
         t1 = time.perf_counter()
         before = traffic() if traffic else (0, 0)
-        reply = self.transport.step(
-            step, student_act.detach().numpy(), teacher_act, labels, ahead, self.kd_alpha
-        )
-        self._teacher_sent = step + 1 if reply.next_teacher_accepted else None
+        try:
+            reply = self._exchange(step, inputs, student_act, x, y, index, next_index)
+        except CloudRefused as exc:
+            if CACHE_MISS not in exc.details:
+                raise
+            # The cloud lost what it cached (it restarted): send this batch's again.
+            self.forget_cache()
+            self._teacher_sent = None
+            reply = self._exchange(step, inputs, student_act, x, y, index, next_index)
         after = traffic() if traffic else (0, 0)
         t2 = time.perf_counter()
         self.optimizer.zero_grad()
@@ -253,18 +270,62 @@ class EdgeTrainer:
         return StepRecord(
             step=step,
             epoch=epoch,
-            batch=len(labels),
+            batch=len(index),
             loss=reply.loss,
             kd_loss=reply.kd_loss,
             ce_loss=reply.ce_loss,
             correct=reply.correct,
-            forward_seconds=t1 - t0,
-            network_seconds=t2 - t1,
+            forward_seconds=t1 - t0 + self._teacher_seconds,
+            network_seconds=t2 - t1 - self._teacher_seconds,
             backward_seconds=t3 - t2,
             bytes_up=after[0] - before[0],
             bytes_down=after[1] - before[1],
             replayed=reply.replayed,
         )
+
+    def _exchange(
+        self,
+        step: int,
+        inputs: torch.Tensor,
+        student_act: torch.Tensor,
+        x: torch.Tensor,
+        y: np.ndarray,
+        index: np.ndarray,
+        next_index: np.ndarray | None,
+    ) -> StepOutcome:
+        """Send the step: the teacher's side only for samples the cloud does not hold yet.
+
+        Without a cache (or in the first epoch) the batch's teacher activations go with
+        the step, unless they went ahead with the previous one; the next batch's go
+        ahead. With the cache, a batch the cloud holds sends ids and student activations only.
+        """
+        started = time.perf_counter()
+        held = self.cached is not None and bool(self.cached[index].all())
+        teacher_act = labels = ahead = None
+        if not held:
+            labels = y[index]
+            if self._teacher_sent != step:
+                teacher_act = self._teacher(inputs)
+        next_held = next_index is None or (
+            self.cached is not None and bool(self.cached[next_index].all())
+        )
+        if not next_held:
+            assert next_index is not None
+            ahead = self._teacher(x[torch.from_numpy(next_index)])
+        self._teacher_seconds = time.perf_counter() - started
+        ids = index.astype(np.int32) if self.cached is not None else None
+        reply = self.transport.step(
+            step, student_act.detach().numpy(), teacher_act, labels, ahead, self.kd_alpha, ids
+        )
+        if self.cached is not None and not held:
+            self.cached[index] = True
+        self._teacher_sent = step + 1 if reply.next_teacher_accepted else None
+        return reply
+
+    @torch.no_grad()
+    def _teacher(self, inputs: torch.Tensor) -> np.ndarray:
+        out: np.ndarray = self.teacher_head(inputs).numpy()
+        return out
 
     def evaluate_split(self) -> float:
         """Accuracy of head + cloud tail on the held-out split; labels never leave."""
@@ -293,29 +354,52 @@ class EdgeTrainer:
 
 
 class GrpcTransport:
-    """``SplitTransport`` over the gRPC client for one session."""
+    """``SplitTransport`` over the gRPC client for one session, packing with its codec."""
 
-    def __init__(self, client: Any, session_id: str, wire_dtype: int) -> None:
+    def __init__(self, client: Any, session: SessionInfo) -> None:
         self.client = client
-        self.session_id = session_id
-        self.wire_dtype = wire_dtype
+        self.session_id = session.session_id
+        name, ratio = session.hyper.wire_codec, session.hyper.topk_ratio
+        # Student activations carry error feedback per sample (topk); the teacher's and
+        # the evaluation's go once per sample, with the codec's no-memory variant.
+        self.student_codec = codecs.make(name, seed=session.hyper.seed, topk_ratio=ratio)
+        self.once_codec = codecs.make(codecs.evaluation_codec(name))
+        self.gradient_codec = codecs.make(name, topk_ratio=ratio)
+        # A step sent again (after a cache miss) reuses its packing: error feedback
+        # must see each step's activations once.
+        self._packed: tuple[int, Encoded] | None = None
 
     def step(
         self,
         step: int,
         student: np.ndarray,
         teacher: np.ndarray | None,
-        labels: np.ndarray,
+        labels: np.ndarray | None,
         next_teacher: np.ndarray | None = None,
         kd_alpha: float | None = None,
+        sample_ids: np.ndarray | None = None,
     ) -> StepOutcome:
         reply: StepOutcome = self.client.step(
-            self.session_id, step, student, teacher, labels, self.wire_dtype, next_teacher, kd_alpha
+            self.session_id,
+            step,
+            self._pack_student(step, student, sample_ids),
+            None if teacher is None else self.once_codec.encode(teacher),
+            labels,
+            None if next_teacher is None else self.once_codec.encode(next_teacher),
+            kd_alpha,
+            sample_ids,
         )
+        assert reply.encoded is not None
+        self.gradient_codec.check(reply.encoded, "the cloud's gradient")
         return reply
+
+    def _pack_student(self, step: int, student: np.ndarray, ids: np.ndarray | None) -> Encoded:
+        if self._packed is None or self._packed[0] != step:
+            self._packed = (step, self.student_codec.encode(student, ids))
+        return self._packed[1]
 
     def evaluate(self, activations: np.ndarray, *, teacher: bool = False) -> np.ndarray:
         logits: np.ndarray = self.client.evaluate(
-            self.session_id, activations, self.wire_dtype, teacher=teacher
+            self.session_id, self.once_codec.encode(activations), teacher=teacher
         )
         return logits

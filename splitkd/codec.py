@@ -13,6 +13,7 @@ from math import prod
 
 import numpy as np
 
+from splitkd.codecs import Encoded, channels
 from splitkd.errors import InvalidArgument, ResourceExhausted
 from splitkd.v1 import splitkd_pb2 as pb
 
@@ -67,20 +68,21 @@ def decode(
     ``shape`` may use ``None`` for a free dimension (the batch). The result is a
     read-only view on the message bytes when possible (no copy).
     """
-    if tensor.dtype not in _TO_NUMPY:
-        raise InvalidArgument(f"{what}: {dtype_name(tensor.dtype)} is not a supported dtype")
-    if dtypes is not None and tensor.dtype not in dtypes:
-        allowed = ", ".join(dtype_name(d) for d in dtypes)
-        raise InvalidArgument(
-            f"{what}: dtype {dtype_name(tensor.dtype)} is not allowed here (expected {allowed})"
-        )
+    if tensor.encoding != pb.ENCODING_DENSE or tensor.scale or tensor.zero_point or tensor.indices:
+        raise InvalidArgument(f"{what}: must be a dense tensor (no encoding, scale or indices)")
+    return _dense(tensor, what, dtypes, shape, finite, max_elements)
+
+
+def _check_shape(
+    tensor: pb.Tensor, what: str, shape: Sequence[int | None] | None, max_elements: int
+) -> list[int]:
+    """The (dense) shape a tensor claims: rank, signs, element limit and ``shape``."""
     dims = list(tensor.shape)
     if len(dims) > MAX_RANK:
         raise InvalidArgument(f"{what}: rank {len(dims)} is above the limit of {MAX_RANK}")
     if any(d < 0 for d in dims):
         raise InvalidArgument(f"{what}: shape {dims} has a negative dimension")
     # Python ints do not overflow, so a forged shape cannot wrap around here.
-    count = prod(dims)
     # A zero dimension makes the count 0, but numpy still refuses (ValueError) a
     # shape whose other dimensions multiply past its size limit: count those too.
     claimed = prod(d for d in dims if d)
@@ -92,6 +94,26 @@ def decode(
     ):
         expected = ["B" if e is None else e for e in shape]
         raise InvalidArgument(f"{what}: shape {dims} does not match the expected {expected}")
+    return dims
+
+
+def _dense(
+    tensor: pb.Tensor,
+    what: str,
+    dtypes: Sequence[int] | None,
+    shape: Sequence[int | None] | None,
+    finite: bool,
+    max_elements: int,
+) -> np.ndarray:
+    if tensor.dtype not in _TO_NUMPY:
+        raise InvalidArgument(f"{what}: {dtype_name(tensor.dtype)} is not a supported dtype")
+    if dtypes is not None and tensor.dtype not in dtypes:
+        allowed = ", ".join(dtype_name(d) for d in dtypes)
+        raise InvalidArgument(
+            f"{what}: dtype {dtype_name(tensor.dtype)} is not allowed here (expected {allowed})"
+        )
+    dims = _check_shape(tensor, what, shape, max_elements)
+    count = prod(dims)
     np_dtype = _TO_NUMPY[tensor.dtype]
     if len(tensor.data) != count * np_dtype.itemsize:
         raise InvalidArgument(
@@ -102,6 +124,110 @@ def decode(
     if finite and array.dtype.kind == "f" and not np.isfinite(array).all():
         raise InvalidArgument(f"{what}: contains NaN or Inf")
     return array
+
+
+def pack(encoded: Encoded) -> pb.Tensor:
+    """An ``Encoded`` (a wire codec's output) as a Tensor message."""
+    if encoded.encoding == "dense":
+        return encode(encoded.values)
+    message = encode(encoded.values)
+    del message.shape[:]
+    message.shape.extend(encoded.shape)
+    if encoded.encoding == "affine_int8":
+        assert encoded.scale is not None and encoded.zero_point is not None
+        message.encoding = pb.ENCODING_AFFINE_INT8
+        message.scale = encoded.scale.astype("<f4").tobytes()
+        message.zero_point = encoded.zero_point.astype("i1").tobytes()
+    else:
+        assert encoded.indices is not None
+        message.encoding = pb.ENCODING_SPARSE
+        message.indices = encoded.indices.astype("<i4").tobytes()
+    return message
+
+
+def unpack(
+    tensor: pb.Tensor,
+    *,
+    what: str,
+    shape: Sequence[int | None],
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+) -> Encoded:
+    """Decode and validate an activation or gradient in any encoding.
+
+    Which encoding the session allows is the codec's check (``WireCodec.check``);
+    here every field must be consistent with the dense ``shape`` it claims.
+    """
+    if tensor.encoding == pb.ENCODING_DENSE:
+        if tensor.scale or tensor.zero_point or tensor.indices:
+            raise InvalidArgument(f"{what}: a dense tensor carries no scale, zero point or indices")
+        values = _dense(tensor, what, _FLOATS, shape, True, max_elements)
+        return Encoded(tuple(values.shape), values)
+    dims = _check_dims(tensor, what, shape, max_elements)
+    if tensor.encoding == pb.ENCODING_AFFINE_INT8:
+        return _unpack_affine(tensor, what, dims)
+    if tensor.encoding == pb.ENCODING_SPARSE:
+        return _unpack_sparse(tensor, what, dims)
+    raise InvalidArgument(f"{what}: unknown encoding {tensor.encoding}")
+
+
+_FLOATS = (pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT16)
+
+
+def _check_dims(
+    tensor: pb.Tensor, what: str, shape: Sequence[int | None], max_elements: int
+) -> tuple[int, ...]:
+    """The dense shape an encoded tensor claims, checked like a dense one's."""
+    dims = tuple(_check_shape(tensor, what, shape, max_elements))
+    if prod(dims) == 0:
+        raise InvalidArgument(f"{what}: an encoded tensor must have at least one element")
+    return dims
+
+
+def _unpack_affine(tensor: pb.Tensor, what: str, dims: tuple[int, ...]) -> Encoded:
+    if tensor.indices:
+        raise InvalidArgument(f"{what}: an int8 tensor carries no indices")
+    if tensor.dtype != pb.DTYPE_INT8:
+        raise InvalidArgument(
+            f"{what}: int8 encoding needs DTYPE_INT8, got {dtype_name(tensor.dtype)}"
+        )
+    count, chans = prod(dims), channels(dims)
+    if len(tensor.data) != count:
+        raise InvalidArgument(f"{what}: {len(tensor.data)} bytes of int8 for {count} elements")
+    if len(tensor.scale) != 4 * chans or len(tensor.zero_point) != chans:
+        raise InvalidArgument(
+            f"{what}: int8 encoding needs {chans} float32 scales and {chans} int8 zero points, "
+            f"got {len(tensor.scale)} and {len(tensor.zero_point)} bytes"
+        )
+    scale = np.frombuffer(tensor.scale, dtype="<f4")
+    if not (np.isfinite(scale).all() and (scale > 0).all()):
+        raise InvalidArgument(f"{what}: int8 scales must be finite and > 0")
+    values = np.frombuffer(tensor.data, dtype="i1")
+    zero = np.frombuffer(tensor.zero_point, dtype="i1")
+    return Encoded(dims, values, "affine_int8", scale, zero)
+
+
+def _unpack_sparse(tensor: pb.Tensor, what: str, dims: tuple[int, ...]) -> Encoded:
+    if tensor.scale or tensor.zero_point:
+        raise InvalidArgument(f"{what}: a sparse tensor carries no scale or zero point")
+    if tensor.dtype not in _FLOATS:
+        raise InvalidArgument(f"{what}: sparse values must be float16 or float32")
+    if len(tensor.indices) % 4:
+        raise InvalidArgument(f"{what}: indices are {len(tensor.indices)} bytes, not int32s")
+    k, count = len(tensor.indices) // 4, prod(dims)
+    if k > count:
+        raise InvalidArgument(f"{what}: {k} sparse values for a dense shape of {count} elements")
+    itemsize = _TO_NUMPY[tensor.dtype].itemsize
+    if len(tensor.data) != k * itemsize:
+        raise InvalidArgument(f"{what}: {len(tensor.data)} bytes of values for {k} indices")
+    indices = np.frombuffer(tensor.indices, dtype="<i4")
+    if k and (indices[0] < 0 or indices[-1] >= count or (np.diff(indices) <= 0).any()):
+        raise InvalidArgument(
+            f"{what}: sparse indices must be strictly increasing, in 0..{count - 1}"
+        )
+    values = np.frombuffer(tensor.data, dtype=_TO_NUMPY[tensor.dtype])
+    if not np.isfinite(values).all():
+        raise InvalidArgument(f"{what}: contains NaN or Inf")
+    return Encoded(dims, values, "sparse", indices=indices)
 
 
 def encode_weights(state: Mapping[str, np.ndarray]) -> pb.ModelWeights:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from splitkd import codecs
 from splitkd.errors import InvalidArgument
 from splitkd.kd_defaults import DEFAULT_ALPHA, DEFAULT_TEMPERATURE
 
@@ -21,7 +22,9 @@ class Hyperparameters:
     # Over seeds 0-2 on the demo, KD beats the no-teacher student with every seed (0.965 vs
     # 0.950 on average); the default, seed 1, is the best of the three (README).
     seed: int = 1
-    wire_dtype: str = "float32"
+    # How activations and gradients travel (splitkd/codecs.py); the edge may ask for another.
+    wire_codec: str = "float32"
+    topk_ratio: float = codecs.DEFAULT_TOPK_RATIO
     # Steps between checkpoints on both sides: a fault costs at most this many
     # repeated steps; 25 steps of the default models checkpoint in ~1 ms.
     checkpoint_every: int = 25
@@ -43,8 +46,9 @@ class Hyperparameters:
             raise InvalidArgument(
                 f"checkpoint_every must be in 1..1000000, got {self.checkpoint_every}"
             )
-        if self.wire_dtype not in ("float32", "float16"):
-            raise InvalidArgument(f"wire dtype must be float32 or float16, got {self.wire_dtype!r}")
+        codecs.check_name(self.wire_codec)
+        if not 0.0 < self.topk_ratio <= 1.0:
+            raise InvalidArgument(f"topk ratio must be in (0, 1], got {self.topk_ratio}")
 
     def with_epochs(self, epochs: int) -> Hyperparameters:
         return replace(self, epochs=epochs) if epochs > 0 else self

@@ -11,6 +11,7 @@ from enum import Enum
 
 import numpy as np
 
+from splitkd.codecs import Encoded
 from splitkd.errors import InvalidArgument
 from splitkd.hyper import Hyperparameters
 from splitkd.models.spec import ModelSpec
@@ -34,6 +35,33 @@ class SessionInfo:
     next_step: int
     model_name: str
     teacher_accuracy: float | None = None  # on the cloud's held-out data; None: unknown
+    # Samples whose teacher outputs the cloud caches for this session (0: no cache).
+    teacher_cache_samples: int = 0
+
+
+@dataclass(frozen=True)
+class TaskDescription:
+    """What the cloud would train for a data signature (Describe's answer, for the planner)."""
+
+    student_spec: ModelSpec
+    teacher_spec: ModelSpec
+    student_cuts: tuple[int, ...]
+    teacher_cuts: tuple[int, ...]
+    default_student_cut: int
+    default_teacher_cut: int
+    hyper: Hyperparameters
+    wire_codecs: tuple[str, ...]
+    teacher_cache_samples: int
+
+
+@dataclass(frozen=True)
+class SessionAsk:
+    """What an edge may ask of a new session beyond its data signature (RegisterRequest)."""
+
+    wire_codec: str = ""  # empty: the cloud's default
+    train_samples: int = 0  # with it the cloud may grant a teacher-output cache
+    student_cut: int = 0  # 0: the cloud's choice
+    teacher_cut: int = 0
 
 
 @dataclass(frozen=True)
@@ -48,6 +76,9 @@ class StepOutcome:
     correct: int
     replayed: bool = False
     next_teacher_accepted: bool = False
+    # On the cloud: the gradient as the session's codec packed it (``gradient`` is
+    # then what the edge decodes from it, so an in-process run sees the same).
+    encoded: Encoded | None = None
 
 
 @dataclass(frozen=True)

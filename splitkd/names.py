@@ -15,6 +15,10 @@ MODEL_NAME_PATTERN = rf"^{_PLAIN}{{0,127}}$"
 # "cohort-NAME-CLASS" must stay a valid model name.
 COHORT_NAME_PATTERN = rf"^{_PLAIN}{{0,47}}$"
 
+# In the FAILED_PRECONDITION of a step naming samples whose teacher outputs the
+# cloud does not hold (cloud_service/teacher_cache.py): the edge sends them again.
+TEACHER_CACHE_MISS = "teacher-cache-miss"
+
 DEVICE_ID = re.compile(DEVICE_ID_PATTERN)
 MODEL_NAME = re.compile(MODEL_NAME_PATTERN)
 COHORT_NAME = re.compile(COHORT_NAME_PATTERN)

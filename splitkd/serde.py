@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from splitkd import codec
+from splitkd import codec, codecs
 from splitkd.errors import InvalidArgument
 from splitkd.hyper import Hyperparameters
 from splitkd.messages import (
@@ -18,8 +18,10 @@ from splitkd.messages import (
     ModelSummary,
     RoundState,
     RoundTask,
+    SessionAsk,
     SessionInfo,
     StepOutcome,
+    TaskDescription,
     Update,
     UpdateAnswer,
 )
@@ -28,8 +30,6 @@ from splitkd.models.spec import ModelSpec
 from splitkd.signature import DatasetSignature
 from splitkd.v1 import splitkd_pb2 as pb
 
-WIRE_DTYPES = {"float32": pb.DTYPE_FLOAT32, "float16": pb.DTYPE_FLOAT16}
-_WIRE_NAMES = {code: name for name, code in WIRE_DTYPES.items()}
 _ROUND_STATES = {
     RoundState.WAITING: pb.ROUND_STATE_WAITING,
     RoundState.TRAINING: pb.ROUND_STATE_TRAINING,
@@ -46,8 +46,9 @@ def hyper_to_pb(hyper: Hyperparameters) -> pb.Hyperparameters:
         kd_alpha=hyper.kd_alpha,
         kd_temperature=hyper.kd_temperature,
         seed=hyper.seed,
-        wire_dtype=WIRE_DTYPES[hyper.wire_dtype],
         checkpoint_every=hyper.checkpoint_every,
+        wire_codec=hyper.wire_codec,
+        topk_ratio=hyper.topk_ratio,
     )
 
 
@@ -60,8 +61,9 @@ def hyper_from_pb(message: pb.Hyperparameters) -> Hyperparameters:
         kd_alpha=message.kd_alpha,
         kd_temperature=message.kd_temperature,
         seed=message.seed,
-        wire_dtype=_WIRE_NAMES.get(message.wire_dtype, "float32"),
         checkpoint_every=message.checkpoint_every or Hyperparameters.checkpoint_every,
+        wire_codec=message.wire_codec or Hyperparameters.wire_codec,
+        topk_ratio=message.topk_ratio or Hyperparameters.topk_ratio,
     )
 
 
@@ -242,6 +244,7 @@ def session_to_pb(session: SessionInfo) -> pb.RegisterResponse:
         next_step=session.next_step,
         model_name=session.model_name,
         teacher_accuracy=session.teacher_accuracy or 0.0,
+        teacher_cache_samples=session.teacher_cache_samples,
     )
 
 
@@ -258,13 +261,65 @@ def session_from_pb(message: pb.RegisterResponse) -> SessionInfo:
         next_step=message.next_step,
         model_name=message.model_name,
         teacher_accuracy=message.teacher_accuracy or None,
+        teacher_cache_samples=max(0, message.teacher_cache_samples),
     )
 
 
-def step_outcome_to_pb(outcome: StepOutcome, wire_dtype: int) -> pb.StepResponse:
+def task_description_to_pb(task: TaskDescription) -> pb.DescribeResponse:
+    return pb.DescribeResponse(
+        student=spec_to_pb(task.student_spec),
+        teacher=spec_to_pb(task.teacher_spec),
+        student_cuts=list(task.student_cuts),
+        teacher_cuts=list(task.teacher_cuts),
+        default_student_cut=task.default_student_cut,
+        default_teacher_cut=task.default_teacher_cut,
+        hyperparameters=hyper_to_pb(task.hyper),
+        wire_codecs=list(task.wire_codecs),
+        teacher_cache_samples=task.teacher_cache_samples,
+    )
+
+
+def task_description_from_pb(message: pb.DescribeResponse) -> TaskDescription:
+    student, teacher = spec_from_pb(message.student), spec_from_pb(message.teacher)
+    cuts = (tuple(message.student_cuts), tuple(message.teacher_cuts))
+    for spec, allowed, what in ((student, cuts[0], "student"), (teacher, cuts[1], "teacher")):
+        for cut in allowed:
+            spec.check_cut(cut, f"the cloud's {what} cut")
+    return TaskDescription(
+        student_spec=student,
+        teacher_spec=teacher,
+        student_cuts=cuts[0],
+        teacher_cuts=cuts[1],
+        default_student_cut=message.default_student_cut,
+        default_teacher_cut=message.default_teacher_cut,
+        hyper=hyper_from_pb(message.hyperparameters),
+        wire_codecs=tuple(codecs.check_name(n) for n in message.wire_codecs),
+        teacher_cache_samples=message.teacher_cache_samples,
+    )
+
+
+def session_ask_from_pb(message: pb.RegisterRequest) -> SessionAsk:
+    return SessionAsk(
+        wire_codec=message.wire_codec,
+        train_samples=message.train_samples,
+        student_cut=message.student_cut,
+        teacher_cut=message.teacher_cut,
+    )
+
+
+def session_ask_to_pb(ask: SessionAsk, message: pb.RegisterRequest) -> None:
+    """Fill ``message``'s ask fields (the rest of a RegisterRequest is the caller's)."""
+    message.wire_codec = ask.wire_codec
+    message.train_samples = ask.train_samples
+    message.student_cut = ask.student_cut
+    message.teacher_cut = ask.teacher_cut
+
+
+def step_outcome_to_pb(outcome: StepOutcome) -> pb.StepResponse:
+    encoded = outcome.encoded or codecs.Encoded(outcome.gradient.shape, outcome.gradient)
     return pb.StepResponse(
         step=outcome.step,
-        gradient=codec.encode(outcome.gradient, wire_dtype),
+        gradient=codec.pack(encoded),
         loss=outcome.loss,
         kd_loss=outcome.kd_loss,
         ce_loss=outcome.ce_loss,
@@ -276,10 +331,11 @@ def step_outcome_to_pb(outcome: StepOutcome, wire_dtype: int) -> pb.StepResponse
 
 def step_outcome_from_pb(message: pb.StepResponse, shape: tuple[int, ...]) -> StepOutcome:
     """Decode the cloud's answer; the gradient must have the activations' ``shape``."""
-    gradient = codec.decode(message.gradient, what="gradient", shape=shape, finite=True)
+    encoded = codec.unpack(message.gradient, what="gradient", shape=shape)
     return StepOutcome(
         step=message.step,
-        gradient=gradient.astype(np.float32),
+        gradient=codecs.to_dense(encoded),
+        encoded=encoded,
         loss=message.loss,
         kd_loss=message.kd_loss,
         ce_loss=message.ce_loss,

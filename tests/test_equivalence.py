@@ -12,8 +12,8 @@ from splitkd.classes import balanced_weights
 from splitkd.data import edge_split, load_dataset
 from splitkd.data.partition import DEMO_PRESUMED_FRACTION, EdgeSplit, Shard
 from splitkd.hyper import Hyperparameters
+from splitkd.messages import SessionAsk
 from splitkd.training import train_kd_centralised
-from splitkd.v1 import splitkd_pb2 as pb
 from tests.support import make_service
 
 
@@ -22,7 +22,11 @@ def _digits_shard() -> EdgeSplit:
 
 
 def _split_run(
-    tmp_path: Path, hyper: Hyperparameters, wire: int, class_weights: tuple[float, ...] = ()
+    tmp_path: Path,
+    hyper: Hyperparameters,
+    wire: str,
+    class_weights: tuple[float, ...] = (),
+    cache: bool = False,
 ) -> tuple[list[float], object, object]:
     service = make_service(tmp_path, hyper=hyper)
     server, port = build_grpc_server(service, "127.0.0.1:0")
@@ -31,9 +35,14 @@ def _split_run(
     split = _digits_shard()
     try:
         with CloudClient(f"127.0.0.1:{port}") as client:
-            session = client.register("edge-eq", data.signature, class_weights=class_weights)
+            session = client.register(
+                "edge-eq",
+                data.signature,
+                class_weights=class_weights,
+                ask=SessionAsk(wire_codec=wire, train_samples=len(split.train) if cache else 0),
+            )
             trainer = EdgeTrainer(
-                session, split.train, split.heldout, GrpcTransport(client, session.session_id, wire)
+                session, split.train, split.heldout, GrpcTransport(client, session)
             )
             result = trainer.run()
             traffic = client.traffic
@@ -42,12 +51,16 @@ def _split_run(
     return [r.loss for r in result.history], service, traffic
 
 
-@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
-def test_split_losses_match_centralised_kd(tmp_path: Path, optimizer: str) -> None:
+@pytest.mark.parametrize(("optimizer", "cache"), [("adam", False), ("sgd", False), ("adam", True)])
+def test_split_losses_match_centralised_kd(tmp_path: Path, optimizer: str, cache: bool) -> None:
+    """With the teacher-output cache too: epoch 2 takes the teacher's logits from the
+    cloud's cache, and the losses are still those of centralised KD."""
     hyper = Hyperparameters(
         epochs=2, batch_size=16, optimizer=optimizer, learning_rate=0.01, seed=3
     )
-    split_losses, service, _ = _split_run(tmp_path, hyper, pb.DTYPE_FLOAT32)
+    split_losses, service, traffic = _split_run(tmp_path, hyper, "float32", cache=cache)
+    cloud_cache = service.cache_bytes()  # type: ignore[attr-defined]
+    assert (cloud_cache[1] > 0) == cache
     split = _digits_shard()
     reference = train_kd_centralised(
         service.student_spec, service.teacher.model, split.train, hyper
@@ -60,8 +73,8 @@ def test_split_losses_match_centralised_kd(tmp_path: Path, optimizer: str) -> No
 
 def test_float16_wire_halves_activation_bytes_and_still_trains(tmp_path: Path) -> None:
     hyper = Hyperparameters(epochs=1, batch_size=16, seed=3)
-    losses32, _, traffic32 = _split_run(tmp_path / "a", hyper, pb.DTYPE_FLOAT32)
-    losses16, _, traffic16 = _split_run(tmp_path / "b", hyper, pb.DTYPE_FLOAT16)
+    losses32, _, traffic32 = _split_run(tmp_path / "a", hyper, "float32")
+    losses16, _, traffic16 = _split_run(tmp_path / "b", hyper, "float16")
     assert traffic16.bytes_up < 0.6 * traffic32.bytes_up  # type: ignore[attr-defined]
     np.testing.assert_allclose(losses16, losses32, rtol=2e-2)
 
@@ -82,7 +95,7 @@ def test_split_losses_match_centralised_kd_with_balanced_class_weights(tmp_path:
     try:
         with CloudClient(f"127.0.0.1:{port}") as client:
             session = client.register("edge-w", train.signature, class_weights=weights)
-            transport = GrpcTransport(client, session.session_id, pb.DTYPE_FLOAT32)
+            transport = GrpcTransport(client, session)
             split_losses = [
                 r.loss for r in EdgeTrainer(session, train, split.heldout, transport).run().history
             ]

@@ -54,6 +54,44 @@ DTYPE_UINT8: DType.ValueType  # 5
 DTYPE_INT8: DType.ValueType  # 6
 Global___DType: _TypeAlias = DType  # noqa: Y015
 
+class _Encoding:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EncodingEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Encoding.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ENCODING_DENSE: _Encoding.ValueType  # 0
+    """data holds every element: prod(shape) * itemsize(dtype) bytes"""
+    ENCODING_AFFINE_INT8: _Encoding.ValueType  # 1
+    """Per-channel affine int8: data holds prod(shape) int8 values q; channel c
+    (dimension 1; the whole tensor when the rank is 1) decodes as
+    scale[c] * (q - zero_point[c]). scale: float32 per channel, finite and > 0;
+    zero_point: int8 per channel.
+    """
+    ENCODING_SPARSE: _Encoding.ValueType  # 2
+    """Top-k sparse: indices holds k int32 flat (C-order) positions, strictly
+    increasing and < prod(shape); data holds their k values (float16 or
+    float32); every other element is 0.
+    """
+
+class Encoding(_Encoding, metaclass=_EncodingEnumTypeWrapper):
+    """How a tensor's values are packed (the wire codecs, splitkd/codecs.py)."""
+
+ENCODING_DENSE: Encoding.ValueType  # 0
+"""data holds every element: prod(shape) * itemsize(dtype) bytes"""
+ENCODING_AFFINE_INT8: Encoding.ValueType  # 1
+"""Per-channel affine int8: data holds prod(shape) int8 values q; channel c
+(dimension 1; the whole tensor when the rank is 1) decodes as
+scale[c] * (q - zero_point[c]). scale: float32 per channel, finite and > 0;
+zero_point: int8 per channel.
+"""
+ENCODING_SPARSE: Encoding.ValueType  # 2
+"""Top-k sparse: indices holds k int32 flat (C-order) positions, strictly
+increasing and < prod(shape); data holds their k values (float16 or
+float32); every other element is 0.
+"""
+Global___Encoding: _TypeAlias = Encoding  # noqa: Y015
+
 class _RoundState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -81,8 +119,10 @@ Global___RoundState: _TypeAlias = RoundState  # noqa: Y015
 
 @_typing.final
 class Tensor(_message.Message):
-    """A dense tensor: C-order little-endian bytes. len(data) must equal
-    prod(shape) * itemsize(dtype).
+    """A tensor: C-order little-endian bytes. Dense (the default): len(data) must
+    equal prod(shape) * itemsize(dtype). Encoded tensors (activations and
+    gradients of a session that negotiated a codec) carry the dense shape and
+    the fields their encoding needs; every other codec field must be empty.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -90,8 +130,19 @@ class Tensor(_message.Message):
     DTYPE_FIELD_NUMBER: _builtins.int
     SHAPE_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
+    ENCODING_FIELD_NUMBER: _builtins.int
+    SCALE_FIELD_NUMBER: _builtins.int
+    ZERO_POINT_FIELD_NUMBER: _builtins.int
+    INDICES_FIELD_NUMBER: _builtins.int
     dtype: Global___DType.ValueType
     data: _builtins.bytes
+    encoding: Global___Encoding.ValueType
+    scale: _builtins.bytes
+    """ENCODING_AFFINE_INT8: little-endian float32, one per channel"""
+    zero_point: _builtins.bytes
+    """ENCODING_AFFINE_INT8: int8, one per channel"""
+    indices: _builtins.bytes
+    """ENCODING_SPARSE: little-endian int32, k of them"""
     @_builtins.property
     def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
@@ -100,10 +151,14 @@ class Tensor(_message.Message):
         dtype: Global___DType.ValueType = ...,
         shape: _abc.Iterable[_builtins.int] | None = ...,
         data: _builtins.bytes = ...,
+        encoding: Global___Encoding.ValueType = ...,
+        scale: _builtins.bytes = ...,
+        zero_point: _builtins.bytes = ...,
+        indices: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "dtype", b"dtype", "shape", b"shape"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "dtype", b"dtype", "encoding", b"encoding", "indices", b"indices", "scale", b"scale", "shape", b"shape", "zero_point", b"zero_point"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -264,8 +319,9 @@ class Hyperparameters(_message.Message):
     KD_ALPHA_FIELD_NUMBER: _builtins.int
     KD_TEMPERATURE_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
-    WIRE_DTYPE_FIELD_NUMBER: _builtins.int
     CHECKPOINT_EVERY_FIELD_NUMBER: _builtins.int
+    WIRE_CODEC_FIELD_NUMBER: _builtins.int
+    TOPK_RATIO_FIELD_NUMBER: _builtins.int
     optimizer: _builtins.str
     """"adam" or "sgd" """
     learning_rate: _builtins.float
@@ -275,12 +331,19 @@ class Hyperparameters(_message.Message):
     """weight of the KD term; 1 - alpha weighs the CE term"""
     kd_temperature: _builtins.float
     seed: _builtins.int
-    wire_dtype: Global___DType.ValueType
-    """dtype of activations and gradients on the wire"""
     checkpoint_every: _builtins.int
     """Both sides checkpoint at steps that are multiples of this (and at step 0),
     so that after a fault they can agree on a step both can restore.
     """
+    wire_codec: _builtins.str
+    """How activations and gradients travel: "float32", "float16", "int8"
+    (per-channel affine, nearest rounding), "int8-stochastic" (stochastic
+    rounding) or "topk" (the topk_ratio largest magnitudes, float16 values,
+    error feedback per sample). Negotiated at Register: the edge asks, the
+    cloud answers what the session uses.
+    """
+    topk_ratio: _builtins.float
+    """"topk": fraction of elements sent, in (0, 1]"""
     def __init__(
         self,
         *,
@@ -291,12 +354,13 @@ class Hyperparameters(_message.Message):
         kd_alpha: _builtins.float = ...,
         kd_temperature: _builtins.float = ...,
         seed: _builtins.int = ...,
-        wire_dtype: Global___DType.ValueType = ...,
         checkpoint_every: _builtins.int = ...,
+        wire_codec: _builtins.str = ...,
+        topk_ratio: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "checkpoint_every", b"checkpoint_every", "epochs", b"epochs", "kd_alpha", b"kd_alpha", "kd_temperature", b"kd_temperature", "learning_rate", b"learning_rate", "optimizer", b"optimizer", "seed", b"seed", "wire_dtype", b"wire_dtype"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "checkpoint_every", b"checkpoint_every", "epochs", b"epochs", "kd_alpha", b"kd_alpha", "kd_temperature", b"kd_temperature", "learning_rate", b"learning_rate", "optimizer", b"optimizer", "seed", b"seed", "topk_ratio", b"topk_ratio", "wire_codec", b"wire_codec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -311,9 +375,28 @@ class RegisterRequest(_message.Message):
     SIGNATURE_FIELD_NUMBER: _builtins.int
     REQUESTED_EPOCHS_FIELD_NUMBER: _builtins.int
     CLASS_WEIGHTS_FIELD_NUMBER: _builtins.int
+    WIRE_CODEC_FIELD_NUMBER: _builtins.int
+    TRAIN_SAMPLES_FIELD_NUMBER: _builtins.int
+    STUDENT_CUT_FIELD_NUMBER: _builtins.int
+    TEACHER_CUT_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     requested_epochs: _builtins.int
     """0: the cloud's default"""
+    wire_codec: _builtins.str
+    """Optional: the wire codec the edge asks for (see Hyperparameters.wire_codec);
+    empty: the cloud's default.
+    """
+    train_samples: _builtins.int
+    """The number of training samples on the device (a count, no data). With it,
+    the cloud reserves a teacher-output cache for the session (see
+    StepRequest.sample_ids); 0: no cache.
+    """
+    student_cut: _builtins.int
+    """Optional: the student cut the edge asks for (its planner's choice); 0: the
+    cloud's. The cloud honours it within the cuts it allows (never a cut that
+    sends raw inputs) and answers the cut it took.
+    """
+    teacher_cut: _builtins.int
     @_builtins.property
     def profile(self) -> Global___DeviceProfile: ...
     @_builtins.property
@@ -334,10 +417,14 @@ class RegisterRequest(_message.Message):
         signature: Global___DatasetSignature | None = ...,
         requested_epochs: _builtins.int = ...,
         class_weights: _abc.Iterable[_builtins.float] | None = ...,
+        wire_codec: _builtins.str = ...,
+        train_samples: _builtins.int = ...,
+        student_cut: _builtins.int = ...,
+        teacher_cut: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["profile", b"profile", "signature", b"signature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_weights", b"class_weights", "device_id", b"device_id", "profile", b"profile", "requested_epochs", b"requested_epochs", "signature", b"signature"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_weights", b"class_weights", "device_id", b"device_id", "profile", b"profile", "requested_epochs", b"requested_epochs", "signature", b"signature", "student_cut", b"student_cut", "teacher_cut", b"teacher_cut", "train_samples", b"train_samples", "wire_codec", b"wire_codec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -358,6 +445,7 @@ class RegisterResponse(_message.Message):
     NEXT_STEP_FIELD_NUMBER: _builtins.int
     MODEL_NAME_FIELD_NUMBER: _builtins.int
     TEACHER_ACCURACY_FIELD_NUMBER: _builtins.int
+    TEACHER_CACHE_SAMPLES_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     student_cut: _builtins.int
     teacher_cut: _builtins.int
@@ -368,6 +456,11 @@ class RegisterResponse(_message.Message):
     teacher_accuracy: _builtins.float
     """The teacher's accuracy on the cloud's own held-out data; 0 = unknown. The
     edge measures it again on its own data (Evaluate with teacher_activations).
+    """
+    teacher_cache_samples: _builtins.int
+    """Samples whose teacher outputs the cloud caches for this session (0: none):
+    when the device's train_samples fit, steps may carry sample_ids and send
+    each sample's teacher activations once.
     """
     @_builtins.property
     def student(self) -> Global___ModelSpec: ...
@@ -397,10 +490,11 @@ class RegisterResponse(_message.Message):
         next_step: _builtins.int = ...,
         model_name: _builtins.str = ...,
         teacher_accuracy: _builtins.float = ...,
+        teacher_cache_samples: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["hyperparameters", b"hyperparameters", "student", b"student", "student_head", b"student_head", "teacher", b"teacher", "teacher_head", b"teacher_head"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hyperparameters", b"hyperparameters", "model_name", b"model_name", "next_step", b"next_step", "session_id", b"session_id", "student", b"student", "student_cut", b"student_cut", "student_head", b"student_head", "teacher", b"teacher", "teacher_accuracy", b"teacher_accuracy", "teacher_cut", b"teacher_cut", "teacher_head", b"teacher_head"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hyperparameters", b"hyperparameters", "model_name", b"model_name", "next_step", b"next_step", "session_id", b"session_id", "student", b"student", "student_cut", b"student_cut", "student_head", b"student_head", "teacher", b"teacher", "teacher_accuracy", b"teacher_accuracy", "teacher_cache_samples", b"teacher_cache_samples", "teacher_cut", b"teacher_cut", "teacher_head", b"teacher_head"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -421,6 +515,7 @@ class StepRequest(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     NEXT_TEACHER_ACTIVATIONS_FIELD_NUMBER: _builtins.int
     KD_ALPHA_FIELD_NUMBER: _builtins.int
+    SAMPLE_IDS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     step: _builtins.int
     kd_alpha: _builtins.float
@@ -449,6 +544,17 @@ class StepRequest(_message.Message):
         backward pass: the same arithmetic, off the step's critical path.
         """
 
+    @_builtins.property
+    def sample_ids(self) -> Global___Tensor:
+        """Optional, int32 [B]: the batch's positions in the device's own training
+        order (0 .. train_samples-1; never derived from the inputs). With them the
+        cloud keeps the teacher's outputs and the labels of each sample: a step
+        either carries teacher activations (or sent them ahead) and labels for its
+        whole batch, which the cloud caches, or neither, and every sample must then
+        be cached (else FAILED_PRECONDITION naming "teacher-cache-miss": send them
+        again; a cloud restart loses the cache).
+        """
+
     def __init__(
         self,
         *,
@@ -459,10 +565,11 @@ class StepRequest(_message.Message):
         labels: Global___Tensor | None = ...,
         next_teacher_activations: Global___Tensor | None = ...,
         kd_alpha: _builtins.float | None = ...,
+        sample_ids: Global___Tensor | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_kd_alpha", b"_kd_alpha", "kd_alpha", b"kd_alpha", "labels", b"labels", "next_teacher_activations", b"next_teacher_activations", "student_activations", b"student_activations", "teacher_activations", b"teacher_activations"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_kd_alpha", b"_kd_alpha", "kd_alpha", b"kd_alpha", "labels", b"labels", "next_teacher_activations", b"next_teacher_activations", "sample_ids", b"sample_ids", "student_activations", b"student_activations", "teacher_activations", b"teacher_activations"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_kd_alpha", b"_kd_alpha", "kd_alpha", b"kd_alpha", "labels", b"labels", "next_teacher_activations", b"next_teacher_activations", "session_id", b"session_id", "step", b"step", "student_activations", b"student_activations", "teacher_activations", b"teacher_activations"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_kd_alpha", b"_kd_alpha", "kd_alpha", b"kd_alpha", "labels", b"labels", "next_teacher_activations", b"next_teacher_activations", "sample_ids", b"sample_ids", "session_id", b"session_id", "step", b"step", "student_activations", b"student_activations", "teacher_activations", b"teacher_activations"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__kd_alpha: _TypeAlias = _typing.Literal["kd_alpha"]  # noqa: Y015
     _WhichOneofArgType__kd_alpha: _TypeAlias = _typing.Literal["_kd_alpha", b"_kd_alpha"]  # noqa: Y015
@@ -824,6 +931,133 @@ class HeartbeatResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___HeartbeatResponse: _TypeAlias = HeartbeatResponse  # noqa: Y015
+
+@_typing.final
+class DescribeRequest(_message.Message):
+    """What the cloud would train for a device with this data signature, without
+    opening a session: the planner (splitkd-edge plan) times each allowed cut on
+    the device and predicts each plan's seconds, joules and bytes from it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def signature(self) -> Global___DatasetSignature: ...
+    def __init__(
+        self,
+        *,
+        signature: Global___DatasetSignature | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["signature", b"signature"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DescribeRequest: _TypeAlias = DescribeRequest  # noqa: Y015
+
+@_typing.final
+class DescribeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STUDENT_FIELD_NUMBER: _builtins.int
+    TEACHER_FIELD_NUMBER: _builtins.int
+    STUDENT_CUTS_FIELD_NUMBER: _builtins.int
+    TEACHER_CUTS_FIELD_NUMBER: _builtins.int
+    DEFAULT_STUDENT_CUT_FIELD_NUMBER: _builtins.int
+    DEFAULT_TEACHER_CUT_FIELD_NUMBER: _builtins.int
+    HYPERPARAMETERS_FIELD_NUMBER: _builtins.int
+    WIRE_CODECS_FIELD_NUMBER: _builtins.int
+    TEACHER_CACHE_SAMPLES_FIELD_NUMBER: _builtins.int
+    default_student_cut: _builtins.int
+    default_teacher_cut: _builtins.int
+    teacher_cache_samples: _builtins.int
+    """per-session cache the cloud would grant (0: none)"""
+    @_builtins.property
+    def student(self) -> Global___ModelSpec: ...
+    @_builtins.property
+    def teacher(self) -> Global___ModelSpec: ...
+    @_builtins.property
+    def student_cuts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """cuts a RegisterRequest may ask for"""
+
+    @_builtins.property
+    def teacher_cuts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def hyperparameters(self) -> Global___Hyperparameters:
+        """the defaults a session would get"""
+
+    @_builtins.property
+    def wire_codecs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """codecs the cloud speaks"""
+
+    def __init__(
+        self,
+        *,
+        student: Global___ModelSpec | None = ...,
+        teacher: Global___ModelSpec | None = ...,
+        student_cuts: _abc.Iterable[_builtins.int] | None = ...,
+        teacher_cuts: _abc.Iterable[_builtins.int] | None = ...,
+        default_student_cut: _builtins.int = ...,
+        default_teacher_cut: _builtins.int = ...,
+        hyperparameters: Global___Hyperparameters | None = ...,
+        wire_codecs: _abc.Iterable[_builtins.str] | None = ...,
+        teacher_cache_samples: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hyperparameters", b"hyperparameters", "student", b"student", "teacher", b"teacher"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_student_cut", b"default_student_cut", "default_teacher_cut", b"default_teacher_cut", "hyperparameters", b"hyperparameters", "student", b"student", "student_cuts", b"student_cuts", "teacher", b"teacher", "teacher_cache_samples", b"teacher_cache_samples", "teacher_cuts", b"teacher_cuts", "wire_codecs", b"wire_codecs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DescribeResponse: _TypeAlias = DescribeResponse  # noqa: Y015
+
+@_typing.final
+class ProbeRequest(_message.Message):
+    """A link probe: the cloud answers with reply_bytes of filler (at most 4 MiB).
+    Round trips of tiny probes measure the RTT, large ones the throughput.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAYLOAD_FIELD_NUMBER: _builtins.int
+    REPLY_BYTES_FIELD_NUMBER: _builtins.int
+    payload: _builtins.bytes
+    """filler, ignored (at most 4 MiB)"""
+    reply_bytes: _builtins.int
+    def __init__(
+        self,
+        *,
+        payload: _builtins.bytes = ...,
+        reply_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["payload", b"payload", "reply_bytes", b"reply_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProbeRequest: _TypeAlias = ProbeRequest  # noqa: Y015
+
+@_typing.final
+class ProbeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAYLOAD_FIELD_NUMBER: _builtins.int
+    payload: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        payload: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProbeResponse: _TypeAlias = ProbeResponse  # noqa: Y015
 
 @_typing.final
 class CohortConfig(_message.Message):

@@ -69,6 +69,16 @@ class SplitTrainingStub:
                 request_serializer=splitkd_dot_v1_dot_splitkd__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=splitkd_dot_v1_dot_splitkd__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
+        self.Describe = channel.unary_unary(
+                '/splitkd.v1.SplitTraining/Describe',
+                request_serializer=splitkd_dot_v1_dot_splitkd__pb2.DescribeRequest.SerializeToString,
+                response_deserializer=splitkd_dot_v1_dot_splitkd__pb2.DescribeResponse.FromString,
+                _registered_method=True)
+        self.Probe = channel.unary_unary(
+                '/splitkd.v1.SplitTraining/Probe',
+                request_serializer=splitkd_dot_v1_dot_splitkd__pb2.ProbeRequest.SerializeToString,
+                response_deserializer=splitkd_dot_v1_dot_splitkd__pb2.ProbeResponse.FromString,
+                _registered_method=True)
 
 
 class SplitTrainingServicer:
@@ -116,6 +126,18 @@ class SplitTrainingServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Describe(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Probe(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SplitTrainingServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -153,6 +175,16 @@ def add_SplitTrainingServicer_to_server(servicer, server):
                     servicer.Heartbeat,
                     request_deserializer=splitkd_dot_v1_dot_splitkd__pb2.HeartbeatRequest.FromString,
                     response_serializer=splitkd_dot_v1_dot_splitkd__pb2.HeartbeatResponse.SerializeToString,
+            ),
+            'Describe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Describe,
+                    request_deserializer=splitkd_dot_v1_dot_splitkd__pb2.DescribeRequest.FromString,
+                    response_serializer=splitkd_dot_v1_dot_splitkd__pb2.DescribeResponse.SerializeToString,
+            ),
+            'Probe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Probe,
+                    request_deserializer=splitkd_dot_v1_dot_splitkd__pb2.ProbeRequest.FromString,
+                    response_serializer=splitkd_dot_v1_dot_splitkd__pb2.ProbeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -344,6 +376,60 @@ class SplitTraining:
             '/splitkd.v1.SplitTraining/Heartbeat',
             splitkd_dot_v1_dot_splitkd__pb2.HeartbeatRequest.SerializeToString,
             splitkd_dot_v1_dot_splitkd__pb2.HeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Describe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitkd.v1.SplitTraining/Describe',
+            splitkd_dot_v1_dot_splitkd__pb2.DescribeRequest.SerializeToString,
+            splitkd_dot_v1_dot_splitkd__pb2.DescribeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Probe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitkd.v1.SplitTraining/Probe',
+            splitkd_dot_v1_dot_splitkd__pb2.ProbeRequest.SerializeToString,
+            splitkd_dot_v1_dot_splitkd__pb2.ProbeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -48,6 +48,8 @@ class SplitTrainingStub:
     DownloadModel: _grpc.UnaryStreamMultiCallable[_splitkd_pb2.DownloadModelRequest, _splitkd_pb2.ModelChunk]
     Resume: _grpc.UnaryUnaryMultiCallable[_splitkd_pb2.ResumeRequest, _splitkd_pb2.ResumeResponse]
     Heartbeat: _grpc.UnaryUnaryMultiCallable[_splitkd_pb2.HeartbeatRequest, _splitkd_pb2.HeartbeatResponse]
+    Describe: _grpc.UnaryUnaryMultiCallable[_splitkd_pb2.DescribeRequest, _splitkd_pb2.DescribeResponse]
+    Probe: _grpc.UnaryUnaryMultiCallable[_splitkd_pb2.ProbeRequest, _splitkd_pb2.ProbeResponse]
 
 @_typing.type_check_only
 class SplitTrainingAsyncStub(SplitTrainingStub):
@@ -59,6 +61,8 @@ class SplitTrainingAsyncStub(SplitTrainingStub):
     DownloadModel: _aio.UnaryStreamMultiCallable[_splitkd_pb2.DownloadModelRequest, _splitkd_pb2.ModelChunk]  # type: ignore[assignment]
     Resume: _aio.UnaryUnaryMultiCallable[_splitkd_pb2.ResumeRequest, _splitkd_pb2.ResumeResponse]  # type: ignore[assignment]
     Heartbeat: _aio.UnaryUnaryMultiCallable[_splitkd_pb2.HeartbeatRequest, _splitkd_pb2.HeartbeatResponse]  # type: ignore[assignment]
+    Describe: _aio.UnaryUnaryMultiCallable[_splitkd_pb2.DescribeRequest, _splitkd_pb2.DescribeResponse]  # type: ignore[assignment]
+    Probe: _aio.UnaryUnaryMultiCallable[_splitkd_pb2.ProbeRequest, _splitkd_pb2.ProbeResponse]  # type: ignore[assignment]
 
 class SplitTrainingServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -109,6 +113,20 @@ class SplitTrainingServicer(metaclass=_abc_1.ABCMeta):
         request: _splitkd_pb2.HeartbeatRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_splitkd_pb2.HeartbeatResponse, _abc.Awaitable[_splitkd_pb2.HeartbeatResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Describe(
+        self,
+        request: _splitkd_pb2.DescribeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_splitkd_pb2.DescribeResponse, _abc.Awaitable[_splitkd_pb2.DescribeResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Probe(
+        self,
+        request: _splitkd_pb2.ProbeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_splitkd_pb2.ProbeResponse, _abc.Awaitable[_splitkd_pb2.ProbeResponse]]: ...
 
 def add_SplitTrainingServicer_to_server(servicer: SplitTrainingServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
