@@ -41,7 +41,6 @@ from splitkd.hyper import Hyperparameters
 from splitkd.kd import kd_loss
 from splitkd.models import zoo
 from splitkd.training import batch_order, make_optimizer
-from splitkd.v1 import splitkd_pb2 as pb
 
 
 def cloud_figures(http_port: int) -> tuple[float, float, float]:

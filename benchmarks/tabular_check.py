@@ -38,7 +38,6 @@ from splitkd.hyper import Hyperparameters
 from splitkd.models import zoo
 from splitkd.signature import DatasetSignature
 from splitkd.training import accuracy_of, predict, train_supervised
-from splitkd.v1 import splitkd_pb2 as pb
 
 STUDENT_HYPER = Hyperparameters(epochs=60, batch_size=32, seed=1)
 

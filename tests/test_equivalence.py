@@ -58,7 +58,7 @@ def test_split_losses_match_centralised_kd(tmp_path: Path, optimizer: str, cache
     hyper = Hyperparameters(
         epochs=2, batch_size=16, optimizer=optimizer, learning_rate=0.01, seed=3
     )
-    split_losses, service, traffic = _split_run(tmp_path, hyper, "float32", cache=cache)
+    split_losses, service, _ = _split_run(tmp_path, hyper, "float32", cache=cache)
     cloud_cache = service.cache_bytes()  # type: ignore[attr-defined]
     assert (cloud_cache[1] > 0) == cache
     split = _digits_shard()
