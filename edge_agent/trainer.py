@@ -306,8 +306,10 @@ class EdgeTrainer:
             labels = y[index]
             if self._teacher_sent != step:
                 teacher_act = self._teacher(inputs)
+        # After this step the cloud also holds this batch: the next may need nothing ahead.
         next_held = next_index is None or (
-            self.cached is not None and bool(self.cached[next_index].all())
+            self.cached is not None
+            and bool((self.cached[next_index] | np.isin(next_index, index)).all())
         )
         if not next_held:
             assert next_index is not None
