@@ -52,8 +52,9 @@ proto-check: $(STAMP) ## fail when the committed stubs or docs drift from the .p
 config-doc: $(STAMP) ## regenerate docs/CONFIGURATION.md from the settings classes (commit the result)
 	$(BIN)/python scripts/config_doc.py
 
-bench: $(STAMP) ## split step vs in-process step, wire bytes vs raw tensor bytes, link emulator vs its delay
+bench: $(STAMP) ## split step vs in-process step, wire bytes vs raw tensor bytes, each wire codec's bytes and accuracy, link emulator vs its delay
 	$(BIN)/python -m benchmarks.step_bench
+	$(BIN)/python -m benchmarks.wire_bench
 	$(BIN)/python -m benchmarks.linkemu_bench
 
 loadtest: $(STAMP) ## 32 async edges against one cloud process for 3 min: failures, p50/p99, cloud RSS

@@ -223,7 +223,9 @@ class CloudService:
         if not 0 < train_samples <= self.config.teacher_cache_samples:
             return None
         wanted = TeacherCache.bytes_for(train_samples, num_classes)
-        held = sum(s.cache.reserved_bytes for s in self.sessions.all() if s.cache is not None)
+        # Pending sessions count too (their pool is bounded; evicted ones free theirs).
+        sessions = self.sessions.with_pending()
+        held = sum(s.cache.reserved_bytes for s in sessions if s.cache is not None)
         if held + wanted > self.config.teacher_cache_bytes:
             log.warning("teacher cache budget spent (%d bytes held): no cache granted", held)
             return None
@@ -231,7 +233,7 @@ class CloudService:
 
     def cache_bytes(self) -> tuple[int, int]:
         """(allocated, reserved) bytes of every session's teacher cache."""
-        caches = [s.cache for s in self.sessions.all() if s.cache is not None]
+        caches = [s.cache for s in self.sessions.with_pending() if s.cache is not None]
         return sum(c.nbytes for c in caches), sum(c.reserved_bytes for c in caches)
 
     def admit(self, session_id: str, what: str = "steps") -> Session:

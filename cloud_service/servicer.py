@@ -202,7 +202,12 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
             codec.unpack(getattr(request, what), what=what, shape=(None, *shape)), what
         )
         logits = self.service.apply_evaluate(session, activations, teacher=teacher)
-        return pb.EvaluateResponse(logits=codec.encode(logits, pb.DTYPE_FLOAT32))
+        # Logits serve an argmax on the edge: a session that chose a lossy codec gets them
+        # in float16, a float32 session exactly.
+        exact = session.hyper.wire_codec == "float32"
+        return pb.EvaluateResponse(
+            logits=codec.encode(logits, pb.DTYPE_FLOAT32 if exact else pb.DTYPE_FLOAT16)
+        )
 
     @rpc
     def Describe(

@@ -150,6 +150,11 @@ class SessionStore:
         self._run_dropped()
         return sessions
 
+    def with_pending(self) -> list[Session]:
+        """Every session, pending ones too (what holds a reservation, e.g. a teacher cache)."""
+        with self._lock:
+            return [*self._sessions.values(), *self._pending.values()]
+
     def active(self) -> int:
         """Sessions still training (finished ones are kept only to answer a repeated Finish)."""
         with self._lock:

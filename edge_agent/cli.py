@@ -39,6 +39,8 @@ def _train(args: TrainSettings) -> int:
     from edge_agent.run import train
     from splitkd import energy
 
+    if args.eval_every < 1:
+        raise SplitKDError(f"--eval-every must be 1 or more, got {args.eval_every}")
     # Check the profiles before any work: a typo should not cost a training run.
     energy.device_profile(args.device_profile)
     energy.link_profile(args.link_profile)

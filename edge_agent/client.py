@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 # gRPC adds a 5-byte length prefix to every message on the stream.
 GRPC_FRAME_BYTES = 5
+FLOATS = (pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT16)
 # Worth retrying (idempotent calls only): the cloud is unreachable, slow, or was
 # shutting down (a draining server cancels what it cannot finish in its grace).
 _TRANSIENT = (
@@ -305,7 +306,10 @@ class CloudClient:
             "Evaluate", lambda: self._stub.Evaluate(request, timeout=self.timeout), idempotent=True
         )
         self._count(request.ByteSize(), reply.ByteSize())
-        return codec.decode(reply.logits, what="logits", shape=(activations.shape[0], None))
+        logits = codec.decode(
+            reply.logits, what="logits", dtypes=FLOATS, shape=(activations.shape[0], None)
+        )
+        return logits.astype(np.float32)
 
     def describe(self, signature: DatasetSignature) -> TaskDescription:
         """What the cloud would train for this data (no session is opened)."""

@@ -65,6 +65,7 @@ class TrainOptions:
     wire_codec: str = ""  # empty: the cloud's
     no_teacher_cache: bool = False
     student_cut: int = 0  # 0: the cloud's
+    eval_every: int = 1  # epochs between held-out evaluations through the split
     teacher_cut: int = 0
 
 
@@ -133,6 +134,7 @@ def train(
         local.check_task(session.student_spec.num_classes)
         transport = GrpcTransport(client, session)
         trainer = EdgeTrainer(session, split.train, split.heldout, transport, store)
+        trainer.eval_every = options.eval_every
         if restored is not None:
             trainer.load(restored)
         client.keep_alive(session.session_id)
@@ -224,6 +226,9 @@ def train(
                 "spec_json": session.student_spec.to_json(),
             },
             "hyperparameters": asdict(session.hyper),
+            "wire_codec": session.hyper.wire_codec,
+            # Teacher outputs sent once per sample (the cloud's cache) or every epoch.
+            "teacher_cache": trainer.cached is not None,
         },
         "student": {
             "name": installed.name,

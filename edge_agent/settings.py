@@ -85,6 +85,11 @@ class TrainSettings(ClientSecurityOptions, ProfileOptions, DeviceOptions, ModelD
         "send the teacher's activations every epoch instead of once per sample (the cloud then "
         "keeps no teacher outputs for this device)",
     )
+    eval_every: int = option(
+        1,
+        "measure held-out accuracy through the split every this many epochs (and after the "
+        "last); each measurement sends the held-out activations up",
+    )
     student_cut: int = option(0, "student stages on this device (0: the cloud's choice)")
     teacher_cut: int = option(0, "frozen teacher stages on this device (0: the cloud's choice)")
     report: Path = option(Path("report.json"), "JSON run report to write")

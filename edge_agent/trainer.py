@@ -132,6 +132,9 @@ class EdgeTrainer:
         self.kd_alpha: float | None = None
         # Which training samples' teacher outputs the cloud holds (teacher_cache.py);
         # None: no cache (not granted, too many samples, or turned off).
+        # Held-out evaluation through the split every this many epochs (and after the
+        # last): each one sends the held-out set's activations up.
+        self.eval_every = 1
         fits = 0 < len(train) <= session.teacher_cache_samples
         self.cached: np.ndarray | None = np.zeros(len(train), dtype=bool) if fits else None
         self._teacher_seconds = 0.0
@@ -214,7 +217,7 @@ class EdgeTrainer:
             if (step + 1) % self.hyper.checkpoint_every == 0:
                 self.take_snapshot()
             last_of_epoch = step + 1 == len(schedule) or schedule[step + 1][0] != epoch
-            if last_of_epoch:
+            if last_of_epoch and self._evaluates(epoch):
                 evaluation = EvalRecord(step + 1, epoch, self.evaluate_split())
                 self.evaluations.append(evaluation)
                 if on_eval is not None:
@@ -225,6 +228,9 @@ class EdgeTrainer:
         )
         result.wall_seconds = time.perf_counter() - started
         return result
+
+    def _evaluates(self, epoch: int) -> bool:
+        return (epoch + 1) % self.eval_every == 0 or epoch + 1 == self.hyper.epochs
 
     def schedule(self) -> list[tuple[int, np.ndarray]]:
         """(epoch, sample indices) of every step: a pure function of (seed, epoch)."""

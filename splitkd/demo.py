@@ -21,6 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from splitkd import codecs
 from splitkd.data.partition import DEMO_PRESUMED_FRACTION
 
 # Each demo edge pretends to be a different device on a different link, so the
@@ -31,6 +32,14 @@ DEMO_PROFILES = [
     ("jetson-nano", "lte"),
     ("laptop-x86", "ethernet"),
 ]
+
+
+# The frugal wire (`make bench`'s wire table): teacher outputs once per sample,
+# int8 with stochastic rounding, cut after the student's convolutions, held-out
+# accuracy through the split every 5 epochs. Same accuracy, ~1/20 of the bytes.
+DEMO_WIRE_CODEC = "int8-stochastic"
+DEMO_STUDENT_CUT = 2
+DEMO_EVAL_EVERY = 5
 
 
 def free_port() -> int:
@@ -182,6 +191,7 @@ def run(args: argparse.Namespace) -> int:
             ]
             if args.epochs:
                 command += ["--epochs", str(args.epochs)]
+            command += _wire_flags(args)
             log_file = (run_dir / f"{device}.log").open("wb")
             edges.append(
                 (
@@ -226,6 +236,7 @@ def run(args: argparse.Namespace) -> int:
     distilled = sum(r["student"]["accuracy"] for r in reports.values()) / len(reports)
     macro_recall = sum(r["student"]["macro_recall"] for r in reports.values()) / len(reports)
     baseline = sum(alone.values()) / len(alone)
+    first = next(iter(reports.values()))
     summary = {
         "teacher": {
             "accuracy": teacher["accuracy"],
@@ -241,6 +252,11 @@ def run(args: argparse.Namespace) -> int:
         },
         "student_alone": {"accuracy": baseline, "per_edge": alone},
         "kd_gain": distilled - baseline,
+        "wire": {
+            "codec": first["session"]["wire_codec"],
+            "student_cut": first["session"]["student_cut"],
+            "teacher_cache": first["session"]["teacher_cache"],
+        },
         "wall_seconds": time.monotonic() - started,
         "run_dir": str(run_dir),
     }
@@ -267,6 +283,14 @@ def _follow(edges: list[tuple[str, str, subprocess.Popen[bytes]]], http_port: in
         time.sleep(0.5)
     if sys.stdout.isatty():
         print()
+
+
+def _wire_flags(args: argparse.Namespace) -> list[str]:
+    """The frugal wire a battery device wants (README, "The wire"), unless asked otherwise."""
+    flags = ["--wire-codec", args.wire_codec, "--eval-every", str(args.eval_every)]
+    if args.student_cut:
+        flags += ["--student-cut", str(args.student_cut)]
+    return flags + (["--no-teacher-cache"] if args.no_teacher_cache else [])
 
 
 def _plots(run_dir: Path, reports: dict[str, Any]) -> None:
@@ -317,6 +341,15 @@ def _table(summary: dict[str, Any]) -> None:
         f"student {student['parameters']:,} parameters ({teacher['parameters'] / student['parameters']:.0f}x "
         f"smaller), distilled {student['accuracy']:.4f} vs no teacher {summary['student_alone']['accuracy']:.4f}"
     )
+    traffic = [
+        r["traffic"]["bytes_up"] + r["traffic"]["bytes_down"] for r in summary["edges"].values()
+    ]
+    wire = summary.get("wire", {})
+    print(
+        f"  wire: {wire.get('codec')} codec, student cut {wire.get('student_cut')}, teacher cache "
+        f"{'on' if wire.get('teacher_cache') else 'off'}: {sum(traffic) / len(traffic) / 1e6:.2f} MB "
+        "up + down per edge"
+    )
     print(f"  whole demo: {summary['wall_seconds']:.1f} s")
 
 
@@ -341,6 +374,33 @@ def main(argv: list[str] | None = None) -> int:
         help="teacher checkpoint to load instead of training one ('splitkd-cloud train-teacher')",
     )
     parser.add_argument("--runs", default="runs", help="folder for run outputs (default runs/)")
+    wire = parser.add_argument_group(
+        "the wire (defaults: the frugal choice of `make bench`'s wire table; "
+        "--wire-codec float32 --student-cut 1 --eval-every 1 --no-teacher-cache is the old wire)"
+    )
+    wire.add_argument(
+        "--wire-codec",
+        default=DEMO_WIRE_CODEC,
+        choices=codecs.CODECS,
+        help=f"codec of activations and gradients (default {DEMO_WIRE_CODEC})",
+    )
+    wire.add_argument(
+        "--student-cut",
+        type=int,
+        default=DEMO_STUDENT_CUT,
+        help=f"student stages on the devices (default {DEMO_STUDENT_CUT}; 0: the cloud's)",
+    )
+    wire.add_argument(
+        "--eval-every",
+        type=int,
+        default=DEMO_EVAL_EVERY,
+        help=f"epochs between held-out evaluations (default {DEMO_EVAL_EVERY})",
+    )
+    wire.add_argument(
+        "--no-teacher-cache",
+        action="store_true",
+        help="send teacher activations every epoch instead of once per sample",
+    )
     return run(parser.parse_args(argv))
 
 

@@ -608,6 +608,8 @@ def test_undecodable_bytes_are_invalid_argument_on_every_rpc(fuzz_cloud: FuzzClo
     # Regression: gRPC answered these INTERNAL ("Exception deserializing request!").
     for method in fuzz_cloud.methods:
         for payload in (b"\xff\xff\xff", b"\x0a\x02\xff\xfe"):  # a bad tag; a string not UTF-8
+            if method == "Probe" and payload[0] == 0x0A:
+                continue  # Probe's field 1 is bytes: any bytes are a valid payload there
             with pytest.raises(grpc.RpcError) as caught:
                 fuzz_cloud.calls[method](payload)
             assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, method
