@@ -74,6 +74,9 @@ def create_app(
                 "samples": teacher.samples,
             },
             "sessions": len(service.sessions),
+            "teacher_cache_bytes": dict(
+                zip(("allocated", "reserved"), service.cache_bytes(), strict=True)
+            ),
             **security_status(),
         }
 
@@ -134,6 +137,14 @@ def create_app(
                     "finished_version": s.finished_version,
                     "device_profile": s.device_profile,
                     "link_profile": s.link_profile,
+                    "wire_codec": s.hyper.wire_codec,
+                    "teacher_cache": None
+                    if s.cache is None
+                    else {
+                        "capacity": s.cache.capacity,
+                        "samples": s.cache.samples,
+                        "bytes": s.cache.nbytes,
+                    },
                 }
                 for s in service.sessions.all()
                 if device is None or s.device_id == device

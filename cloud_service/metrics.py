@@ -40,6 +40,13 @@ class CloudMetrics:
         self.sessions = Gauge(
             "splitkd_cloud_sessions", "Active split-training sessions", registry=r
         )
+        self.teacher_cache_bytes = Gauge(
+            "splitkd_cloud_teacher_cache_bytes",
+            "Memory of the sessions' teacher-output caches: allocated, or reserved (the budget "
+            "--teacher-cache-mb bounds the reserved bytes)",
+            ["kind"],
+            registry=r,
+        )
         self.steps = Counter(
             "splitkd_cloud_training_steps",
             "Split-training steps applied (all sessions)",
@@ -97,6 +104,11 @@ class CloudMetrics:
     def track_sessions(self, count: Callable[[], int]) -> None:
         """Read the active session count at scrape time (never stale)."""
         self.sessions.set_function(lambda: float(count()))
+
+    def track_teacher_cache(self, sizes: Callable[[], tuple[int, int]]) -> None:
+        """Read (allocated, reserved) cache bytes at scrape time."""
+        self.teacher_cache_bytes.labels(kind="allocated").set_function(lambda: float(sizes()[0]))
+        self.teacher_cache_bytes.labels(kind="reserved").set_function(lambda: float(sizes()[1]))
 
     def observe_rpc(self, method: str, code: str, seconds: float, received: int, sent: int) -> None:
         self.rpc_duration.labels(method=method, code=code).observe(seconds)

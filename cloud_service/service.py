@@ -71,6 +71,7 @@ class CloudService:
         teacher = self.teachers.current()
         self.metrics = metrics or CloudMetrics()
         self.metrics.track_sessions(lambda: self.sessions.active())
+        self.metrics.track_teacher_cache(lambda: self.cache_bytes())
         self.registry = registry
         self.sessions = sessions
         self.config = config

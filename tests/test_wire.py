@@ -10,6 +10,7 @@ import grpc
 import numpy as np
 import pytest
 from hypothesis import given, settings
+from prometheus_client import generate_latest
 from hypothesis import strategies as st
 
 from cloud_service.server import build_grpc_server
@@ -227,6 +228,11 @@ def test_a_cache_lost_mid_run_is_refilled_and_the_losses_do_not_change(
             assert cloud_session.cache.samples == len(split.train)
     # Step 20 is in epoch 2: its batch went up again after the miss, same arithmetic.
     np.testing.assert_allclose(losses[1], losses[0], rtol=1e-6)
+    # Reported: 2 sessions x 431 samples x (10 float32 logits + int32 label + flag).
+    allocated = 2 * len(split.train) * 45
+    assert service.cache_bytes() == (allocated, allocated)
+    text = generate_latest(service.metrics.registry).decode()
+    assert f'splitkd_cloud_teacher_cache_bytes{{kind="allocated"}} {float(allocated)}' in text
 
 
 def _stub(address: str) -> pb_grpc.SplitTrainingStub:
