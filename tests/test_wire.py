@@ -10,8 +10,8 @@ import grpc
 import numpy as np
 import pytest
 from hypothesis import given, settings
-from prometheus_client import generate_latest
 from hypothesis import strategies as st
+from prometheus_client import generate_latest
 
 from cloud_service.server import build_grpc_server
 from cloud_service.service import CloudConfig
