@@ -54,7 +54,7 @@ def _serve(args: ServeSettings) -> int:
         kd_alpha=args.kd_alpha,
         kd_temperature=args.kd_temperature,
         seed=args.seed,
-        wire_codec=args.wire_codec,
+        wire_codec=args.wire_dtype or args.wire_codec,
         topk_ratio=args.topk_ratio,
         checkpoint_every=args.checkpoint_every,
     )

@@ -51,6 +51,12 @@ class TrainingOptions(Options):
         "float16, int8 (per-channel affine), int8-stochastic, topk (largest values, error feedback)",
         group=TRAINING,
     )
+    wire_dtype: Literal["", "float32", "float16"] = option(
+        "",
+        "deprecated, kept for existing scripts: the same as --wire-codec float32|float16",
+        group=TRAINING,
+        shown_default="unset",
+    )
     topk_ratio: float = option(
         _HYPER.topk_ratio, "share of the elements the topk codec sends", group=TRAINING
     )
