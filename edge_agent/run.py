@@ -62,7 +62,7 @@ class TrainOptions:
     kd_alpha: str = "cloud"
     cohort: str = ""  # join this cohort (a fleet) instead of training alone
     # The frugal wire (splitkd/codecs.py, cloud_service/teacher_cache.py) and the cuts.
-    wire_codec: str = ""  # empty: the cloud's
+    wire_codec: str = "cloud"  # "cloud": the cloud's default
     no_teacher_cache: bool = False
     student_cut: int = 0  # 0: the cloud's
     eval_every: int = 1  # epochs between held-out evaluations through the split
@@ -124,7 +124,7 @@ def train(
                 link_profile=telemetry.link.name,
                 class_weights=local.class_weights,
                 ask=SessionAsk(
-                    wire_codec=options.wire_codec,
+                    wire_codec="" if options.wire_codec == "cloud" else options.wire_codec,
                     train_samples=0 if options.no_teacher_cache else len(split.train),
                     student_cut=options.student_cut,
                     teacher_cut=options.teacher_cut,

@@ -74,11 +74,11 @@ class TrainSettings(ClientSecurityOptions, ProfileOptions, DeviceOptions, ModelD
         "KD weight: the cloud's, or auto: scaled down by the teacher's accuracy on this device's "
         "held-out data when it is weak",
     )
-    wire_codec: Literal["", "float32", "float16", "int8", "int8-stochastic", "topk"] = option(
-        "",
-        "how activations and gradients travel: float32, float16, int8 (per-channel affine, 1 byte "
-        "per value), int8-stochastic, topk (largest values with error feedback); empty: the cloud's",
-        shown_default="the cloud's",
+    wire_codec: Literal["cloud", "float32", "float16", "int8", "int8-stochastic", "topk"] = option(
+        "cloud",
+        "how activations and gradients travel: the cloud's default, float32, float16, int8 "
+        "(per-channel affine, 1 byte per value), int8-stochastic, topk (largest values with "
+        "error feedback)",
     )
     no_teacher_cache: bool = option(
         False,
