@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -28,8 +29,10 @@ from splitkd.hyper import Hyperparameters
 from splitkd.models import zoo
 from splitkd.models.normalize import fit_inputs
 from splitkd.models.spec import ModelSpec
+from splitkd.models.staged import StagedModel
 from splitkd.training import accuracy_of, batch_order, make_optimizer, predict
 
+M = TypeVar("M", bound=nn.Module)
 TEMPERATURE = 2.0
 # Image shifts a deployed camera or pen really meets: mounted sideways or upside
 # down, mirrored optics, inverted polarity, a one-pixel offset.
@@ -127,8 +130,8 @@ def distil_on_presumed(
     settings: LoopSettings,
     *,
     transfer: np.ndarray | None = None,
-    start: nn.Module | None = None,
-) -> nn.Module:
+    start: StagedModel | None = None,
+) -> StagedModel:
     """A student of ``spec`` taught by ``teacher`` on labelled presumed data ``x, y``.
 
     ``transfer``: extra unlabelled inputs (the probes) on which it follows the
@@ -157,9 +160,7 @@ def distil_on_presumed(
     return student
 
 
-def adapt(
-    installed: nn.Module, x: np.ndarray, y: np.ndarray, settings: LoopSettings
-) -> nn.Module:
+def adapt(installed: nn.Module, x: np.ndarray, y: np.ndarray, settings: LoopSettings) -> nn.Module:
     """The installed student fine-tuned on the device's exclusive ``x, y`` (a new object)."""
     model = copy.deepcopy(installed)
     inputs, labels = torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y.astype(np.int64))
@@ -172,13 +173,13 @@ def adapt(
 
 
 def update_teacher(
-    teacher: nn.Module,
+    teacher: M,
     presumed_x: np.ndarray,
     presumed_y: np.ndarray,
     probes: np.ndarray,
     adapted_logits: np.ndarray,
     settings: LoopSettings,
-) -> nn.Module:
+) -> M:
     """A new teacher (a copy): the adapted model's answers on the probes, presumed labels kept."""
     model = copy.deepcopy(teacher)
     inputs = torch.from_numpy(np.concatenate([presumed_x, probes]).astype(np.float32))
