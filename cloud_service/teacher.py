@@ -254,6 +254,11 @@ class TeacherVersions:
             number = max(self._versions) + 1  # past any version a dead update left behind
             new = Teacher(old.spec, model, accuracy, old.data_name, dict(old.samples), number)
             if self.folder is not None:
+                if read_current_version(self.folder) is None:
+                    # Name the serving version first, or a restart after a death between the
+                    # weights and the pointer would take the half-made update for current.
+                    self.folder.mkdir(parents=True, exist_ok=True)
+                    write_json_atomic(self.folder / CURRENT_FILE, {"version": old.version})
                 new.save(self.folder / f"v{new.version}.safetensors")
                 if provenance is not None:
                     write_json_atomic(self.folder / f"v{new.version}.json", provenance)
