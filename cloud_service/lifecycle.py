@@ -141,9 +141,9 @@ class Lifecycle:
         # One teacher update at a time: each starts from the version the last one made.
         self._update_lock = threading.Lock()
         registry = service.metrics.registry
-        self.reports = Counter(
-            "splitkd_cloud_knowledge_reports",
-            "Knowledge reports (adapted devices) received and checked",
+        self.adaptations = Counter(
+            "splitkd_cloud_adaptations",
+            "Device adaptations whose knowledge report was received and checked",
             registry=registry,
         )
         self.updates = Counter(
@@ -238,7 +238,7 @@ class Lifecycle:
 
     def report(self, task: Task, logits: np.ndarray, num_samples: int) -> Outcome:
         """Reverse-distil the report into a candidate teacher, keep it if the guardrail holds."""
-        self.reports.inc()
+        self.adaptations.inc()
         with self._lock:
             self._tasks.pop(task.adaptation_id, None)  # answered once; a retry opens again
         with self._update_lock:

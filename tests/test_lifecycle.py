@@ -348,3 +348,41 @@ def test_device_killed_during_switch_comes_back_on_a_complete_model(tmp_path: Pa
     assert store.switch("other", 1).name == "other"
     assert store.rollback().name == "base" and store.current().name == "base"
     assert store.previous().name == "other"
+
+
+# -- command lines ------------------------------------------------------------------------------
+
+
+def test_cloud_distill_and_teacher_list_and_rollback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cloud_service.cli import main
+
+    state = tmp_path / "state"
+    make_teacher().save(state / "teacher.safetensors")
+    assert main(["distill", "--name", "base", "--state-dir", str(state)]) == 0
+    assert "base v1: distilled from teacher v1" in capsys.readouterr().out
+    versions = TeacherVersions(make_teacher(), state / "teacher-versions")
+    versions.update(make_teacher(seed=4).model, 0.9, {"device_id": "dev-1", "received_at": "now",
+                    "presumed_accuracy_before": 0.99, "presumed_accuracy_after": 0.98})  # fmt: skip
+    assert main(["teacher", "list", "--state-dir", str(state)]) == 0
+    listing = capsys.readouterr().out
+    assert "* v2: from dev-1" in listing and "  v1: trained" in listing
+    assert main(["teacher", "rollback", "1", "--state-dir", str(state)]) == 0
+    assert TeacherVersions(make_teacher(), state / "teacher-versions").current().version == 1
+    assert main(["teacher", "rollback", "7", "--state-dir", str(state)]) == 2
+    assert "not kept here" in capsys.readouterr().err
+
+
+def test_edge_rollback_and_adapt_without_data_are_one_line_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from edge_agent.cli import main
+
+    models = tmp_path / "models"
+    assert main(["rollback", "--model-dir", str(models)]) == 2
+    assert "nothing to roll back to" in capsys.readouterr().err
+    assert main(["adapt", "--cloud", "127.0.0.1:1", "--model-dir", str(models)]) == 2
+    assert "give --data SPEC, --feedback, or both" in capsys.readouterr().err
+    assert main(["adapt", "--cloud", "x:1", "--feedback", "--model-dir", str(models)]) == 2
+    assert "no model" in capsys.readouterr().err
