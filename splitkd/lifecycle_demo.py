@@ -116,15 +116,14 @@ def evaluate(run_dir: Path, models: Path, adapt_report: dict[str, Any]) -> list[
                 "presumed": predictor.accuracy(presumed.x, presumed.y),
             }
         )
-    rows.insert(
-        1,
-        {
-            "stage": "adapted on device",
-            "user": adapt_report["adapted"]["accuracy"],
-            "presumed": float("nan"),
-        },
-    )
-    return rows
+    adapted = {
+        "stage": "adapted on device",
+        "user": adapt_report["adapted"]["accuracy"],
+        "presumed": float("nan"),  # the device has no presumed data to measure it on
+    }
+    # In the loop's order: teacher v1, base student, adapted, teacher v2, new student.
+    order = ("teacher v1", "base student", "adapted on device", "teacher v2", "new student")
+    return sorted([*rows, adapted], key=lambda row: order.index(row["stage"].split(" (")[0]))
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -141,7 +140,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1.05)
     ax.set_title("DiReDi: accuracy at each stage of the feedback loop")
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -231,6 +230,9 @@ def _finish(
     for row in rows:
         print(f"{row['stage']:34} {row['user']:16.3f} {row['presumed']:10.3f}")
     named = {row["stage"].split(" (")[0]: row for row in rows}
+    if "teacher v2" not in named:
+        print(f"the cloud refused the update: {adapt_report['reason']}")
+        return 1
     teacher1, teacher2 = named["teacher v1"], named["teacher v2"]
     base, new = named["base student"], named["new student"]
     traffic, guardrail = adapt_report["traffic"], adapt_report["guardrail"]
