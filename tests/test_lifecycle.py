@@ -165,6 +165,12 @@ def test_bad_knowledge_reports_get_a_clear_status_and_leave_the_teacher(cloud: o
             stub.ReportKnowledge(request, timeout=RPC_TIMEOUT)
         assert caught.value.code().name == code and words in (caught.value.details() or "")
     assert lifecycle.service.teachers.versions() == [1]
+    wrong_file = pb.OpenAdaptationRequest(
+        device_id="dev-1", model_name="base", model_version=1, model_sha256="0" * 64
+    )
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.OpenAdaptation(wrong_file, timeout=RPC_TIMEOUT)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     stranger = pb.KnowledgeReport(adaptation_id=task.adaptation_id, device_id="dev-2")
     with pytest.raises(grpc.RpcError) as caught:
         stub.ReportKnowledge(stranger, timeout=RPC_TIMEOUT)
@@ -282,6 +288,31 @@ def test_adapt_reports_only_probe_answers_and_switches_if_better(
     assert versions == [1, 2]
     provenance = json.loads((tmp_path / "teacher-versions" / "v2.json").read_text())
     assert provenance["device_id"] == "dev-1" and "presumed_accuracy_after" in provenance
+
+
+def test_a_refused_update_leaves_the_device_on_its_model(tmp_path: Path, cloud: object) -> None:
+    lifecycle, _, store = cloud  # type: ignore[misc]
+    lifecycle.settings.margin = -1.0  # no candidate can pass: the guardrail refuses
+    server, port = build_grpc_server(lifecycle.service, "127.0.0.1:0", lifecycle=lifecycle)
+    server.start()
+    path, _ = user_file(tmp_path)
+    try:
+        report = adapt(
+            AdaptOptions(
+                cloud=f"127.0.0.1:{port}",
+                model_dir=store.root,
+                device_id="dev-1",
+                report=tmp_path / "r.json",
+                data=f"npz:{path}",
+                loop=FAST,
+            )
+        )
+    finally:
+        server.stop(0)
+    assert not report["accepted"] and "guardrail" in report["reason"]
+    assert report["teacher"]["version_after"] == report["teacher"]["version_before"] == 1
+    assert report["student"]["name"] == "base" and store.current().name == "base"
+    assert report["after"] == report["before"] and not report["switched"]
 
 
 # -- faults: killed mid-update, killed mid-switch, rollback ------------------------------------
