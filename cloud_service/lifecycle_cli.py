@@ -41,6 +41,13 @@ def build_lifecycle(service: Any, args: ServeSettings | DistillSettings, margin:
             args.teacher_data,
         )
         return None
+    log.info(
+        "lifecycle: presumed data %s (%d training, %d held-out samples), guardrail margin %.3f",
+        args.teacher_data,
+        len(presumed.train),
+        len(presumed.heldout),
+        margin,
+    )
     weights = StudentWeights(args.state_dir / "student-weights")
     return Lifecycle(service, presumed, weights, LifecycleSettings(margin=margin))
 
