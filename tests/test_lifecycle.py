@@ -108,6 +108,17 @@ def test_full_feedback_store_answers_507_and_keeps_what_it_has(tmp_path: Path) -
     assert y.tolist() == [1, 2] and np.allclose(x, np.asarray(batch, dtype=np.float32))
 
 
+def test_feedback_needs_the_token_when_predict_does(tmp_path: Path) -> None:
+    store = install_base(make_lifecycle(tmp_path), tmp_path / "models")
+    feedback = FeedbackStore(tmp_path / "feedback.sqlite3", 10)
+    client = TestClient(create_app(store, feedback=feedback, token="s3cret"))
+    body = {"inputs": np.zeros((1, 8, 8)).tolist(), "label": 1}
+    assert client.post("/v1/feedback", json=body).status_code == 401
+    authorised = {"Authorization": "Bearer s3cret"}
+    assert client.post("/v1/feedback", json=body, headers=authorised).status_code == 201
+    assert feedback.stats().records == 1
+
+
 # -- knowledge reports over gRPC ----------------------------------------------------------
 
 
@@ -353,12 +364,11 @@ import os, signal, sys
 from pathlib import Path
 import edge_agent.model_store as model_store
 store = model_store.ModelStore(Path(sys.argv[1]))
+real = model_store.write_json_atomic
 def dying(path, obj):
     if path.name == "CURRENT.json":
-        os.kill(os.getpid(), signal.SIGKILL)
-    model_store.write_json_atomic.__wrapped__(path, obj)
-real = model_store.write_json_atomic
-dying.__wrapped__ = real
+        os.kill(os.getpid(), signal.SIGKILL)  # PREVIOUS.json written, CURRENT.json not yet
+    real(path, obj)
 model_store.write_json_atomic = dying
 store.switch(sys.argv[2], int(sys.argv[3]))
 """
