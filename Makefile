@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help venv demo fleet-demo test lint typecheck unit proto proto-check config-doc bench loadtest compare testbed compose-check pi-check clean
+.PHONY: help venv demo fleet-demo lifecycle-demo test lint typecheck unit proto proto-check config-doc bench loadtest compare testbed compose-check pi-check clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -27,6 +27,9 @@ demo: $(STAMP) ## cloud + two edges on digits, split KD, ONNX, report in runs/la
 
 fleet-demo: $(STAMP) ## 4 non-IID edges learn one student together: split and federated cohorts vs references
 	$(BIN)/python -m splitkd.fleet_demo $(FLEET_ARGS)
+
+lifecycle-demo: $(STAMP) ## DiReDi: base student -> feedback -> adapt -> new teacher -> new student, table + plot
+	$(BIN)/python -m splitkd.lifecycle_demo
 
 test: $(STAMP) proto-check lint typecheck unit ## everything CI runs: protos, config page, ruff, mypy, pytest
 

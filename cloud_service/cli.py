@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cloud_service import admin_cli, security
+from cloud_service import admin_cli, lifecycle_cli, security
 from cloud_service.settings import ServeSettings, TrainTeacherSettings
 from splitkd.errors import SplitKDError
 from splitkd.settings import Command, Program
@@ -68,12 +68,12 @@ def _serve(args: ServeSettings) -> int:
         )
     else:
         teacher = train_teacher(args.teacher_data, presumed_fraction=args.presumed_fraction)
-        teacher.save(args.state_dir / "teacher.safetensors")
+        teacher.save(args.state_dir / lifecycle_cli.TEACHER_FILE)
     # Serving: each step's tensors are tiny, so intra-op threads cost more in
     # synchronisation than they give; sessions run in parallel on gRPC's pool.
     torch.set_num_threads(1)
     service = CloudService(
-        TeacherVersions(teacher, args.state_dir / "teacher-versions"),
+        TeacherVersions(teacher, args.state_dir / lifecycle_cli.VERSIONS_FOLDER),
         ModelRegistry(args.state_dir / "models", keep_versions=args.keep_versions),
         SessionStore(idle_timeout=args.session_timeout),
         CloudConfig(
@@ -86,9 +86,13 @@ def _serve(args: ServeSettings) -> int:
         checkpoints=SessionCheckpoints(args.state_dir / "sessions"),
         limiter=RateLimiter(args.max_steps_per_second),
     )
+    lifecycle = lifecycle_cli.build_lifecycle(service, args, args.guardrail_margin)
+    if args.base_student and lifecycle is not None:
+        lifecycle.distil(args.base_student)
     serve(
         service,
         ServeOptions(
+            lifecycle=lifecycle,
             fleet=_fleet(args, service),
             host=args.host,
             grpc_port=args.grpc_port,
@@ -166,8 +170,9 @@ PROGRAM = Program(
             help="train a teacher on the cloud's presumed data and save it",
         ),
         *admin_cli.COMMANDS,
+        *lifecycle_cli.COMMANDS,
     ),
-    group_help=admin_cli.GROUP_HELP,
+    group_help=admin_cli.GROUP_HELP | lifecycle_cli.GROUP_HELP,
 )
 
 

@@ -23,6 +23,8 @@ METHODS = (
     "JoinCohort",
     "FetchRound",
     "SubmitUpdate",
+    "OpenAdaptation",
+    "ReportKnowledge",
 )
 
 

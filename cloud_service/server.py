@@ -18,6 +18,8 @@ from google.protobuf.message import DecodeError
 from cloud_service.fleet.service import FleetService
 from cloud_service.fleet.servicer import FleetServicer
 from cloud_service.http_api import create_app
+from cloud_service.lifecycle import Lifecycle
+from cloud_service.lifecycle_servicer import LifecycleServicer
 from cloud_service.security import CloudSecurity
 from cloud_service.service import CloudService
 from cloud_service.servicer import SplitTrainingServicer
@@ -83,6 +85,7 @@ def build_grpc_server(
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     security: CloudSecurity | None = None,
     fleet: FleetService | None = None,
+    lifecycle: Lifecycle | None = None,
 ) -> tuple[grpc.Server, int]:
     """A started-ready gRPC server bound to ``address``; returns it and the bound port.
 
@@ -99,6 +102,8 @@ def build_grpc_server(
     pb_grpc.add_SplitTrainingServicer_to_server(SplitTrainingServicer(service), server)
     if fleet is not None:
         pb_grpc.add_FleetServicer_to_server(FleetServicer(fleet), server)
+    if lifecycle is not None:
+        pb_grpc.add_LifecycleServicer_to_server(LifecycleServicer(lifecycle), server)
     credentials = security.grpc_credentials() if security is not None else None
     if credentials is not None:
         port = server.add_secure_port(address, credentials)
@@ -118,6 +123,7 @@ class ServeOptions:
     grace_seconds: float = 5.0
     security: CloudSecurity | None = None
     fleet: FleetService | None = None
+    lifecycle: Lifecycle | None = None
 
 
 def serve(service: CloudService, options: ServeOptions) -> None:
@@ -129,6 +135,7 @@ def serve(service: CloudService, options: ServeOptions) -> None:
         max_message_bytes=options.max_message_bytes,
         security=security,
         fleet=options.fleet,
+        lifecycle=options.lifecycle,
     )
     grpc_server.start()
     config = uvicorn.Config(

@@ -112,7 +112,23 @@ class FleetOptions(Options):
     )
 
 
-class ServeSettings(CloudSecurityOptions, FleetOptions, TrainingOptions, StateDirOptions):
+LIFECYCLE = (
+    "lifecycle (DiReDi: base students, reverse distillation from devices; docs/LIFECYCLE.md)"
+)
+
+
+class GuardrailOptions(Options):
+    guardrail_margin: float = option(
+        0.02,
+        "a device's knowledge report updates the teacher only if the teacher's accuracy on the "
+        "held-out presumed data drops by at most this much (0.02 = 2 points); else it is refused",
+        group=LIFECYCLE,
+    )
+
+
+class ServeSettings(
+    CloudSecurityOptions, GuardrailOptions, FleetOptions, TrainingOptions, StateDirOptions
+):
     host: str = option("0.0.0.0", "address to listen on")
     grpc_port: int = option(50051, "gRPC port for edge agents")
     http_port: int = option(8000, "HTTP port: /healthz, /v1/models, /v1/sessions")
@@ -136,6 +152,12 @@ class ServeSettings(CloudSecurityOptions, FleetOptions, TrainingOptions, StateDi
     max_steps_per_second: float = option(
         400.0, "per device: more steps than this get RESOURCE_EXHAUSTED (0: no limit)"
     )
+    base_student: str | None = option(
+        None,
+        "at start-up, distil a student from the teacher on the presumed data alone and publish "
+        "it under this name (e.g. base) for devices to pull and serve",
+        group=LIFECYCLE,
+    )
 
 
 class TrainTeacherSettings(Options):
@@ -146,6 +168,17 @@ class TrainTeacherSettings(Options):
         "when the edges are handed the same data set: the share of it the teacher trains on",
         shown_default=f"{DEMO_PRESUMED_FRACTION} for the built-in digits, all of a file of yours",
     )
+
+
+class DistillSettings(StateDirOptions):
+    name: str = option("base", "publish the student under this model name")
+    teacher_data: str = option("digits", f"the teacher's data, as 'serve' was given it: {DATA}")
+    presumed_fraction: float | None = option(
+        None,
+        "as 'serve' was given it: the share of --teacher-data that is the presumed data",
+        shown_default=f"{DEMO_PRESUMED_FRACTION} for the built-in digits, all of a file of yours",
+    )
+    keep_versions: int = option(5, "newest versions of each model kept in the registry")
 
 
 # The admin commands act on what their arguments name: command line only.
@@ -189,3 +222,11 @@ class DevicesListSettings(StateDirOptions):
 
 class DevicesRevokeSettings(StateDirOptions):
     name: str = option(help="the device's id", positional=True)
+
+
+class TeacherListSettings(StateDirOptions):
+    as_json: bool = option(False, "machine-readable output", flag="--json", cli_only=True)
+
+
+class TeacherRollbackSettings(StateDirOptions):
+    version: int = option(help="the teacher version to serve again", positional=True)

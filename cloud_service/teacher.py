@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
+from splitkd.atomic import write_bytes_atomic, write_json_atomic
 from splitkd.data import load_dataset
 from splitkd.data.partition import cloud_split, default_presumed_fraction
 from splitkd.data.specs import DataError
@@ -74,8 +75,8 @@ class Teacher:
             )
 
     def save(self, path: Path) -> None:
+        """Durably: a cloud killed while saving leaves the old file or the new one."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
         state = {k: v.contiguous() for k, v in self.model.state_dict().items()}
         metadata = {
             "family": self.spec.family,
@@ -83,8 +84,7 @@ class Teacher:
             "accuracy": str(self.accuracy or ""),
             "samples": json.dumps(self.samples),
         }
-        save_file(state, str(tmp), metadata=metadata)
-        tmp.replace(path)
+        write_bytes_atomic(path, save(state, metadata=metadata))
 
     @classmethod
     def load(cls, path: Path) -> Teacher:
@@ -171,6 +171,18 @@ def train_teacher(
     return Teacher(spec, model, accuracy, dataset.signature.name, split.sample_counts())
 
 
+CURRENT_FILE = "CURRENT.json"
+
+
+def read_current_version(folder: Path) -> int | None:
+    """The version the pointer names, or None (no pointer yet, or a damaged one)."""
+    try:
+        value = json.loads((folder / CURRENT_FILE).read_text()).get("version")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 class TeacherVersions:
     """The server model's versions: the current one, and the ones sessions still use.
 
@@ -202,6 +214,10 @@ class TeacherVersions:
             saved.version, saved.data_name = int(number), first.data_name
             self._versions[saved.version] = saved
         self._current = self._versions[max(self._versions)]
+        pointed = read_current_version(self.folder)
+        if pointed is not None and pointed in self._versions:
+            # An update that died before its pointer was written is not current.
+            self._current = self._versions[pointed]
         if self._current is not first:
             log.info("server model restored at version %d", self._current.version)
 
@@ -217,19 +233,83 @@ class TeacherVersions:
                 )
             return self._versions[version]
 
-    def update(self, model: StagedModel, accuracy: float | None = None) -> Teacher:
-        """Make ``model`` (a new object, never a live version's) the next version."""
+    def versions(self) -> list[int]:
+        with self._lock:
+            return sorted(self._versions)
+
+    def update(
+        self,
+        model: StagedModel,
+        accuracy: float | None = None,
+        provenance: dict[str, object] | None = None,
+    ) -> Teacher:
+        """Make ``model`` (a new object, never a live version's) the next version.
+
+        On disk in this order: the weights, their provenance, then the pointer to
+        the current version; a cloud killed before the pointer restarts on the old one.
+        """
         model.eval()
         with self._lock:
             old = self._current
-            new = Teacher(
-                old.spec, model, accuracy, old.data_name, dict(old.samples), old.version + 1
-            )
+            number = max(self._versions) + 1  # past any version a dead update left behind
+            new = Teacher(old.spec, model, accuracy, old.data_name, dict(old.samples), number)
             if self.folder is not None:
+                if read_current_version(self.folder) is None:
+                    # Name the serving version first, or a restart after a death between the
+                    # weights and the pointer would take the half-made update for current.
+                    self.folder.mkdir(parents=True, exist_ok=True)
+                    write_json_atomic(self.folder / CURRENT_FILE, {"version": old.version})
                 new.save(self.folder / f"v{new.version}.safetensors")
+                if provenance is not None:
+                    write_json_atomic(self.folder / f"v{new.version}.json", provenance)
+                write_json_atomic(self.folder / CURRENT_FILE, {"version": new.version})
             self._versions[new.version] = new
             self._current = new
         log.info("server model updated to version %d", new.version)
         for callback in self.on_update:
             callback(new)
         return new
+
+    def rollback(self, version: int) -> Teacher:
+        """Serve ``version`` again (a running cloud); on disk too when kept there."""
+        with self._lock:
+            if version not in self._versions:
+                raise FailedPrecondition(
+                    f"teacher version {version} is not available (have {sorted(self._versions)})"
+                )
+            self._current = self._versions[version]
+            if self.folder is not None:
+                write_json_atomic(self.folder / CURRENT_FILE, {"version": version})
+        log.info("server model rolled back to version %d", version)
+        return self._current
+
+
+def version_history(folder: Path) -> list[dict[str, object]]:
+    """Every version kept in ``folder`` with its provenance, oldest first (for the CLI)."""
+    current = read_current_version(folder)
+    numbers = {1}
+    for path in folder.glob("v*.safetensors"):
+        if path.stem[1:].isdigit():
+            numbers.add(int(path.stem[1:]))
+    if current is None:
+        current = max(numbers)
+    rows: list[dict[str, object]] = []
+    for number in sorted(numbers):
+        provenance: dict[str, object] = {}
+        record = folder / f"v{number}.json"
+        if record.is_file():
+            try:
+                provenance = json.loads(record.read_text())
+            except ValueError:
+                provenance = {"damaged": str(record)}
+        rows.append({"version": number, "current": number == current, **provenance})
+    return rows
+
+
+def rollback_on_disk(folder: Path, version: int) -> None:
+    """Point ``folder``'s teacher at ``version`` (takes effect when the cloud starts)."""
+    if version != 1 and not (folder / f"v{version}.safetensors").is_file():
+        have = [row["version"] for row in version_history(folder)]
+        raise FailedPrecondition(f"teacher version {version} is not kept here (have {have})")
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(folder / CURRENT_FILE, {"version": version})

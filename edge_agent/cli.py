@@ -15,7 +15,14 @@ import sys
 from typing import Any
 
 from edge_agent import security
-from edge_agent.settings import PredictSettings, PullSettings, ServeSettings, TrainSettings
+from edge_agent.settings import (
+    AdaptSettings,
+    PredictSettings,
+    PullSettings,
+    RollbackSettings,
+    ServeSettings,
+    TrainSettings,
+)
 from splitkd.errors import SplitKDError
 from splitkd.settings import Command, Program
 
@@ -125,8 +132,17 @@ def _serve(args: ServeSettings) -> int:
             args.host,
             args.http_port,
         )
+    from edge_agent.feedback import FeedbackStore
+
+    feedback = FeedbackStore(
+        args.feedback_db or args.model_dir / FEEDBACK_FILE, args.feedback_max_records
+    )
     app = create_app(
-        ModelStore(args.model_dir), metrics, token=token, max_body_bytes=args.max_body_bytes
+        ModelStore(args.model_dir),
+        metrics,
+        token=token,
+        max_body_bytes=args.max_body_bytes,
+        feedback=feedback,
     )
     uvicorn.run(
         app,
@@ -197,6 +213,53 @@ def _pull(args: PullSettings) -> int:
     return 0
 
 
+FEEDBACK_FILE = "feedback.sqlite3"
+
+
+def _adapt(args: AdaptSettings) -> int:
+    try:
+        import torch
+    except ImportError:
+        raise SplitKDError("adapt needs the [train] extra: pip install 'splitkd[train]'") from None
+    from edge_agent.adapt import AdaptOptions, adapt
+    from splitkd.atomic import write_json_atomic
+
+    torch.set_num_threads(1)
+    report = adapt(
+        AdaptOptions(
+            cloud=args.cloud,
+            model_dir=args.model_dir,
+            device_id=args.device_id,
+            report=args.report,
+            data=args.data,
+            feedback_db=(args.feedback_db or args.model_dir / FEEDBACK_FILE)
+            if args.feedback
+            else None,
+            timeout=args.timeout,
+            security=security.EdgeSecurity.from_options(args),
+        )
+    )
+    args.report.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(args.report, report)
+    verdict = "accepted" if report["accepted"] else f"refused ({report['reason']})"
+    student = report["student"]
+    print(
+        f"{args.device_id}: teacher update {verdict}; held-out accuracy "
+        f"{report['before']['accuracy']:.4f} -> {report['after']['accuracy']:.4f}, serving "
+        f"{student['name']} v{student['version']}; {report['traffic']['bytes_up']} bytes up "
+        f"(raw data: {report['traffic']['raw_data_bytes']}); report: {args.report}"
+    )
+    return 0
+
+
+def _rollback(args: RollbackSettings) -> int:
+    from edge_agent.model_store import ModelStore
+
+    model = ModelStore(args.model_dir).rollback()
+    print(f"serving {model.name} v{model.version} again")
+    return 0
+
+
 PROGRAM = Program(
     prog="splitkd-edge",
     description="The splitkd edge agent: trains a small student with a cloud teacher by split "
@@ -222,6 +285,14 @@ PROGRAM = Program(
             "or from --json, with the current student.",
         ),
         Command("pull", PullSettings, _pull, help="download a student over HTTP (no torch needed)"),
+        Command(
+            "adapt",
+            AdaptSettings,
+            _adapt,
+            help="adapt the installed student on this device's data, report only the knowledge "
+            "difference to the cloud, switch to the re-distilled student if it is better here",
+        ),
+        Command("rollback", RollbackSettings, _rollback, help="serve the previous model again"),
     ),
 )
 

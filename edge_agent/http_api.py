@@ -22,6 +22,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from edge_agent.errors import EdgeError
+from edge_agent.feedback import FeedbackStore
+from edge_agent.feedback_api import FEEDBACK_PATH, add_feedback_routes
 from edge_agent.http_guard import PredictGuard
 from edge_agent.inference import MAX_BATCH, Predictor
 from edge_agent.metrics import EdgeMetrics
@@ -80,6 +82,7 @@ def create_app(
     *,
     token: str | None = None,
     max_body_bytes: int = 0,
+    feedback: FeedbackStore | None = None,
 ) -> FastAPI:
     """``token``: required as a bearer token on /v1/predict; ``max_body_bytes``: 0 sizes the
     limit from the served model (``default_body_limit``)."""
@@ -99,6 +102,9 @@ def create_app(
         return default_body_limit(tuple(model.metadata["input_shape"]))
 
     app.add_middleware(PredictGuard, path="/v1/predict", token=token, limit=body_limit)
+    if feedback is not None:  # DiReDi: users' corrections, kept on the device
+        app.add_middleware(PredictGuard, path=FEEDBACK_PATH, token=token, limit=body_limit)
+        add_feedback_routes(app, served, feedback, metrics.registry)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:

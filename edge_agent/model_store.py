@@ -22,6 +22,7 @@ DEFAULT_MODEL_DIR = "~/.local/share/splitkd/models"
 # no leading dot, so a name cannot climb out of the model directory.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MAX_VERSION = 1_000_000
+PREVIOUS_FILE = "PREVIOUS.json"
 
 
 def check_model_id(name: object, version: object) -> tuple[str, int]:
@@ -83,9 +84,16 @@ class ModelStore:
         return self.root / f".{name}-{version}.download"
 
     def install(
-        self, name: str, version: int, onnx_file: Path, metadata: dict[str, Any]
+        self,
+        name: str,
+        version: int,
+        onnx_file: Path,
+        metadata: dict[str, Any],
+        *,
+        make_current: bool = True,
     ) -> LocalModel:
-        """Move a downloaded file in, after checking its SHA-256; make it current."""
+        """Move a downloaded file in, after checking its SHA-256; make it current unless told not to
+        (adapt installs a candidate beside the served model and switches only if it is better)."""
         folder = self.folder(name, version)
         check_metadata(metadata, f"model {name} v{version}")
         expected = str(metadata.get("sha256", ""))
@@ -98,8 +106,42 @@ class ModelStore:
         target = folder / "model.onnx"
         move_atomic(onnx_file, target)
         write_json_atomic(folder / "metadata.json", metadata)
-        self._set_current(name, version)
+        if make_current:
+            self._set_current(name, version)
         return LocalModel(name, version, target, metadata)
+
+    def switch(self, name: str, version: int) -> LocalModel:
+        """Serve an installed, verified version; the one served until now becomes the previous.
+
+        Both pointers are atomic files and CURRENT.json is written last: a device that
+        dies at any moment comes back on a complete model, the old one or the new one.
+        """
+        model = self.load(name, version)
+        try:
+            served = self.current()
+            write_json_atomic(
+                self.root / PREVIOUS_FILE, {"name": served.name, "version": served.version}
+            )
+        except EdgeError:
+            pass  # nothing served yet (or a damaged pointer): nothing to roll back to
+        self._set_current(name, version)
+        return model
+
+    def previous(self) -> LocalModel:
+        pointer = self.root / PREVIOUS_FILE
+        try:
+            raw = json.loads(pointer.read_text())
+            name, version = check_model_id(raw["name"], raw["version"])
+        except FileNotFoundError:
+            raise EdgeError(f"no previous model in {self.root}: nothing to roll back to") from None
+        except (OSError, ValueError, KeyError, TypeError, EdgeError) as exc:
+            raise EdgeError(f"{pointer} is damaged ({exc})") from None
+        return self.load(name, version)
+
+    def rollback(self) -> LocalModel:
+        """Serve the previous version again (the current one becomes the previous)."""
+        previous = self.previous()
+        return self.switch(previous.name, previous.version)
 
     def _set_current(self, name: str, version: int) -> None:
         # Atomic and durable: serve never reads half a pointer, a power cut leaves old or new.

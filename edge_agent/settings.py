@@ -123,9 +123,22 @@ class TrainSettings(ClientSecurityOptions, ProfileOptions, DeviceOptions, ModelD
     no_progress: bool = option(False, "no progress bar")
 
 
-class ServeSettings(HttpTokenOptions, HttpsOptions, ProfileOptions, DeviceOptions, ModelDirOptions):
+class FeedbackOptions(Options):
+    feedback_db: Path | None = option(
+        None,
+        "the feedback store (SQLite) of users' corrections; it never leaves the device",
+        shown_default="MODEL_DIR/feedback.sqlite3",
+    )
+
+
+class ServeSettings(
+    FeedbackOptions, HttpTokenOptions, HttpsOptions, ProfileOptions, DeviceOptions, ModelDirOptions
+):
     host: str = option("127.0.0.1", "address to listen on")
     http_port: int = option(8001, "HTTP port of the inference API")
+    feedback_max_records: int = option(
+        10_000, "records the feedback store holds at most; beyond, POST /v1/feedback answers 507"
+    )
 
 
 class PredictSettings(ModelDirOptions):
@@ -143,3 +156,23 @@ class PullSettings(ClientSecurityOptions, DeviceOptions, ModelDirOptions):
     cloud_http: str = option(help="cloud HTTP base URL, e.g. http://cloud:8000")
     model: str = option(help="model name, e.g. student-edge-0")
     version: int = option(0, "version (0: the latest)")
+
+
+class AdaptSettings(FeedbackOptions, ClientSecurityOptions, DeviceOptions, ModelDirOptions):
+    cloud: str = option(help="cloud gRPC address HOST:PORT")
+    data: str | None = option(None, f"this device's exclusive data: {TRAINING_DATA}")
+    feedback: bool = option(False, "learn from the feedback store's corrections too")
+    report: Path = option(Path("adapt-report.json"), "JSON report to write")
+    timeout: float = option(
+        600.0, "seconds to wait for the cloud's answer (it updates its teacher meanwhile)"
+    )
+
+    @model_validator(mode="after")
+    def _some_data(self) -> AdaptSettings:
+        if not self.data and not self.feedback:
+            raise ValueError("give --data SPEC, --feedback, or both")
+        return self
+
+
+class RollbackSettings(ModelDirOptions):
+    pass

@@ -81,6 +81,7 @@ EDGE_FAMILIES: dict[str, tuple[str, dict[str, tuple[str, ...] | None]]] = {
     MEASURED_ENERGY: ("counter", {}),  # optional: only with a real energy counter
     "splitkd_edge_inference_duration_seconds": ("histogram", {}),
     "splitkd_edge_inference_requests": ("counter", {"outcome": ("ok", "error")}),
+    "splitkd_edge_feedback_records": ("counter", {}),
     "splitkd_edge_info": (
         "gauge",
         {"device_id": None, "device_profile": None, "link_profile": None},
@@ -105,6 +106,8 @@ CLOUD_FAMILIES: dict[str, tuple[str, dict[str, tuple[str, ...] | None]]] = {
     "splitkd_cloud_cohort_devices": ("gauge", {"cohort": (COHORT,)}),
     "splitkd_cloud_cohort_accuracy": ("gauge", {"cohort": (COHORT,)}),
     "splitkd_cloud_server_model_version": ("gauge", {}),
+    "splitkd_cloud_adaptations": ("counter", {}),
+    "splitkd_cloud_teacher_updates": ("counter", {"outcome": ("accepted", "refused")}),
 }
 
 # Series that must grow on every edge: (series, one label set per child).
@@ -650,7 +653,12 @@ def _check_families(
 def test_metric_types_and_labels_match_the_contract(run: Run) -> None:
     """Each process exports exactly the families of what it does: no zeros from idle parts."""
     _check_families(run.cloud_text, CLOUD_FAMILIES, "cloud")
-    inference = {k: v for k, v in EDGE_FAMILIES.items() if k.startswith("splitkd_edge_inference")}
+    # What a serving edge exports: inference, and the feedback store of its HTTP API.
+    inference = {
+        k: v
+        for k, v in EDGE_FAMILIES.items()
+        if k.startswith(("splitkd_edge_inference", "splitkd_edge_feedback"))
+    }
     training = {k: v for k, v in EDGE_FAMILIES.items() if k not in inference}
     serving = {**inference, "splitkd_edge_info": EDGE_FAMILIES["splitkd_edge_info"]}
     _check_families(run.edge_train_text, training, "training edge")

@@ -1335,3 +1335,202 @@ class SubmitUpdateResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SubmitUpdateResponse: _TypeAlias = SubmitUpdateResponse  # noqa: Y015
+
+@_typing.final
+class OpenAdaptationRequest(_message.Message):
+    """---------------------------------------------------------------------------
+    Lifecycle (DiReDi, issue 11): reverse distillation from a deployed device.
+
+    A device that adapted its installed student on its own data reports only the
+    knowledge difference: the adapted model's logits on probe inputs that the
+    cloud chose from its own presumed data (shifted copies of it). Nothing derived
+    from a device input crosses: only answers to the cloud's own questions. The
+    cloud distils them into a new teacher version (kept only if its accuracy on
+    the cloud's held-out presumed data drops by at most the guardrail margin) and
+    re-distils a new student for the device. See docs/LIFECYCLE.md.
+    ---------------------------------------------------------------------------
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    MODEL_SHA256_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    model_name: _builtins.str
+    """the student installed on the device"""
+    model_version: _builtins.int
+    model_sha256: _builtins.str
+    """of its ONNX file: the cloud checks it is the one it published"""
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+        model_name: _builtins.str = ...,
+        model_version: _builtins.int = ...,
+        model_sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "model_name", b"model_name", "model_sha256", b"model_sha256", "model_version", b"model_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OpenAdaptationRequest: _TypeAlias = OpenAdaptationRequest  # noqa: Y015
+
+@_typing.final
+class AdaptationTask(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADAPTATION_ID_FIELD_NUMBER: _builtins.int
+    STUDENT_FIELD_NUMBER: _builtins.int
+    WEIGHTS_FIELD_NUMBER: _builtins.int
+    PROBES_FIELD_NUMBER: _builtins.int
+    TEACHER_VERSION_FIELD_NUMBER: _builtins.int
+    adaptation_id: _builtins.str
+    """names this task in ReportKnowledge"""
+    teacher_version: _builtins.int
+    """the teacher the installed student came from"""
+    @_builtins.property
+    def student(self) -> Global___ModelSpec:
+        """the installed student's architecture"""
+
+    @_builtins.property
+    def weights(self) -> Global___ModelWeights:
+        """and its weights: the device adapts from these"""
+
+    @_builtins.property
+    def probes(self) -> Global___Tensor:
+        """[P, input shape...]: answer with the adapted logits on these"""
+
+    def __init__(
+        self,
+        *,
+        adaptation_id: _builtins.str = ...,
+        student: Global___ModelSpec | None = ...,
+        weights: Global___ModelWeights | None = ...,
+        probes: Global___Tensor | None = ...,
+        teacher_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["probes", b"probes", "student", b"student", "weights", b"weights"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adaptation_id", b"adaptation_id", "probes", b"probes", "student", b"student", "teacher_version", b"teacher_version", "weights", b"weights"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AdaptationTask: _TypeAlias = AdaptationTask  # noqa: Y015
+
+@_typing.final
+class KnowledgeReport(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADAPTATION_ID_FIELD_NUMBER: _builtins.int
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    PROBE_LOGITS_FIELD_NUMBER: _builtins.int
+    NUM_SAMPLES_FIELD_NUMBER: _builtins.int
+    adaptation_id: _builtins.str
+    device_id: _builtins.str
+    model_name: _builtins.str
+    """must be the task's model and version"""
+    model_version: _builtins.int
+    num_samples: _builtins.int
+    """device samples the adaptation learned from (a count only)"""
+    @_builtins.property
+    def probe_logits(self) -> Global___Tensor:
+        """[P, classes], finite: the adapted model on the probes"""
+
+    def __init__(
+        self,
+        *,
+        adaptation_id: _builtins.str = ...,
+        device_id: _builtins.str = ...,
+        model_name: _builtins.str = ...,
+        model_version: _builtins.int = ...,
+        probe_logits: Global___Tensor | None = ...,
+        num_samples: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["probe_logits", b"probe_logits"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adaptation_id", b"adaptation_id", "device_id", b"device_id", "model_name", b"model_name", "model_version", b"model_version", "num_samples", b"num_samples", "probe_logits", b"probe_logits"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KnowledgeReport: _TypeAlias = KnowledgeReport  # noqa: Y015
+
+@_typing.final
+class Guardrail(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRESUMED_ACCURACY_BEFORE_FIELD_NUMBER: _builtins.int
+    PRESUMED_ACCURACY_AFTER_FIELD_NUMBER: _builtins.int
+    MARGIN_FIELD_NUMBER: _builtins.int
+    HELDOUT_SAMPLES_FIELD_NUMBER: _builtins.int
+    presumed_accuracy_before: _builtins.float
+    """the teacher on the cloud's held-out presumed data"""
+    presumed_accuracy_after: _builtins.float
+    """the updated teacher on the same data"""
+    margin: _builtins.float
+    """largest drop accepted (a fraction: 0.02 = 2 points)"""
+    heldout_samples: _builtins.int
+    def __init__(
+        self,
+        *,
+        presumed_accuracy_before: _builtins.float = ...,
+        presumed_accuracy_after: _builtins.float = ...,
+        margin: _builtins.float = ...,
+        heldout_samples: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heldout_samples", b"heldout_samples", "margin", b"margin", "presumed_accuracy_after", b"presumed_accuracy_after", "presumed_accuracy_before", b"presumed_accuracy_before"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Guardrail: _TypeAlias = Guardrail  # noqa: Y015
+
+@_typing.final
+class KnowledgeOutcome(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCEPTED_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    TEACHER_VERSION_BEFORE_FIELD_NUMBER: _builtins.int
+    TEACHER_VERSION_AFTER_FIELD_NUMBER: _builtins.int
+    GUARDRAIL_FIELD_NUMBER: _builtins.int
+    STUDENT_FIELD_NUMBER: _builtins.int
+    PROBE_AGREEMENT_FIELD_NUMBER: _builtins.int
+    accepted: _builtins.bool
+    reason: _builtins.str
+    """why the update was refused (empty when accepted)"""
+    teacher_version_before: _builtins.int
+    teacher_version_after: _builtins.int
+    """equal to before when refused"""
+    probe_agreement: _builtins.float
+    """share of probes where the new teacher agrees with the device"""
+    @_builtins.property
+    def guardrail(self) -> Global___Guardrail: ...
+    @_builtins.property
+    def student(self) -> Global___ModelInfo:
+        """the new student for this device (unset when refused)"""
+
+    def __init__(
+        self,
+        *,
+        accepted: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+        teacher_version_before: _builtins.int = ...,
+        teacher_version_after: _builtins.int = ...,
+        guardrail: Global___Guardrail | None = ...,
+        student: Global___ModelInfo | None = ...,
+        probe_agreement: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["guardrail", b"guardrail", "student", b"student"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "guardrail", b"guardrail", "probe_agreement", b"probe_agreement", "reason", b"reason", "student", b"student", "teacher_version_after", b"teacher_version_after", "teacher_version_before", b"teacher_version_before"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KnowledgeOutcome: _TypeAlias = KnowledgeOutcome  # noqa: Y015

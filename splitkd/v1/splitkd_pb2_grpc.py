@@ -597,3 +597,118 @@ class Fleet:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class LifecycleStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.OpenAdaptation = channel.unary_unary(
+                '/splitkd.v1.Lifecycle/OpenAdaptation',
+                request_serializer=splitkd_dot_v1_dot_splitkd__pb2.OpenAdaptationRequest.SerializeToString,
+                response_deserializer=splitkd_dot_v1_dot_splitkd__pb2.AdaptationTask.FromString,
+                _registered_method=True)
+        self.ReportKnowledge = channel.unary_unary(
+                '/splitkd.v1.Lifecycle/ReportKnowledge',
+                request_serializer=splitkd_dot_v1_dot_splitkd__pb2.KnowledgeReport.SerializeToString,
+                response_deserializer=splitkd_dot_v1_dot_splitkd__pb2.KnowledgeOutcome.FromString,
+                _registered_method=True)
+
+
+class LifecycleServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def OpenAdaptation(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportKnowledge(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_LifecycleServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'OpenAdaptation': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenAdaptation,
+                    request_deserializer=splitkd_dot_v1_dot_splitkd__pb2.OpenAdaptationRequest.FromString,
+                    response_serializer=splitkd_dot_v1_dot_splitkd__pb2.AdaptationTask.SerializeToString,
+            ),
+            'ReportKnowledge': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportKnowledge,
+                    request_deserializer=splitkd_dot_v1_dot_splitkd__pb2.KnowledgeReport.FromString,
+                    response_serializer=splitkd_dot_v1_dot_splitkd__pb2.KnowledgeOutcome.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'splitkd.v1.Lifecycle', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('splitkd.v1.Lifecycle', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Lifecycle:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def OpenAdaptation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitkd.v1.Lifecycle/OpenAdaptation',
+            splitkd_dot_v1_dot_splitkd__pb2.OpenAdaptationRequest.SerializeToString,
+            splitkd_dot_v1_dot_splitkd__pb2.AdaptationTask.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportKnowledge(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitkd.v1.Lifecycle/ReportKnowledge',
+            splitkd_dot_v1_dot_splitkd__pb2.KnowledgeReport.SerializeToString,
+            splitkd_dot_v1_dot_splitkd__pb2.KnowledgeOutcome.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -169,3 +169,34 @@ class FleetServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_splitkd_pb2.SubmitUpdateResponse, _abc.Awaitable[_splitkd_pb2.SubmitUpdateResponse]]: ...
 
 def add_FleetServicer_to_server(servicer: FleetServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class LifecycleStub:
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> LifecycleAsyncStub: ...
+    OpenAdaptation: _grpc.UnaryUnaryMultiCallable[_splitkd_pb2.OpenAdaptationRequest, _splitkd_pb2.AdaptationTask]
+    ReportKnowledge: _grpc.UnaryUnaryMultiCallable[_splitkd_pb2.KnowledgeReport, _splitkd_pb2.KnowledgeOutcome]
+
+@_typing.type_check_only
+class LifecycleAsyncStub(LifecycleStub):
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    OpenAdaptation: _aio.UnaryUnaryMultiCallable[_splitkd_pb2.OpenAdaptationRequest, _splitkd_pb2.AdaptationTask]  # type: ignore[assignment]
+    ReportKnowledge: _aio.UnaryUnaryMultiCallable[_splitkd_pb2.KnowledgeReport, _splitkd_pb2.KnowledgeOutcome]  # type: ignore[assignment]
+
+class LifecycleServicer(metaclass=_abc_1.ABCMeta):
+    @_abc_1.abstractmethod
+    def OpenAdaptation(
+        self,
+        request: _splitkd_pb2.OpenAdaptationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_splitkd_pb2.AdaptationTask, _abc.Awaitable[_splitkd_pb2.AdaptationTask]]: ...
+
+    @_abc_1.abstractmethod
+    def ReportKnowledge(
+        self,
+        request: _splitkd_pb2.KnowledgeReport,
+        context: _ServicerContext,
+    ) -> _typing.Union[_splitkd_pb2.KnowledgeOutcome, _abc.Awaitable[_splitkd_pb2.KnowledgeOutcome]]: ...
+
+def add_LifecycleServicer_to_server(servicer: LifecycleServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
