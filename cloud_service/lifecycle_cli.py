@@ -104,7 +104,7 @@ def _teacher_rollback(args: TeacherRollbackSettings) -> int:
     from cloud_service.teacher import rollback_on_disk
 
     rollback_on_disk(Path(args.state_dir) / VERSIONS_FOLDER, args.version)
-    print(f"teacher v{args.version} is current; a running cloud serves it after a restart")
+    print(f"teacher v{args.version} is current; a running cloud serves it to its next sessions")
     return 0
 
 

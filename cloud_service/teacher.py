@@ -195,6 +195,7 @@ class TeacherVersions:
     def __init__(self, first: Teacher, folder: Path | None = None) -> None:
         self._lock = threading.Lock()
         self.folder = folder
+        self._pointer_stamp: tuple[int, int] | None = None
         self._versions: dict[int, Teacher] = {first.version: first}
         self._current = first
         self.on_update: list[Callable[[Teacher], None]] = []
@@ -223,7 +224,31 @@ class TeacherVersions:
 
     def current(self) -> Teacher:
         with self._lock:
+            self._follow_pointer()
             return self._current
+
+    def _follow_pointer(self) -> None:
+        """Take up a version ``splitkd-cloud teacher rollback`` pointed at while we run.
+
+        One stat per call; the pointer is read only when its file changed. Callers
+        hold ``self._lock``.
+        """
+        if self.folder is None:
+            return
+        try:
+            stat = (self.folder / CURRENT_FILE).stat()
+        except OSError:
+            return
+        # The pointer is replaced atomically, so a new write is a new inode even
+        # within the file system's coarse mtime tick.
+        stamp = (stat.st_ino, stat.st_mtime_ns)
+        if stamp == self._pointer_stamp:
+            return
+        self._pointer_stamp = stamp
+        pointed = read_current_version(self.folder)
+        if pointed in self._versions and pointed != self._current.version:
+            log.info("server model switched to version %d (pointer changed)", pointed)
+            self._current = self._versions[pointed]
 
     def get(self, version: int) -> Teacher:
         with self._lock:

@@ -427,3 +427,17 @@ def test_edge_rollback_and_adapt_without_data_are_one_line_errors(
     assert "give --data SPEC, --feedback, or both" in capsys.readouterr().err
     assert main(["adapt", "--cloud", "x:1", "--feedback", "--model-dir", str(models)]) == 2
     assert "no model" in capsys.readouterr().err
+
+
+def test_a_running_cloud_serves_the_version_a_rollback_points_at(tmp_path: Path) -> None:
+    """`splitkd-cloud teacher rollback` writes the pointer; a live cloud follows it."""
+    from cloud_service.teacher import rollback_on_disk
+
+    versions = TeacherVersions(make_teacher(), tmp_path / "teacher-versions")
+    base = versions.current()
+    versions.update(make_teacher(seed=8).model)
+    versions.update(make_teacher(seed=9).model)
+    assert versions.current().version == 3
+    rollback_on_disk(tmp_path / "teacher-versions", 2)
+    assert versions.current().version == 2
+    assert versions.get(1) is base  # older versions stay for the sessions that use them
