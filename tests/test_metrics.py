@@ -46,7 +46,7 @@ def test_cloud_counts_steps_rpcs_bytes_and_sessions(live_cloud: LiveCloud) -> No
     assert got[("splitkd_cloud_compute_duration_seconds_count", (("model", "teacher"),))] == 1
     # No label carries a session or device id.
     for _, labels in got:
-        assert all(key in {"method", "code", "model", "le"} for key, _ in labels)
+        assert all(key in {"method", "code", "model", "kind", "le"} for key, _ in labels)
 
 
 def _record(step: int, up: int = 1000, down: int = 400) -> StepRecord:

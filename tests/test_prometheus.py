@@ -93,6 +93,7 @@ CLOUD_FAMILIES: dict[str, tuple[str, dict[str, tuple[str, ...] | None]]] = {
         {"method": ALL_METHODS, "code": GRPC_CODES},
     ),
     "splitkd_cloud_sessions": ("gauge", {}),
+    "splitkd_cloud_teacher_cache_bytes": ("gauge", {"kind": ("allocated", "reserved")}),
     "splitkd_cloud_training_steps": ("counter", {}),
     "splitkd_cloud_received_bytes": ("counter", {"method": ALL_METHODS}),
     "splitkd_cloud_sent_bytes": ("counter", {"method": ALL_METHODS}),
