@@ -15,6 +15,7 @@ import logging
 import secrets
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from cloud_service.registry import ModelRecord, check_name
-from cloud_service.service import CloudService
+from cloud_service.service import CloudService, CohortStudent
 from splitkd import names, rediredi
 from splitkd.atomic import write_bytes_atomic
 from splitkd.data.partition import EdgeSplit
@@ -70,6 +71,7 @@ class Outcome:
     heldout_samples: int
     probe_agreement: float
     student: ModelRecord | None = None
+    cohort_students: tuple[ModelRecord, ...] = ()
 
 
 class StudentWeights:
@@ -236,13 +238,61 @@ class Lifecycle:
         if not np.isfinite(logits).all():
             raise InvalidArgument("probe_logits: contains NaN or Inf")
 
-    def report(self, task: Task, logits: np.ndarray, num_samples: int) -> Outcome:
-        """Reverse-distil the report into a candidate teacher, keep it if the guardrail holds."""
+    def cohort_students(self, device_id: str, cohort: str) -> list[CohortStudent]:
+        """A finished cohort's students to re-distil with the new teacher; the device must be
+        a member (checked before the teacher is touched)."""
+        if not names.is_cohort_name(cohort):
+            raise InvalidArgument(f"cohort {cohort[:60]!r} is not a cohort name")
+        member, students = self.service.cohort_member, self.service.cohort_students
+        if member is None or students is None:
+            raise FailedPrecondition("this cloud runs no fleets: there is no cohort to re-distil")
+        if not member(cohort, device_id):
+            raise NotFound(f"no cohort {cohort!r} with this device as a member")
+        return students(cohort)
+
+    def report(
+        self,
+        task: Task,
+        logits: np.ndarray,
+        num_samples: int,
+        cohort: Sequence[CohortStudent] = (),
+    ) -> Outcome:
+        """Reverse-distil the report into a candidate teacher, keep it if the guardrail holds;
+        then re-distil the device's student (and ``cohort``'s, when asked)."""
         self.adaptations.inc()
         with self._lock:
             self._tasks.pop(task.adaptation_id, None)  # answered once; a retry opens again
         with self._update_lock:
-            return self._update(task, logits.astype(np.float32), num_samples)
+            outcome = self._update(task, logits.astype(np.float32), num_samples)
+            if not outcome.accepted or not cohort:
+                return outcome
+            teacher = self.service.teachers.get(outcome.teacher_after)
+            records = tuple(
+                self._redistil_cohort(task, teacher.model, s, teacher.version) for s in cohort
+            )
+            return replace(outcome, cohort_students=records)
+
+    def _redistil_cohort(
+        self, task: Task, teacher: torch.nn.Module, student: CohortStudent, version: int
+    ) -> ModelRecord:
+        """A cohort class's next student: from the fleet's weights, taught by the new teacher."""
+        start = zoo.build(student.spec)
+        start.load_state_dict({k: torch.from_numpy(v) for k, v in student.weights.items()})
+        data = self.presumed.train
+        model = rediredi.distil_on_presumed(
+            teacher,
+            student.spec,
+            data.x,
+            data.y,
+            self.settings.loop,
+            transfer=task.probes,
+            start=start,
+        )
+        record = student.publish(model, version)
+        self.weights.save(record, student.spec, model)
+        self.service.metrics.models_published.inc()
+        log.info("%s v%d re-distilled from teacher v%d", record.name, record.version, version)
+        return record
 
     def _update(self, task: Task, logits: np.ndarray, num_samples: int) -> Outcome:
         loop, held = self.settings.loop, self.presumed.heldout

@@ -47,7 +47,12 @@ class LifecycleServicer(pb_grpc.LifecycleServicer):
             request.probe_logits, what="probe_logits", dtypes=(pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT16)
         )
         self.lifecycle.check_report(task, request.model_name, request.model_version, logits)
-        return outcome_to_pb(self.lifecycle.report(task, logits, request.num_samples))
+        cohort = (
+            self.lifecycle.cohort_students(request.device_id, request.cohort)
+            if request.cohort
+            else []
+        )
+        return outcome_to_pb(self.lifecycle.report(task, logits, request.num_samples, cohort))
 
 
 def outcome_to_pb(outcome: Outcome) -> pb.KnowledgeOutcome:
@@ -66,4 +71,5 @@ def outcome_to_pb(outcome: Outcome) -> pb.KnowledgeOutcome:
     )
     if outcome.student is not None:
         message.student.CopyFrom(model_info(outcome.student))
+    message.cohort_students.extend(model_info(r) for r in outcome.cohort_students)
     return message

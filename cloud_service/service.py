@@ -41,6 +41,16 @@ DOWNLOAD_CHUNK_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
+class CohortStudent:
+    """One device class's student of a finished cohort, and how to publish its successor."""
+
+    model_name: str
+    spec: ModelSpec
+    weights: dict[str, np.ndarray]
+    publish: Callable[[StagedModel, int], ModelRecord]  # (model, teacher version) -> record
+
+
+@dataclass(frozen=True)
 class CloudConfig:
     student_cut: int = 1
     teacher_cut: int = 1
@@ -82,6 +92,8 @@ class CloudService:
         self.export_lock = threading.Lock()
         # Set by a FleetService: may this device read that cohort's students?
         self.cohort_member: Callable[[str, str], bool] | None = None
+        # Set by a FleetService: a finished cohort's students, to re-distil (lifecycle.py).
+        self.cohort_students: Callable[[str], list[CohortStudent]] | None = None
         self.checkpoints = checkpoints
         self.limiter = limiter or RateLimiter()
         if checkpoints is not None:

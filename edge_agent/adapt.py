@@ -48,6 +48,7 @@ class AdaptOptions:
     report: Path
     data: str | None = None
     feedback_db: Path | None = None  # None: the feedback store is not used
+    cohort: str = ""  # also re-distil this finished cohort's students (a member's request)
     timeout: float = 600.0
     security: EdgeSecurity = field(default_factory=EdgeSecurity)
     loop: rediredi.LoopSettings = field(default_factory=rediredi.LoopSettings)
@@ -169,6 +170,7 @@ def adapt(options: AdaptOptions) -> dict[str, Any]:
                 model_version=installed.version,
                 probe_logits=codec.encode(logits, pb.DTYPE_FLOAT16),
                 num_samples=len(data.train_y),
+                cohort=options.cohort,
             ),
         )
     finally:
@@ -274,5 +276,9 @@ def _report(
             "heldout_samples": guardrail.heldout_samples,
         },
         "data": {"train_samples": len(data.train_y), "heldout_samples": len(data.heldout_y)},
+        "cohort_students": [
+            {"name": m.name, "version": m.version, "onnx_sha256": m.sha256}
+            for m in outcome.cohort_students
+        ],
         "wall_seconds": round(time.perf_counter() - started, 3),
     }

@@ -232,6 +232,7 @@ def _adapt(args: AdaptSettings) -> int:
             device_id=args.device_id,
             report=args.report,
             data=args.data,
+            cohort=args.cohort,
             feedback_db=(args.feedback_db or args.model_dir / FEEDBACK_FILE)
             if args.feedback
             else None,

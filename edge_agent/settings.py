@@ -163,6 +163,11 @@ class AdaptSettings(FeedbackOptions, ClientSecurityOptions, DeviceOptions, Model
     data: str | None = option(None, f"this device's exclusive data: {TRAINING_DATA}")
     feedback: bool = option(False, "learn from the feedback store's corrections too")
     report: Path = option(Path("adapt-report.json"), "JSON report to write")
+    cohort: str = option(
+        "",
+        "also ask the cloud to re-distil this finished cohort's students (one per device class) "
+        "from the updated teacher; this device must be a member",
+    )
     timeout: float = option(
         600.0, "seconds to wait for the cloud's answer (it updates its teacher meanwhile)"
     )

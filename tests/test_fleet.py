@@ -348,3 +348,42 @@ def test_a_restarted_cloud_resumes_its_cohort_without_applying_anything_twice(
     fresh, _ = again.submit(Update(a.member_id, 1, task.weights, 10, 0.5))
     assert not fresh  # the retry after the restart is a duplicate
     again.close()
+
+
+@pytest.mark.slow
+def test_an_accepted_knowledge_report_redistils_a_finished_cohort(
+    federated: LiveFleet, tmp_path: Path
+) -> None:
+    """DiReDi for a fleet: a member's report updates the teacher, and the cohort's students
+    (one per device class) are re-distilled from it, each a new version of its model."""
+    from cloud_service.lifecycle import Lifecycle, LifecycleSettings, StudentWeights
+    from splitkd import rediredi
+    from splitkd.errors import NotFound
+
+    fast = rediredi.LoopSettings(
+        distil_epochs=1, adapt_epochs=1, teacher_epochs=1, probes_per_shift=5
+    )
+    lifecycle = Lifecycle(
+        federated.service,
+        cloud_split(load_dataset("digits"), 0.4),
+        StudentWeights(tmp_path / "weights"),
+        LifecycleSettings(1.0, fast),
+    )
+    with pytest.raises(NotFound):
+        lifecycle.cohort_students("edge-0", "kitchen")  # no such cohort yet
+    _devices(federated, tmp_path, ["raspberry-pi-4", "raspberry-pi-zero-2w"])
+    with pytest.raises(NotFound):
+        lifecycle.cohort_students("edge-9", "kitchen")  # not a member
+    students = lifecycle.cohort_students("edge-0", "kitchen")
+    assert {s.model_name for s in students} == {"cohort-kitchen", "cohort-kitchen-tiny"}
+    before = {s.model_name: federated.service.registry.get(s.model_name).version for s in students}
+    base = lifecycle.distil("base")
+    task = lifecycle.open("edge-0", "base", base.version, base.sha256)
+    logits = np.eye(10, dtype=np.float32)[np.arange(len(task.probes)) % 10] * 5
+    outcome = lifecycle.report(task, logits, 50, students)
+    assert outcome.accepted and outcome.teacher_after == outcome.teacher_before + 1
+    assert {(r.name, r.version) for r in outcome.cohort_students} == {
+        (name, version + 1) for name, version in before.items()
+    }
+    for record in outcome.cohort_students:
+        assert record.teacher_version == outcome.teacher_after

@@ -8,6 +8,7 @@ seconds of knowledge transfer.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +22,8 @@ from cloud_service.fleet.cohort import RETRY_AFTER_SECONDS, Cohort, Member, Pend
 from cloud_service.fleet.config import CohortPlan
 from cloud_service.fleet.store import CohortStore
 from cloud_service.fleet.strategy import Contribution, RoundOutcome, Strategy, strategy_for
-from cloud_service.service import CloudService
+from cloud_service.registry import ModelRecord
+from cloud_service.service import CloudService, CohortStudent
 from splitkd import koala, names
 from splitkd.data.specs import Dataset
 from splitkd.device_classes import STANDARD, device_class, student_for
@@ -35,6 +37,7 @@ from splitkd.errors import (
 from splitkd.messages import CohortConfig, JoinAnswer, ModelSummary, RoundState, RoundTask, Update
 from splitkd.models import zoo
 from splitkd.models.spec import ModelSpec
+from splitkd.models.staged import StagedModel
 from splitkd.signature import DatasetSignature
 
 log = logging.getLogger(__name__)
@@ -64,6 +67,7 @@ class FleetService:
         self._closer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="round-close")
         self.store = CohortStore(settings.state_dir) if settings.state_dir else None
         split.cohort_member = self.is_member
+        split.cohort_students = self.finished_students
         if self.store is not None:
             for cohort, state in self.store.load_all():
                 plan = self._plan_for(cohort.name)
@@ -366,6 +370,42 @@ class FleetService:
             raise NotFound(f"no cohort named {name!r}")
         with cohort.lock:
             return {**cohort.summary(), "members": cohort.member_list()}
+
+    def finished_students(self, cohort_name: str) -> list[CohortStudent]:
+        """A finished cohort's students by device class (a cohort still training has its
+        rounds to publish: re-distilling it then would race them)."""
+        with self._lock:
+            cohort = self._cohorts.get(cohort_name)
+        if cohort is None:
+            raise NotFound(f"no cohort named {cohort_name!r}")
+        with cohort.lock:
+            if not cohort.complete:
+                raise FailedPrecondition(
+                    f"cohort {cohort_name!r} is still training: re-distil it once it finished"
+                )
+            return [
+                CohortStudent(
+                    self.model_name(cohort.name, klass),
+                    cohort.specs[klass],
+                    {k: v.copy() for k, v in cohort.students[klass].items()},
+                    functools.partial(self._publish_redistilled, cohort, klass),
+                )
+                for klass in sorted(cohort.students)
+            ]
+
+    def _publish_redistilled(
+        self, cohort: Cohort, klass: str, model: StagedModel, teacher_version: int
+    ) -> ModelRecord:
+        record = self.split.publish_model(
+            self.model_name(cohort.name, klass),
+            model,
+            cohort.specs[klass],
+            cohort=cohort.name,
+            teacher_version=teacher_version,
+        )
+        with cohort.lock:
+            cohort.published[klass] = record.version
+        return record
 
     def is_member(self, cohort_name: str, device_id: str) -> bool:
         with self._lock:

@@ -1431,6 +1431,7 @@ class KnowledgeReport(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
     PROBE_LOGITS_FIELD_NUMBER: _builtins.int
     NUM_SAMPLES_FIELD_NUMBER: _builtins.int
+    COHORT_FIELD_NUMBER: _builtins.int
     adaptation_id: _builtins.str
     device_id: _builtins.str
     model_name: _builtins.str
@@ -1438,6 +1439,11 @@ class KnowledgeReport(_message.Message):
     model_version: _builtins.int
     num_samples: _builtins.int
     """device samples the adaptation learned from (a count only)"""
+    cohort: _builtins.str
+    """Optional: a finished cohort this device is a member of; when the update is
+    accepted the cloud also re-distils that cohort's students (one per device
+    class, starting from the cohort's weights) and publishes them.
+    """
     @_builtins.property
     def probe_logits(self) -> Global___Tensor:
         """[P, classes], finite: the adapted model on the probes"""
@@ -1451,10 +1457,11 @@ class KnowledgeReport(_message.Message):
         model_version: _builtins.int = ...,
         probe_logits: Global___Tensor | None = ...,
         num_samples: _builtins.int = ...,
+        cohort: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["probe_logits", b"probe_logits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adaptation_id", b"adaptation_id", "device_id", b"device_id", "model_name", b"model_name", "model_version", b"model_version", "num_samples", b"num_samples", "probe_logits", b"probe_logits"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adaptation_id", b"adaptation_id", "cohort", b"cohort", "device_id", b"device_id", "model_name", b"model_name", "model_version", b"model_version", "num_samples", b"num_samples", "probe_logits", b"probe_logits"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1502,6 +1509,7 @@ class KnowledgeOutcome(_message.Message):
     GUARDRAIL_FIELD_NUMBER: _builtins.int
     STUDENT_FIELD_NUMBER: _builtins.int
     PROBE_AGREEMENT_FIELD_NUMBER: _builtins.int
+    COHORT_STUDENTS_FIELD_NUMBER: _builtins.int
     accepted: _builtins.bool
     reason: _builtins.str
     """why the update was refused (empty when accepted)"""
@@ -1516,6 +1524,10 @@ class KnowledgeOutcome(_message.Message):
     def student(self) -> Global___ModelInfo:
         """the new student for this device (unset when refused)"""
 
+    @_builtins.property
+    def cohort_students(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelInfo]:
+        """the cohort's re-distilled students (when asked and accepted)"""
+
     def __init__(
         self,
         *,
@@ -1526,10 +1538,11 @@ class KnowledgeOutcome(_message.Message):
         guardrail: Global___Guardrail | None = ...,
         student: Global___ModelInfo | None = ...,
         probe_agreement: _builtins.float = ...,
+        cohort_students: _abc.Iterable[Global___ModelInfo] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["guardrail", b"guardrail", "student", b"student"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "guardrail", b"guardrail", "probe_agreement", b"probe_agreement", "reason", b"reason", "student", b"student", "teacher_version_after", b"teacher_version_after", "teacher_version_before", b"teacher_version_before"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "cohort_students", b"cohort_students", "guardrail", b"guardrail", "probe_agreement", b"probe_agreement", "reason", b"reason", "student", b"student", "teacher_version_after", b"teacher_version_after", "teacher_version_before", b"teacher_version_before"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
