@@ -16,6 +16,7 @@ from edge_agent.errors import CloudRefused, EdgeError
 from edge_agent.inference import Predictor
 from edge_agent.metrics import EdgeMetrics
 from edge_agent.model_store import ModelStore
+from edge_agent.pipeline import check_depth
 from edge_agent.security import EdgeSecurity
 from edge_agent.teacher_check import check_teacher, compare_with_student
 from edge_agent.teacher_check import report as teacher_report
@@ -66,6 +67,9 @@ class TrainOptions:
     no_teacher_cache: bool = False
     student_cut: int = 0  # 0: the cloud's
     teacher_cut: int = 0
+    plan: str = ""  # "auto": edge_agent/plan.py chooses the cut and the codec
+    objective: str = "time"
+    pipeline_depth: int = 1  # steps in flight (edge_agent/pipeline.py)
 
 
 def cloud_client(options: TrainOptions, telemetry: TrainingTelemetry) -> CloudClient:
@@ -98,6 +102,12 @@ def train(
         )
     local = LocalData.load(options)
     dataset, split = local.dataset, local.split
+    plan = None
+    if options.plan == "auto":
+        from edge_agent import plan as planner
+
+        plan = planner.plan_for(options, local)
+        options = planner.apply(plan, options)
     with cloud_client(options, telemetry) as client:
         store = EdgeCheckpoints(options.checkpoint_dir, avoid=options.model_dir)
         identity = {
@@ -133,6 +143,7 @@ def train(
         local.check_task(session.student_spec.num_classes)
         transport = GrpcTransport(client, session)
         trainer = EdgeTrainer(session, split.train, split.heldout, transport, store)
+        trainer.pipeline_depth = check_depth(options.pipeline_depth)
         if restored is not None:
             trainer.load(restored)
         client.keep_alive(session.session_id)
@@ -255,6 +266,8 @@ def train(
             / steps,
         },
         "steps": result.steps,
+        "pipeline": {"depth": trainer.pipeline_depth, "most_in_flight": trainer.most_in_flight},
+        "training_seconds": result.wall_seconds,
         "wall_seconds": time.perf_counter() - started,
         "energy": telemetry.report(),
         "faults": {
@@ -272,6 +285,8 @@ def train(
     compare_with_student(teacher, scores.accuracy)
     report["teacher_check"] = teacher_report(teacher, scores.accuracy)
     report = telemetry.add_earlier(report)  # a run resumed after a restart counts every process
+    if plan is not None:
+        report["plan"] = planner.compare(plan, report, result.wall_seconds)
     write_report(options.report, report)
     if options.plots:
         _plot(options.report, report)

@@ -1,0 +1,181 @@
+"""What the planner measures: this device's compute at each cut, and the real link.
+
+Models are built from the cloud's specs (``Describe``); their weights do not
+matter for timing. Each figure is the median of a few repetitions after a warm-up,
+per batch of the session's batch size. The cloud's side of a step is timed here
+too (the cloud is usually faster: an upper bound). Peak memory is counted from
+the tensors a training step really holds: parameters, their gradients and Adam's
+two moments, and every stage's output with its gradient.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from edge_agent.client import CloudClient
+from edge_agent.plan_model import DeviceFigures, LinkFigures, Stage
+from splitkd import codec, codecs
+from splitkd.hyper import Hyperparameters
+from splitkd.messages import TaskDescription
+from splitkd.models import zoo
+from splitkd.models.staged import StagedModel
+from splitkd.onnx_export import export_onnx
+from splitkd.v1 import splitkd_pb2 as pb
+
+REPEATS = 15
+WARMUP = 3
+PROBES = 5
+# A throughput probe should take long against the round trip; it starts at 64 KiB
+# and grows (to the cloud's 4 MiB probe limit) until it takes 50 ms on the wire.
+FIRST_PROBE_BYTES = 64 << 10
+LAST_PROBE_BYTES = 4 << 20
+PROBE_WIRE_SECONDS = 0.05
+
+
+def median_seconds(work: Callable[[], object], repeats: int = REPEATS) -> float:
+    for _ in range(WARMUP):
+        work()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def _training_seconds(part: nn.Module, inputs: torch.Tensor, lr: float) -> tuple[float, float]:
+    """(forward, backward + Adam step) seconds of ``part`` on ``inputs``."""
+    optimizer = torch.optim.Adam(part.parameters(), lr=lr)
+    forward = median_seconds(lambda: part(inputs))
+
+    def step() -> None:
+        out = part(inputs)
+        optimizer.zero_grad()
+        out.backward(torch.ones_like(out))
+        optimizer.step()
+
+    return forward, max(0.0, median_seconds(step) - forward)
+
+
+@torch.no_grad()
+def _frozen_seconds(part: nn.Module, inputs: torch.Tensor) -> float:
+    return median_seconds(lambda: part(inputs))
+
+
+def _memory(model: StagedModel, start: int, stop: int, inputs: torch.Tensor, trained: bool) -> int:
+    parameters = sum(p.numel() for s in model.stages[start:stop] for p in s.parameters())
+    outputs = 0
+    x = inputs
+    with torch.no_grad():
+        for stage in model.stages[start:stop]:
+            x = stage(x)
+            outputs += x.numel()
+    # Trained: weights, gradients, Adam's two moments; each output and its gradient.
+    return 4 * (parameters * (4 if trained else 1) + outputs * (2 if trained else 1))
+
+
+def _tail_seconds(
+    model: StagedModel, cut: int, activations: torch.Tensor, trained: bool, lr: float
+) -> float:
+    tail = model.part(cut, len(model.stages))
+    if not trained:
+        return _frozen_seconds(tail, activations)
+    forward, backward = _training_seconds(tail, activations.detach().requires_grad_(), lr)
+    return forward + backward
+
+
+def measure_device(task: TaskDescription, hyper: Hyperparameters) -> DeviceFigures:
+    batch = hyper.batch_size
+    student = zoo.build(task.student_spec, hyper.seed)
+    teacher = zoo.build(task.teacher_spec, hyper.seed)
+    teacher.requires_grad_(False)
+    teacher.eval()
+    inputs = torch.randn(batch, *task.student_spec.input_shape)
+    lr = hyper.learning_rate
+    students = {}
+    for cut in task.student_cuts:
+        head = student.part(0, cut)
+        forward, backward = _training_seconds(head, inputs, lr)
+        with torch.no_grad():
+            activations = head(inputs)
+        students[cut] = Stage(
+            forward=forward,
+            backward=backward,
+            activation_shape=tuple(activations.shape[1:]),
+            tail_seconds=_tail_seconds(student, cut, activations, True, lr),
+            peak_memory_bytes=_memory(student, 0, cut, inputs, trained=True),
+            head_state=student.part_state(0, cut),
+        )
+    teachers = {}
+    for cut in task.teacher_cuts:
+        head = teacher.part(0, cut)
+        with torch.no_grad():
+            activations = head(inputs)
+        teachers[cut] = Stage(
+            forward=_frozen_seconds(head, inputs),
+            backward=0.0,
+            activation_shape=tuple(activations.shape[1:]),
+            tail_seconds=_tail_seconds(teacher, cut, activations, False, lr),
+            peak_memory_bytes=_memory(teacher, 0, cut, inputs, trained=False),
+            head_state=teacher.part_state(0, cut),
+        )
+    whole_forward, whole_backward = _training_seconds(student, inputs, lr)
+    whole = Stage(
+        whole_forward,
+        whole_backward,
+        (task.student_spec.num_classes,),
+        0.0,
+        _memory(student, 0, len(student.stages), inputs, trained=True),
+    )
+    wire = {
+        (cut, name): _wire_seconds(name, hyper, (batch, *students[cut].activation_shape))
+        for cut in task.student_cuts
+        for name in codecs.CODECS
+    }
+    return DeviceFigures(
+        batch_size=batch,
+        student=students,
+        teacher=teachers,
+        whole_student=whole,
+        wire_seconds=wire,
+        onnx_bytes=len(export_onnx(zoo.build(task.student_spec), task.student_spec.input_shape)),
+        student_state=student.part_state(0, len(student.stages)),
+    )
+
+
+def _wire_seconds(name: str, hyper: Hyperparameters, shape: tuple[int, ...]) -> float:
+    """CPU seconds of one step's packing on both sides: activations up, gradient down."""
+    values = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    ids = np.arange(shape[0], dtype=np.int32)
+    made = codecs.make(name, topk_ratio=hyper.topk_ratio)
+
+    def round_trip() -> None:
+        for _ in range(2):  # activations up, the gradient down
+            message = pb.Tensor.FromString(codec.pack(made.encode(values, ids)).SerializeToString())
+            made.decode(codec.unpack(message, what="planner", shape=(None, *shape[1:])))
+
+    return median_seconds(round_trip, repeats=7)
+
+
+def measure_link(client: CloudClient) -> LinkFigures:
+    """Round-trip time from tiny probes, throughput each way from large ones (medians)."""
+    rtt = statistics.median(client.probe(0, 0) for _ in range(PROBES))
+    up = _throughput(lambda size: client.probe(size, 0), rtt)
+    down = _throughput(lambda size: client.probe(0, size), rtt)
+    return LinkFigures(rtt=rtt, up_bytes_per_second=up, down_bytes_per_second=down)
+
+
+def _throughput(probe: Callable[[int], float], rtt: float) -> float:
+    size = FIRST_PROBE_BYTES
+    while True:
+        seconds = statistics.median(probe(size) for _ in range(3))
+        wire = seconds - rtt
+        if wire >= PROBE_WIRE_SECONDS or size >= LAST_PROBE_BYTES:
+            return size / max(wire, 1e-6)
+        size = min(LAST_PROBE_BYTES, size * 4)
