@@ -107,11 +107,7 @@ class Pipeline:
             trainer.kd_alpha,
             ids,
         )
-        self.window.append(
-            InFlight(
-                step, epoch, len(index), activations, stash, reply, forward, time.perf_counter()
-            )
-        )
+        self.window.append(InFlight(step, epoch, len(index), activations, stash, reply, forward))
         self.most_in_flight = max(self.most_in_flight, len(self.window))
 
     def apply_oldest(self) -> StepRecord:
