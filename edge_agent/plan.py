@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from edge_agent.data import LocalData
 from edge_agent.plan_measure import measure_device, measure_link
+from edge_agent.settings import OBJECTIVES
 from edge_agent.plan_model import (
-    OBJECTIVES,
     Candidate,
     DeviceFigures,
     LinkFigures,

@@ -31,7 +31,6 @@ from splitkd.v1 import splitkd_pb2 as pb
 
 FRAME = 5  # gRPC's length prefix, as edge_agent/client.py counts it
 EVAL_BATCH = 256  # EdgeTrainer._heldout_accuracy's batch
-OBJECTIVES = ("time", "energy", "bytes")
 # Codecs a plan considers, most faithful first (int8-stochastic costs what int8 costs).
 PLAN_CODECS = ("float32", "float16", "int8", "topk")
 # A codec that loses information is only chosen when it saves more than this share

@@ -12,13 +12,23 @@ import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import model_validator
+from pydantic import field_validator, model_validator
 
 from edge_agent.model_store import DEFAULT_MODEL_DIR, default_model_dir
 from edge_agent.security import ClientSecurityOptions, HttpsOptions, HttpTokenOptions
 from splitkd.settings import Options, option
 
 TRAINING_DATA = "digits, npz:PATH (arrays x, y) or csv:PATH (label last)"
+
+
+OBJECTIVES = ("time", "energy", "bytes")  # what the planner can save (edge_agent/plan.py)
+
+
+def _objective(value: str) -> str:
+    """One line for a typo, as for every other setting (not argparse's usage block)."""
+    if value not in OBJECTIVES:
+        raise ValueError(f"unknown objective {value!r}: use one of {', '.join(OBJECTIVES)}")
+    return value
 
 
 class ModelDirOptions(Options):
@@ -94,9 +104,13 @@ class TrainSettings(ClientSecurityOptions, ProfileOptions, DeviceOptions, ModelD
         "with the split cut and codec the plan chooses for --objective; empty: no plan",
         shown_default="no plan",
     )
-    objective: Literal["time", "energy", "bytes"] = option(
-        "time", "what --plan auto saves: time, device energy or bytes"
-    )
+    objective: str = option("time", "what --plan auto saves: time, energy (device joules) or bytes")
+
+    @field_validator("objective")
+    @classmethod
+    def _check_objective(cls, value: str) -> str:
+        return _objective(value)
+
     pipeline_depth: int = option(
         1,
         "steps in flight at once (1-4): above 1 the next batch goes out before the last "
@@ -148,9 +162,13 @@ class PlanSettings(ClientSecurityOptions, ProfileOptions, DeviceOptions):
         shown_default="0.4 for the built-in digits, 0 for a file (all of it is used)",
     )
     epochs: int = option(0, "epochs (0: the cloud's choice)")
-    objective: Literal["time", "energy", "bytes"] = option(
-        "time", "what to save: time, device energy or bytes"
-    )
+    objective: str = option("time", "what to save: time, energy (device joules) or bytes")
+
+    @field_validator("objective")
+    @classmethod
+    def _check_objective(cls, value: str) -> str:
+        return _objective(value)
+
     no_teacher_cache: bool = option(False, "plan without the cloud's teacher-output cache")
     teacher_cut: int = option(0, "frozen teacher stages on this device (0: the cloud's choice)")
     json_output: bool = option(False, "print the candidates and the choice as JSON", flag="--json")
