@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 from edge_agent.data import LocalData
 from edge_agent.plan_measure import measure_device, measure_link
-from edge_agent.settings import OBJECTIVES
 from edge_agent.plan_model import (
     Candidate,
     DeviceFigures,
@@ -26,6 +25,7 @@ from edge_agent.plan_model import (
     choose,
     predict,
 )
+from edge_agent.settings import OBJECTIVES
 from splitkd import energy
 from splitkd.errors import InvalidArgument
 
