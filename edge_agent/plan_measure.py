@@ -1,7 +1,7 @@
 """What the planner measures: this device's compute at each cut, and the real link.
 
 Models are built from the cloud's specs (``Describe``); their weights do not
-matter for timing. Each figure is the median of a few repetitions after a warm-up,
+matter for timing. Each figure is the mean of a few repetitions after a warm-up,
 per batch of the session's batch size. The cloud's side of a step is timed here
 too (the cloud is usually faster: an upper bound). Peak memory is counted from
 the tensors a training step really holds: parameters, their gradients and Adam's
@@ -22,15 +22,17 @@ from edge_agent.client import CloudClient
 from edge_agent.plan_model import DeviceFigures, LinkFigures, Stage
 from splitkd import codec, codecs
 from splitkd.hyper import Hyperparameters
+from splitkd.kd import kd_loss
 from splitkd.messages import TaskDescription
 from splitkd.models import zoo
 from splitkd.models.staged import StagedModel
 from splitkd.onnx_export import export_onnx
+from splitkd.training import make_optimizer
 from splitkd.v1 import splitkd_pb2 as pb
 
 REPEATS = 15
 WARMUP = 3
-PROBES = 5
+PROBES = 10
 # A throughput probe should take long against the round trip; it starts at 64 KiB
 # and grows (to 1 MiB, well within any message limit) until it takes 50 ms on the wire.
 FIRST_PROBE_BYTES = 64 << 10
@@ -38,34 +40,45 @@ LAST_PROBE_BYTES = 1 << 20
 PROBE_WIRE_SECONDS = 0.05
 
 
-def median_seconds(work: Callable[[], object], repeats: int = REPEATS) -> float:
+def mean_seconds(work: Callable[[], object], repeats: int = REPEATS) -> float:
+    """The mean after a warm-up: a run's total is a sum of such times, so a busy
+    machine's occasional slow repetition belongs in the figure (a median would drop it)."""
     for _ in range(WARMUP):
         work()
-    times = []
+    started = time.perf_counter()
     for _ in range(repeats):
-        started = time.perf_counter()
         work()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    return (time.perf_counter() - started) / repeats
 
 
-def _training_seconds(part: nn.Module, inputs: torch.Tensor, lr: float) -> tuple[float, float]:
-    """(forward, backward + Adam step) seconds of ``part`` on ``inputs``."""
-    optimizer = torch.optim.Adam(part.parameters(), lr=lr)
-    forward = median_seconds(lambda: part(inputs))
+def _training_seconds(
+    part: nn.Module, inputs: torch.Tensor, hyper: Hyperparameters, loss: bool = False
+) -> tuple[float, float]:
+    """(forward, backward + optimizer step) seconds of ``part`` on ``inputs``; ``loss``:
+    the forward ends in the KD loss, as the cloud's tail (and a federated student) does."""
+    optimizer = make_optimizer(part.parameters(), hyper)
+    labels = torch.zeros(inputs.shape[0], dtype=torch.long)
+
+    def forward() -> torch.Tensor:
+        out = part(inputs)
+        if loss:
+            out = kd_loss(out, out.detach(), labels, hyper.kd_alpha, hyper.kd_temperature).total
+        return out
+
+    forward_seconds = mean_seconds(forward)
 
     def step() -> None:
-        out = part(inputs)
+        out = forward()
         optimizer.zero_grad()
         out.backward(torch.ones_like(out))
         optimizer.step()
 
-    return forward, max(0.0, median_seconds(step) - forward)
+    return forward_seconds, max(0.0, mean_seconds(step) - forward_seconds)
 
 
 @torch.no_grad()
 def _frozen_seconds(part: nn.Module, inputs: torch.Tensor) -> float:
-    return median_seconds(lambda: part(inputs))
+    return mean_seconds(lambda: part(inputs))
 
 
 def _memory(model: StagedModel, start: int, stop: int, inputs: torch.Tensor, trained: bool) -> int:
@@ -81,12 +94,15 @@ def _memory(model: StagedModel, start: int, stop: int, inputs: torch.Tensor, tra
 
 
 def _tail_seconds(
-    model: StagedModel, cut: int, activations: torch.Tensor, trained: bool, lr: float
+    model: StagedModel, cut: int, activations: torch.Tensor, hyper: Hyperparameters | None
 ) -> float:
+    """The cloud's side: the frozen teacher's tail (``hyper`` None), or the student's
+    tail forward, KD loss, backward and optimizer step."""
     tail = model.part(cut, len(model.stages))
-    if not trained:
+    if hyper is None:
         return _frozen_seconds(tail, activations)
-    forward, backward = _training_seconds(tail, activations.detach().requires_grad_(), lr)
+    inputs = activations.detach().requires_grad_()
+    forward, backward = _training_seconds(tail, inputs, hyper, loss=True)
     return forward + backward
 
 
@@ -97,18 +113,17 @@ def measure_device(task: TaskDescription, hyper: Hyperparameters) -> DeviceFigur
     teacher.requires_grad_(False)
     teacher.eval()
     inputs = torch.randn(batch, *task.student_spec.input_shape)
-    lr = hyper.learning_rate
     students = {}
     for cut in task.student_cuts:
         head = student.part(0, cut)
-        forward, backward = _training_seconds(head, inputs, lr)
+        forward, backward = _training_seconds(head, inputs, hyper)
         with torch.no_grad():
             activations = head(inputs)
         students[cut] = Stage(
             forward=forward,
             backward=backward,
             activation_shape=tuple(activations.shape[1:]),
-            tail_seconds=_tail_seconds(student, cut, activations, True, lr),
+            tail_seconds=_tail_seconds(student, cut, activations, hyper),
             peak_memory_bytes=_memory(student, 0, cut, inputs, trained=True),
             head_state=student.part_state(0, cut),
         )
@@ -121,11 +136,11 @@ def measure_device(task: TaskDescription, hyper: Hyperparameters) -> DeviceFigur
             forward=_frozen_seconds(head, inputs),
             backward=0.0,
             activation_shape=tuple(activations.shape[1:]),
-            tail_seconds=_tail_seconds(teacher, cut, activations, False, lr),
+            tail_seconds=_tail_seconds(teacher, cut, activations, None),
             peak_memory_bytes=_memory(teacher, 0, cut, inputs, trained=False),
             head_state=teacher.part_state(0, cut),
         )
-    whole_forward, whole_backward = _training_seconds(student, inputs, lr)
+    whole_forward, whole_backward = _training_seconds(student, inputs, hyper, loss=True)
     whole = Stage(
         whole_forward,
         whole_backward,
@@ -160,12 +175,14 @@ def _wire_seconds(name: str, hyper: Hyperparameters, shape: tuple[int, ...]) -> 
             message = pb.Tensor.FromString(codec.pack(made.encode(values, ids)).SerializeToString())
             made.decode(codec.unpack(message, what="planner", shape=(None, *shape[1:])))
 
-    return median_seconds(round_trip, repeats=7)
+    return mean_seconds(round_trip, repeats=7)
 
 
 def measure_link(client: CloudClient) -> LinkFigures:
-    """Round-trip time from tiny probes, throughput each way from large ones (medians)."""
-    rtt = statistics.median(client.probe(0, 0) for _ in range(PROBES))
+    """Round-trip time from tiny probes (the mean after the first: steps add up as means
+    do), throughput each way from large ones (medians: one slow probe must not halve it)."""
+    client.probe(0, 0)  # a fresh connection's first call pays for its set-up
+    rtt = statistics.fmean(client.probe(0, 0) for _ in range(PROBES))
     up = _throughput(lambda size: client.probe(size, 0), rtt)
     down = _throughput(lambda size: client.probe(0, size), rtt)
     return LinkFigures(rtt=rtt, up_bytes_per_second=up, down_bytes_per_second=down)
