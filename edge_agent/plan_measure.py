@@ -30,9 +30,10 @@ from splitkd.onnx_export import export_onnx
 from splitkd.training import make_optimizer
 from splitkd.v1 import splitkd_pb2 as pb
 
-REPEATS = 15
+REPEATS = 5  # per block
+BLOCKS = 5
 WARMUP = 3
-PROBES = 10
+PROBES = 3  # per block
 # A throughput probe should take long against the round trip; it starts at 64 KiB
 # and grows (to 1 MiB, well within any message limit) until it takes 50 ms on the wire.
 FIRST_PROBE_BYTES = 64 << 10
@@ -41,14 +42,19 @@ PROBE_WIRE_SECONDS = 0.05
 
 
 def mean_seconds(work: Callable[[], object], repeats: int = REPEATS) -> float:
-    """The mean after a warm-up: a run's total is a sum of such times, so a busy
-    machine's occasional slow repetition belongs in the figure (a median would drop it)."""
+    """The median of block means after a warm-up. A run's total is a sum, so the busy
+    machine's usual slow-downs belong in the figure (a median of single calls would drop
+    them); one stall of the whole process (another job's burst) must not (a plain mean
+    would count it)."""
     for _ in range(WARMUP):
         work()
-    started = time.perf_counter()
-    for _ in range(repeats):
-        work()
-    return (time.perf_counter() - started) / repeats
+    means = []
+    for _ in range(BLOCKS):
+        started = time.perf_counter()
+        for _ in range(repeats):
+            work()
+        means.append((time.perf_counter() - started) / repeats)
+    return statistics.median(means)
 
 
 def _training_seconds(
@@ -175,14 +181,13 @@ def _wire_seconds(name: str, hyper: Hyperparameters, shape: tuple[int, ...]) -> 
             message = pb.Tensor.FromString(codec.pack(made.encode(values, ids)).SerializeToString())
             made.decode(codec.unpack(message, what="planner", shape=(None, *shape[1:])))
 
-    return mean_seconds(round_trip, repeats=7)
+    return mean_seconds(round_trip, repeats=3)
 
 
 def measure_link(client: CloudClient) -> LinkFigures:
-    """Round-trip time from tiny probes (the mean after the first: steps add up as means
-    do), throughput each way from large ones (medians: one slow probe must not halve it)."""
-    client.probe(0, 0)  # a fresh connection's first call pays for its set-up
-    rtt = statistics.fmean(client.probe(0, 0) for _ in range(PROBES))
+    """Round-trip time from tiny probes (as the device's timings: block means, their
+    median), throughput each way from large ones (medians: one slow probe must not halve it)."""
+    rtt = mean_seconds(lambda: client.probe(0, 0), repeats=PROBES)
     up = _throughput(lambda size: client.probe(size, 0), rtt)
     down = _throughput(lambda size: client.probe(0, size), rtt)
     return LinkFigures(rtt=rtt, up_bytes_per_second=up, down_bytes_per_second=down)
