@@ -112,7 +112,7 @@ def make_plan(client: CloudClient, local: LocalData, options: TrainOptions, obje
         cache_samples=0 if options.no_teacher_cache else task.teacher_cache_samples,
     )
     log.info("plan: timing the heads at cuts %s on this device", list(task.student_cuts))
-    device = measure_device(task, hyper)
+    device = measure_device(task, hyper, workload.teacher_cut)
     link = measure_link(client)
     log.info(
         "plan: link RTT %.1f ms, up %.1f / down %.1f Mbit/s",

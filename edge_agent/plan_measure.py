@@ -13,13 +13,14 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 import torch
 from torch import nn
 
 from edge_agent.client import CloudClient
-from edge_agent.plan_model import DeviceFigures, LinkFigures, Stage
+from edge_agent.plan_model import PLAN_CODECS, DeviceFigures, LinkFigures, Stage
 from splitkd import codec, codecs
 from splitkd.hyper import Hyperparameters
 from splitkd.kd import kd_loss
@@ -112,7 +113,9 @@ def _tail_seconds(
     return forward + backward
 
 
-def measure_device(task: TaskDescription, hyper: Hyperparameters) -> DeviceFigures:
+def measure_device(
+    task: TaskDescription, hyper: Hyperparameters, teacher_cut: int
+) -> DeviceFigures:
     batch = hyper.batch_size
     student = zoo.build(task.student_spec, hyper.seed)
     teacher = zoo.build(task.teacher_spec, hyper.seed)
@@ -167,6 +170,12 @@ def measure_device(task: TaskDescription, hyper: Hyperparameters) -> DeviceFigur
         wire_seconds=wire,
         onnx_bytes=len(export_onnx(zoo.build(task.student_spec), task.student_spec.input_shape)),
         student_state=student.part_state(0, len(student.stages)),
+        cloud_seconds={
+            (cut, name): timed
+            for cut in task.student_cuts
+            for name in PLAN_CODECS
+            if (timed := cloud_step_seconds(task, hyper, cut, name, teacher_cut)) is not None
+        },
     )
 
 
@@ -201,3 +210,50 @@ def _throughput(probe: Callable[[int], float], rtt: float) -> float:
         if wire >= PROBE_WIRE_SECONDS or size >= LAST_PROBE_BYTES:
             return size / max(wire, 1e-6)
         size = min(LAST_PROBE_BYTES, size * 4)
+
+
+def cloud_step_seconds(
+    task: TaskDescription, hyper: Hyperparameters, cut: int, codec_name: str, teacher_cut: int
+) -> tuple[float, float] | None:
+    """(a step whose teacher outputs the cloud caches, a step that sends them) in seconds:
+    the cloud's own step (``cloud_service.session.Session``) run on this device, with the
+    session's codec. None where the cloud's package is not installed (an inference install)."""
+    try:
+        from cloud_service.session import Session
+        from cloud_service.teacher_cache import TeacherCache
+    except ImportError:
+        return None
+    batch = hyper.batch_size
+    teacher = zoo.build(task.teacher_spec)
+    teacher.requires_grad_(False)
+    teacher.eval()
+    session = Session(
+        session_id="planner",
+        device_id="planner",
+        student_spec=task.student_spec,
+        teacher_spec=task.teacher_spec,
+        student_cut=cut,
+        teacher_cut=teacher_cut,
+        hyper=replace(hyper, wire_codec=codec_name),
+        model_name="planner",
+        student=zoo.build(task.student_spec),
+        teacher=teacher,
+        cache=TeacherCache(batch, task.student_spec.num_classes),
+    )
+    rng = np.random.default_rng(0)
+    inputs = torch.randn(batch, *task.student_spec.input_shape)
+    with torch.no_grad():
+        student_act = zoo.build(task.student_spec).part(0, cut)(inputs).numpy()
+        teacher_act = teacher.part(0, teacher_cut)(inputs).numpy()
+    labels = rng.integers(0, task.student_spec.num_classes, batch)
+    ids = np.arange(batch, dtype=np.int32)
+    counter = iter(range(1 << 30))
+
+    def fresh() -> None:
+        session.step(next(counter), student_act, teacher_act, labels, sample_ids=ids)
+
+    def cached() -> None:
+        session.step(next(counter), student_act, None, None, sample_ids=ids)
+
+    fresh_seconds = mean_seconds(fresh, repeats=3)
+    return mean_seconds(cached, repeats=3), fresh_seconds

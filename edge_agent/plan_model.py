@@ -61,6 +61,9 @@ class DeviceFigures:
     wire_seconds: dict[tuple[int, str], float]  # (cut, codec): pack + parse of one step
     onnx_bytes: int
     student_state: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
+    # (cut, codec): the cloud's own step timed here, (teacher side cached, sent); empty
+    # without the cloud's package: the tails' arithmetic stands in.
+    cloud_seconds: dict[tuple[int, str], tuple[float, float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -329,11 +332,7 @@ def predict_split(
             * kind.batch
             * per_sample
         )
-        cloud = (
-            (student.tail_seconds + (teacher.tail_seconds if kind.fresh else 0.0))
-            * kind.batch
-            * per_sample
-        )
+        cloud = _cloud_seconds(device, candidate, kind.fresh) * kind.batch * per_sample
         network = link.seconds(up, down) + cloud + wire_cpu * kind.batch
         backward = student.backward * kind.batch * per_sample
         # As telemetry.on_step books it: compute, the wait, the transfer ending before backward.
@@ -363,6 +362,15 @@ def predict_split(
         peak_memory_bytes=student.peak_memory_bytes + teacher.peak_memory_bytes,
         step_calls=len(kinds),
     )
+
+
+def _cloud_seconds(device: DeviceFigures, candidate: Candidate, fresh: bool) -> float:
+    """The cloud's part of a step of a full batch."""
+    timed = device.cloud_seconds.get((candidate.student_cut, candidate.wire_codec))
+    if timed is not None:
+        return timed[1] if fresh else timed[0]
+    teacher = device.teacher[candidate.teacher_cut].tail_seconds if fresh else 0.0
+    return device.student[candidate.student_cut].tail_seconds + teacher
 
 
 def _later_epoch(marks: list[tuple[float, float, int]]) -> tuple[float, float, int] | None:
