@@ -64,7 +64,12 @@ class Plan:
             "device": {
                 f"student_cut_{cut}": _stage(stage) for cut, stage in self.device.student.items()
             }
-            | {f"teacher_cut_{cut}": _stage(stage) for cut, stage in self.device.teacher.items()},
+            | {f"teacher_cut_{cut}": _stage(stage) for cut, stage in self.device.teacher.items()}
+            | {
+                # The cloud's own step timed here: teacher side cached, and sent.
+                f"cloud_step_cut_{cut}_{name}": {"cached_ms": t[0] * 1e3, "sent_ms": t[1] * 1e3}
+                for (cut, name), t in self.device.cloud_seconds.items()
+            },
             "candidates": [_candidate(c, p) for c, p in self.predictions],
             "choice": _candidate(*self.choice),
             "choice_alone": _candidate(*self.alone),
