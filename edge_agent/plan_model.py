@@ -15,9 +15,7 @@ transfer at the end.
 from __future__ import annotations
 
 import math
-from collections import Counter
 from dataclasses import dataclass, field
-from functools import cache
 from typing import Any
 
 import numpy as np
@@ -38,6 +36,8 @@ PLAN_CODECS = ("float32", "float16", "int8", "topk")
 FIDELITY_MARGIN = 0.02
 # Messages around a federated round besides the weights (task, update, answers).
 ROUND_OVERHEAD_BYTES = 400
+# Register's request: ids, profile names, the signature, the ask (measured: ~150 bytes).
+REGISTER_UP_BYTES = 155
 
 
 @dataclass(frozen=True)
@@ -285,17 +285,12 @@ def session_bytes(
     finish_up = pb.FinishRequest(
         session_id="0" * 32, student_head=codec.encode_weights(student.head_state), steps=1000
     ).ByteSize()
-    # Register's request, Finish's answer (ModelInfo) and the download's chunk headers.
+    # Finish's answer (ModelInfo) and the download's chunk headers.
     small_up, small_down = 200, 300
     return (
-        register_up_bytes() + finish_up + small_up,
+        REGISTER_UP_BYTES + finish_up + small_up,
         register_down + device.onnx_bytes + small_down,
     )
-
-
-@cache
-def register_up_bytes() -> int:
-    return 150 + FRAME
 
 
 # -- predictions ------------------------------------------------------------------
@@ -488,7 +483,3 @@ def _fidelity(candidate: Candidate) -> int:
     if candidate.mode == "federated":
         return 0
     return PLAN_CODECS.index(candidate.wire_codec)
-
-
-def step_kind_counts(workload: Workload) -> Counter[StepKind]:
-    return Counter(step_kinds(workload))
