@@ -95,6 +95,7 @@ def train(
 
         return train_cohort(options)
     started = time.perf_counter()
+    check_depth(options.pipeline_depth)  # before any work: a typo should not cost a session
     telemetry = TrainingTelemetry(options.device_profile, options.link_profile, options.metrics)
     if options.metrics is not None:
         options.metrics.describe_device(
@@ -143,7 +144,7 @@ def train(
         local.check_task(session.student_spec.num_classes)
         transport = GrpcTransport(client, session)
         trainer = EdgeTrainer(session, split.train, split.heldout, transport, store)
-        trainer.pipeline_depth = check_depth(options.pipeline_depth)
+        trainer.pipeline_depth = options.pipeline_depth
         if restored is not None:
             trainer.load(restored)
         client.keep_alive(session.session_id)
