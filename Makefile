@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help venv demo fleet-demo lifecycle-demo test lint typecheck unit proto proto-check config-doc bench loadtest compare testbed compose-check pi-check clean
+.PHONY: help venv demo fleet-demo lifecycle-demo test lint typecheck unit proto proto-check config-doc bench loadtest compare testbed plan-check compose-check pi-check clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -65,6 +65,9 @@ loadtest: $(STAMP) ## 32 async edges against one cloud process for 3 min: failur
 
 compare: $(STAMP) ## Flower 1.42 FedAvg (own venv .venv-flower) vs splitkd, same shards: accuracy, bytes per device, seconds
 	$(BIN)/python -m benchmarks.compare $(COMPARE_ARGS)
+
+plan-check: $(STAMP) ## (root) the planner on the testbed's Ethernet and LTE links: predicted vs measured, pipelining
+	$(BIN)/python -m testbed.plan_check $(PLAN_CHECK_ARGS)
 
 compose-check: $(STAMP) ## (root) build the images, run docker-compose.yml for real, check it, tear down
 	scripts/compose_check.sh

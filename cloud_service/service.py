@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cloud_service import pipeline
 from cloud_service.checkpoints import SessionCheckpoints
 from cloud_service.limits import RateLimiter, check_free_text, check_label, shown
 from cloud_service.metrics import CloudMetrics
@@ -287,6 +288,7 @@ class CloudService:
         if kd_alpha is not None and not 0.0 <= kd_alpha <= 1.0:
             raise InvalidArgument(f"kd_alpha must be in [0, 1], got {kd_alpha}")
         with session.lock:
+            pipeline.wait_turn(session, step)
             if (
                 self.sessions.activate(session)
                 and self.checkpoints is not None
@@ -300,6 +302,7 @@ class CloudService:
             )
             if session.due_for_checkpoint():
                 self._checkpoint(session)
+            pipeline.turn_taken(session)
         if not result.replayed:
             self.metrics.observe_step(session.times.teacher_seconds, session.times.student_seconds)
         return result

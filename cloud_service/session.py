@@ -68,6 +68,8 @@ class Session:
     finished_version: int | None = None
     times: SessionTimes = field(default_factory=SessionTimes)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # Pipelined steps wait on it for their turn (cloud_service/pipeline.py).
+    turn: threading.Condition = field(init=False, repr=False)
     _optimizer: torch.optim.Optimizer | None = field(default=None, repr=False)
     _last: StepOutcome | None = field(default=None, repr=False)
     # The last step's inputs, to recognise a retry: copies or digests, never views
@@ -89,6 +91,7 @@ class Session:
     cache: TeacherCache | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
+        self.turn = threading.Condition(self.lock)
         self.student_spec.check_cut(self.student_cut, "student cut")
         self.teacher_spec.check_cut(self.teacher_cut, "teacher cut")
         tail = self.student.stages[self.student_cut :]

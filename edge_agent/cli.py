@@ -12,11 +12,13 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 from edge_agent import security
 from edge_agent.settings import (
     AdaptSettings,
+    PlanSettings,
     PredictSettings,
     PullSettings,
     RollbackSettings,
@@ -35,13 +37,18 @@ def _global_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _train(args: TrainSettings) -> int:
+def _need_torch() -> Any:
     try:
         import torch
     except ImportError:
         raise SplitKDError(
             "training needs the [train] extra: pip install 'splitkd[train]'"
         ) from None
+    return torch
+
+
+def _train(args: TrainSettings) -> int:
+    torch = _need_torch()
     from edge_agent.metrics import EdgeMetrics
     from edge_agent.run import train
     from splitkd import energy
@@ -67,7 +74,16 @@ def _train(args: TrainSettings) -> int:
     return 0
 
 
-def _train_options(args: TrainSettings, metrics: Any) -> Any:
+def _plan(args: PlanSettings) -> int:
+    torch = _need_torch()
+    from edge_agent.plan import plan_command
+
+    torch.set_num_threads(1)  # as train runs: the plan times what training will do
+    print(plan_command(_train_options(args, None), args.objective, as_json=args.json_output))
+    return 0
+
+
+def _train_options(args: TrainSettings | PlanSettings, metrics: Any) -> Any:
     """run.TrainOptions: every field named like a setting is copied, the others derived here."""
     import dataclasses
 
@@ -77,16 +93,21 @@ def _train_options(args: TrainSettings, metrics: Any) -> Any:
 
     derived = {
         "shard": parse_shard(args.shard) if args.shard else None,
-        "progress": not args.no_progress,
-        "plots": not args.no_plots,
         "metrics": metrics,
-        "checkpoint_dir": args.checkpoint_dir or default_checkpoint_dir(args.device_id),
         "security": security.EdgeSecurity.from_options(args),
     }
+    if isinstance(args, TrainSettings):
+        derived |= {
+            "progress": not args.no_progress,
+            "plots": not args.no_plots,
+            "checkpoint_dir": args.checkpoint_dir or default_checkpoint_dir(args.device_id),
+        }
+    else:  # plan: no run, nothing written
+        derived |= {"report": Path("."), "model_dir": Path("."), "retry_seconds": 0.0}
     same = {
         f.name: getattr(args, f.name)
         for f in dataclasses.fields(TrainOptions)
-        if f.name in TrainSettings.model_fields and f.name not in derived
+        if f.name in type(args).model_fields and f.name not in derived
     }
     return TrainOptions(**same, **derived)
 
@@ -275,6 +296,16 @@ PROGRAM = Program(
             description="Split-train with the cloud: this device runs the student's head and the "
             "teacher's frozen head on its data and sends only activations; the cloud sends back "
             "gradients. At the end the ONNX student is downloaded, verified and evaluated here.",
+        ),
+        Command(
+            "plan",
+            PlanSettings,
+            _plan,
+            help="measure this device and the link, predict each way to train, choose one",
+            description="Time the student's and teacher's heads at every cut the cloud allows, "
+            "probe the link's round trip and throughput, and predict for each candidate (split at "
+            "each cut with each wire codec, or federated) the seconds, device joules and bytes of "
+            "an epoch and of the whole run; print a table and the best for --objective.",
         ),
         Command("serve", ServeSettings, _serve, help="HTTP inference API over the current student"),
         Command(

@@ -16,6 +16,7 @@ from edge_agent.errors import CloudRefused, EdgeError
 from edge_agent.inference import Predictor
 from edge_agent.metrics import EdgeMetrics
 from edge_agent.model_store import ModelStore
+from edge_agent.pipeline import check_depth
 from edge_agent.security import EdgeSecurity
 from edge_agent.teacher_check import check_teacher, compare_with_student
 from edge_agent.teacher_check import report as teacher_report
@@ -67,6 +68,9 @@ class TrainOptions:
     student_cut: int = 0  # 0: the cloud's
     eval_every: int = 1  # epochs between held-out evaluations through the split
     teacher_cut: int = 0
+    plan: str = ""  # "auto": edge_agent/plan.py chooses the cut and the codec
+    objective: str = "time"
+    pipeline_depth: int = 1  # steps in flight (edge_agent/pipeline.py)
 
 
 def cloud_client(options: TrainOptions, telemetry: TrainingTelemetry) -> CloudClient:
@@ -92,6 +96,7 @@ def train(
 
         return train_cohort(options)
     started = time.perf_counter()
+    check_depth(options.pipeline_depth)  # before any work: a typo should not cost a session
     telemetry = TrainingTelemetry(options.device_profile, options.link_profile, options.metrics)
     if options.metrics is not None:
         options.metrics.describe_device(
@@ -99,6 +104,12 @@ def train(
         )
     local = LocalData.load(options)
     dataset, split = local.dataset, local.split
+    plan = None
+    if options.plan == "auto":
+        from edge_agent import plan as planner
+
+        plan = planner.plan_for(options, local)
+        options = planner.apply(plan, options)
     with cloud_client(options, telemetry) as client:
         store = EdgeCheckpoints(options.checkpoint_dir, avoid=options.model_dir)
         identity = {
@@ -135,6 +146,7 @@ def train(
         transport = GrpcTransport(client, session)
         trainer = EdgeTrainer(session, split.train, split.heldout, transport, store)
         trainer.eval_every = options.eval_every
+        trainer.pipeline_depth = options.pipeline_depth
         if restored is not None:
             trainer.load(restored)
         client.keep_alive(session.session_id)
@@ -260,6 +272,8 @@ def train(
             / steps,
         },
         "steps": result.steps,
+        "pipeline": {"depth": trainer.pipeline_depth, "most_in_flight": trainer.most_in_flight},
+        "training_seconds": result.wall_seconds,
         "wall_seconds": time.perf_counter() - started,
         "energy": telemetry.report(),
         "faults": {
@@ -277,6 +291,8 @@ def train(
     compare_with_student(teacher, scores.accuracy)
     report["teacher_check"] = teacher_report(teacher, scores.accuracy)
     report = telemetry.add_earlier(report)  # a run resumed after a restart counts every process
+    if plan is not None:
+        report["plan"] = planner.compare(plan, report, result.wall_seconds)
     write_report(options.report, report)
     if options.plots:
         _plot(options.report, report)

@@ -12,13 +12,23 @@ import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import model_validator
+from pydantic import field_validator, model_validator
 
 from edge_agent.model_store import DEFAULT_MODEL_DIR, default_model_dir
 from edge_agent.security import ClientSecurityOptions, HttpsOptions, HttpTokenOptions
 from splitkd.settings import Options, option
 
 TRAINING_DATA = "digits, npz:PATH (arrays x, y) or csv:PATH (label last)"
+
+
+OBJECTIVES = ("time", "energy", "bytes")  # what the planner can save (edge_agent/plan.py)
+
+
+def _objective(value: str) -> str:
+    """One line for a typo, as for every other setting (not argparse's usage block)."""
+    if value not in OBJECTIVES:
+        raise ValueError(f"unknown objective {value!r}: use one of {', '.join(OBJECTIVES)}")
+    return value
 
 
 class ModelDirOptions(Options):
@@ -92,6 +102,26 @@ class TrainSettings(ClientSecurityOptions, ProfileOptions, DeviceOptions, ModelD
     )
     student_cut: int = option(0, "student stages on this device (0: the cloud's choice)")
     teacher_cut: int = option(0, "frozen teacher stages on this device (0: the cloud's choice)")
+    # The planner (edge_agent/plan.py) and pipelining (edge_agent/pipeline.py).
+    plan: Literal["", "auto"] = option(
+        "",
+        "auto: measure this device and the link first (as 'splitkd-edge plan' does) and train "
+        "with the split cut and codec the plan chooses for --objective; empty: no plan",
+        shown_default="no plan",
+    )
+    objective: str = option("time", "what --plan auto saves: time, energy (device joules) or bytes")
+
+    @field_validator("objective")
+    @classmethod
+    def _check_objective(cls, value: str) -> str:
+        return _objective(value)
+
+    pipeline_depth: int = option(
+        1,
+        "steps in flight at once (1-4): above 1 the next batch goes out before the last "
+        "gradient is back, and each head gradient is applied up to depth-1 steps late; pays on "
+        "a high-latency link",
+    )
     report: Path = option(Path("report.json"), "JSON run report to write")
     metrics_port: int = option(0, "serve Prometheus metrics on this port while training (0: off)")
     metrics_host: str = option("0.0.0.0", "address for --metrics-port")
@@ -121,6 +151,34 @@ class TrainSettings(ClientSecurityOptions, ProfileOptions, DeviceOptions, ModelD
     )
     timeout: float = option(60.0, "seconds to wait for one cloud call")
     no_progress: bool = option(False, "no progress bar")
+
+
+class PlanSettings(ClientSecurityOptions, ProfileOptions, DeviceOptions):
+    cloud: str = option(help="cloud gRPC address HOST:PORT")
+    data: str = option(help=f"local data: {TRAINING_DATA}")
+    shard: str | None = option(None, "use shard I of N of the data (I from 0), e.g. 0/2")
+    dirichlet_alpha: float | None = option(
+        None, "non-IID shards: Dirichlet concentration per class (default: IID)"
+    )
+    presumed_fraction: float | None = option(
+        None,
+        "the share of a data set the cloud's teacher trains on, which this device leaves out "
+        "(as for train)",
+        shown_default="0.4 for the built-in digits, 0 for a file (all of it is used)",
+    )
+    epochs: int = option(0, "epochs (0: the cloud's choice)")
+    objective: str = option("time", "what to save: time, energy (device joules) or bytes")
+
+    @field_validator("objective")
+    @classmethod
+    def _check_objective(cls, value: str) -> str:
+        return _objective(value)
+
+    no_teacher_cache: bool = option(False, "plan without the cloud's teacher-output cache")
+    eval_every: int = option(1, "epochs between held-out evaluations, as train --eval-every")
+    teacher_cut: int = option(0, "frozen teacher stages on this device (0: the cloud's choice)")
+    json_output: bool = option(False, "print the candidates and the choice as JSON", flag="--json")
+    timeout: float = option(60.0, "seconds to wait for one cloud call (and to connect, at most 10)")
 
 
 class FeedbackOptions(Options):

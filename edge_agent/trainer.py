@@ -91,6 +91,10 @@ def build_head(
 
 
 class EdgeTrainer:
+    # Steps in flight (edge_agent/pipeline.py); 1: one at a time, as below.
+    pipeline_depth: int = 1
+    most_in_flight: int = 1
+
     def __init__(
         self,
         session: SessionInfo,
@@ -201,6 +205,10 @@ class EdgeTrainer:
         traffic: Callable[[], tuple[int, int]] | None = None,
     ) -> TrainResult:
         """Train from ``next_step`` to the end; call again after ``restore`` to go on."""
+        if self.pipeline_depth > 1:
+            from edge_agent import pipeline
+
+            return pipeline.run(self, self.pipeline_depth, on_step, on_eval, traffic)
         started = time.perf_counter()
         x, y = torch.from_numpy(self.train_data.x), self.train_data.y
         if not self.snapshots:
@@ -217,7 +225,7 @@ class EdgeTrainer:
             if (step + 1) % self.hyper.checkpoint_every == 0:
                 self.take_snapshot()
             last_of_epoch = step + 1 == len(schedule) or schedule[step + 1][0] != epoch
-            if last_of_epoch and self._evaluates(epoch):
+            if last_of_epoch and self.evaluates(epoch):
                 evaluation = EvalRecord(step + 1, epoch, self.evaluate_split())
                 self.evaluations.append(evaluation)
                 if on_eval is not None:
@@ -229,7 +237,7 @@ class EdgeTrainer:
         result.wall_seconds = time.perf_counter() - started
         return result
 
-    def _evaluates(self, epoch: int) -> bool:
+    def evaluates(self, epoch: int) -> bool:
         return (epoch + 1) % self.eval_every == 0 or epoch + 1 == self.hyper.epochs
 
     def schedule(self) -> list[tuple[int, np.ndarray]]:
@@ -402,9 +410,11 @@ class GrpcTransport:
         return reply
 
     def _pack_student(self, step: int, student: np.ndarray, ids: np.ndarray | None) -> Encoded:
-        if self._packed is None or self._packed[0] != step:
-            self._packed = (step, self.student_codec.encode(student, ids))
-        return self._packed[1]
+        packed = self._packed  # one read: pipelined steps pack on worker threads
+        if packed is None or packed[0] != step:
+            packed = (step, self.student_codec.encode(student, ids))
+            self._packed = packed
+        return packed[1]
 
     def evaluate(self, activations: np.ndarray, *, teacher: bool = False) -> np.ndarray:
         logits: np.ndarray = self.client.evaluate(
