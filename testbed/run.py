@@ -605,10 +605,14 @@ def summarize(edge: EdgePlan, host: netns.Host, report: dict[str, Any]) -> dict[
     # before a short last batch of an epoch carries fewer), and not step 0 (it
     # carries its own teacher activations and the next step's). Shards differ
     # by a sample or so, so short batches differ between edges, links aside.
+    # With the teacher-output cache only the first epoch carries the teacher's
+    # side: steady means after it, when there is an after.
+    later = any(h["epoch"] > 0 for h in history)
     full = [
         h
         for i, h in enumerate(history)
         if i > 0
+        and (h["epoch"] > 0 or not later)
         and h["batch"] == batch_size
         and i + 1 < len(history)
         and history[i + 1]["batch"] == batch_size

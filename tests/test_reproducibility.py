@@ -165,6 +165,7 @@ NOT_FIGURES = {
     "path",
     "run_dir",
     "wall_seconds",
+    "training_seconds",
     "timing",
     "forward_seconds",
     "network_seconds",
