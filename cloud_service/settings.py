@@ -18,7 +18,7 @@ from splitkd.settings import Options, option
 
 _HYPER = Hyperparameters()
 TRAINING = "training (sent to every edge with its session)"
-DATA = "digits, npz:PATH or csv:PATH"
+DATA = "digits, npz:PATH, csv:PATH, text:PATH or pydoc-topics"
 
 
 class StateDirOptions(Options):

@@ -18,7 +18,9 @@ from edge_agent.model_store import DEFAULT_MODEL_DIR, default_model_dir
 from edge_agent.security import ClientSecurityOptions, HttpsOptions, HttpTokenOptions
 from splitkd.settings import Options, option
 
-TRAINING_DATA = "digits, npz:PATH (arrays x, y) or csv:PATH (label last)"
+TRAINING_DATA = (
+    "digits, npz:PATH (arrays x, y), csv:PATH (label last), text:PATH (UTF-8) or pydoc-topics"
+)
 
 
 class ModelDirOptions(Options):

@@ -239,8 +239,13 @@ class EdgeTrainer:
             ahead = None if next_inputs is None else self.teacher_head(next_inputs).numpy()
         t1 = time.perf_counter()
         before = traffic() if traffic else (0, 0)
-        reply = self.transport.step(
-            step, student_act.detach().numpy(), teacher_act, labels, ahead, self.kd_alpha
+        reply = self.transport.step(  # labels flat: a language model has [B, T] of them
+            step,
+            student_act.detach().numpy(),
+            teacher_act,
+            labels.reshape(-1),
+            ahead,
+            self.kd_alpha,
         )
         self._teacher_sent = step + 1 if reply.next_teacher_accepted else None
         after = traffic() if traffic else (0, 0)
@@ -286,10 +291,9 @@ class EdgeTrainer:
         for start in range(0, len(self.heldout), batch_size):
             x = torch.from_numpy(self.heldout.x[start : start + batch_size])
             logits = self.transport.evaluate(head(x).numpy(), teacher=teacher)
-            correct += int(
-                (logits.argmax(axis=1) == self.heldout.y[start : start + batch_size]).sum()
-            )
-        return correct / max(1, len(self.heldout))
+            labels = self.heldout.y[start : start + batch_size].reshape(-1)  # per token for an LM
+            correct += int((logits.reshape(len(labels), -1).argmax(axis=1) == labels).sum())
+        return correct / max(1, self.heldout.y.size)
 
 
 class GrpcTransport:

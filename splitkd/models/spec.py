@@ -57,7 +57,8 @@ class ModelSpec:
 
     @property
     def signature(self) -> DatasetSignature:
-        return DatasetSignature(self.input_shape, self.num_classes)
+        tokens = self.family in _token_families()
+        return DatasetSignature(self.input_shape, self.num_classes, tokens=tokens)
 
     def to_json(self) -> str:
         return json.dumps(
@@ -106,3 +107,9 @@ def _registered() -> dict[str, int]:
     from splitkd.models import zoo  # here, not at the top: the zoo imports this module
 
     return zoo.input_ranks()
+
+
+def _token_families() -> frozenset[str]:
+    from splitkd.models import zoo
+
+    return zoo.token_families()
