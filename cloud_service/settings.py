@@ -100,6 +100,12 @@ class ServeSettings(CloudSecurityOptions, FleetOptions, TrainingOptions, StateDi
         "teacher checkpoint (.safetensors from 'splitkd-cloud train-teacher')",
         exclusive="teacher",
     )
+    teacher_hf: Path | None = option(
+        None,
+        "a local Hugging Face causal LM folder as the teacher (config.json + *.safetensors; "
+        "LLaMA-style, byte vocabulary of 256 tokens)",
+        exclusive="teacher",
+    )
     teacher_data: str = option(
         "digits",
         f"train the teacher at start-up on this data: {DATA} (unused with --teacher)",

@@ -29,6 +29,8 @@ from splitkd.models.zoo import register_family
 
 LM_FAMILY = "transformer_lm"
 CLASSIFIER_FAMILY = "transformer_cls"
+# Families whose outputs are next-token logits at every position ([B, T, V]).
+LANGUAGE_FAMILIES = frozenset({LM_FAMILY, "llama"})
 # Byte-level text (splitkd/lm/text.py): the classifier's inputs are bytes too.
 BYTE_VOCABULARY = 256
 HEAD_WIDTH = 16
@@ -183,4 +185,4 @@ def _sequence_classifier(spec: ModelSpec) -> list[nn.Module]:
 
 def labels_per_sample(spec: ModelSpec) -> int:
     """A language model has a label (the next token) at every position; a classifier one."""
-    return spec.input_shape[0] if spec.family == LM_FAMILY else 1
+    return spec.input_shape[0] if spec.family in LANGUAGE_FAMILIES else 1

@@ -137,6 +137,7 @@ def build(spec: ModelSpec, seed: int = 0) -> StagedModel:
 
 
 # Modules whose own parameters start from constants, not random draws.
+# A family's own module of that kind says so with a ``constant_init = True`` attribute.
 _CONSTANT_INIT = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)
 
 
@@ -154,8 +155,10 @@ def _initialise(module: nn.Module, generator: torch.Generator) -> None:
             nn.init.uniform_(module.bias, -bound, bound, generator=generator)
     elif isinstance(module, nn.Embedding):
         nn.init.normal_(module.weight, std=0.02, generator=generator)  # GPT-2's scale
-    elif any(True for _ in module.parameters(recurse=False)) and not isinstance(
-        module, _CONSTANT_INIT
+    elif (
+        any(True for _ in module.parameters(recurse=False))
+        and not isinstance(module, _CONSTANT_INIT)
+        and not getattr(module, "constant_init", False)
     ):
         # A layer added to a family must say how it draws from the generator.
         raise TypeError(f"zoo.build does not know how to initialise {type(module).__name__}")
@@ -238,5 +241,5 @@ def activation_elements(spec: ModelSpec, cut: int) -> int:
     return prod(activation_shape(spec, cut))
 
 
-# Registers the transformer families (it imports register_family from here).
-from splitkd.models import transformer  # noqa: E402, F401
+# Register the transformer families (they import register_family from here).
+from splitkd.models import llama, transformer  # noqa: E402, F401
