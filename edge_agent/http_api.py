@@ -1,7 +1,8 @@
 """The edge's inference API (FastAPI) over the current local student.
 
 The model is reloaded when ``CURRENT.json`` changes, so a newly trained or
-pulled version is served without a restart. No torch. ``/v1/predict`` takes
+pulled version is served without a restart. No torch. ``/v1/generate`` streams
+a language-model student's continuation of a prompt. ``/v1/predict`` takes
 at most a body sized for a full batch of the model's inputs and, with a
 token, only requests that carry it (edge_agent/http_guard.py); ``/healthz``
 and ``/metrics`` stay open (docs/SECURITY.md).
@@ -12,16 +13,18 @@ from __future__ import annotations
 import math
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
 from edge_agent.errors import EdgeError
+from edge_agent.generate import Generator
 from edge_agent.http_guard import PredictGuard
 from edge_agent.inference import MAX_BATCH, Predictor
 from edge_agent.metrics import EdgeMetrics
@@ -35,6 +38,8 @@ from splitkd.telemetry import exposition
 JSON_BYTES_PER_VALUE = 32
 # Without a model every request is refused anyway; this bounds what it may send.
 MIN_BODY_BYTES = 64 * 1024
+# A prompt is at most a context of bytes (a few hundred); JSON escapes at most 6x that.
+GENERATE_BODY_BYTES = 64 * 1024
 
 
 def default_body_limit(input_shape: tuple[int, ...] | None) -> int:
@@ -62,6 +67,7 @@ class ServedModel:
         self._mtime = -1.0
         self._model: LocalModel | None = None
         self._predictor: Predictor | None = None
+        self._generator: tuple[Path, Generator] | None = None
 
     def get(self) -> tuple[LocalModel, Predictor]:
         mtime = self.store.pointer_mtime()
@@ -72,6 +78,14 @@ class ServedModel:
                 self._predictor = Predictor(model.path, shape)
                 self._model, self._mtime = model, mtime
             return self._model, self._predictor
+
+    def generator(self) -> Generator:
+        """The current model's text generator (EdgeError unless it is a language model)."""
+        model, _ = self.get()
+        with self._lock:
+            if self._generator is None or self._generator[0] != model.path:
+                self._generator = (model.path, Generator(model.path))
+            return self._generator[1]
 
 
 def create_app(
@@ -99,6 +113,9 @@ def create_app(
         return default_body_limit(tuple(model.metadata["input_shape"]))
 
     app.add_middleware(PredictGuard, path="/v1/predict", token=token, limit=body_limit)
+    app.add_middleware(
+        PredictGuard, path="/v1/generate", token=token, limit=lambda: GENERATE_BODY_BYTES
+    )
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -161,7 +178,30 @@ def create_app(
             "seconds": round(time.perf_counter() - started, 6),
         }
 
+    @app.post("/v1/generate", response_model=None)
+    def generate(request: GenerateRequest) -> StreamingResponse:
+        """The continuation of ``prompt`` as plain UTF-8 text, streamed as it is decoded."""
+        try:
+            generator = served.generator()
+        except EdgeError as exc:
+            raise HTTPException(status_code=503, detail=str(exc)) from exc
+        try:
+            generator.check(request.prompt, request.max_tokens)  # 400 before any byte is sent
+        except InvalidArgument as exc:
+            raise HTTPException(status_code=400, detail=str(exc)) from exc
+        pieces = generator.text(
+            request.prompt, request.max_tokens, request.temperature, request.seed
+        )
+        return StreamingResponse(pieces, media_type="text/plain; charset=utf-8")
+
     return app
+
+
+class GenerateRequest(BaseModel):
+    prompt: str = Field(max_length=GENERATE_BODY_BYTES)
+    max_tokens: int = 128
+    temperature: float = Field(default=0.0, ge=0.0, le=10.0)
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)
 
 
 def check_nesting(inputs: list[Any], input_shape: tuple[int, ...]) -> None:

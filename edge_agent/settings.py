@@ -123,6 +123,16 @@ class PredictSettings(ModelDirOptions):
         return self
 
 
+class GenerateSettings(ModelDirOptions):
+    prompt: str = option(help="text to continue (UTF-8, at most the model's context in bytes)")
+    max_tokens: int = option(128, "tokens (bytes) to generate, 1..2048")
+    temperature: float = option(0.0, "sampling temperature; 0 picks the most likely byte")
+    seed: int = option(0, "seed of the sampling (with --temperature above 0)")
+    onnx_model: Path | None = option(
+        None, "a language model's .onnx file instead of the current student"
+    )
+
+
 class PullSettings(ClientSecurityOptions, DeviceOptions, ModelDirOptions):
     cloud_http: str = option(help="cloud HTTP base URL, e.g. http://cloud:8000")
     model: str = option(help="model name, e.g. student-edge-0")

@@ -61,6 +61,9 @@ class LlamaBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(x, torch.arange(x.shape[1]))[0]
 
+    def cache_layout(self) -> tuple[int, int]:
+        return self.kv_heads, self.head_dim
+
     def decode(
         self, x: torch.Tensor, positions: torch.Tensor, past: KeyValue | None = None
     ) -> tuple[torch.Tensor, KeyValue]:
@@ -95,6 +98,8 @@ class LlamaBlock(nn.Module):
 
 
 class LlamaHead(nn.Module):
+    language_head = True  # read by splitkd/lm_export.py
+
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.norm = RMSNorm(spec.widths[0], spec.option("eps", 1e-6))

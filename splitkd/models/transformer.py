@@ -124,6 +124,10 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(x, torch.arange(x.shape[1]))[0]
 
+    def cache_layout(self) -> tuple[int, int]:
+        """Heads and width per head of the keys/values this block caches."""
+        return self.attention.heads, self.attention.head_width
+
     def decode(
         self, x: torch.Tensor, positions: torch.Tensor, past: KeyValue | None = None
     ) -> tuple[torch.Tensor, KeyValue]:
@@ -148,6 +152,8 @@ class TokenEmbedding(nn.Module):
 
 class LanguageHead(nn.Sequential):
     """Final norm, then next-token logits ``[B, T, V]``."""
+
+    language_head = True  # read by splitkd/lm_export.py
 
     def __init__(self, width: int, vocabulary: int) -> None:
         super().__init__(nn.LayerNorm(width), nn.Linear(width, vocabulary))
