@@ -40,7 +40,7 @@ SESSION = {
     "--epochs": "8",
     "--learning-rate": "0.005",
     "--batch-size": "32",
-    "--kd-alpha": "0.9",
+    "--kd-alpha": "0.5",
     "--kd-temperature": "1.0",
 }
 CONTINUATION = 128
@@ -86,25 +86,33 @@ def perplexity(model: Any, x: Any, y: Any) -> float:
     return math.exp(float(loss))
 
 
-def generation_speed(onnx_path: Path) -> dict[str, Any]:
-    """Tokens/s of a CONTINUATION-token continuation, with the cache and by recomputing."""
+def generation_speed(onnx_path: Path, repeats: int = 3) -> dict[str, Any]:
+    """Tokens/s of a CONTINUATION-token continuation, with the cache and by recomputing the
+    window for every token: the best of ``repeats`` runs each, since other processes on a
+    shared machine only ever slow a run down."""
     from edge_agent.generate import Generator
 
     generator = Generator(onnx_path)
-    text = "".join(generator.text(PROMPT, CONTINUATION))
-    cached = generator.stats
-    started = time.perf_counter()
-    for _ in generator.recompute_tokens(PROMPT, CONTINUATION):
-        pass
-    recompute_rate = CONTINUATION / (time.perf_counter() - started)
+    cached, first_token, recompute = 0.0, math.inf, 0.0
+    for _ in range(repeats):
+        for _token in generator.tokens(PROMPT, CONTINUATION):
+            pass
+        cached = max(cached, generator.stats.tokens_per_second)
+        first_token = min(first_token, generator.stats.first_token_seconds)
+        started = time.perf_counter()
+        for _token in generator.recompute_tokens(PROMPT, CONTINUATION):
+            pass
+        recompute = max(recompute, CONTINUATION / (time.perf_counter() - started))
+    # Greedy decoding of a small byte model loops on frequent words; a sample reads better.
+    text = "".join(generator.text(PROMPT, CONTINUATION, temperature=0.7, seed=0))
     return {
         "prompt": PROMPT,
         "continuation": text,
         "tokens": CONTINUATION,
-        "tokens_per_second": cached.tokens_per_second,
-        "first_token_ms": cached.first_token_seconds * 1000,
-        "recompute_tokens_per_second": recompute_rate,
-        "cache_speedup": cached.tokens_per_second / recompute_rate,
+        "tokens_per_second": cached,
+        "first_token_ms": first_token * 1000,
+        "recompute_tokens_per_second": recompute,
+        "cache_speedup": cached / recompute,
     }
 
 

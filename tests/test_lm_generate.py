@@ -173,3 +173,10 @@ def test_http_generate_streams_text(tmp_path: Path, onnx_file: Path) -> None:
     assert refused.status_code == 400 and "this model reads 1..24" in refused.json()["detail"]
     refused = client.post("/v1/generate", json={"prompt": "x", "max_tokens": 0}, headers=auth)
     assert refused.status_code == 400 and "max tokens must be in" in refused.json()["detail"]
+
+
+def test_a_language_model_does_not_classify(onnx_file: Path) -> None:
+    from edge_agent.inference import Predictor
+
+    with pytest.raises(EdgeError, match="is a language model: it generates text"):
+        Predictor(onnx_file, (CONTEXT,))

@@ -209,11 +209,11 @@ def default_teacher(signature: DatasetSignature, student: ModelSpec | None = Non
 
 
 def _language_teacher(signature: DatasetSignature, student_params: int) -> ModelSpec:
-    """Four blocks, as wide as it takes for >= MIN_LM_TEACHER_RATIO x the student."""
+    """Three blocks, as wide as it takes for >= MIN_LM_TEACHER_RATIO x the student."""
     spec = None
     for width in (64, 96, 128, 192, 256, 384, 512):
         spec = ModelSpec(
-            "transformer_lm", signature.input_shape, signature.num_classes, widths=(width,) * 4
+            "transformer_lm", signature.input_shape, signature.num_classes, widths=(width,) * 3
         )
         if parameter_count(spec) >= MIN_LM_TEACHER_RATIO * student_params:
             return spec
