@@ -40,7 +40,7 @@ SESSION = {
     "--epochs": "8",
     "--learning-rate": "0.005",
     "--batch-size": "32",
-    "--kd-alpha": "0.5",
+    "--kd-alpha": "0.7",
     "--kd-temperature": "1.0",
 }
 CONTINUATION = 128
