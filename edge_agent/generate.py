@@ -42,6 +42,15 @@ class GenerationStats:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
+def is_language_model(path: Path) -> bool:
+    """Whether the ONNX file at ``path`` is a splitkd language model's decoder (its inputs)."""
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception:  # a damaged file: the predictor refuses it in its own words
+        return False
+    return tuple(i.name for i in session.get_inputs()) == INPUTS
+
+
 class Generator:
     def __init__(self, path: Path, threads: int = 1) -> None:
         options = ort.SessionOptions()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,7 +23,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
 from edge_agent.errors import EdgeError
-from edge_agent.generate import Generator
+from edge_agent.generate import Generator, is_language_model
 from edge_agent.http_guard import PredictGuard
 from edge_agent.inference import MAX_BATCH, Predictor
 from edge_agent.metrics import EdgeMetrics
@@ -59,33 +58,44 @@ class PredictRequest(BaseModel):
 
 
 class ServedModel:
-    """The current model and its predictor, swapped atomically when a new one lands."""
+    """The current model and what runs it (a classifier's predictor or a language model's
+    generator), swapped atomically when a new one lands."""
 
     def __init__(self, store: ModelStore) -> None:
         self.store = store
         self._lock = threading.Lock()
         self._mtime = -1.0
         self._model: LocalModel | None = None
-        self._predictor: Predictor | None = None
-        self._generator: tuple[Path, Generator] | None = None
+        self._runner: Predictor | Generator | None = None
 
-    def get(self) -> tuple[LocalModel, Predictor]:
+    def _current(self) -> tuple[LocalModel, Predictor | Generator]:
         mtime = self.store.pointer_mtime()
         with self._lock:
-            if mtime != self._mtime or self._model is None or self._predictor is None:
+            if mtime != self._mtime or self._model is None or self._runner is None:
                 model = self.store.current()
                 shape = tuple(int(d) for d in model.metadata["input_shape"])
-                self._predictor = Predictor(model.path, shape)
+                self._runner = (
+                    Generator(model.path)
+                    if is_language_model(model.path)
+                    else Predictor(model.path, shape)
+                )
                 self._model, self._mtime = model, mtime
-            return self._model, self._predictor
+            return self._model, self._runner
+
+    def model(self) -> LocalModel:
+        return self._current()[0]
+
+    def get(self) -> tuple[LocalModel, Predictor]:
+        model, runner = self._current()
+        if not isinstance(runner, Predictor):
+            raise EdgeError(f"{model.name} v{model.version} is a language model: POST /v1/generate")
+        return model, runner
 
     def generator(self) -> Generator:
-        """The current model's text generator (EdgeError unless it is a language model)."""
-        model, _ = self.get()
-        with self._lock:
-            if self._generator is None or self._generator[0] != model.path:
-                self._generator = (model.path, Generator(model.path))
-            return self._generator[1]
+        model, runner = self._current()
+        if not isinstance(runner, Generator):
+            raise EdgeError(f"{model.name} v{model.version} is a classifier: POST /v1/predict")
+        return runner
 
 
 def create_app(
@@ -107,7 +117,7 @@ def create_app(
         if max_body_bytes > 0:
             return max_body_bytes
         try:
-            model, _ = served.get()
+            model = served.model()
         except EdgeError:
             return default_body_limit(None)
         return default_body_limit(tuple(model.metadata["input_shape"]))
@@ -132,7 +142,7 @@ def create_app(
     @app.get("/healthz", response_model=None)
     def healthz() -> dict[str, Any] | JSONResponse:
         try:
-            model, _ = served.get()
+            model = served.model()
         except EdgeError as exc:
             # 503, not 200: a load balancer or a container check must not route here.
             status = "model-unusable" if store.pointer_mtime() else "no-model"

@@ -162,6 +162,9 @@ def test_http_generate_streams_text(tmp_path: Path, onnx_file: Path) -> None:
     expected = "".join(Generator(store.current().path).text("hello", 12))
     client = TestClient(create_app(store, token="secret"))
     auth = {"authorization": "Bearer secret"}
+    assert client.get("/healthz").json()["status"] == "ok"
+    classify = client.post("/v1/predict", json={"inputs": [[0.0] * CONTEXT]}, headers=auth)
+    assert classify.status_code == 503 and "is a language model" in classify.json()["detail"]
     assert client.post("/v1/generate", json={"prompt": "hello"}).status_code == 401
     with client.stream(
         "POST", "/v1/generate", json={"prompt": "hello", "max_tokens": 12}, headers=auth
