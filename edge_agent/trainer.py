@@ -239,13 +239,9 @@ class EdgeTrainer:
             ahead = None if next_inputs is None else self.teacher_head(next_inputs).numpy()
         t1 = time.perf_counter()
         before = traffic() if traffic else (0, 0)
-        reply = self.transport.step(  # labels flat: a language model has [B, T] of them
-            step,
-            student_act.detach().numpy(),
-            teacher_act,
-            labels.reshape(-1),
-            ahead,
-            self.kd_alpha,
+        flat = labels.reshape(-1)  # a language model's labels are [B, T]: flat on the wire
+        reply = self.transport.step(
+            step, student_act.detach().numpy(), teacher_act, flat, ahead, self.kd_alpha
         )
         self._teacher_sent = step + 1 if reply.next_teacher_accepted else None
         after = traffic() if traffic else (0, 0)
