@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help venv demo fleet-demo lifecycle-demo test lint typecheck unit proto proto-check config-doc bench loadtest compare testbed plan-check compose-check pi-check clean
+.PHONY: help venv demo fleet-demo lifecycle-demo lm-demo test lint typecheck unit proto proto-check config-doc bench loadtest compare testbed plan-check compose-check pi-check clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -24,6 +24,9 @@ venv: $(STAMP) ## create .venv with everything installed
 
 demo: $(STAMP) ## cloud + two edges on digits, split KD, ONNX, report in runs/latest
 	$(BIN)/python -m splitkd.demo
+
+lm-demo: $(STAMP) ## transformer teacher -> on-device byte-level LM by split KD; perplexity, wire, ONNX tokens/s in runs/lm/latest
+	$(BIN)/python -m splitkd.lm_demo
 
 fleet-demo: $(STAMP) ## 4 non-IID edges learn one student together: split and federated cohorts vs references
 	$(BIN)/python -m splitkd.fleet_demo $(FLEET_ARGS)

@@ -19,7 +19,7 @@ from typing import Any
 
 from cloud_service.session import Session
 from cloud_service.teacher import Teacher, TeacherVersions
-from cloud_service.teacher_cache import TeacherCache
+from cloud_service.teacher_cache import for_spec
 from splitkd import checkpoint
 from splitkd.atomic import write_json_atomic
 from splitkd.classes import check_class_weights
@@ -169,7 +169,7 @@ class SessionCheckpoints:
             ),
             next_step=max(states),
             snapshots=states,
-            cache=TeacherCache(capacity, student_spec.num_classes) if capacity > 0 else None,
+            cache=for_spec(capacity, student_spec) if capacity > 0 else None,
         )
         session.load(states[max(states)])  # live = newest; older ones stay restorable
         return session

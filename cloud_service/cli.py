@@ -66,6 +66,10 @@ def _serve(args: ServeSettings) -> int:
             teacher.spec.describe(),
             teacher.samples or "an unrecorded number of",
         )
+    elif args.teacher_hf:
+        from cloud_service.hf_teacher import load_hf_teacher
+
+        teacher = load_hf_teacher(Path(args.teacher_hf))
     else:
         teacher = train_teacher(args.teacher_data, presumed_fraction=args.presumed_fraction)
         teacher.save(args.state_dir / lifecycle_cli.TEACHER_FILE)
@@ -124,7 +128,7 @@ def _fleet(args: ServeSettings, service: Any) -> Any:
     anchor = None
     if args.proxy_data:
         proxy = load_dataset(args.proxy_data).x
-    elif not args.teacher:
+    elif not args.teacher and not args.teacher_hf:
         fraction = args.presumed_fraction
         if fraction is None:
             fraction = default_presumed_fraction(args.teacher_data)

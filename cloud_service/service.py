@@ -23,7 +23,7 @@ from cloud_service.registry import ModelRecord, ModelRegistry
 from cloud_service.session import Session
 from cloud_service.sessions import SessionStore
 from cloud_service.teacher import Teacher, TeacherVersions
-from cloud_service.teacher_cache import TeacherCache
+from cloud_service.teacher_cache import TeacherCache, for_spec
 from splitkd import codecs, names
 from splitkd.classes import check_class_weights, padded_class_weights
 from splitkd.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, SplitKDError
@@ -182,7 +182,7 @@ class CloudService:
             device_profile=device_profile,
             link_profile=link_profile,
             class_weights=weights,
-            cache=self.grant_cache(ask.train_samples, self.student_spec.num_classes),
+            cache=self.grant_cache(ask.train_samples, spec),
         )
         # Pending until its first step: holds no capacity, nothing on disk (sessions.py).
         self.sessions.add(session)
@@ -230,20 +230,20 @@ class CloudService:
             teacher_cache_samples=self.config.teacher_cache_samples,
         )
 
-    def grant_cache(self, train_samples: int, num_classes: int) -> TeacherCache | None:
+    def grant_cache(self, train_samples: int, spec: ModelSpec) -> TeacherCache | None:
         """A teacher-output cache when the sample count fits the per-session and total budgets."""
         if train_samples < 0:
             raise InvalidArgument(f"train_samples must be >= 0, got {train_samples}")
         if not 0 < train_samples <= self.config.teacher_cache_samples:
             return None
-        wanted = TeacherCache.bytes_for(train_samples, num_classes)
+        wanted = for_spec(train_samples, spec).reserved_bytes
         # Pending sessions count too (their pool is bounded; evicted ones free theirs).
         sessions = self.sessions.with_pending()
         held = sum(s.cache.reserved_bytes for s in sessions if s.cache is not None)
         if held + wanted > self.config.teacher_cache_bytes:
             log.warning("teacher cache budget spent (%d bytes held): no cache granted", held)
             return None
-        return TeacherCache(train_samples, num_classes)
+        return for_spec(train_samples, spec)
 
     def cache_bytes(self) -> tuple[int, int]:
         """(allocated, reserved) bytes of every session's teacher cache."""

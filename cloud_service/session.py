@@ -21,11 +21,12 @@ from splitkd import checkpoint, codecs
 from splitkd.codecs import Encoded
 from splitkd.errors import FailedPrecondition, InvalidArgument
 from splitkd.hyper import Hyperparameters
-from splitkd.kd import KDLoss, kd_loss
+from splitkd.kd import KDLoss, kd_loss, per_token
 from splitkd.messages import SessionInfo, StepOutcome
 from splitkd.models import zoo
 from splitkd.models.spec import ModelSpec
 from splitkd.models.staged import StagedModel
+from splitkd.models.transformer import labels_per_sample
 from splitkd.training import make_optimizer, weight_tensor
 
 # Teacher tails computed ahead of their step (see Session.step), for all sessions.
@@ -167,8 +168,12 @@ class Session:
         if not 1 <= batch <= MAX_BATCH:
             raise InvalidArgument(f"batch of {batch} samples is outside 1..{MAX_BATCH}")
         if labels is not None:
-            if labels.shape != (batch,):
-                raise InvalidArgument(f"labels have shape {list(labels.shape)}, expected [{batch}]")
+            # A language model's labels are its next tokens, batch x context of them, flat.
+            expected = batch * labels_per_sample(self.student_spec)
+            if labels.shape != (expected,):
+                raise InvalidArgument(
+                    f"labels have shape {list(labels.shape)}, expected [{expected}]"
+                )
             if labels.min() < 0 or labels.max() >= self.num_classes:
                 raise InvalidArgument(f"labels must be in 0..{self.num_classes - 1}")
         return batch
@@ -234,7 +239,8 @@ class Session:
         if ids is not None and (teacher_act is not None or self._ahead_for(step)):
             assert self.cache is not None
             self.cache.put(ids, teacher_logits, labels)
-        correct = int((student_logits.detach().argmax(dim=1).numpy() == labels).sum())
+        predicted = per_token(student_logits.detach()).argmax(dim=1).numpy()
+        correct = int((predicted == labels).sum())
         self.times = SessionTimes(teacher_seconds, time.perf_counter() - student_started)
         self._prefetch = None
         # Kept until the next step: a copy (not a view on the request), and only for a
@@ -375,13 +381,14 @@ class Session:
                 self.student_cut,
                 len(self.student.stages),
             )
-        return logits.numpy()
+        # One row per sample on the wire: a language model's [B, T, V] as [B, T * V].
+        return logits.reshape(len(logits), -1).numpy()
 
     def evaluate_teacher(self, teacher_act: np.ndarray) -> np.ndarray:
         """The teacher tail's logits, so the edge can measure the teacher on its own data."""
         self._check_batch(teacher_act, None)
         logits, _ = self._teacher_logits(teacher_act)
-        return logits.numpy()
+        return logits.reshape(len(logits), -1).numpy()
 
     def assemble(self, head_state: dict[str, np.ndarray]) -> StagedModel:
         """The whole student: the edge's trained head plus the cloud's trained tail."""

@@ -18,7 +18,7 @@ from splitkd.settings import Options, option
 
 _HYPER = Hyperparameters()
 TRAINING = "training (sent to every edge with its session)"
-DATA = "digits, npz:PATH or csv:PATH"
+DATA = "digits, npz:PATH, csv:PATH, text:PATH or pydoc-topics"
 
 
 class StateDirOptions(Options):
@@ -135,6 +135,12 @@ class ServeSettings(
     teacher: Path | None = option(
         None,
         "teacher checkpoint (.safetensors from 'splitkd-cloud train-teacher')",
+        exclusive="teacher",
+    )
+    teacher_hf: Path | None = option(
+        None,
+        "a local Hugging Face causal LM folder as the teacher (config.json + *.safetensors; "
+        "LLaMA-style, byte vocabulary of 256 tokens)",
         exclusive="teacher",
     )
     teacher_data: str = option(

@@ -33,6 +33,9 @@ from splitkd.training import accuracy_of, predict, train_supervised
 log = logging.getLogger(__name__)
 
 TEACHER_HYPER = Hyperparameters(epochs=40, learning_rate=0.001, batch_size=32)
+# A transformer on text: every window is 64 training tokens, so few epochs go far
+# (make lm-demo trains it at start-up; README, "Language models").
+LANGUAGE_TEACHER_HYPER = Hyperparameters(epochs=8, learning_rate=0.003, batch_size=32)
 
 
 @dataclass
@@ -141,7 +144,7 @@ def train_teacher(
     data_spec: str,
     *,
     presumed_fraction: float | None = None,
-    hyper: Hyperparameters = TEACHER_HYPER,
+    hyper: Hyperparameters | None = None,
     spec: ModelSpec | None = None,
 ) -> Teacher:
     """Train the default teacher for ``data_spec``: on all of a user's file (but its
@@ -149,6 +152,8 @@ def train_teacher(
     if presumed_fraction is None:
         presumed_fraction = default_presumed_fraction(data_spec)
     dataset = load_dataset(data_spec)
+    if hyper is None:
+        hyper = LANGUAGE_TEACHER_HYPER if dataset.signature.tokens else TEACHER_HYPER
     split = cloud_split(dataset, presumed_fraction)
     if len(np.unique(split.train.y)) < 2:
         raise DataError(f"{data_spec}: the teacher's training data holds fewer than 2 classes")

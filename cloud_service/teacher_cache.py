@@ -17,26 +17,39 @@ import numpy as np
 import torch
 
 from splitkd.errors import FailedPrecondition, InvalidArgument
+from splitkd.models.spec import ModelSpec
+from splitkd.models.transformer import labels_per_sample
 from splitkd.names import TEACHER_CACHE_MISS as CACHE_MISS
 
 
+def for_spec(capacity: int, spec: ModelSpec) -> TeacherCache:
+    """A cache for ``capacity`` samples of the task ``spec`` (the student's) solves."""
+    labels = labels_per_sample(spec)
+    return TeacherCache(capacity, labels * spec.num_classes, labels)
+
+
 class TeacherCache:
-    def __init__(self, capacity: int, num_classes: int) -> None:
+    """Per sample: the teacher tail's ``outputs`` logits and ``labels`` labels (a classifier:
+    num_classes and 1; a language model: context x vocabulary and context)."""
+
+    def __init__(self, capacity: int, outputs: int, labels: int = 1) -> None:
         self.capacity = capacity
-        self.num_classes = num_classes
+        self.outputs = outputs
+        self.labels = labels
         # Allocated on first use: a session that never steps costs nothing.
         self._logits: np.ndarray | None = None
         self._labels: np.ndarray | None = None
         self._filled: np.ndarray | None = None
+        self._shape: tuple[int, ...] = ()  # a batch's logits, without the batch
 
     @staticmethod
-    def bytes_for(capacity: int, num_classes: int) -> int:
-        """What a cache of ``capacity`` samples takes: float32 logits, int32 label, a flag."""
-        return capacity * (4 * num_classes + 4 + 1)
+    def bytes_for(capacity: int, outputs: int, labels: int = 1) -> int:
+        """What a cache of ``capacity`` samples takes: float32 logits, int32 labels, a flag."""
+        return capacity * (4 * outputs + 4 * labels + 1)
 
     @property
     def reserved_bytes(self) -> int:
-        return self.bytes_for(self.capacity, self.num_classes)
+        return self.bytes_for(self.capacity, self.outputs, self.labels)
 
     @property
     def nbytes(self) -> int:
@@ -60,17 +73,19 @@ class TeacherCache:
         return ids.astype(np.int64)
 
     def put(self, ids: np.ndarray, logits: torch.Tensor, labels: np.ndarray) -> None:
+        batch = len(ids)
         if self._logits is None:
-            self._logits = np.zeros((self.capacity, self.num_classes), dtype=np.float32)
-            self._labels = np.zeros(self.capacity, dtype=np.int32)
+            self._logits = np.zeros((self.capacity, self.outputs), dtype=np.float32)
+            self._labels = np.zeros((self.capacity, self.labels), dtype=np.int32)
             self._filled = np.zeros(self.capacity, dtype=bool)
+            self._shape = tuple(logits.shape[1:])
         assert self._labels is not None and self._filled is not None
-        self._logits[ids] = logits.detach().numpy()
-        self._labels[ids] = labels
+        self._logits[ids] = logits.detach().numpy().reshape(batch, self.outputs)
+        self._labels[ids] = labels.reshape(batch, self.labels)
         self._filled[ids] = True
 
     def get(self, ids: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
-        """The cached logits and labels of ``ids``; FAILED_PRECONDITION for any missing."""
+        """The cached logits and (flat) labels of ``ids``; FAILED_PRECONDITION for any missing."""
         missing = ids if self._filled is None else ids[~self._filled[ids]]
         if len(missing):
             raise FailedPrecondition(
@@ -79,7 +94,8 @@ class TeacherCache:
                 "them): send the step again with its teacher activations and labels"
             )
         assert self._logits is not None and self._labels is not None
-        return torch.from_numpy(self._logits[ids]), self._labels[ids].astype(np.int64)
+        logits = self._logits[ids].reshape(len(ids), *self._shape)
+        return torch.from_numpy(logits), self._labels[ids].reshape(-1).astype(np.int64)
 
     def clear(self) -> None:
         self._logits = self._labels = self._filled = None

@@ -1,6 +1,6 @@
 """``splitkd-edge``: split training against a splitkd cloud, and ONNX inference.
 
-``serve``, ``predict`` and ``pull`` need only the base install (onnxruntime,
+``serve``, ``predict``, ``generate`` and ``pull`` need only the base install (onnxruntime,
 no torch); ``train`` needs the ``[train]`` extra. Each command's options are one
 settings class in :mod:`edge_agent.settings` (flags, SPLITKD_* variables and a
 config file; see :mod:`splitkd.settings`); this module only runs the commands.
@@ -18,6 +18,7 @@ from typing import Any
 from edge_agent import security
 from edge_agent.settings import (
     AdaptSettings,
+    GenerateSettings,
     PlanSettings,
     PredictSettings,
     PullSettings,
@@ -214,6 +215,29 @@ def _predict(args: PredictSettings) -> int:
     return 0
 
 
+def _generate(args: GenerateSettings) -> int:
+    """Stream the continuation to stdout as it is decoded; speed to stderr."""
+    from edge_agent.generate import Generator
+    from edge_agent.model_store import ModelStore
+
+    path = args.onnx_model or ModelStore(args.model_dir).current().path
+    if not path.is_file():
+        raise SplitKDError(f"model file {path} does not exist")
+    generator = Generator(path)
+    generator.check(args.prompt, args.max_tokens)  # before any output
+    for piece in generator.text(args.prompt, args.max_tokens, args.temperature, args.seed):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    stats = generator.stats
+    sys.stdout.write("\n")
+    print(
+        f"{stats.tokens} tokens, {stats.tokens_per_second:.0f} tokens/s, first token after "
+        f"{stats.first_token_seconds * 1000:.1f} ms",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def _pull(args: PullSettings) -> int:
     from edge_agent.model_store import ModelStore
     from edge_agent.pull import pull
@@ -315,6 +339,14 @@ PROGRAM = Program(
             help="classify once from the command line",
             description="Classify samples from a .npy or .json file (one sample or a batch) "
             "or from --json, with the current student.",
+        ),
+        Command(
+            "generate",
+            GenerateSettings,
+            _generate,
+            help="continue a text with the current language-model student (no torch needed)",
+            description="Stream the student's continuation of --prompt, byte by byte, with "
+            "onnxruntime and the key/value cache of the exported decoder.",
         ),
         Command("pull", PullSettings, _pull, help="download a student over HTTP (no torch needed)"),
         Command(

@@ -112,7 +112,9 @@ class LocalData:
             "other_shard_samples": counts["other_shards"],
             "classes_seen": self.classes_seen,
             "train_class_counts": {
-                str(c): int(n) for c, n in enumerate(np.bincount(self.split.train.y)) if n
+                str(c): int(n)
+                for c, n in enumerate(np.bincount(self.split.train.y.reshape(-1)))
+                if n
             },
             "class_weighting": self.class_weighting,
             "class_weights": list(self.class_weights),

@@ -1,7 +1,8 @@
 """The edge's inference API (FastAPI) over the current local student.
 
 The model is reloaded when ``CURRENT.json`` changes, so a newly trained or
-pulled version is served without a restart. No torch. ``/v1/predict`` takes
+pulled version is served without a restart. No torch. ``/v1/generate`` streams
+a language-model student's continuation of a prompt. ``/v1/predict`` takes
 at most a body sized for a full batch of the model's inputs and, with a
 token, only requests that carry it (edge_agent/http_guard.py); ``/healthz``
 and ``/metrics`` stay open (docs/SECURITY.md).
@@ -18,12 +19,13 @@ import numpy as np
 from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
 from edge_agent.errors import EdgeError
 from edge_agent.feedback import FeedbackStore
 from edge_agent.feedback_api import FEEDBACK_PATH, add_feedback_routes
+from edge_agent.generate import Generator, is_language_model
 from edge_agent.http_guard import PredictGuard
 from edge_agent.inference import MAX_BATCH, Predictor
 from edge_agent.metrics import EdgeMetrics
@@ -37,6 +39,8 @@ from splitkd.telemetry import exposition
 JSON_BYTES_PER_VALUE = 32
 # Without a model every request is refused anyway; this bounds what it may send.
 MIN_BODY_BYTES = 64 * 1024
+# A prompt is at most a context of bytes (a few hundred); JSON escapes at most 6x that.
+GENERATE_BODY_BYTES = 64 * 1024
 
 
 def default_body_limit(input_shape: tuple[int, ...] | None) -> int:
@@ -56,24 +60,44 @@ class PredictRequest(BaseModel):
 
 
 class ServedModel:
-    """The current model and its predictor, swapped atomically when a new one lands."""
+    """The current model and what runs it (a classifier's predictor or a language model's
+    generator), swapped atomically when a new one lands."""
 
     def __init__(self, store: ModelStore) -> None:
         self.store = store
         self._lock = threading.Lock()
         self._mtime = -1.0
         self._model: LocalModel | None = None
-        self._predictor: Predictor | None = None
+        self._runner: Predictor | Generator | None = None
 
-    def get(self) -> tuple[LocalModel, Predictor]:
+    def _current(self) -> tuple[LocalModel, Predictor | Generator]:
         mtime = self.store.pointer_mtime()
         with self._lock:
-            if mtime != self._mtime or self._model is None or self._predictor is None:
+            if mtime != self._mtime or self._model is None or self._runner is None:
                 model = self.store.current()
                 shape = tuple(int(d) for d in model.metadata["input_shape"])
-                self._predictor = Predictor(model.path, shape)
+                self._runner = (
+                    Generator(model.path)
+                    if is_language_model(model.path)
+                    else Predictor(model.path, shape)
+                )
                 self._model, self._mtime = model, mtime
-            return self._model, self._predictor
+            return self._model, self._runner
+
+    def model(self) -> LocalModel:
+        return self._current()[0]
+
+    def get(self) -> tuple[LocalModel, Predictor]:
+        model, runner = self._current()
+        if not isinstance(runner, Predictor):
+            raise EdgeError(f"{model.name} v{model.version} is a language model: POST /v1/generate")
+        return model, runner
+
+    def generator(self) -> Generator:
+        model, runner = self._current()
+        if not isinstance(runner, Generator):
+            raise EdgeError(f"{model.name} v{model.version} is a classifier: POST /v1/predict")
+        return runner
 
 
 def create_app(
@@ -96,7 +120,7 @@ def create_app(
         if max_body_bytes > 0:
             return max_body_bytes
         try:
-            model, _ = served.get()
+            model = served.model()
         except EdgeError:
             return default_body_limit(None)
         return default_body_limit(tuple(model.metadata["input_shape"]))
@@ -105,6 +129,9 @@ def create_app(
     if feedback is not None:  # DiReDi: users' corrections, kept on the device
         app.add_middleware(PredictGuard, path=FEEDBACK_PATH, token=token, limit=body_limit)
         add_feedback_routes(app, served, feedback, metrics.registry)
+    app.add_middleware(
+        PredictGuard, path="/v1/generate", token=token, limit=lambda: GENERATE_BODY_BYTES
+    )
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -121,7 +148,7 @@ def create_app(
     @app.get("/healthz", response_model=None)
     def healthz() -> dict[str, Any] | JSONResponse:
         try:
-            model, _ = served.get()
+            model = served.model()
         except EdgeError as exc:
             # 503, not 200: a load balancer or a container check must not route here.
             status = "model-unusable" if store.pointer_mtime() else "no-model"
@@ -167,7 +194,30 @@ def create_app(
             "seconds": round(time.perf_counter() - started, 6),
         }
 
+    @app.post("/v1/generate", response_model=None)
+    def generate(request: GenerateRequest) -> StreamingResponse:
+        """The continuation of ``prompt`` as plain UTF-8 text, streamed as it is decoded."""
+        try:
+            generator = served.generator()
+        except EdgeError as exc:
+            raise HTTPException(status_code=503, detail=str(exc)) from exc
+        try:
+            generator.check(request.prompt, request.max_tokens)  # 400 before any byte is sent
+        except InvalidArgument as exc:
+            raise HTTPException(status_code=400, detail=str(exc)) from exc
+        pieces = generator.text(
+            request.prompt, request.max_tokens, request.temperature, request.seed
+        )
+        return StreamingResponse(pieces, media_type="text/plain; charset=utf-8")
+
     return app
+
+
+class GenerateRequest(BaseModel):
+    prompt: str = Field(max_length=GENERATE_BODY_BYTES)
+    max_tokens: int = 128
+    temperature: float = Field(default=0.0, ge=0.0, le=10.0)
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)
 
 
 def check_nesting(inputs: list[Any], input_shape: tuple[int, ...]) -> None:

@@ -32,6 +32,11 @@ class Predictor:
             )
         except Exception as exc:  # onnxruntime's errors share no base class but Exception
             raise EdgeError(f"{path} cannot be loaded ({exc}); pull the model again") from None
+        if len(self.session.get_inputs()) != 1:  # a language model's decoder (lm_export.py)
+            raise EdgeError(
+                f"{path} is a language model: it generates text (splitkd-edge generate, "
+                "POST /v1/generate), it does not classify"
+            )
         model_input = self.session.get_inputs()[0]
         declared = tuple(model_input.shape[1:])
         if all(isinstance(d, int) for d in declared) and declared != tuple(input_shape):

@@ -26,8 +26,10 @@ from splitkd import checkpoint
 from splitkd.atomic import write_json_atomic
 from splitkd.classes import class_scores
 from splitkd.data.partition import Shard
+from splitkd.data.specs import Dataset
 from splitkd.messages import SessionAsk, SessionInfo
 from splitkd.models import zoo
+from splitkd.signature import DatasetSignature
 
 log = logging.getLogger(__name__)
 # Each resume follows a real fault; more than this in one run means a loop.
@@ -219,8 +221,7 @@ def train(
         store.clear()  # finished: nothing left to resume
         traffic_totals = asdict(client.traffic)
     telemetry.finish()
-    predictor = Predictor(installed.path, dataset.signature.input_shape)
-    scores = class_scores(predictor.classes(split.heldout.x), split.heldout.y)
+    scores = _student_scores(installed.path, dataset.signature, split.heldout)
     steps = max(1, len(result.history))
     report = {
         "device_id": options.device_id,
@@ -297,6 +298,17 @@ def train(
     if options.plots:
         _plot(options.report, report)
     return report
+
+
+def _student_scores(path: Path, signature: DatasetSignature, heldout: Dataset) -> Any:
+    """The downloaded ONNX student on the held-out split: class scores, or a language
+    model's per-token accuracy and perplexity (through its incremental decoder)."""
+    if signature.tokens:
+        from edge_agent.generate import LanguageScores
+
+        return LanguageScores.of(path, heldout)
+    predictor = Predictor(path, signature.input_shape)
+    return class_scores(predictor.classes(heldout.x), heldout.y)
 
 
 def _plot(report_path: Path, report: dict[str, Any]) -> None:

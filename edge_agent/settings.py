@@ -18,7 +18,9 @@ from edge_agent.model_store import DEFAULT_MODEL_DIR, default_model_dir
 from edge_agent.security import ClientSecurityOptions, HttpsOptions, HttpTokenOptions
 from splitkd.settings import Options, option
 
-TRAINING_DATA = "digits, npz:PATH (arrays x, y) or csv:PATH (label last)"
+TRAINING_DATA = (
+    "digits, npz:PATH (arrays x, y), csv:PATH (label last), text:PATH (UTF-8) or pydoc-topics"
+)
 
 
 OBJECTIVES = ("time", "energy", "bytes")  # what the planner can save (edge_agent/plan.py)
@@ -208,6 +210,16 @@ class PredictSettings(ModelDirOptions):
         if (self.input is None) == (self.json_array is None):
             raise ValueError("give one of --input FILE or --json ARRAY")
         return self
+
+
+class GenerateSettings(ModelDirOptions):
+    prompt: str = option(help="text to continue (UTF-8, at most the model's context in bytes)")
+    max_tokens: int = option(128, "tokens (bytes) to generate, 1..2048")
+    temperature: float = option(0.0, "sampling temperature; 0 picks the most likely byte")
+    seed: int = option(0, "seed of the sampling (with --temperature above 0)")
+    onnx_model: Path | None = option(
+        None, "a language model's .onnx file instead of the current student"
+    )
 
 
 class PullSettings(ClientSecurityOptions, DeviceOptions, ModelDirOptions):

@@ -48,6 +48,7 @@ class TeacherCheck:
 
 
 def chance_accuracy(labels: np.ndarray) -> float:
+    labels = labels.reshape(-1)  # a language model's next tokens: one label per position
     if len(labels) == 0:
         return 0.0
     return float(np.bincount(labels).max() / len(labels))

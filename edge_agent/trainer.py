@@ -317,7 +317,7 @@ class EdgeTrainer:
         held = self.cached is not None and bool(self.cached[index].all())
         teacher_act = labels = ahead = None
         if not held:
-            labels = y[index]
+            labels = y[index].reshape(-1)  # a language model's labels are [B, T]: flat on the wire
             if self._teacher_sent != step:
                 teacher_act = self._teacher(inputs)
         # After this step the cloud also holds this batch: the next may need nothing ahead.
@@ -363,10 +363,9 @@ class EdgeTrainer:
         for start in range(0, len(self.heldout), batch_size):
             x = torch.from_numpy(self.heldout.x[start : start + batch_size])
             logits = self.transport.evaluate(head(x).numpy(), teacher=teacher)
-            correct += int(
-                (logits.argmax(axis=1) == self.heldout.y[start : start + batch_size]).sum()
-            )
-        return correct / max(1, len(self.heldout))
+            labels = self.heldout.y[start : start + batch_size].reshape(-1)  # per token for an LM
+            correct += int((logits.reshape(len(labels), -1).argmax(axis=1) == labels).sum())
+        return correct / max(1, self.heldout.y.size)
 
 
 class GrpcTransport:

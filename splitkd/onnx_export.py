@@ -13,6 +13,7 @@ from torch import nn
 
 from splitkd.errors import FailedPrecondition
 from splitkd.models.normalize import typical_inputs
+from splitkd.models.staged import StagedModel
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,15 @@ def parity(model: nn.Module, onnx_bytes: bytes, inputs: np.ndarray) -> float:
 def export_checked(
     model: nn.Module, input_shape: tuple[int, ...], seed: int = 0
 ) -> tuple[bytes, float]:
-    """Export, then check parity on random inputs; refuse a model that does not match."""
+    """Export, then check parity on random inputs; refuse a model that does not match.
+
+    A language model is exported as its incremental decoder instead (what a device
+    generates text with), checked token by token (splitkd/lm_export.py)."""
+    from splitkd import lm_export  # here: it imports the model zoo, which this module need not
+
+    if lm_export.is_language_model(model):
+        assert isinstance(model, StagedModel)
+        return lm_export.export_decoder_checked(model, input_shape[0], seed)
     onnx_bytes = export_onnx(model, input_shape)
     # At the scale of the model's raw inputs: standard normals would be far out of
     # range for features measured in thousands or thousandths.

@@ -18,6 +18,9 @@ class DatasetSignature:
     input_shape: tuple[int, ...]
     num_classes: int
     name: str = ""
+    # Samples are token ids and labels the next tokens (text, splitkd/lm/text.py):
+    # picks the language-model family. Known where the data is loaded, not sent.
+    tokens: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.input_shape) <= 3:
@@ -38,9 +41,13 @@ class DatasetSignature:
 
     @property
     def kind(self) -> str:
-        """``features``, ``sequence`` or ``image``: picks the model family."""
+        """``text``, ``features``, ``sequence`` or ``image``: picks the model family."""
+        if self.tokens:
+            return "text"
         return {1: "features", 2: "sequence", 3: "image"}[len(self.input_shape)]
 
     def describe(self) -> str:
         shape = "x".join(str(d) for d in self.input_shape)
+        if self.tokens:
+            return f"text of {shape}-token windows, {self.num_classes} tokens"
         return f"{self.kind} {shape}, {self.num_classes} classes"

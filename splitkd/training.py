@@ -17,7 +17,7 @@ from torch import nn
 
 from splitkd.data.specs import Dataset
 from splitkd.hyper import Hyperparameters
-from splitkd.kd import kd_loss
+from splitkd.kd import kd_loss, per_token
 from splitkd.models import zoo
 from splitkd.models.normalize import fit_inputs
 from splitkd.models.spec import ModelSpec
@@ -56,7 +56,9 @@ def predict(model: nn.Module, x: np.ndarray, batch_size: int = 512) -> np.ndarra
 
 
 def accuracy_of(logits: np.ndarray, labels: np.ndarray) -> float:
-    return float((logits.argmax(axis=1) == labels).mean())
+    """Share of samples (of tokens, for a language model) whose top logit is the label."""
+    rows = logits.reshape(labels.size, -1)
+    return float((rows.argmax(axis=1) == labels.reshape(-1)).mean())
 
 
 def train_supervised(
@@ -77,7 +79,7 @@ def train_supervised(
         model.train()
         for index in batch_order(len(data), hyper.batch_size, hyper.seed, epoch):
             ix = torch.from_numpy(index)
-            loss = F.cross_entropy(model(x[ix]), y[ix], weight=weight)
+            loss = F.cross_entropy(per_token(model(x[ix])), y[ix].reshape(-1), weight=weight)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

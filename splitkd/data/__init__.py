@@ -1,4 +1,5 @@
-"""Datasets (``digits``, ``npz:PATH``, ``csv:PATH``) and deterministic partitioning."""
+"""Datasets (``digits``, ``npz:PATH``, ``csv:PATH``, ``text:PATH``, ``pydoc-topics``) and
+deterministic partitioning."""
 
 from splitkd.data.partition import EdgeSplit, Shard, edge_split, parse_shard
 from splitkd.data.specs import Dataset, load_dataset

@@ -45,10 +45,10 @@ def parse_shard(text: str) -> Shard:
 def default_presumed_fraction(spec: str) -> float:
     """The share set aside for the cloud when none is asked for.
 
-    The built-in ``digits`` is handed to every cloud and every edge alike, so
+    The built-in ``digits`` (and ``pydoc-topics`` text) is handed to every cloud and every edge alike, so
     its split keeps the demo's convention; a file is the user's own, used whole.
     """
-    return DEMO_PRESUMED_FRACTION if spec == "digits" else 0.0
+    return DEMO_PRESUMED_FRACTION if spec in ("digits", "pydoc-topics") else 0.0
 
 
 def presumed_split(n: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
@@ -70,6 +70,8 @@ def shard_indices(
         return np.sort(parts[shard.index])
     if alpha <= 0:
         raise DataError(f"Dirichlet alpha must be > 0, got {alpha}")
+    if labels.ndim > 1:
+        raise DataError("non-IID shards are drawn per class; text has no classes (drop --alpha)")
     chosen: list[np.ndarray] = []
     for cls in np.unique(labels[pool]):
         members = rng.permutation(pool[labels[pool] == cls])

@@ -1,4 +1,5 @@
-"""Load a dataset from a spec string: ``digits``, ``npz:PATH`` or ``csv:PATH``.
+"""Load a dataset from a spec string: ``digits``, ``npz:PATH``, ``csv:PATH``,
+``text:PATH`` or ``pydoc-topics`` (text: splitkd/data/text.py).
 
 Files a user hands us are read as plain arrays (``splitkd.data.files``), never
 pickle, and validated here: every problem is one ``DataError`` line.
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from splitkd.data import text
 from splitkd.data.files import DataError, RawData, read_csv, read_npz
 from splitkd.signature import MAX_CLASSES, DatasetSignature
 
@@ -20,7 +22,7 @@ __all__ = ["DataError", "Dataset", "load_dataset"]
 @dataclass(frozen=True)
 class Dataset:
     x: np.ndarray  # float32 [N, ...]
-    y: np.ndarray  # int64 [N]
+    y: np.ndarray  # int64 [N] (text: [N, T], the next token at each position)
     signature: DatasetSignature
 
     def __len__(self) -> int:
@@ -42,6 +44,9 @@ def _digits() -> RawData:
 def load_dataset(spec: str) -> Dataset:
     """Parse ``spec`` and load the whole dataset, validated."""
     kind, _, rest = spec.partition(":")
+    if spec == text.BUILTIN or (kind == "text" and rest):
+        x, y, signature = text.load_text(spec)
+        return Dataset(x, y, signature)
     if kind == "digits" and not rest:
         raw = _digits()
     elif kind in ("npz", "csv") and rest:
@@ -50,7 +55,10 @@ def load_dataset(spec: str) -> Dataset:
             raise DataError(f"data file {path} does not exist")
         raw = read_npz(path) if kind == "npz" else read_csv(path)
     else:
-        raise DataError(f"unknown data spec {spec!r}: use 'digits', 'npz:PATH' or 'csv:PATH'")
+        raise DataError(
+            f"unknown data spec {spec!r}: use 'digits', 'npz:PATH', 'csv:PATH', 'text:PATH' "
+            f"or '{text.BUILTIN}'"
+        )
     return _validated(raw)
 
 

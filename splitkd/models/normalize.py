@@ -75,9 +75,19 @@ def input_stage(model: nn.Module) -> InputStage | None:
     return next((m for m in model.modules() if isinstance(m, InputStage)), None)
 
 
+def token_vocabulary(model: nn.Module) -> int:
+    """The vocabulary of a model whose inputs are token ids (a transformer's); 0 otherwise."""
+    for module in model.modules():
+        if getattr(module, "takes_token_ids", False):
+            return int(getattr(module, "vocabulary", 0))
+    return 0
+
+
 def fit_inputs(model: nn.Module, x: np.ndarray) -> None:
     """Fit ``model``'s input statistics on samples ``x`` (the data it will train on)."""
     stage = input_stage(model)
+    if stage is None and token_vocabulary(model):
+        return  # token ids are categories: nothing to standardise
     if stage is None:
         raise InvalidArgument("this model has no input stage to fit")
     mean, std = fit_stats(x)
@@ -96,6 +106,10 @@ def typical_inputs(
     model: nn.Module, input_shape: tuple[int, ...], count: int, seed: int
 ) -> np.ndarray:
     """Random inputs at the scale the model expects (its raw-input statistics)."""
+    vocabulary = token_vocabulary(model)
+    if vocabulary:  # random token ids, held as float32 like every dataset's inputs
+        ids = np.random.default_rng(seed).integers(0, vocabulary, (count, *input_shape))
+        return ids.astype(np.float32)
     noise = np.random.default_rng(seed).standard_normal((count, *input_shape))
     stage = input_stage(model)
     if stage is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from math import isfinite
 from typing import Any
 
 from splitkd.errors import InvalidArgument
@@ -15,6 +16,7 @@ from splitkd.signature import DatasetSignature
 
 MAX_WIDTH = 8192
 MAX_LAYERS = 16
+MAX_OPTIONS = 16
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,9 @@ class ModelSpec:
     num_classes: int
     widths: tuple[int, ...]
     hidden: tuple[int, ...] = field(default=())
+    # Named numbers a family needs beyond widths (e.g. a LLaMA's heads and RoPE
+    # base), sorted by name; validated by the family's builder. Empty for most.
+    options: tuple[tuple[str, float], ...] = field(default=())
 
     def __post_init__(self) -> None:
         families = _registered()
@@ -50,6 +55,13 @@ class ModelSpec:
             raise InvalidArgument(f"a model needs 1..{MAX_LAYERS} layers, got {len(layers)}")
         if any(not 1 <= w <= MAX_WIDTH for w in layers):
             raise InvalidArgument(f"layer widths must be in 1..{MAX_WIDTH}, got {layers}")
+        if len(self.options) > MAX_OPTIONS or any(
+            not isinstance(k, str) or not isfinite(v) for k, v in self.options
+        ):
+            raise InvalidArgument(f"model options must be at most {MAX_OPTIONS} finite numbers")
+
+    def option(self, name: str, default: float) -> float:
+        return dict(self.options).get(name, default)
 
     @property
     def num_stages(self) -> int:
@@ -57,18 +69,19 @@ class ModelSpec:
 
     @property
     def signature(self) -> DatasetSignature:
-        return DatasetSignature(self.input_shape, self.num_classes)
+        tokens = self.family in _token_families()
+        return DatasetSignature(self.input_shape, self.num_classes, tokens=tokens)
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "input_shape": list(self.input_shape),
-                "num_classes": self.num_classes,
-                "widths": list(self.widths),
-                "hidden": list(self.hidden),
-            },
-            sort_keys=True,
-        )
+        fields: dict[str, Any] = {
+            "input_shape": list(self.input_shape),
+            "num_classes": self.num_classes,
+            "widths": list(self.widths),
+            "hidden": list(self.hidden),
+        }
+        if self.options:  # absent for the families without: their JSON is as before
+            fields["options"] = dict(self.options)
+        return json.dumps(fields, sort_keys=True)
 
     @classmethod
     def from_json(cls, family: str, text: str) -> ModelSpec:
@@ -82,6 +95,7 @@ class ModelSpec:
                 num_classes=int(raw["num_classes"]),
                 widths=tuple(int(w) for w in raw["widths"]),
                 hidden=tuple(int(w) for w in raw.get("hidden", [])),
+                options=_options(raw.get("options", {})),
             )
         except (ValueError, TypeError, KeyError) as exc:
             raise InvalidArgument(f"model spec for {family!r} is not valid: {exc}") from exc
@@ -101,8 +115,20 @@ class ModelSpec:
             )
 
 
+def _options(raw: Any) -> tuple[tuple[str, float], ...]:
+    if not isinstance(raw, dict):
+        raise TypeError("options are not an object")
+    return tuple(sorted((str(k), float(v)) for k, v in raw.items()))
+
+
 def _registered() -> dict[str, int]:
     """The families ``@register_family`` registered (importing the zoo registers the built-ins)."""
     from splitkd.models import zoo  # here, not at the top: the zoo imports this module
 
     return zoo.input_ranks()
+
+
+def _token_families() -> frozenset[str]:
+    from splitkd.models import zoo
+
+    return zoo.token_families()

@@ -21,26 +21,41 @@ from splitkd.signature import DatasetSignature
 Builder = Callable[[ModelSpec], list[nn.Module]]
 _FAMILIES: dict[str, Builder] = {}
 _INPUT_RANKS: dict[str, int] = {}
+# Families whose inputs are measurements, standardised by stage 0 (not token ids).
+_STANDARDISED: set[str] = set()
 
 # The teacher must be much larger than the student (the brief asks for >= 50x);
 # we aim a little higher so that rounding widths never lands under the bar.
 MIN_TEACHER_RATIO = 64
+# A language teacher: the seed's 8B -> 1B LLaMA ratio, with the same margin for rounding.
+MIN_LM_TEACHER_RATIO = 9
+LM_STUDENT_WIDTHS = (32, 32)
 
 
-def register_family(name: str, input_rank: int) -> Callable[[Builder], Builder]:
+def register_family(
+    name: str, input_rank: int, standardise: bool = True
+) -> Callable[[Builder], Builder]:
     """Register a model family: this decorator is the only table of families.
 
     ``input_rank`` is the rank of one sample (1: feature vectors, 2: sequences
     ``C x L``, 3: images ``C x H x W``); specs naming the family are checked
-    against it.
+    against it. ``standardise=False`` for inputs that are categories (token
+    ids): stage 0 then takes them as they are, with no input statistics.
     """
 
     def wrap(builder: Builder) -> Builder:
         _FAMILIES[name] = builder
         _INPUT_RANKS[name] = input_rank
+        if standardise:
+            _STANDARDISED.add(name)
         return builder
 
     return wrap
+
+
+def token_families() -> frozenset[str]:
+    """Families whose inputs are token ids (never standardised)."""
+    return frozenset(_FAMILIES) - _STANDARDISED
 
 
 def input_ranks() -> dict[str, int]:
@@ -99,7 +114,8 @@ def _cnn2d(spec: ModelSpec) -> list[nn.Module]:
 def _staged(spec: ModelSpec) -> StagedModel:
     """The family's stages, stage 0 standardising raw inputs first (see normalize.py)."""
     stages = _FAMILIES[spec.family](spec)
-    stages[0] = InputStage(spec.input_shape, *stages[0].children())
+    if spec.family in _STANDARDISED:
+        stages[0] = InputStage(spec.input_shape, *stages[0].children())
     return StagedModel(stages)
 
 
@@ -121,6 +137,7 @@ def build(spec: ModelSpec, seed: int = 0) -> StagedModel:
 
 
 # Modules whose own parameters start from constants, not random draws.
+# A family's own module of that kind says so with a ``constant_init = True`` attribute.
 _CONSTANT_INIT = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)
 
 
@@ -136,20 +153,27 @@ def _initialise(module: nn.Module, generator: torch.Generator) -> None:
             fan_in, _ = nn.init._calculate_fan_in_and_fan_out(module.weight)
             bound = 1 / sqrt(fan_in) if fan_in > 0 else 0.0
             nn.init.uniform_(module.bias, -bound, bound, generator=generator)
-    elif any(True for _ in module.parameters(recurse=False)) and not isinstance(
-        module, _CONSTANT_INIT
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=0.02, generator=generator)  # GPT-2's scale
+    elif (
+        any(True for _ in module.parameters(recurse=False))
+        and not isinstance(module, _CONSTANT_INIT)
+        and not getattr(module, "constant_init", False)
     ):
         # A layer added to a family must say how it draws from the generator.
         raise TypeError(f"zoo.build does not know how to initialise {type(module).__name__}")
 
 
 def _family_for(signature: DatasetSignature) -> str:
-    return {"features": "mlp", "sequence": "cnn1d", "image": "cnn2d"}[signature.kind]
+    kinds = {"text": "transformer_lm", "features": "mlp", "sequence": "cnn1d", "image": "cnn2d"}
+    return kinds[signature.kind]
 
 
 def default_student(signature: DatasetSignature) -> ModelSpec:
     family = _family_for(signature)
     shape, classes = signature.input_shape, signature.num_classes
+    if family == "transformer_lm":
+        return ModelSpec(family, shape, classes, widths=LM_STUDENT_WIDTHS)
     if family == "mlp":
         return ModelSpec(family, shape, classes, widths=(16,))
     if family == "cnn1d":
@@ -162,6 +186,8 @@ def default_teacher(signature: DatasetSignature, student: ModelSpec | None = Non
     family = _family_for(signature)
     shape, classes = signature.input_shape, signature.num_classes
     student_params = parameter_count(student or default_student(signature))
+    if family == "transformer_lm":
+        return _language_teacher(signature, student_params)
     spec = None
     for scale in (1, 2, 4, 8, 16):
         if family == "mlp":
@@ -177,6 +203,19 @@ def default_teacher(signature: DatasetSignature, student: ModelSpec | None = Non
                 hidden=(256 * scale,),
             )
         if parameter_count(spec) >= MIN_TEACHER_RATIO * student_params:
+            return spec
+    assert spec is not None
+    return spec
+
+
+def _language_teacher(signature: DatasetSignature, student_params: int) -> ModelSpec:
+    """Three blocks, as wide as it takes for >= MIN_LM_TEACHER_RATIO x the student."""
+    spec = None
+    for width in (64, 96, 128, 192, 256, 384, 512):
+        spec = ModelSpec(
+            "transformer_lm", signature.input_shape, signature.num_classes, widths=(width,) * 3
+        )
+        if parameter_count(spec) >= MIN_LM_TEACHER_RATIO * student_params:
             return spec
     assert spec is not None
     return spec
@@ -200,3 +239,7 @@ def activation_shape(spec: ModelSpec, cut: int) -> tuple[int, ...]:
 
 def activation_elements(spec: ModelSpec, cut: int) -> int:
     return prod(activation_shape(spec, cut))
+
+
+# Register the transformer families (they import register_family from here).
+from splitkd.models import llama, transformer  # noqa: E402, F401
