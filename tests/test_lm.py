@@ -17,11 +17,11 @@ from splitkd.data.text import CONTEXT, MIN_WINDOWS, text_dataset
 from splitkd.errors import InvalidArgument
 from splitkd.hyper import Hyperparameters
 from splitkd.kd import kd_loss
+from splitkd.messages import SessionAsk
 from splitkd.models import zoo
 from splitkd.models.normalize import fit_inputs, input_stage
 from splitkd.models.spec import ModelSpec
 from splitkd.training import train_kd_centralised
-from splitkd.v1 import splitkd_pb2 as pb
 from tests.support import make_service
 
 SMALL_LM = ModelSpec("transformer_lm", (16,), 256, widths=(16, 16))
@@ -127,8 +127,10 @@ def test_kd_loss_per_token_is_the_mean_over_tokens() -> None:
 
 
 def test_split_language_model_losses_match_centralised_kd(tmp_path: Path) -> None:
+    """Over two epochs: the second takes the teacher's per-token outputs from the cloud's
+    teacher-output cache, and the losses are still those of centralised KD."""
     data = _text()
-    hyper = Hyperparameters(epochs=1, batch_size=8, learning_rate=0.003, seed=3)
+    hyper = Hyperparameters(epochs=2, batch_size=8, learning_rate=0.003, seed=3)
     teacher = Teacher(SMALL_TEACHER, zoo.build(SMALL_TEACHER, seed=7).eval(), None, "words")
     service = make_service(tmp_path, hyper=hyper, teacher=teacher)
     assert service.student_spec.family == "transformer_lm"
@@ -137,14 +139,18 @@ def test_split_language_model_losses_match_centralised_kd(tmp_path: Path) -> Non
     server.start()
     try:
         with CloudClient(f"127.0.0.1:{port}") as client:
-            session = client.register("edge-lm", data.signature)
-            transport = GrpcTransport(client, session.session_id, pb.DTYPE_FLOAT32)
+            ask = SessionAsk(train_samples=len(split.train))
+            session = client.register("edge-lm", data.signature, ask=ask)
+            assert session.teacher_cache_samples == len(split.train)
+            transport = GrpcTransport(client, session)
             result = EdgeTrainer(session, split.train, split.heldout, transport).run()
+            cached = service.sessions.get(session.session_id).cache
     finally:
         server.stop(0)
     reference = train_kd_centralised(service.student_spec, teacher.model, split.train, hyper)
     split_losses = [r.loss for r in result.history]
-    assert len(split_losses) == len(reference.losses) == (len(split.train) + 7) // 8
+    assert len(split_losses) == len(reference.losses) == 2 * ((len(split.train) + 7) // 8)
+    assert cached is not None and cached.samples == len(split.train)
     np.testing.assert_allclose(split_losses, reference.losses, rtol=1e-5, atol=0)
     assert reference.losses[-1] < reference.losses[0]
     # Per-token accuracy through the split, on the held-out windows.

@@ -107,7 +107,6 @@ def test_split_kd_from_an_hf_teacher_trains_a_byte_level_student(tmp_path: Path)
     from splitkd.data.specs import Dataset
     from splitkd.data.text import text_dataset
     from splitkd.hyper import Hyperparameters
-    from splitkd.v1 import splitkd_pb2 as pb
     from tests.support import make_service
 
     _tiny_llama(tmp_path / "hf")
@@ -121,7 +120,7 @@ def test_split_kd_from_an_hf_teacher_trains_a_byte_level_student(tmp_path: Path)
     try:
         with CloudClient(f"127.0.0.1:{port}") as client:
             session = client.register("edge-hf", signature)
-            transport = GrpcTransport(client, session.session_id, pb.DTYPE_FLOAT32)
+            transport = GrpcTransport(client, session)
             result = EdgeTrainer(session, split.train, split.heldout, transport).run()
     finally:
         server.stop(0)
