@@ -34,7 +34,6 @@ def _global_options(parser: argparse.ArgumentParser) -> None:
 def _serve(args: ServeSettings) -> int:
     import torch
 
-    from cloud_service.checkpoints import SessionCheckpoints
     from cloud_service.limits import RateLimiter
     from cloud_service.registry import ModelRegistry
     from cloud_service.server import ServeOptions, serve
@@ -71,17 +70,21 @@ def _serve(args: ServeSettings) -> int:
     # Serving: each step's tensors are tiny, so intra-op threads cost more in
     # synchronisation than they give; sessions run in parallel on gRPC's pool.
     torch.set_num_threads(1)
+    checkpoints = _session_checkpoints(args)
     service = CloudService(
         TeacherVersions(teacher, args.state_dir / "teacher-versions"),
         ModelRegistry(args.state_dir / "models", keep_versions=args.keep_versions),
         SessionStore(idle_timeout=args.session_timeout),
         CloudConfig(student_cut=args.student_cut, teacher_cut=args.teacher_cut, hyper=hyper),
-        checkpoints=SessionCheckpoints(args.state_dir / "sessions"),
+        checkpoints=checkpoints,
         limiter=RateLimiter(args.max_steps_per_second),
+        restore_at_start=args.lease_seconds <= 0,
     )
+    replica = _replica(args, service, checkpoints)
     serve(
         service,
         ServeOptions(
+            replica=replica,
             fleet=_fleet(args, service),
             host=args.host,
             grpc_port=args.grpc_port,
@@ -91,6 +94,36 @@ def _serve(args: ServeSettings) -> int:
         ),
     )
     return 0
+
+
+def _session_checkpoints(args: ServeSettings) -> Any:
+    """Sessions in the state folder (one cloud), or in the replicas' shared store."""
+    from cloud_service.checkpoints import SessionCheckpoints
+    from cloud_service.storage import open_store
+
+    if not args.store:
+        return SessionCheckpoints(args.state_dir / "sessions")
+    store = open_store(args.store, endpoint_url=args.store_endpoint)
+    store.ping()  # fail at start, in one line, rather than at the first step
+    return SessionCheckpoints(store, prefix="sessions/")
+
+
+def _replica(args: ServeSettings, service: Any, checkpoints: Any) -> Any:
+    import socket
+
+    from cloud_service.leases import Leases
+    from cloud_service.replicas import Replica
+
+    if args.lease_seconds <= 0:
+        return None
+    if not args.store:
+        raise SplitKDError("--lease-seconds needs --store: the replicas' shared storage")
+    name = args.replica_id or f"{socket.gethostname()}-{os.getpid()}"
+    replica = Replica(
+        service, Leases(checkpoints.store, name, args.lease_seconds, prefix=checkpoints.prefix)
+    )
+    log.info("replica %s: sessions shared in %s", name, checkpoints.store.description)
+    return replica
 
 
 def _fleet(args: ServeSettings, service: Any) -> Any:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from cloud_service.checkpoints import SessionCheckpoints
+from cloud_service.leases import Leases
 from cloud_service.limits import RateLimiter, check_free_text, check_label, shown
 from cloud_service.metrics import CloudMetrics
 from cloud_service.registry import ModelRecord, ModelRegistry
@@ -24,7 +25,13 @@ from cloud_service.sessions import SessionStore
 from cloud_service.teacher import Teacher, TeacherVersions
 from splitkd import names
 from splitkd.classes import check_class_weights, padded_class_weights
-from splitkd.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, SplitKDError
+from splitkd.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+    SplitKDError,
+    Unavailable,
+)
 from splitkd.hyper import Hyperparameters
 from splitkd.messages import StepOutcome
 from splitkd.models import zoo
@@ -57,7 +64,10 @@ class CloudService:
         metrics: CloudMetrics | None = None,
         checkpoints: SessionCheckpoints | None = None,
         limiter: RateLimiter | None = None,
+        restore_at_start: bool = True,
     ) -> None:
+        """``restore_at_start``: load every stored session now (one cloud); replicas
+        restore a session when its first call lands (cloud_service/replicas.py)."""
         # The server model has versions (federated cohorts teach it); a session
         # keeps the version it registered with, see TeacherVersions.
         self.teachers = (
@@ -77,10 +87,13 @@ class CloudService:
         # Set by a FleetService: may this device read that cohort's students?
         self.cohort_member: Callable[[str, str], bool] | None = None
         self.checkpoints = checkpoints
+        # Set by cloud_service.replicas.Replica: sessions are owned through leases.
+        self.leases: Leases | None = None
         self.limiter = limiter or RateLimiter()
         if checkpoints is not None:
             sessions.on_expire = lambda session: checkpoints.remove(session.session_id)
-            self._restore(checkpoints)
+            if restore_at_start:
+                self._restore(checkpoints)
 
     def _restore(self, checkpoints: SessionCheckpoints) -> None:
         for restored in checkpoints.load_all(self.teachers):
@@ -95,6 +108,11 @@ class CloudService:
                 restored.device_id,
                 restored.next_step,
             )
+
+    def ready(self) -> bool:
+        """Whether this cloud can serve: its shared storage answers (always, without one)."""
+        store = getattr(self.checkpoints, "store", None)
+        return bool(getattr(store, "ready", True))
 
     @property
     def teacher(self) -> Teacher:
@@ -210,6 +228,8 @@ class CloudService:
                 and self.checkpoints is not None
                 and session.persisted
             ):
+                if self.leases is not None and not self.leases.holds(session.session_id):
+                    raise Unavailable("this replica cannot take the session's lease; try again")
                 # It trains now: from here a restart must be able to resume it.
                 self.checkpoints.save_meta(session)
                 self.checkpoints.save_state(session.session_id, session.snapshots[0])
@@ -249,6 +269,8 @@ class CloudService:
             with session.lock:
                 if session.finished_version is not None or not session.persisted:
                     continue
+                if self.leases is not None and not self.leases.held(session.session_id):
+                    continue  # another replica serves it now: its files are not ours to write
                 if session.next_step not in session.snapshots:
                     self._checkpoint(session)
                 count += 1
@@ -323,6 +345,8 @@ class CloudService:
             if self.checkpoints is not None:
                 # Published: nothing left to resume, so nothing kept on disk.
                 self.checkpoints.remove(session.session_id)
+                if self.leases is not None:
+                    self.leases.forget(session.session_id)
             self.metrics.models_published.inc()
             log.info(
                 "session %s… finished: %s v%d (%d bytes)",

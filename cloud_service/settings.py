@@ -91,7 +91,37 @@ class FleetOptions(Options):
     )
 
 
-class ServeSettings(CloudSecurityOptions, FleetOptions, TrainingOptions, StateDirOptions):
+REPLICAS = "replicas (several clouds behind Envoy; see docs/KUBERNETES.md)"
+
+
+class ReplicaOptions(Options):
+    store: str = option(
+        "",
+        "shared storage of sessions and their leases: a folder every replica mounts "
+        "(a ReadWriteMany volume) or s3://BUCKET/PREFIX; empty: STATE_DIR, this cloud alone",
+        group=REPLICAS,
+    )
+    store_endpoint: str = option(
+        "",
+        "S3 endpoint URL for MinIO, Ceph and others (credentials: the AWS_* variables)",
+        group=REPLICAS,
+    )
+    lease_seconds: float = option(
+        0.0,
+        "session leases: a dead replica's sessions move after this long; 0: this cloud is "
+        "the only one (no leases, every stored session restored at start)",
+        group=REPLICAS,
+    )
+    replica_id: str = option(
+        "",
+        "this replica's name in leases and logs (default: host name and process id)",
+        group=REPLICAS,
+    )
+
+
+class ServeSettings(
+    ReplicaOptions, CloudSecurityOptions, FleetOptions, TrainingOptions, StateDirOptions
+):
     host: str = option("0.0.0.0", "address to listen on")
     grpc_port: int = option(50051, "gRPC port for edge agents")
     http_port: int = option(8000, "HTTP port: /healthz, /v1/models, /v1/sessions")
