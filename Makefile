@@ -56,7 +56,7 @@ bench: $(STAMP) ## split step vs in-process step, wire bytes vs raw tensor bytes
 	$(BIN)/python -m benchmarks.step_bench
 	$(BIN)/python -m benchmarks.linkemu_bench
 
-loadtest: $(STAMP) ## 32 async edges against one cloud process for 3 min: failures, p50/p99, cloud RSS
+loadtest: $(STAMP) ## 64 async edges against one cloud, 3 min with and 3 without teacher micro-batching: steps/s, p50/p99, RSS
 	$(BIN)/python -m benchmarks.loadtest $(LOADTEST_ARGS)
 
 compare: $(STAMP) ## Flower 1.42 FedAvg (own venv .venv-flower) vs splitkd, same shards: accuracy, bytes per device, seconds

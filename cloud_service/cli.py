@@ -70,6 +70,10 @@ def _serve(args: ServeSettings) -> int:
     # Serving: each step's tensors are tiny, so intra-op threads cost more in
     # synchronisation than they give; sessions run in parallel on gRPC's pool.
     torch.set_num_threads(1)
+    from cloud_service.batcher import TEACHER_BATCHER
+
+    TEACHER_BATCHER.enabled = not args.no_teacher_batching
+    TEACHER_BATCHER.window_seconds = max(0.0, args.teacher_batch_ms) / 1000
     checkpoints = _session_checkpoints(args)
     service = CloudService(
         TeacherVersions(teacher, args.state_dir / "teacher-versions"),

@@ -145,6 +145,14 @@ class ServeSettings(
     max_steps_per_second: float = option(
         400.0, "per device: more steps than this get RESOURCE_EXHAUSTED (0: no limit)"
     )
+    no_teacher_batching: bool = option(
+        False,
+        "one teacher pass per step, instead of one pass for the steps of concurrent sessions",
+    )
+    teacher_batch_ms: float = option(
+        2.0,
+        "longest wait for more steps to batch with, only under load (milliseconds)",
+    )
 
 
 class TrainTeacherSettings(Options):
