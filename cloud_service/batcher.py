@@ -91,7 +91,8 @@ class TeacherBatcher:
         if time.monotonic() - queue.last_shared < _LOAD_MEMORY_SECONDS:
             self._fill(queue)
         with self._lock:
-            batch, total = [], 0
+            batch: list[_Request] = []
+            total = 0
             while queue.waiting and (
                 not batch or total + len(queue.waiting[0].activations) <= self.max_samples
             ):
