@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help venv demo fleet-demo test lint typecheck unit proto proto-check config-doc bench loadtest compare testbed compose-check pi-check clean
+.PHONY: help venv demo fleet-demo test lint typecheck unit proto proto-check config-doc bench loadtest compare scale-check testbed compose-check pi-check clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -58,6 +58,9 @@ bench: $(STAMP) ## split step vs in-process step, wire bytes vs raw tensor bytes
 
 loadtest: $(STAMP) ## 64 async edges against one cloud, 3 min with and 3 without teacher micro-batching: steps/s, p50/p99, RSS
 	$(BIN)/python -m benchmarks.loadtest $(LOADTEST_ARGS)
+
+scale-check: $(STAMP) ## 3 replicas behind a real Envoy, 32 simulated + 2 real edges, one replica SIGKILLed: nothing lost
+	$(BIN)/python -m benchmarks.scale_check $(SCALE_ARGS)
 
 compare: $(STAMP) ## Flower 1.42 FedAvg (own venv .venv-flower) vs splitkd, same shards: accuracy, bytes per device, seconds
 	$(BIN)/python -m benchmarks.compare $(COMPARE_ARGS)

