@@ -33,6 +33,8 @@ class Held:
     generation: int
     expires: float
     not_before: float = 0.0  # a previous holder's renewal may have raced our take-over
+    # Taken from another replica: what this one remembers of the session may be stale.
+    from_other: bool = False
 
 
 def lease_key(session_id: str, generation: int, prefix: str = "sessions/") -> str:
@@ -75,6 +77,15 @@ class Leases:
 
     def _key(self, session_id: str, generation: int) -> str:
         return lease_key(session_id, generation, self.prefix)
+
+    def taken_from_other(self, session_id: str) -> bool:
+        """True once after this replica took the session from another one (then: reload it)."""
+        with self._lock:
+            held = self._held.get(session_id)
+            if held is None or not held.from_other:
+                return False
+            held.from_other = False
+            return True
 
     def held(self, session_id: str) -> bool:
         """Whether this replica holds the session's lease now (no storage call)."""
@@ -119,6 +130,7 @@ class Leases:
         if not self.store.create(self._key(session_id, top + 1), self._record(expires)):
             return False  # another replica won the race
         not_before = 0.0
+        from_other = bool(generations) and holder != self.replica
         if generations:
             # The holder may have renewed just as we read: then wait out its renewal.
             holder, renewed = self._read(session_id, top)
@@ -126,7 +138,7 @@ class Leases:
                 not_before = renewed
             for old in generations[:-1]:
                 self.store.delete(self._key(session_id, old))
-        self._held[session_id] = Held(top + 1, expires, not_before)
+        self._held[session_id] = Held(top + 1, expires, not_before, from_other)
         log.info("session %s…: lease generation %d taken", session_id[:8], top + 1)
         return now >= not_before
 

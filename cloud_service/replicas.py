@@ -58,6 +58,7 @@ class Replica:
                 raise Unavailable(
                     f"session {session_id[:8]}… is served by another replica; try again shortly"
                 )
+            self.leases.taken_from_other(session_id)  # loaded fresh now: nothing stale
             session = self.checkpoints.load(session_id, self.service.teachers)
             if session is None:
                 self.leases.release(session_id)
@@ -80,6 +81,11 @@ class Replica:
             raise Unavailable(
                 f"session {session.session_id[:8]}… moved to another replica; try again shortly"
             )
+        if self.leases.taken_from_other(session.session_id):
+            # Back after another replica served it: its shared checkpoints are newer than
+            # what this one remembers. Forget that; the retry restores them.
+            self.service.sessions.remove(session.session_id)
+            raise Unavailable(f"session {session.session_id[:8]}… is being restored; try again")
 
     def _expired(self, session: Session) -> None:
         # Files of a session that moved away belong to its new holder: not ours to delete.

@@ -289,6 +289,27 @@ def test_a_dead_replicas_session_resumes_on_another_and_no_step_is_applied_twice
     assert store.read(f"sessions/{session_id}/step-000000006.safetensors") is not None
 
 
+def test_a_replica_that_gets_a_session_back_restores_it_instead_of_its_stale_memory(
+    store: RetryingStore,
+) -> None:
+    clock = [1000.0]
+    a, b = replica(store, "a", clock), replica(store, "b", clock)
+    session_id = a.register("pi-1", DIGITS).session_id
+    apply_steps(a, session_id, 3)  # a remembers step 3 (checkpoint at 2)
+    clock[0] += 11  # a is paused past its lease; b takes the session over
+    with pytest.raises(FailedPrecondition):
+        one_step(b, session_id, 3)
+    b.resume(session_id, [0, 2])
+    apply_steps(b, session_id, 4, start=2)  # b's lineage: steps 2..5, checkpoints 4 and 6
+    b.checkpoint_all()
+    for session in b.sessions.all():
+        b.leases.release(session.session_id)  # type: ignore[union-attr]  # b stops cleanly
+    with pytest.raises(Unavailable, match="being restored"):
+        one_step(a, session_id, 6)  # a takes the lease back, but not its stale step 3
+    assert a.sessions.get(session_id).next_step == 6  # b's work, from the shared store
+    one_step(a, session_id, 6)
+
+
 def test_a_session_unknown_everywhere_is_not_found_and_leaves_no_lease(
     store: RetryingStore,
 ) -> None:
