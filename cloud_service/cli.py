@@ -77,7 +77,7 @@ def _serve(args: ServeSettings) -> int:
     checkpoints = _session_checkpoints(args)
     service = CloudService(
         TeacherVersions(teacher, args.state_dir / "teacher-versions"),
-        ModelRegistry(args.state_dir / "models", keep_versions=args.keep_versions),
+        ModelRegistry(_registry_root(args), keep_versions=args.keep_versions),
         SessionStore(idle_timeout=args.session_timeout),
         CloudConfig(student_cut=args.student_cut, teacher_cut=args.teacher_cut, hyper=hyper),
         checkpoints=checkpoints,
@@ -98,6 +98,14 @@ def _serve(args: ServeSettings) -> int:
         ),
     )
     return 0
+
+
+def _registry_root(args: ServeSettings) -> Path:
+    """Replicas sharing a folder share their models too: a device downloads its student
+    from whichever replica it lands on. (With S3 the registry stays per replica.)"""
+    if args.store and not args.store.startswith("s3://"):
+        return Path(args.store) / "models"
+    return args.state_dir / "models"
 
 
 def _session_checkpoints(args: ServeSettings) -> Any:

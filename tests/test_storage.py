@@ -33,6 +33,7 @@ from splitkd.hyper import Hyperparameters
 from tests.support import DIGITS, apply_steps, make_teacher, wait_for
 
 TEACHER = make_teacher()
+META: dict[str, Any] = {"parameters": 1, "max_abs_diff": 0.0, "input_shape": [3], "num_classes": 2}
 BUCKET = "splitkd-test"
 MOTO = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which(
     "moto_server"
@@ -239,6 +240,28 @@ def test_store_errors_are_transient_and_others_are_not(tmp_path: Path) -> None:
 
     store = RetryingStore(Flaky(tmp_path), sleep=lambda _: None)
     assert store.read("missing") is None and len(calls) == 3 and store.ready
+
+
+def test_replicas_publishing_into_one_shared_registry_never_clash(tmp_path: Path) -> None:
+    registries = [ModelRegistry(tmp_path / "models") for _ in range(2)]  # two processes' views
+    barrier = threading.Barrier(8)
+
+    def publish(index: int) -> None:
+        barrier.wait()
+        for round_ in range(3):
+            registries[index % 2].publish("student-pi", f"{index}-{round_}".encode(), **META)
+
+    threads = [threading.Thread(target=publish, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    shared = ModelRegistry(tmp_path / "models", keep_versions=0)
+    records = shared.versions("student-pi")
+    assert [r.version for r in records][-5:] == list(range(20, 25))  # 24 published, 5 kept
+    contents = {shared.path("student-pi", r.version).read_bytes() for r in records}
+    assert len(contents) == len(records)  # each version is one publish, whole
+    assert not [p for p in (tmp_path / "models" / "student-pi").iterdir() if p.name.startswith(".")]
 
 
 # --- two replicas over one store -----------------------------------------------------------
