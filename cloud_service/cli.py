@@ -70,6 +70,9 @@ def _serve(args: ServeSettings) -> int:
     # Serving: each step's tensors are tiny, so intra-op threads cost more in
     # synchronisation than they give; sessions run in parallel on gRPC's pool.
     torch.set_num_threads(1)
+    # The first optimizer a process makes imports torch._dynamo (seconds): pay it now,
+    # not inside the first Register, where a paused replica looks dead to Envoy.
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
     from cloud_service.batcher import TEACHER_BATCHER
 
     TEACHER_BATCHER.enabled = not args.no_teacher_batching

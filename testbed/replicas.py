@@ -38,22 +38,15 @@ def loopback_config(listen_port: int, admin_port: int, replica_ports: list[int])
     config["admin"]["address"]["socket_address"]["port_value"] = admin_port
     listener = config["static_resources"]["listeners"][0]
     listener["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": listen_port}
-    cluster = config["static_resources"]["clusters"][0]
-    cluster["type"] = "STATIC"
-    for key in ("dns_lookup_family", "dns_refresh_rate"):
-        cluster.pop(key, None)
-    cluster["load_assignment"]["endpoints"] = [
-        {
-            "lb_endpoints": [
-                {
-                    "endpoint": {
-                        "address": {"socket_address": {"address": "127.0.0.1", "port_value": p}}
-                    }
-                }
-                for p in replica_ports
-            ]
-        }
+    endpoints = [
+        {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": p}}}}
+        for p in replica_ports
     ]
+    for cluster in config["static_resources"]["clusters"]:
+        cluster["type"] = "STATIC"
+        for key in ("dns_lookup_family", "dns_refresh_rate"):
+            cluster.pop(key, None)
+        cluster["load_assignment"]["endpoints"] = [{"lb_endpoints": endpoints}]
     return config
 
 
@@ -68,17 +61,19 @@ class Envoy:
         return f"127.0.0.1:{self.port}"
 
     def healthy_hosts(self) -> dict[str, bool]:
-        """Each upstream replica (host:port) and whether Envoy sends it calls now."""
+        """Each upstream replica (host:port) and whether Envoy sends it calls now
+        (healthy in both clusters: new sessions, and sessions' later calls)."""
         url = f"http://127.0.0.1:{self.admin_port}/clusters?format=json"
         with urllib.request.urlopen(url, timeout=2) as reply:
             data = json.loads(reply.read())
-        hosts = {}
+        hosts: dict[str, bool] = {}
         for cluster in data.get("cluster_statuses", []):
             for host in cluster.get("host_statuses", []):
                 socket = host["address"]["socket_address"]
                 flags = host.get("health_status", {})
                 bad = flags.get("failed_active_health_check") or flags.get("failed_outlier_check")
-                hosts[f"{socket['address']}:{socket['port_value']}"] = not bad
+                name = f"{socket['address']}:{socket['port_value']}"
+                hosts[name] = hosts.get(name, True) and not bad
         return hosts
 
     def stop(self) -> None:
