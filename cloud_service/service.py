@@ -89,6 +89,8 @@ class CloudService:
         self.checkpoints = checkpoints
         # Set by cloud_service.replicas.Replica: sessions are owned through leases.
         self.leases: Leases | None = None
+        # Sessions activated whose first save has not succeeded yet (see _first_save).
+        self._unsaved: set[str] = set()
         self.limiter = limiter or RateLimiter()
         if checkpoints is not None:
             sessions.on_expire = lambda session: checkpoints.remove(session.session_id)
@@ -223,16 +225,12 @@ class CloudService:
         if kd_alpha is not None and not 0.0 <= kd_alpha <= 1.0:
             raise InvalidArgument(f"kd_alpha must be in [0, 1], got {kd_alpha}")
         with session.lock:
-            if (
-                self.sessions.activate(session)
-                and self.checkpoints is not None
-                and session.persisted
-            ):
-                if self.leases is not None and not self.leases.holds(session.session_id):
-                    raise Unavailable("this replica cannot take the session's lease; try again")
-                # It trains now: from here a restart must be able to resume it.
-                self.checkpoints.save_meta(session)
-                self.checkpoints.save_state(session.session_id, session.snapshots[0])
+            activated = self.sessions.activate(session)
+            if self.checkpoints is not None and session.persisted:
+                if activated:
+                    self._unsaved.add(session.session_id)
+                if session.session_id in self._unsaved:
+                    self._first_save(session)
             result = session.step(
                 step, student_act, teacher_act, labels, next_teacher_act, kd_alpha
             )
@@ -241,6 +239,16 @@ class CloudService:
         if not result.replayed:
             self.metrics.observe_step(session.times.teacher_seconds, session.times.student_seconds)
         return result
+
+    def _first_save(self, session: Session) -> None:
+        """It trains now: from here a restart must be able to resume it. Until this
+        succeeds (shared storage may be down) no step is applied: the edge retries."""
+        assert self.checkpoints is not None
+        if self.leases is not None and not self.leases.holds(session.session_id):
+            raise Unavailable("this replica cannot take the session's lease; try again")
+        self.checkpoints.save_meta(session)
+        self.checkpoints.save_state(session.session_id, session.snapshots[0])
+        self._unsaved.discard(session.session_id)
 
     def _checkpoint(self, session: Session) -> None:
         """Snapshot the live state (callers hold the session's lock)."""

@@ -372,3 +372,28 @@ def test_a_replica_whose_store_is_down_refuses_with_unavailable_and_is_not_ready
     inner.down = False
     assert store.probe() and service.ready()
     np.testing.assert_equal(store.list("sessions/"), [])
+
+
+def test_a_first_step_while_the_store_is_down_is_refused_and_applied_once_it_is_back(
+    tmp_path: Path,
+) -> None:
+    class Broken(DirectoryStore):
+        down = False
+
+        def write(self, key: str, data: bytes) -> None:
+            if self.down:
+                raise StoreError("connection reset")
+            super().write(key, data)
+
+    inner = Broken(tmp_path / "shared")
+    store = RetryingStore(inner, attempts=2, sleep=lambda _: None)
+    service = replica(store, "a", [0.0])
+    session_id = service.register("pi-1", DIGITS).session_id
+    inner.down = True
+    with pytest.raises(Unavailable):
+        one_step(service, session_id, 0)
+    assert service.sessions.get(session_id).next_step == 0  # nothing applied
+    inner.down = False
+    one_step(service, session_id, 0)  # the edge's retry
+    assert service.sessions.get(session_id).next_step == 1
+    assert store.read(f"sessions/{session_id}/session.json") is not None
