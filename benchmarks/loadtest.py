@@ -50,7 +50,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from splitkd.grpc_options import ROUTE_HEADER
+from splitkd.grpc_options import REPLICA_HEADER, ROUTE_HEADER
 
 MIB = 1024 * 1024
 SHARDS = 8  # distinct slices of the digits the edges train on (edge i gets shard i % 8)
@@ -123,7 +123,7 @@ class SimulatedEdge:
 
         signature = self.data.signature
         try:
-            reply = await self.stub.Register(
+            call = self.stub.Register(
                 pb.RegisterRequest(
                     device_id=self.result.name,
                     profile=pb.DeviceProfile(name="loadtest", link="loopback", cpu_cores=1),
@@ -137,10 +137,15 @@ class SimulatedEdge:
                 metadata=self.metadata,
                 wait_for_ready=True,
             )
+            reply = await call
+            replica = dict(await call.initial_metadata() or ()).get(REPLICA_HEADER)
         except grpc.aio.AioRpcError as exc:
             self.result.failures.append(f"Register: {exc.code().name}: {exc.details()}")
             return
         self.session_id = reply.session_id
+        if self.metadata is not None and replica:
+            # Envoy's sticky session: later calls go to the replica that took the session.
+            self.metadata = (*self.metadata, (REPLICA_HEADER, str(replica)))
         self.wire_dtype = reply.hyperparameters.wire_dtype or pb.DTYPE_FLOAT32
         self.batch_size = reply.hyperparameters.batch_size
         self.step = reply.next_step
