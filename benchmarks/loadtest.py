@@ -109,6 +109,26 @@ class SimulatedEdge:
         self.metadata = ((ROUTE_HEADER, name),) if route else None
         self.snapshots: dict[int, tuple[dict[str, Any], dict[str, Any]]] = {}
 
+    async def _register(self, pb: Any, signature: Any) -> tuple[Any, str | None]:
+        """One Register call: the session, and the replica Envoy names (sticky sessions)."""
+        call = self.stub.Register(
+            pb.RegisterRequest(
+                device_id=self.result.name,
+                profile=pb.DeviceProfile(name="loadtest", link="loopback", cpu_cores=1),
+                signature=pb.DatasetSignature(
+                    input_shape=list(signature.input_shape),
+                    num_classes=signature.num_classes,
+                    name=signature.name,
+                ),
+            ),
+            timeout=self.timeout,
+            metadata=self.metadata,
+            wait_for_ready=True,
+        )
+        reply = await call
+        replica = dict(await call.initial_metadata() or ()).get(REPLICA_HEADER)
+        return reply, None if replica is None else str(replica)
+
     async def register(self) -> None:
         import grpc
         import torch
@@ -122,26 +142,19 @@ class SimulatedEdge:
         from splitkd.v1 import splitkd_pb2 as pb
 
         signature = self.data.signature
-        try:
-            call = self.stub.Register(
-                pb.RegisterRequest(
-                    device_id=self.result.name,
-                    profile=pb.DeviceProfile(name="loadtest", link="loopback", cpu_cores=1),
-                    signature=pb.DatasetSignature(
-                        input_shape=list(signature.input_shape),
-                        num_classes=signature.num_classes,
-                        name=signature.name,
-                    ),
-                ),
-                timeout=self.timeout,
-                metadata=self.metadata,
-                wait_for_ready=True,
-            )
-            reply = await call
-            replica = dict(await call.initial_metadata() or ()).get(REPLICA_HEADER)
-        except grpc.aio.AioRpcError as exc:
-            self.result.failures.append(f"Register: {exc.code().name}: {exc.details()}")
-            return
+        for attempt in itertools.count():
+            try:
+                reply, replica = await self._register(pb, signature)
+                break
+            except grpc.aio.AioRpcError as exc:
+                # As a real edge: a Register refused for now (a fuller replica, a full
+                # cloud) is sent again; anything else fails this edge.
+                retried = (*_RETRIED, grpc.StatusCode.RESOURCE_EXHAUSTED)
+                if exc.code() not in retried or attempt >= 30:
+                    self.result.failures.append(f"Register: {exc.code().name}: {exc.details()}")
+                    return
+                self.result.retries += 1
+                await asyncio.sleep(random.uniform(0, min(2.0, 0.1 * 2**attempt)))
         self.session_id = reply.session_id
         if self.metadata is not None and replica:
             # Envoy's sticky session: later calls go to the replica that took the session.
