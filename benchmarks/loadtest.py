@@ -50,7 +50,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from splitkd.grpc_options import REPLICA_HEADER, ROUTE_HEADER
+from splitkd.grpc_options import ROUTE_HEADER
 
 MIB = 1024 * 1024
 SHARDS = 8  # distinct slices of the digits the edges train on (edge i gets shard i % 8)
@@ -109,26 +109,6 @@ class SimulatedEdge:
         self.metadata = ((ROUTE_HEADER, name),) if route else None
         self.snapshots: dict[int, tuple[dict[str, Any], dict[str, Any]]] = {}
 
-    async def _register(self, pb: Any, signature: Any) -> tuple[Any, str | None]:
-        """One Register call: the session, and the replica Envoy names (sticky sessions)."""
-        call = self.stub.Register(
-            pb.RegisterRequest(
-                device_id=self.result.name,
-                profile=pb.DeviceProfile(name="loadtest", link="loopback", cpu_cores=1),
-                signature=pb.DatasetSignature(
-                    input_shape=list(signature.input_shape),
-                    num_classes=signature.num_classes,
-                    name=signature.name,
-                ),
-            ),
-            timeout=self.timeout,
-            metadata=self.metadata,
-            wait_for_ready=True,
-        )
-        reply = await call
-        replica = dict(await call.initial_metadata() or ()).get(REPLICA_HEADER)
-        return reply, None if replica is None else str(replica)
-
     async def register(self) -> None:
         import grpc
         import torch
@@ -142,23 +122,25 @@ class SimulatedEdge:
         from splitkd.v1 import splitkd_pb2 as pb
 
         signature = self.data.signature
-        for attempt in itertools.count():
-            try:
-                reply, replica = await self._register(pb, signature)
-                break
-            except grpc.aio.AioRpcError as exc:
-                # As a real edge: a Register refused for now (a fuller replica, a full
-                # cloud) is sent again; anything else fails this edge.
-                retried = (*_RETRIED, grpc.StatusCode.RESOURCE_EXHAUSTED)
-                if exc.code() not in retried or attempt >= 30:
-                    self.result.failures.append(f"Register: {exc.code().name}: {exc.details()}")
-                    return
-                self.result.retries += 1
-                await asyncio.sleep(random.uniform(0, min(2.0, 0.1 * 2**attempt)))
+        try:
+            reply = await self.stub.Register(
+                pb.RegisterRequest(
+                    device_id=self.result.name,
+                    profile=pb.DeviceProfile(name="loadtest", link="loopback", cpu_cores=1),
+                    signature=pb.DatasetSignature(
+                        input_shape=list(signature.input_shape),
+                        num_classes=signature.num_classes,
+                        name=signature.name,
+                    ),
+                ),
+                timeout=self.timeout,
+                metadata=self.metadata,
+                wait_for_ready=True,
+            )
+        except grpc.aio.AioRpcError as exc:
+            self.result.failures.append(f"Register: {exc.code().name}: {exc.details()}")
+            return
         self.session_id = reply.session_id
-        if self.metadata is not None and replica:
-            # Envoy's sticky session: later calls go to the replica that took the session.
-            self.metadata = (*self.metadata, (REPLICA_HEADER, str(replica)))
         self.wire_dtype = reply.hyperparameters.wire_dtype or pb.DTYPE_FLOAT32
         self.batch_size = reply.hyperparameters.batch_size
         self.step = reply.next_step

@@ -23,7 +23,6 @@ import threading
 
 from cloud_service.checkpoints import SESSION_ID, SessionCheckpoints
 from cloud_service.leases import Leases
-from cloud_service.placement import LoadBoard
 from cloud_service.service import CloudService
 from cloud_service.session import Session
 from cloud_service.storage import RetryingStore
@@ -41,11 +40,6 @@ class Replica:
         self.leases = leases
         self._load_lock = threading.Lock()
         service.leases = leases
-        service.placement = LoadBoard(
-            leases.store,
-            leases.replica,
-            lambda: service.sessions.active() + service.sessions.pending_count(),
-        )
         service.sessions.loader = self.load
         service.sessions.guard = self.guard
         service.sessions.on_expire = self._expired

@@ -179,10 +179,7 @@ def serve(service: CloudService, options: ServeOptions) -> None:
             options.fleet.poke_all()  # rounds whose deadline passed close even if nobody calls
         if options.replica is not None and time.monotonic() - probed >= options.probe_seconds:
             probed = time.monotonic()
-            ready = options.replica.store.probe()
-            set_serving(grpc_server.health, ready)  # type: ignore[attr-defined]
-            if ready and service.placement is not None:
-                service.placement.publish()  # the others place new sessions by it
+            set_serving(grpc_server.health, options.replica.store.probe())  # type: ignore[attr-defined]
         if not http_thread.is_alive():
             grpc_server.stop(0)
             raise OSError(f"the HTTP server stopped (is port {options.http_port} in use?)")

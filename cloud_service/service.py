@@ -19,7 +19,6 @@ from cloud_service.checkpoints import SessionCheckpoints
 from cloud_service.leases import Leases
 from cloud_service.limits import RateLimiter, check_free_text, check_label, shown
 from cloud_service.metrics import CloudMetrics
-from cloud_service.placement import LoadBoard
 from cloud_service.registry import ModelRecord, ModelRegistry
 from cloud_service.session import Session
 from cloud_service.sessions import SessionStore
@@ -90,8 +89,6 @@ class CloudService:
         self.checkpoints = checkpoints
         # Set by cloud_service.replicas.Replica: sessions are owned through leases.
         self.leases: Leases | None = None
-        # Set by Replica: where new sessions go (cloud_service/placement.py).
-        self.placement: LoadBoard | None = None
         # Sessions activated whose first save has not succeeded yet (see _first_save).
         self._unsaved: set[str] = set()
         self.limiter = limiter or RateLimiter()

@@ -23,7 +23,6 @@ from cloud_service.service import CloudService
 from cloud_service.session import Session
 from splitkd import codec, serde
 from splitkd.errors import InvalidArgument, SplitKDError
-from splitkd.grpc_options import ROUTE_HEADER
 from splitkd.signature import DatasetSignature
 from splitkd.v1 import splitkd_pb2 as pb
 from splitkd.v1 import splitkd_pb2_grpc as pb_grpc
@@ -62,20 +61,6 @@ def rpc(method: F) -> F:
             )
 
     return wrapper  # type: ignore[return-value]
-
-
-# Envoy's tries of a Register (deploy/envoy/envoy.yaml: num_retries 2): the last is always taken.
-PLACEMENT_ATTEMPTS = 3
-
-
-def _envoy_attempt(context: grpc.ServicerContext) -> int:
-    """Envoy's attempt number of this call; 0 unless the edge sent a routing key (an older
-    edge's later calls are placed by its address, so its Register must stay where it lands)."""
-    metadata = dict(context.invocation_metadata() or ())
-    if ROUTE_HEADER not in metadata:
-        return 0
-    attempt = str(metadata.get("x-envoy-attempt-count", "0"))
-    return int(attempt) if attempt.isdigit() else 0
 
 
 def _require_session_id(session_id: str) -> None:
@@ -118,9 +103,6 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
         # edge checks its own labels against them), so nothing about them leaks.
         classes = sig.num_classes or self.service.teacher.signature.num_classes
         signature = DatasetSignature(tuple(sig.input_shape), classes, sig.name)
-        board = self.service.placement
-        if board is not None:  # replicas: maybe another one should take it
-            board.place(_envoy_attempt(context), PLACEMENT_ATTEMPTS)
         session = self.service.register(
             request.device_id,
             signature,
@@ -129,8 +111,6 @@ class SplitTrainingServicer(pb_grpc.SplitTrainingServicer):
             link_profile=request.profile.link,
             class_weights=list(request.class_weights),
         )
-        if board is not None:
-            board.publish()
         return session_message(session, self.service.teacher.accuracy)
 
     @rpc

@@ -25,12 +25,7 @@ from edge_agent.errors import CloudRefused, EdgeError
 from edge_agent.model_store import check_model_id
 from edge_agent.security import open_channel
 from splitkd import codec, serde
-from splitkd.grpc_options import (
-    DEFAULT_MAX_MESSAGE_BYTES,
-    REPLICA_HEADER,
-    ROUTE_HEADER,
-    channel_options,
-)
+from splitkd.grpc_options import DEFAULT_MAX_MESSAGE_BYTES, ROUTE_HEADER, channel_options
 from splitkd.messages import (
     JoinAnswer,
     RoundTask,
@@ -220,22 +215,14 @@ class CloudClient:
             requested_epochs=requested_epochs,
             class_weights=list(class_weights),
         )
-        reply, call = self._call(
+        reply: pb.RegisterResponse = self._call(
             "Register",
-            lambda: self._stub.Register.with_call(request, timeout=self.timeout),
+            lambda: self._stub.Register(request, timeout=self.timeout),
             idempotent=True,
             retry_on=_REGISTER_RETRY,
         )
         self._count(request.ByteSize(), reply.ByteSize())
-        self._stick_to(str(dict(call.initial_metadata() or ()).get(REPLICA_HEADER, "")))
         return _session_info(reply)
-
-    def _stick_to(self, replica: str) -> None:
-        """Behind Envoy (deploy/envoy/): later calls go to the replica that took the session."""
-        if replica and (REPLICA_HEADER, replica) not in self._metadata:
-            kept = tuple(m for m in self._metadata if m[0] != REPLICA_HEADER)
-            self._metadata = (*kept, (REPLICA_HEADER, replica))
-            self._reset_channel()
 
     def resume(self, session_id: str, available_steps: list[int]) -> tuple[int, SessionInfo]:
         """Agree with the cloud on a step both can restore; returns it and the session."""

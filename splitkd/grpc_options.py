@@ -46,6 +46,3 @@ def server_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[t
 # Envoy hashes it (deploy/envoy/) so a session's calls land on the replica that
 # holds it. Lower case: gRPC metadata keys are.
 ROUTE_HEADER = "x-splitkd-route"
-# Envoy's sticky-session header: the replica that took a session, named in Register's
-# answer and sent back by the edge on every later call (cloud_service/placement.py).
-REPLICA_HEADER = "x-splitkd-replica"

@@ -130,35 +130,6 @@ def _activation_shape(reply: pb.RegisterResponse, which: str) -> tuple[int, ...]
     return tuple(zoo.activation_shape(spec, cut))
 
 
-def test_new_sessions_spread_evenly_and_stay_on_the_replica_that_took_them(
-    cluster: tuple[list[Replica], Envoy, Path],
-) -> None:
-    from edge_agent.client import CloudClient
-    from splitkd.models import zoo
-    from tests.support import DIGITS
-
-    replicas, envoy, _ = cluster
-    rng = np.random.default_rng(1)
-    for index in range(6):
-        key = f"spread-{index}"
-        with CloudClient(envoy.address, routing_key=key, timeout=RPC_TIMEOUT) as cloud:
-            info = cloud.register(key, DIGITS)
-            student = zoo.activation_shape(info.student_spec, info.student_cut)
-            teacher = zoo.activation_shape(info.teacher_spec, info.teacher_cut)
-            for step in range(3):  # a step reaching another replica would not find it
-                cloud.step(
-                    info.session_id,
-                    step,
-                    rng.standard_normal((4, *student)).astype(np.float32),
-                    rng.standard_normal((4, *teacher)).astype(np.float32),
-                    rng.integers(0, 10, 4),
-                    pb.DTYPE_FLOAT32,
-                )
-            assert cloud.retried_calls == 0
-    counts = [r.health()["sessions"] for r in replicas]
-    assert sum(counts) == 7 and max(counts) - min(counts) <= 1, counts  # with no-key's one
-
-
 def test_a_replica_killed_mid_training_costs_the_edge_retries_not_a_failure(
     cluster: tuple[list[Replica], Envoy, Path],
 ) -> None:

@@ -397,26 +397,3 @@ def test_a_first_step_while_the_store_is_down_is_refused_and_applied_once_it_is_
     one_step(service, session_id, 0)  # the edge's retry
     assert service.sessions.get(session_id).next_step == 1
     assert store.read(f"sessions/{session_id}/session.json") is not None
-
-
-def test_a_replica_fuller_than_another_refuses_a_new_session_while_envoy_can_retry(
-    tmp_path: Path,
-) -> None:
-    from cloud_service.placement import LoadBoard
-
-    store = RetryingStore(DirectoryStore(tmp_path))
-    now = [1000.0]
-    counts = {"a": 3, "b": 1}
-    boards = {
-        name: LoadBoard(store, name, lambda name=name: counts[name], clock=lambda: now[0])
-        for name in counts
-    }
-    for board in boards.values():
-        board.publish()
-    with pytest.raises(Unavailable, match="placed elsewhere"):
-        boards["a"].place(attempt=1, attempts=3)
-    boards["a"].place(attempt=3, attempts=3)  # the last try is always taken
-    boards["a"].place(attempt=0, attempts=3)  # not behind Envoy: no one to retry
-    boards["b"].place(attempt=1, attempts=3)  # the emptier one takes it
-    now[0] += 60  # b went silent: its count no longer counts
-    boards["a"].place(attempt=1, attempts=3)
