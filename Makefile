@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help venv demo fleet-demo lifecycle-demo lm-demo test lint typecheck unit proto proto-check config-doc bench loadtest compare testbed plan-check compose-check pi-check clean
+.PHONY: help venv demo fleet-demo lifecycle-demo lm-demo test lint typecheck unit proto proto-check config-doc bench loadtest compare scale-check testbed plan-check compose-check pi-check clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -63,8 +63,11 @@ bench: $(STAMP) ## split step vs in-process step, wire bytes vs raw tensor bytes
 	$(BIN)/python -m benchmarks.wire_bench
 	$(BIN)/python -m benchmarks.linkemu_bench
 
-loadtest: $(STAMP) ## 32 async edges against one cloud process for 3 min: failures, p50/p99, cloud RSS
+loadtest: $(STAMP) ## 64 async edges against one cloud, 3 min with and 3 without teacher micro-batching: steps/s, p50/p99, RSS
 	$(BIN)/python -m benchmarks.loadtest $(LOADTEST_ARGS)
+
+scale-check: $(STAMP) ## 3 replicas behind a real Envoy, 32 simulated + 2 real edges, one replica SIGKILLed: nothing lost
+	$(BIN)/python -m benchmarks.scale_check $(SCALE_ARGS)
 
 compare: $(STAMP) ## Flower 1.42 FedAvg (own venv .venv-flower) vs splitkd, same shards: accuracy, bytes per device, seconds
 	$(BIN)/python -m benchmarks.compare $(COMPARE_ARGS)

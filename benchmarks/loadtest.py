@@ -2,7 +2,7 @@
 
 1. Starts ``splitkd-cloud serve`` as its own process (an untrained digits
    teacher checkpoint, ``--epochs 1000`` so that no session runs out of steps).
-2. Starts ``--edges`` simulated edges (default 32), spread over
+2. Starts ``--edges`` simulated edges (default 64), spread over
    ``--processes`` worker processes, each running its edges as async gRPC
    clients (``grpc.aio``, one channel per edge). Every edge does what a real
    edge does: registers, builds the frozen teacher head and the trainable
@@ -15,18 +15,28 @@
 
 Prints edges, steps, failed steps, steps/s, p50/p95/p99 step latency (the
 round trip one edge waits for, measured on the edge) and the cloud's RSS at
-start and at peak; writes ``runs/loadtest/report.json``. Exits 1 when any step
-failed or any edge could not register.
+start and at peak; writes ``runs/loadtest/{batching,no-batching}/report.json``.
+By default it runs twice, with the teacher tails of concurrent sessions
+micro-batched (cloud_service/batcher.py) and without (one pass per step, the
+baseline), and prints both side by side. Exits 1 when any step failed or any
+edge could not register.
+
+``SimulatedEdge`` is also make scale-check's edge (benchmarks/scale_check.py):
+with ``route`` it sends the routing key, retries what a replica cannot take
+now, resumes after a take-over, and checks its step count against the cloud's.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
+import itertools
 import json
 import math
 import multiprocessing
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -37,10 +47,19 @@ from multiprocessing.synchronize import Event
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
+
+from splitkd.grpc_options import ROUTE_HEADER
 
 MIB = 1024 * 1024
 SHARDS = 8  # distinct slices of the digits the edges train on (edge i gets shard i % 8)
+# Worth sending again (what a real edge retries): no replica could take the call now.
+_RETRIED = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+)
 
 
 # ---------------------------------------------------------------------------
@@ -55,13 +74,22 @@ class EdgeResult:
     steps: int = 0
     failures: list[str] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)
+    # When each of those steps was answered (time.time()), to split figures at a fault.
+    answered_at: list[float] = field(default_factory=list)
     last_loss: float = math.nan
+    retries: int = 0  # calls answered UNAVAILABLE (or timed out) and sent again
+    resumes: int = 0  # FAILED_PRECONDITION, then Resume: both sides back to a common step
+    redone: int = 0  # steps rolled back by those resumes and trained again
+    # At the end, the cloud's next step minus this edge's: > 0 a step applied twice, < 0 lost.
+    cloud_minus_edge: int | None = None
 
 
 class SimulatedEdge:
     """One edge: its own channel, session, heads, optimizer and private data."""
 
-    def __init__(self, address: str, name: str, shard: int, timeout: float) -> None:
+    def __init__(
+        self, address: str, name: str, shard: int, timeout: float, route: bool = False
+    ) -> None:
         import grpc
 
         from splitkd.data import edge_split, load_dataset
@@ -77,6 +105,9 @@ class SimulatedEdge:
         self.timeout = timeout
         self.result = EdgeResult(name)
         self.rng = np.random.default_rng(shard)
+        # Replicas behind Envoy: the routing key every real edge sends (its device id).
+        self.metadata = ((ROUTE_HEADER, name),) if route else None
+        self.snapshots: dict[int, tuple[dict[str, Any], dict[str, Any]]] = {}
 
     async def register(self) -> None:
         import grpc
@@ -103,6 +134,8 @@ class SimulatedEdge:
                     ),
                 ),
                 timeout=self.timeout,
+                metadata=self.metadata,
+                wait_for_ready=True,
             )
         except grpc.aio.AioRpcError as exc:
             self.result.failures.append(f"Register: {exc.code().name}: {exc.details()}")
@@ -129,7 +162,69 @@ class SimulatedEdge:
             ),
         )
         self.x = torch.from_numpy(self.data.x)
+        self.checkpoint_every = h.checkpoint_every or 25
+        self._snapshot()
         self.result.registered = True
+
+    def _snapshot(self) -> None:
+        """The head and its optimizer at this step, as the real edge keeps them (to resume)."""
+        self.snapshots[self.step] = (
+            copy.deepcopy(self.student_head.state_dict()),
+            copy.deepcopy(self.optimizer.state_dict()),
+        )
+        for step in sorted(self.snapshots)[:-4]:
+            if step != 0:
+                del self.snapshots[step]
+
+    async def _resume(self) -> None:
+        """Agree with the cloud on a step both can restore; roll the head back to it."""
+        from splitkd.v1 import splitkd_pb2 as pb
+
+        request = pb.ResumeRequest(
+            session_id=self.session_id, available_steps=sorted(self.snapshots)
+        )
+        reply = await self._call(self.stub.Resume, request)
+        model, optimizer = self.snapshots[reply.step]
+        self.student_head.load_state_dict(model)
+        self.optimizer.load_state_dict(copy.deepcopy(optimizer))
+        for step in [s for s in self.snapshots if s > reply.step]:
+            del self.snapshots[step]
+        self.result.resumes += 1
+        self.result.redone += self.step - reply.step
+        self.step = reply.step
+
+    async def _call(self, method: Any, request: Any) -> Any:
+        """A call retried while the cloud is unavailable (a replica dying, a session moving)."""
+        import grpc
+
+        for attempt in itertools.count():
+            try:
+                return await method(
+                    request, timeout=self.timeout, metadata=self.metadata, wait_for_ready=True
+                )
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in _RETRIED or attempt >= 60:
+                    raise
+                self.result.retries += 1
+                await asyncio.sleep(random.uniform(0, min(2.0, 0.1 * 2**attempt)))
+        raise AssertionError("unreachable")
+
+    async def verify(self) -> None:
+        """Compare step counts with the cloud: a lost or doubly applied step shows here."""
+        import grpc
+
+        from splitkd.v1 import splitkd_pb2 as pb
+
+        if not self.result.registered:
+            return
+        try:
+            reply = await self._call(
+                self.stub.Heartbeat, pb.HeartbeatRequest(session_id=self.session_id)
+            )
+        except grpc.aio.AioRpcError as exc:
+            self.result.failures.append(f"Heartbeat: {exc.code().name}: {exc.details()}")
+            return
+        self.result.cloud_minus_edge = reply.next_step - self.step
 
     def _batches(self) -> Any:
         while True:
@@ -162,25 +257,36 @@ class SimulatedEdge:
                 labels=codec.encode(self.data.y[index].astype(np.int64)),
             )
             reply = None
+            attempt = 0
             while reply is None and time.monotonic() < deadline:
                 started = time.perf_counter()
                 try:
-                    reply = await self.stub.Step(request, timeout=self.timeout)
+                    reply = await self.stub.Step(
+                        request, timeout=self.timeout, metadata=self.metadata
+                    )
                 except grpc.aio.AioRpcError as exc:
-                    # Resending the same step is safe (the cloud replays it), so go on
-                    # measuring; the failure is counted and fails the run.
+                    if exc.code() in _RETRIED:
+                        # A replica died or the session is moving: resending is safe
+                        # (steps are idempotent by number), as a real edge does.
+                        self.result.retries += 1
+                        await asyncio.sleep(random.uniform(0, min(2.0, 0.1 * 2**attempt)))
+                        attempt += 1
+                        continue
+                    if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                        await self._resume()  # another replica restored a checkpoint
+                        break
+                    # Anything else is a failure: counted, and it fails the run.
                     self.result.failures.append(
                         f"step {self.step}: {exc.code().name}: {exc.details()}"
                     )
                     await asyncio.sleep(0.5)
                     continue
                 self.result.latencies.append(time.perf_counter() - started)
+                self.result.answered_at.append(time.time())
             if reply is None:
+                if time.monotonic() < deadline:
+                    continue  # resumed: this step number's batch again
                 break
-            if reply.step != self.step or not math.isfinite(reply.loss):
-                self.result.failures.append(
-                    f"step {self.step}: answered step {reply.step}, loss {reply.loss}"
-                )
             gradient = codec.decode(reply.gradient, shape=tuple(student_act.shape), finite=True)
             self.optimizer.zero_grad()
             student_act.backward(torch.from_numpy(gradient.astype(np.float32)))
@@ -188,6 +294,8 @@ class SimulatedEdge:
             self.result.last_loss = reply.loss
             self.result.steps += 1
             self.step += 1
+            if self.step % self.checkpoint_every == 0:
+                self._snapshot()
 
     async def close(self) -> None:
         await self.channel.close(None)
@@ -200,13 +308,15 @@ async def _run_worker(
     timeout: float,
     ready: Any,
     start: Event,
+    route: bool = False,
 ) -> list[EdgeResult]:
-    edges = [SimulatedEdge(address, name, shard, timeout) for name, shard in names]
+    edges = [SimulatedEdge(address, name, shard, timeout, route) for name, shard in names]
     await asyncio.gather(*(edge.register() for edge in edges))
     ready.put(len(edges))
     await asyncio.get_running_loop().run_in_executor(None, start.wait)
     deadline = time.monotonic() + duration
     await asyncio.gather(*(edge.train(deadline) for edge in edges))
+    await asyncio.gather(*(edge.verify() for edge in edges))
     await asyncio.gather(*(edge.close() for edge in edges))
     return [edge.result for edge in edges]
 
@@ -219,13 +329,14 @@ def worker_main(
     ready: Any,
     start: Event,
     results: Any,
+    route: bool = False,
 ) -> None:
     import torch
 
     # Each edge's heads are tiny: one thread, as on a device core.
     torch.set_num_threads(1)
     try:
-        out = asyncio.run(_run_worker(address, names, duration, timeout, ready, start))
+        out = asyncio.run(_run_worker(address, names, duration, timeout, ready, start, route))
         results.put([asdict(r) for r in out])
     except BaseException as exc:  # the parent must hear about it, not wait forever
         ready.put(0)
@@ -295,7 +406,9 @@ def make_teacher(path: Path) -> None:
     Teacher(spec, model, None, signature.name).save(path)
 
 
-def start_cloud(out: Path) -> tuple[subprocess.Popen[bytes], str, str]:
+def start_cloud(
+    out: Path, extra_args: tuple[str, ...] = ()
+) -> tuple[subprocess.Popen[bytes], str, str]:
     from splitkd.demo import free_port, wait_healthy
 
     state = out / "cloud-state"
@@ -307,7 +420,7 @@ def start_cloud(out: Path) -> tuple[subprocess.Popen[bytes], str, str]:
         sys.executable, "-m", "cloud_service.cli", "-q", "serve",
         "--host", "127.0.0.1", "--grpc-port", str(grpc_port), "--http-port", str(http_port),
         "--teacher", str(state / "teacher.safetensors"), "--state-dir", str(state),
-        "--epochs", "1000",
+        "--epochs", "1000", *extra_args,
     ]  # fmt: skip
     log_path = out / "cloud.log"
     with log_path.open("wb") as log:
@@ -326,11 +439,11 @@ def percentile_ms(values: np.ndarray, q: float) -> float:
     return round(float(np.percentile(values, q)) * 1000, 2) if len(values) else math.nan
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    out = Path(args.out)
+def run(args: argparse.Namespace, batching: bool = True) -> dict[str, Any]:
+    out = Path(args.out) / ("batching" if batching else "no-batching")
     out.mkdir(parents=True, exist_ok=True)
     load_start = round(os.getloadavg()[0], 2)
-    cloud, address, http = start_cloud(out)
+    cloud, address, http = start_cloud(out, () if batching else ("--no-teacher-batching",))
     sampler = MemorySampler(cloud.pid)
     sampler.start()
     rss_start = rss_bytes(cloud.pid)
@@ -386,6 +499,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     window = min(wall, args.duration)
     rss = [b for _, b in sampler.samples]
     report = {
+        "teacher_batching": batching,
         "edges": args.edges,
         "edges_registered": sum(1 for e in edges if e["registered"]),
         "worker_processes": len(workers),
@@ -441,6 +555,8 @@ def print_report(report: dict[str, Any], out: Path) -> None:
     latency = report["step_latency_ms"]
     rss = report["cloud_rss_bytes"]
     lines = [
+        ("batching", "teacher tails micro-batched across sessions" if report["teacher_batching"]
+         else "one teacher pass per step (--no-teacher-batching)"),
         ("edges", f"{report['edges']} ({report['edges_registered']} registered, "
          f"{report['worker_processes']} client processes, one async gRPC channel each)"),
         ("duration", f"{report['duration_seconds']:.0f} s"),
@@ -466,7 +582,13 @@ def print_report(report: dict[str, Any], out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--edges", type=int, default=32, help="simulated edges (default 32)")
+    parser.add_argument("--edges", type=int, default=64, help="simulated edges (default 64)")
+    parser.add_argument(
+        "--batching",
+        choices=("both", "on", "off"),
+        default="both",
+        help="teacher micro-batching: run with it, without it, or both and compare (default)",
+    )
     parser.add_argument(
         "--duration", type=float, default=180.0, help="seconds of stepping (default 180)"
     )
@@ -479,18 +601,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--timeout", type=float, default=30.0, help="deadline of one Step call, seconds"
     )
-    parser.add_argument("--out", default="runs/loadtest", help="report folder")
+    parser.add_argument(
+        "--out", default="runs/loadtest", help="report folder (a subfolder per batching mode)"
+    )
     args = parser.parse_args(argv)
     if args.edges < 1 or args.duration <= 0:
         parser.error("--edges must be >= 1 and --duration > 0")
-    report = run(args)
-    print_report(report, Path(args.out))
-    ok = (
-        report["failed_steps"] == 0
-        and report["edges_registered"] == args.edges
-        and report["cloud_alive_at_end"]
+    modes = {"both": (False, True), "on": (True,), "off": (False,)}[args.batching]
+    reports = []
+    for batching in modes:
+        report = run(args, batching)
+        print_report(report, Path(args.out) / ("batching" if batching else "no-batching"))
+        reports.append(report)
+    if len(reports) == 2:
+        print_comparison(reports)
+    ok = all(
+        r["failed_steps"] == 0 and r["edges_registered"] == args.edges and r["cloud_alive_at_end"]
+        for r in reports
     )
     return 0 if ok else 1
+
+
+def print_comparison(reports: list[dict[str, Any]]) -> None:
+    print(f"\n  {'teacher passes':<34} {'steps/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'failed':>7}")
+    for r in reports:
+        label = "micro-batched" if r["teacher_batching"] else "one per step (the baseline)"
+        latency = r["step_latency_ms"]
+        print(
+            f"  {label:<34} {r['steps_per_second']:>8.1f} {latency['p50']:>8.1f} "
+            f"{latency['p99']:>8.1f} {r['failed_steps']:>7}"
+        )
 
 
 if __name__ == "__main__":

@@ -216,6 +216,8 @@ class AuthInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
+        if handler_call_details.method.startswith("/grpc.health.v1.Health/"):
+            return handler  # load balancers' probes carry no device credential; it tells nothing
         method = handler_call_details.method.rsplit("/", 1)[-1]
         kwargs = {
             "request_deserializer": handler.request_deserializer,

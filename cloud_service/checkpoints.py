@@ -1,11 +1,13 @@
-"""Sessions on disk, so that a cloud that is killed or restarted loses nothing.
+"""Sessions in storage, so that a cloud that is killed or restarted loses nothing.
 
-Layout: ``ROOT/<session id>/session.json`` (who, what models, hyperparameters)
-and ``ROOT/<session id>/step-<n>.safetensors`` (student tail + optimizer at
-step n; see ``splitkd.checkpoint``). Every file is written atomically and
-fsynced. A session is written once it has trained (its first step) and
-removed when it finishes or expires: only the files named here are ever
-deleted, never anything else an operator put in these folders.
+Layout (keys of a :mod:`cloud_service.storage` store, a folder by default):
+``<id>/session.json`` (who, what models, hyperparameters) and
+``<id>/step-<n>.safetensors`` (student tail + optimizer at step n; see
+``splitkd.checkpoint``); with replicas, ``<id>/lease-<g>`` too (see
+``cloud_service.leases``). Every object is published atomically. A session is
+written once it has trained (its first step) and removed when it finishes or
+expires: only the keys named here are ever deleted, never anything else an
+operator put there.
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from cloud_service.session import Session
+from cloud_service.storage import Store, open_store
 from cloud_service.teacher import Teacher, TeacherVersions
 from cloud_service.teacher_cache import for_spec
 from splitkd import checkpoint
-from splitkd.atomic import write_json_atomic
 from splitkd.classes import check_class_weights
 from splitkd.errors import SplitKDError
 from splitkd.hyper import Hyperparameters
@@ -30,11 +32,10 @@ from splitkd.models.spec import ModelSpec
 from splitkd.models.staged import StagedModel
 
 log = logging.getLogger(__name__)
-_SESSION_ID = re.compile(r"^[0-9a-f]{32}$")
-# What this module (and splitkd.checkpoint) writes in a session folder, temporary files included.
-_OURS = re.compile(
-    r"^(session\.json|step-\d{9}\.safetensors|\.(session\.json|step-\d{9}\.safetensors)\.([a-z0-9_]+\.)?tmp)$"
-)
+SESSION_ID = re.compile(r"^[0-9a-f]{32}$")
+# What this module (and the leases) write for a session.
+_OURS = re.compile(r"^(session\.json|step-\d{9}\.safetensors|lease-\d{9})$")
+_STEP = re.compile(r"^step-(\d{9})\.safetensors$")
 
 
 class Unrestorable(Exception):
@@ -42,14 +43,16 @@ class Unrestorable(Exception):
 
 
 class SessionCheckpoints:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.root.mkdir(parents=True, exist_ok=True)
+    """``store``: a folder (as before) or a shared store; ``prefix``: where sessions sit in it."""
 
-    def _folder(self, session_id: str) -> Path:
-        if not _SESSION_ID.fullmatch(session_id):
+    def __init__(self, store: Path | Store, prefix: str = "") -> None:
+        self.store: Store = open_store(str(store)) if isinstance(store, Path) else store
+        self.prefix = prefix
+
+    def _key(self, session_id: str, name: str = "") -> str:
+        if not SESSION_ID.fullmatch(session_id):
             raise ValueError(f"not a session id: {session_id!r}")
-        return self.root / session_id
+        return f"{self.prefix}{session_id}/{name}"
 
     def save_meta(self, session: Session) -> None:
         meta = {
@@ -78,27 +81,31 @@ class SessionCheckpoints:
             # misses and sends its teacher activations again (teacher_cache.py).
             "teacher_cache_samples": 0 if session.cache is None else session.cache.capacity,
         }
-        folder = self._folder(session.session_id)
-        folder.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(folder / "session.json", meta)
+        self.store.write(self._key(session.session_id, "session.json"), json.dumps(meta).encode())
 
     def save_state(self, session_id: str, state: checkpoint.TrainingState) -> None:
-        folder = self._folder(session_id)
-        checkpoint.write(checkpoint.step_path(folder, state.step), state)
-        checkpoint.prune(folder)
+        self.store.write(self._key(session_id, _step_name(state.step)), checkpoint.to_bytes(state))
+        # Step 0 (the common ground of last resort) and the newest few stay.
+        steps = self._steps(session_id)
+        for step in steps[: -checkpoint.KEEP_CHECKPOINTS]:
+            if step != 0:
+                self.store.delete(self._key(session_id, _step_name(step)))
+
+    def _names(self, session_id: str) -> list[str]:
+        folder = self._key(session_id)
+        return [key[len(folder) :] for key in self.store.list(folder)]
+
+    def _steps(self, session_id: str) -> list[int]:
+        return sorted(int(m[1]) for n in self._names(session_id) if (m := _STEP.fullmatch(n)))
+
+    def exists(self, session_id: str) -> bool:
+        return self.store.read(self._key(session_id, "session.json")) is not None
 
     def remove(self, session_id: str) -> None:
-        """Delete the session's files (only ours), and its folder once empty."""
-        folder = self._folder(session_id)
-        if not folder.is_dir():
-            return
-        for path in folder.iterdir():
-            if _OURS.fullmatch(path.name) and path.is_file():
-                path.unlink(missing_ok=True)
-        try:
-            folder.rmdir()
-        except OSError:
-            log.warning("kept %s: it holds files splitkd did not write", folder)
+        """Delete the session's objects (only ours); a folder holding others stays."""
+        for name in self._names(session_id):
+            if _OURS.fullmatch(name):
+                self.store.delete(self._key(session_id, name))
 
     def load_all(self, teachers: TeacherVersions) -> list[Session]:
         """Every session on disk that this cloud's teacher (at its version) can go on serving.
@@ -107,28 +114,47 @@ class SessionCheckpoints:
         removed with one line; one trained against another teacher is kept
         for a cloud that has that teacher.
         """
+        ids = sorted(
+            {key[len(self.prefix) :].split("/", 1)[0] for key in self.store.list(self.prefix)}
+        )
         sessions = []
-        for folder in sorted(p for p in self.root.iterdir() if _SESSION_ID.fullmatch(p.name)):
-            try:
-                sessions.append(self._load(folder, teachers))
-            except Unrestorable as exc:
-                self.remove(folder.name)
-                log.warning("session %s… cannot be restored (%s); removed", folder.name[:8], exc)
-            except (SplitKDError, OSError, ValueError, KeyError, RuntimeError) as exc:
-                log.warning("session %s… not restored: %s", folder.name[:8], exc)
+        for session_id in filter(SESSION_ID.fullmatch, ids):
+            restored = self.load(session_id, teachers)
+            if restored is not None:
+                sessions.append(restored)
         return sessions
 
-    def _load(self, folder: Path, teachers: TeacherVersions) -> Session:
+    def load(self, session_id: str, teachers: TeacherVersions) -> Session | None:
+        """The session from storage, or None (absent, or not restorable by this cloud)."""
         try:
-            meta: dict[str, Any] = json.loads((folder / "session.json").read_text())
+            return self._load(session_id, teachers)
+        except FileNotFoundError:
+            return None
+        except Unrestorable as exc:
+            self.remove(session_id)
+            log.warning("session %s… cannot be restored (%s); removed", session_id[:8], exc)
+        except (SplitKDError, OSError, ValueError, KeyError, RuntimeError) as exc:
+            if getattr(exc, "status", "") == "UNAVAILABLE":
+                raise  # the store is down: the caller retries, nothing is removed
+            log.warning("session %s… not restored: %s", session_id[:8], exc)
+        return None
+
+    def _load(self, session_id: str, teachers: TeacherVersions) -> Session:
+        raw = self.store.read(self._key(session_id, "session.json"))
+        if raw is None:
+            if not self._names(session_id):
+                raise FileNotFoundError(session_id)
+            raise Unrestorable("it has no session.json")
+        try:
+            meta: dict[str, Any] = json.loads(raw)
             spec = ModelSpec.from_json(meta["teacher"]["family"], meta["teacher"]["spec"])
-        except (OSError, ValueError, KeyError, TypeError, SplitKDError) as exc:
+        except (ValueError, KeyError, TypeError, SplitKDError) as exc:
             raise Unrestorable(f"session.json is unreadable: {exc}") from None
-        if meta.get("session_id") != folder.name:
+        if meta.get("session_id") != session_id:
             raise Unrestorable("session.json names another session")
         if meta.get("finished_version") is not None:
             raise Unrestorable("it finished; its student is published")
-        if not meta.get("trained") and checkpoint.available_steps(folder) in ([], [0]):
+        if not meta.get("trained") and self._steps(session_id) in ([], [0]):
             raise Unrestorable("it never trained (saved at registration by an older splitkd)")
         # The session goes on against the server-model version it started with.
         teacher = teachers.get(int(meta.get("teacher_version", 1)))  # FailedPrecondition: kept
@@ -136,18 +162,16 @@ class SessionCheckpoints:
         if spec != teacher_spec:
             raise ValueError("it was trained against another teacher")
         try:
-            return self._session(folder, meta, teacher_spec, teacher)
+            return self._session(meta, teacher_spec, teacher)
         except (SplitKDError, ValueError, KeyError, TypeError, RuntimeError) as exc:
             raise Unrestorable(str(exc)) from None
 
-    def _session(
-        self, folder: Path, meta: dict[str, Any], teacher_spec: ModelSpec, teacher: Teacher
-    ) -> Session:
+    def _session(self, meta: dict[str, Any], teacher_spec: ModelSpec, teacher: Teacher) -> Session:
         student_spec = ModelSpec.from_json(meta["student"]["family"], meta["student"]["spec"])
         hyper = _hyper(meta["hyper"])
         student = zoo.build(student_spec, hyper.seed)
         capacity = int(meta.get("teacher_cache_samples", 0))
-        states = _intact_states(folder, student)
+        states = self._intact_states(meta["session_id"], student)
         if not states:
             raise Unrestorable("no intact checkpoint")
         session = Session(
@@ -174,6 +198,32 @@ class SessionCheckpoints:
         session.load(states[max(states)])  # live = newest; older ones stay restorable
         return session
 
+    def _intact_states(
+        self, session_id: str, student: StagedModel
+    ) -> dict[int, checkpoint.TrainingState]:
+        """The checkpoints that can be loaded, by step: a torn object, or one whose content
+        is another step's or another model's, is skipped (older ones still serve)."""
+        expected = {name: tuple(t.shape) for name, t in student.state_dict().items()}
+        states = {}
+        for step in self._steps(session_id):
+            raw = self.store.read(self._key(session_id, _step_name(step)))
+            try:
+                state = checkpoint.from_bytes(raw or b"", f"step {step}")
+            except SplitKDError as exc:
+                log.warning("%s: ignoring the checkpoint of step %d: %s", session_id[:8], step, exc)
+                continue
+            shapes = {name: tuple(t.shape) for name, t in state.model.items()}
+            if state.step != step or shapes != expected:
+                log.warning(
+                    "%s: ignoring the checkpoint of step %d: it holds %s",
+                    session_id[:8],
+                    step,
+                    f"step {state.step}" if state.step != step else "another model",
+                )
+                continue
+            states[step] = state
+        return states
+
 
 def _hyper(saved: dict[str, Any]) -> Hyperparameters:
     """Hyperparameters as saved; folders of versions before the wire codecs had wire_dtype."""
@@ -183,25 +233,5 @@ def _hyper(saved: dict[str, Any]) -> Hyperparameters:
     return Hyperparameters(**saved)
 
 
-def _intact_states(folder: Path, student: StagedModel) -> dict[int, checkpoint.TrainingState]:
-    """The checkpoints that can be loaded, by step: a torn file, or one whose content
-    is another step's or another model's, is skipped (older ones still serve)."""
-    expected = {name: tuple(t.shape) for name, t in student.state_dict().items()}
-    states = {}
-    for step in checkpoint.available_steps(folder):
-        try:
-            state = checkpoint.read(checkpoint.step_path(folder, step))
-        except SplitKDError as exc:
-            log.warning("%s: ignoring the checkpoint of step %d: %s", folder.name[:8], step, exc)
-            continue
-        shapes = {name: tuple(t.shape) for name, t in state.model.items()}
-        if state.step != step or shapes != expected:
-            log.warning(
-                "%s: ignoring the checkpoint of step %d: it holds %s",
-                folder.name[:8],
-                step,
-                f"step {state.step}" if state.step != step else "another model",
-            )
-            continue
-        states[step] = state
-    return states
+def _step_name(step: int) -> str:
+    return f"step-{step:09d}.safetensors"

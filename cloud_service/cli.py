@@ -34,7 +34,6 @@ def _global_options(parser: argparse.ArgumentParser) -> None:
 def _serve(args: ServeSettings) -> int:
     import torch
 
-    from cloud_service.checkpoints import SessionCheckpoints
     from cloud_service.limits import RateLimiter
     from cloud_service.registry import ModelRegistry
     from cloud_service.server import ServeOptions, serve
@@ -76,9 +75,17 @@ def _serve(args: ServeSettings) -> int:
     # Serving: each step's tensors are tiny, so intra-op threads cost more in
     # synchronisation than they give; sessions run in parallel on gRPC's pool.
     torch.set_num_threads(1)
+    # The first optimizer a process makes imports torch._dynamo (seconds): pay it now,
+    # not inside the first Register, where a paused replica looks dead to Envoy.
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+    from cloud_service.batcher import TEACHER_BATCHER
+
+    TEACHER_BATCHER.enabled = not args.no_teacher_batching
+    TEACHER_BATCHER.window_seconds = max(0.0, args.teacher_batch_ms) / 1000
+    checkpoints = _session_checkpoints(args)
     service = CloudService(
         TeacherVersions(teacher, args.state_dir / lifecycle_cli.VERSIONS_FOLDER),
-        ModelRegistry(args.state_dir / "models", keep_versions=args.keep_versions),
+        ModelRegistry(_registry_root(args), keep_versions=args.keep_versions),
         SessionStore(idle_timeout=args.session_timeout),
         CloudConfig(
             student_cut=args.student_cut,
@@ -87,16 +94,19 @@ def _serve(args: ServeSettings) -> int:
             teacher_cache_bytes=int(args.teacher_cache_mb * (1 << 20)),
             teacher_cache_samples=args.teacher_cache_samples,
         ),
-        checkpoints=SessionCheckpoints(args.state_dir / "sessions"),
+        checkpoints=checkpoints,
         limiter=RateLimiter(args.max_steps_per_second),
+        restore_at_start=args.lease_seconds <= 0,
     )
     lifecycle = lifecycle_cli.build_lifecycle(service, args, args.guardrail_margin)
     if args.base_student and lifecycle is not None:
         lifecycle.distil(args.base_student)
+    replica = _replica(args, service, checkpoints)
     serve(
         service,
         ServeOptions(
             lifecycle=lifecycle,
+            replica=replica,
             fleet=_fleet(args, service),
             host=args.host,
             grpc_port=args.grpc_port,
@@ -106,6 +116,44 @@ def _serve(args: ServeSettings) -> int:
         ),
     )
     return 0
+
+
+def _registry_root(args: ServeSettings) -> Path:
+    """Replicas sharing a folder share their models too: a device downloads its student
+    from whichever replica it lands on. (With S3 the registry stays per replica.)"""
+    if args.store and not args.store.startswith("s3://"):
+        return Path(args.store) / "models"
+    return args.state_dir / "models"
+
+
+def _session_checkpoints(args: ServeSettings) -> Any:
+    """Sessions in the state folder (one cloud), or in the replicas' shared store."""
+    from cloud_service.checkpoints import SessionCheckpoints
+    from cloud_service.storage import open_store
+
+    if not args.store:
+        return SessionCheckpoints(args.state_dir / "sessions")
+    store = open_store(args.store, endpoint_url=args.store_endpoint)
+    store.ping()  # fail at start, in one line, rather than at the first step
+    return SessionCheckpoints(store, prefix="sessions/")
+
+
+def _replica(args: ServeSettings, service: Any, checkpoints: Any) -> Any:
+    import socket
+
+    from cloud_service.leases import Leases
+    from cloud_service.replicas import Replica
+
+    if args.lease_seconds <= 0:
+        return None
+    if not args.store:
+        raise SplitKDError("--lease-seconds needs --store: the replicas' shared storage")
+    name = args.replica_id or f"{socket.gethostname()}-{os.getpid()}"
+    replica = Replica(
+        service, Leases(checkpoints.store, name, args.lease_seconds, prefix=checkpoints.prefix)
+    )
+    log.info("replica %s: sessions shared in %s", name, checkpoints.store.description)
+    return replica
 
 
 def _fleet(args: ServeSettings, service: Any) -> Any:

@@ -7,7 +7,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Path, Response
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 
 from cloud_service.http_auth import caller_dependency, owns_model, require_model
 from cloud_service.security import CloudSecurity
@@ -59,6 +59,13 @@ def create_app(
     def prometheus_metrics() -> Response:
         body, content_type = exposition(service.metrics.registry)
         return Response(content=body, media_type=content_type)
+
+    @app.get("/readyz", response_model=None)
+    def readyz() -> dict[str, Any] | JSONResponse:
+        """200 when this cloud can serve; 503 while its shared storage does not answer."""
+        if service.ready():
+            return {"status": "ready"}
+        return JSONResponse({"status": "not ready: the shared store does not answer"}, 503)
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:

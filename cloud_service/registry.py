@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import tempfile
 import threading
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -24,6 +25,8 @@ log = logging.getLogger(__name__)
 _FILES = ("model.onnx", "metadata.json")
 # Enough to roll a device back a few trainings; a registry must not grow forever.
 DEFAULT_KEEP_VERSIONS = 5
+# Versions another replica may take between our look and our rename (shared folder).
+_PUBLISH_ATTEMPTS = 20
 
 
 @dataclass(frozen=True)
@@ -72,26 +75,46 @@ class ModelRegistry:
     def publish(self, name: str, onnx_bytes: bytes, **meta: object) -> ModelRecord:
         check_name(name)
         with self._lock:
-            versions = self._versions(name)
-            version = (versions[-1] + 1) if versions else 1
-            folder = self.root / name / str(version)
-            tmp = self.root / name / f".{version}.tmp"
-            tmp.mkdir(parents=True, exist_ok=True)
-            write_bytes_atomic(tmp / "model.onnx", onnx_bytes)
-            record = ModelRecord(
-                name=name,
-                version=version,
-                sha256=hashlib.sha256(onnx_bytes).hexdigest(),
-                size_bytes=len(onnx_bytes),
-                created_at=datetime.now(UTC).isoformat(timespec="seconds"),
-                **meta,  # type: ignore[arg-type]
-            )
-            write_json_atomic(tmp / "metadata.json", record.to_dict())
+            # Replicas sharing this folder may publish at once: a version whose folder
+            # another one renamed into place first is taken, so try the next.
+            for _ in range(_PUBLISH_ATTEMPTS):
+                record = self._publish_once(name, onnx_bytes, meta)
+                if record is not None:
+                    self._prune(name)
+                    return record
+        raise OSError(f"could not publish {name}: {_PUBLISH_ATTEMPTS} versions taken meanwhile")
+
+    def _publish_once(
+        self, name: str, onnx_bytes: bytes, meta: dict[str, object]
+    ) -> ModelRecord | None:
+        versions = self._versions(name)
+        version = (versions[-1] + 1) if versions else 1
+        folder = self.root / name / str(version)
+        (self.root / name).mkdir(parents=True, exist_ok=True)
+        # A name of its own: another process preparing the same version never writes in it.
+        tmp = Path(tempfile.mkdtemp(dir=self.root / name, prefix=f".{version}.", suffix=".tmp"))
+        write_bytes_atomic(tmp / "model.onnx", onnx_bytes)
+        record = ModelRecord(
+            name=name,
+            version=version,
+            sha256=hashlib.sha256(onnx_bytes).hexdigest(),
+            size_bytes=len(onnx_bytes),
+            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            **meta,  # type: ignore[arg-type]
+        )
+        write_json_atomic(tmp / "metadata.json", record.to_dict())
+        try:
             # The rename is atomic: a reader sees a whole version or none.
             tmp.rename(folder)
-            fsync_directory(folder.parent)
-            self._prune(name)
-            return record
+        except OSError:
+            if not folder.exists():
+                raise
+            for file in _FILES:
+                (tmp / file).unlink(missing_ok=True)
+            tmp.rmdir()
+            return None
+        fsync_directory(folder.parent)
+        return record
 
     def _prune(self, name: str) -> None:
         """Delete versions older than the newest ``keep_versions`` (callers hold the lock)."""

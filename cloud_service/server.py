@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
@@ -17,9 +18,11 @@ from google.protobuf.message import DecodeError
 
 from cloud_service.fleet.service import FleetService
 from cloud_service.fleet.servicer import FleetServicer
+from cloud_service.health import add_health, set_serving
 from cloud_service.http_api import create_app
 from cloud_service.lifecycle import Lifecycle
 from cloud_service.lifecycle_servicer import LifecycleServicer
+from cloud_service.replicas import Replica
 from cloud_service.security import CloudSecurity
 from cloud_service.service import CloudService
 from cloud_service.servicer import SplitTrainingServicer
@@ -86,10 +89,12 @@ def build_grpc_server(
     security: CloudSecurity | None = None,
     fleet: FleetService | None = None,
     lifecycle: Lifecycle | None = None,
+    health: bool = False,
 ) -> tuple[grpc.Server, int]:
     """A started-ready gRPC server bound to ``address``; returns it and the bound port.
 
-    ``security`` adds TLS (a certificate given) and device authentication.
+    ``security`` adds TLS (a certificate given) and device authentication;
+    ``health`` the standard health service (``server.health``, cloud_service/health.py).
     """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
@@ -104,6 +109,8 @@ def build_grpc_server(
         pb_grpc.add_FleetServicer_to_server(FleetServicer(fleet), server)
     if lifecycle is not None:
         pb_grpc.add_LifecycleServicer_to_server(LifecycleServicer(lifecycle), server)
+    if health:
+        server.health = add_health(server)  # type: ignore[attr-defined]
     credentials = security.grpc_credentials() if security is not None else None
     if credentials is not None:
         port = server.add_secure_port(address, credentials)
@@ -124,6 +131,9 @@ class ServeOptions:
     security: CloudSecurity | None = None
     fleet: FleetService | None = None
     lifecycle: Lifecycle | None = None
+    replica: Replica | None = None
+    # How often a replica asks its shared store whether it answers (readiness).
+    probe_seconds: float = 2.0
 
 
 def serve(service: CloudService, options: ServeOptions) -> None:
@@ -136,6 +146,7 @@ def serve(service: CloudService, options: ServeOptions) -> None:
         security=security,
         fleet=options.fleet,
         lifecycle=options.lifecycle,
+        health=True,
     )
     grpc_server.start()
     config = uvicorn.Config(
@@ -169,12 +180,18 @@ def serve(service: CloudService, options: ServeOptions) -> None:
         options.host,
         options.http_port,
     )
+    probed = 0.0
     while not stopping.wait(0.5):
         if options.fleet is not None:
             options.fleet.poke_all()  # rounds whose deadline passed close even if nobody calls
+        if options.replica is not None and time.monotonic() - probed >= options.probe_seconds:
+            probed = time.monotonic()
+            set_serving(grpc_server.health, options.replica.store.probe())  # type: ignore[attr-defined]
         if not http_thread.is_alive():
             grpc_server.stop(0)
             raise OSError(f"the HTTP server stopped (is port {options.http_port} in use?)")
+    # Not serving first: load balancers stop sending new calls while running ones finish.
+    set_serving(grpc_server.health, False)  # type: ignore[attr-defined]
     http_server.should_exit = True
     grpc_server.stop(options.grace_seconds).wait()
     # Nothing runs any more: the live state of every session goes to disk, so
@@ -183,5 +200,8 @@ def serve(service: CloudService, options: ServeOptions) -> None:
         options.fleet.close()
     saved = service.checkpoint_all()
     log.info("checkpointed %d unfinished sessions", saved)
+    if options.replica is not None:
+        # Released leases let another replica take these sessions at once.
+        log.info("released %d session leases", options.replica.release_all())
     http_thread.join(options.grace_seconds)
     log.info("cloud stopped")

@@ -17,6 +17,7 @@ import torch
 
 from cloud_service import pipeline
 from cloud_service.checkpoints import SessionCheckpoints
+from cloud_service.leases import Leases
 from cloud_service.limits import RateLimiter, check_free_text, check_label, shown
 from cloud_service.metrics import CloudMetrics
 from cloud_service.registry import ModelRecord, ModelRegistry
@@ -26,7 +27,13 @@ from cloud_service.teacher import Teacher, TeacherVersions
 from cloud_service.teacher_cache import TeacherCache, for_spec
 from splitkd import codecs, names
 from splitkd.classes import check_class_weights, padded_class_weights
-from splitkd.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, SplitKDError
+from splitkd.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+    SplitKDError,
+    Unavailable,
+)
 from splitkd.hyper import Hyperparameters
 from splitkd.messages import SessionAsk, StepOutcome, TaskDescription
 from splitkd.models import zoo
@@ -73,7 +80,10 @@ class CloudService:
         metrics: CloudMetrics | None = None,
         checkpoints: SessionCheckpoints | None = None,
         limiter: RateLimiter | None = None,
+        restore_at_start: bool = True,
     ) -> None:
+        """``restore_at_start``: load every stored session now (one cloud); replicas
+        restore a session when its first call lands (cloud_service/replicas.py)."""
         # The server model has versions (federated cohorts teach it); a session
         # keeps the version it registered with, see TeacherVersions.
         self.teachers = (
@@ -96,10 +106,15 @@ class CloudService:
         # Set by a FleetService: a finished cohort's students, to re-distil (lifecycle.py).
         self.cohort_students: Callable[[str], list[CohortStudent]] | None = None
         self.checkpoints = checkpoints
+        # Set by cloud_service.replicas.Replica: sessions are owned through leases.
+        self.leases: Leases | None = None
+        # Sessions activated whose first save has not succeeded yet (see _first_save).
+        self._unsaved: set[str] = set()
         self.limiter = limiter or RateLimiter()
         if checkpoints is not None:
             sessions.on_expire = lambda session: checkpoints.remove(session.session_id)
-            self._restore(checkpoints)
+            if restore_at_start:
+                self._restore(checkpoints)
 
     def _restore(self, checkpoints: SessionCheckpoints) -> None:
         for restored in checkpoints.load_all(self.teachers):
@@ -114,6 +129,11 @@ class CloudService:
                 restored.device_id,
                 restored.next_step,
             )
+
+    def ready(self) -> bool:
+        """Whether this cloud can serve: its shared storage answers (always, without one)."""
+        store = getattr(self.checkpoints, "store", None)
+        return bool(getattr(store, "ready", True))
 
     @property
     def teacher(self) -> Teacher:
@@ -289,14 +309,12 @@ class CloudService:
             raise InvalidArgument(f"kd_alpha must be in [0, 1], got {kd_alpha}")
         with session.lock:
             pipeline.wait_turn(session, step)
-            if (
-                self.sessions.activate(session)
-                and self.checkpoints is not None
-                and session.persisted
-            ):
-                # It trains now: from here a restart must be able to resume it.
-                self.checkpoints.save_meta(session)
-                self.checkpoints.save_state(session.session_id, session.snapshots[0])
+            activated = self.sessions.activate(session)
+            if self.checkpoints is not None and session.persisted:
+                if activated:
+                    self._unsaved.add(session.session_id)
+                if session.session_id in self._unsaved:
+                    self._first_save(session)
             result = session.step(
                 step, student_act, teacher_act, labels, next_teacher_act, kd_alpha, sample_ids
             )
@@ -306,6 +324,16 @@ class CloudService:
         if not result.replayed:
             self.metrics.observe_step(session.times.teacher_seconds, session.times.student_seconds)
         return result
+
+    def _first_save(self, session: Session) -> None:
+        """It trains now: from here a restart must be able to resume it. Until this
+        succeeds (shared storage may be down) no step is applied: the edge retries."""
+        assert self.checkpoints is not None
+        if self.leases is not None and not self.leases.holds(session.session_id):
+            raise Unavailable("this replica cannot take the session's lease; try again")
+        self.checkpoints.save_meta(session)
+        self.checkpoints.save_state(session.session_id, session.snapshots[0])
+        self._unsaved.discard(session.session_id)
 
     def _checkpoint(self, session: Session) -> None:
         """Snapshot the live state (callers hold the session's lock)."""
@@ -334,6 +362,8 @@ class CloudService:
             with session.lock:
                 if session.finished_version is not None or not session.persisted:
                     continue
+                if self.leases is not None and not self.leases.held(session.session_id):
+                    continue  # another replica serves it now: its files are not ours to write
                 if session.next_step not in session.snapshots:
                     self._checkpoint(session)
                 count += 1
@@ -408,6 +438,8 @@ class CloudService:
             if self.checkpoints is not None:
                 # Published: nothing left to resume, so nothing kept on disk.
                 self.checkpoints.remove(session.session_id)
+                if self.leases is not None:
+                    self.leases.forget(session.session_id)
             self.metrics.models_published.inc()
             log.info(
                 "session %s… finished: %s v%d (%d bytes)",

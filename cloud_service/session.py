@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
+from cloud_service.batcher import TEACHER_BATCHER
 from cloud_service.teacher_cache import TeacherCache
 from splitkd import checkpoint, codecs
 from splitkd.codecs import Encoded
@@ -363,14 +364,8 @@ class Session:
         return self._prefetch[1].result()
 
     def _teacher_logits(self, teacher_act: np.ndarray) -> tuple[torch.Tensor, float]:
-        started = time.perf_counter()
-        with torch.no_grad():  # grad mode is per thread: set it here
-            logits = self.teacher.run(
-                torch.from_numpy(teacher_act.astype(np.float32)),
-                self.teacher_cut,
-                len(self.teacher.stages),
-            )
-        return logits, time.perf_counter() - started
+        # Batched with other sessions' steps arriving at the same time (cloud_service/batcher.py).
+        return TEACHER_BATCHER.run(self.teacher, self.teacher_cut, teacher_act)
 
     def evaluate(self, student_act: np.ndarray) -> np.ndarray:
         self._check_batch(student_act, None)

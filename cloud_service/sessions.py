@@ -43,6 +43,10 @@ class SessionStore:
     ) -> None:
         # Called for every active session dropped (expired, displaced), outside the lock.
         self.on_expire = on_expire
+        # Replicas (CloudService.share): a session unknown here may be restored from shared
+        # storage (``loader``), and one known here may have moved to another replica (``guard``).
+        self.loader: Callable[[str], Session | None] | None = None
+        self.guard: Callable[[Session], None] | None = None
         self._last_sweep = float("-inf")
         self._sessions: dict[str, Session] = {}
         self._pending: OrderedDict[str, Session] = OrderedDict()
@@ -118,6 +122,23 @@ class SessionStore:
             )
 
     def get(self, session_id: str) -> Session:
+        try:
+            session, active = self._get_here(session_id)
+        except NotFound:
+            restored = self.loader(session_id) if self.loader is not None else None
+            if restored is None:
+                raise
+            return restored
+        if active and self.guard is not None:
+            self.guard(session)
+        return session
+
+    def peek(self, session_id: str) -> Session | None:
+        """The active session if this cloud holds it (no expiry, no hooks)."""
+        with self._lock:
+            return self._sessions.get(session_id)
+
+    def _get_here(self, session_id: str) -> tuple[Session, bool]:
         with self._lock:
             # Every RPC looks a session up: sweep the others once a second, not per call.
             self._expire_locked(sweep_every=1.0)
@@ -128,6 +149,7 @@ class SessionStore:
             if session is not None:
                 session.last_seen = self._clock()
             expired = session_id in self._expired
+            active = session_id in self._sessions
         self._run_dropped()
         if session is None:
             if expired:
@@ -135,7 +157,7 @@ class SessionStore:
                     f"session {session_id[:8]}… expired after {self.idle_timeout:.0f} s of silence; register again"
                 )
             raise NotFound(UNKNOWN_SESSION)
-        return session
+        return session, active
 
     def remove(self, session_id: str) -> None:
         with self._lock:

@@ -126,8 +126,41 @@ class GuardrailOptions(Options):
     )
 
 
+REPLICAS = "replicas (several clouds behind Envoy; see docs/KUBERNETES.md)"
+
+
+class ReplicaOptions(Options):
+    store: str = option(
+        "",
+        "shared storage of sessions and their leases: a folder every replica mounts "
+        "(a ReadWriteMany volume) or s3://BUCKET/PREFIX; empty: STATE_DIR, this cloud alone",
+        group=REPLICAS,
+    )
+    store_endpoint: str = option(
+        "",
+        "S3 endpoint URL for MinIO, Ceph and others (credentials: the AWS_* variables)",
+        group=REPLICAS,
+    )
+    lease_seconds: float = option(
+        0.0,
+        "session leases: a dead replica's sessions move after this long; 0: this cloud is "
+        "the only one (no leases, every stored session restored at start)",
+        group=REPLICAS,
+    )
+    replica_id: str = option(
+        "",
+        "this replica's name in leases and logs (default: host name and process id)",
+        group=REPLICAS,
+    )
+
+
 class ServeSettings(
-    CloudSecurityOptions, GuardrailOptions, FleetOptions, TrainingOptions, StateDirOptions
+    ReplicaOptions,
+    CloudSecurityOptions,
+    GuardrailOptions,
+    FleetOptions,
+    TrainingOptions,
+    StateDirOptions,
 ):
     host: str = option("0.0.0.0", "address to listen on")
     grpc_port: int = option(50051, "gRPC port for edge agents")
@@ -163,6 +196,14 @@ class ServeSettings(
         "at start-up, distil a student from the teacher on the presumed data alone and publish "
         "it under this name (e.g. base) for devices to pull and serve",
         group=LIFECYCLE,
+    )
+    no_teacher_batching: bool = option(
+        False,
+        "one teacher pass per step, instead of one pass for the steps of concurrent sessions",
+    )
+    teacher_batch_ms: float = option(
+        2.0,
+        "longest wait for more steps to batch with, only under load (milliseconds)",
     )
 
 

@@ -26,7 +26,7 @@ from edge_agent.model_store import check_model_id
 from edge_agent.security import open_channel
 from splitkd import codec, serde
 from splitkd.codecs import Encoded
-from splitkd.grpc_options import DEFAULT_MAX_MESSAGE_BYTES, channel_options
+from splitkd.grpc_options import DEFAULT_MAX_MESSAGE_BYTES, ROUTE_HEADER, channel_options
 from splitkd.messages import (
     JoinAnswer,
     RoundTask,
@@ -85,12 +85,14 @@ class CloudClient:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         credentials: grpc.ChannelCredentials | None = None,
         metadata: Sequence[tuple[str, str]] = (),
+        routing_key: str = "",
     ) -> None:
         """``credentials``: TLS (None: plaintext); ``metadata``: the device's credential,
-        sent on every call (edge_agent/security.py builds both)."""
+        sent on every call (edge_agent/security.py builds both); ``routing_key``: sent
+        on every call for the load balancer in front of cloud replicas (deploy/envoy/)."""
         self.address = address
         self._credentials = credentials
-        self._metadata = tuple(metadata)
+        self._metadata = tuple(metadata) + (((ROUTE_HEADER, routing_key),) if routing_key else ())
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.retries = retries

@@ -84,6 +84,8 @@ def cloud_client(options: TrainOptions, telemetry: TrainingTelemetry) -> CloudCl
         retry_seconds=options.retry_seconds,
         credentials=security.channel_credentials(),
         metadata=security.call_metadata(options.device_id),
+        # A cohort's members share its state, so they share a replica too.
+        routing_key=options.cohort or options.device_id,
     )
     client.on_traffic = telemetry.on_traffic
     return client

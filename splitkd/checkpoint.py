@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load, save
 
 from splitkd.atomic import fsync_directory
 from splitkd.errors import InvalidArgument
@@ -59,7 +59,8 @@ def snapshot(
     )
 
 
-def write(path: Path, state: TrainingState) -> None:
+def to_bytes(state: TrainingState) -> bytes:
+    """The checkpoint as one safetensors blob (what a file or an object store holds)."""
     tensors: dict[str, torch.Tensor] = {
         f"model.{k}": v.contiguous() for k, v in state.model.items()
     }
@@ -76,9 +77,13 @@ def write(path: Path, state: TrainingState) -> None:
         "param_groups": json.dumps(state.optimizer["param_groups"]),
         "optim_scalars": json.dumps(scalars),
     }
+    return save(tensors, metadata=metadata)
+
+
+def write(path: Path, state: TrainingState) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.write_bytes(to_bytes(state))
     with tmp.open("rb") as handle:
         os.fsync(handle.fileno())
     os.replace(tmp, path)
@@ -87,14 +92,23 @@ def write(path: Path, state: TrainingState) -> None:
 
 def read(path: Path) -> TrainingState:
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = dict(handle.metadata() or {})
-        tensors = load_file(str(path))
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InvalidArgument(f"{path} is not a splitkd training checkpoint ({exc})") from exc
+    return from_bytes(data, str(path))
+
+
+def from_bytes(data: bytes, what: str = "the checkpoint") -> TrainingState:
+    try:
+        tensors = load(data)
+        # The header: 8 bytes of length, then JSON whose __metadata__ holds our strings.
+        size = int.from_bytes(data[:8], "little")
+        metadata = dict(json.loads(data[8 : 8 + size]).get("__metadata__") or {})
         step = int(metadata.pop("step"))
         param_groups = json.loads(metadata.pop("param_groups"))
         scalars = json.loads(metadata.pop("optim_scalars", "{}"))
-    except (SafetensorError, OSError, ValueError, KeyError) as exc:
-        raise InvalidArgument(f"{path} is not a splitkd training checkpoint ({exc})") from exc
+    except (SafetensorError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise InvalidArgument(f"{what} is not a splitkd training checkpoint ({exc})") from exc
     model: dict[str, torch.Tensor] = {}
     optim_state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():

@@ -45,3 +45,9 @@ class PermissionDenied(SplitKDError):
     """A known caller asking for something that is not its own (or a revoked device)."""
 
     status = "PERMISSION_DENIED"
+
+
+class Unavailable(SplitKDError):
+    """Try again shortly: shared storage does not answer, or another replica serves this."""
+
+    status = "UNAVAILABLE"

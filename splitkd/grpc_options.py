@@ -40,3 +40,9 @@ def server_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[t
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_ping_strikes", 0),
     ]
+
+
+# The routing key a device sends on every call (its cohort's name, or its own id):
+# Envoy hashes it (deploy/envoy/) so a session's calls land on the replica that
+# holds it. Lower case: gRPC metadata keys are.
+ROUTE_HEADER = "x-splitkd-route"

