@@ -122,11 +122,11 @@ def test_build_keeps_pytorchs_default_initialisation(spec: ModelSpec) -> None:
 
 
 def test_a_layer_without_a_seeded_init_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    def with_embedding(spec: ModelSpec) -> list[nn.Module]:
-        return [nn.Sequential(nn.Embedding(4, 3), nn.Flatten()), nn.Linear(3, spec.num_classes)]
+    def with_bilinear(spec: ModelSpec) -> list[nn.Module]:
+        return [nn.Sequential(nn.Bilinear(20, 20, 3)), nn.Linear(3, spec.num_classes)]
 
-    monkeypatch.setitem(zoo._FAMILIES, "mlp", with_embedding)
-    with pytest.raises(TypeError, match="Embedding"):
+    monkeypatch.setitem(zoo._FAMILIES, "mlp", with_bilinear)
+    with pytest.raises(TypeError, match="Bilinear"):
         zoo.build(SPECS[1], 0)
 
 
