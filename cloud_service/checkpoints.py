@@ -80,6 +80,7 @@ class SessionCheckpoints:
             # The cache itself is not saved: after a restart the edge's next step
             # misses and sends its teacher activations again (teacher_cache.py).
             "teacher_cache_samples": 0 if session.cache is None else session.cache.capacity,
+            "pipeline_depth": session.pipeline_depth,
         }
         self.store.write(self._key(session.session_id, "session.json"), json.dumps(meta).encode())
 
@@ -194,6 +195,7 @@ class SessionCheckpoints:
             next_step=max(states),
             snapshots=states,
             cache=for_spec(capacity, student_spec) if capacity > 0 else None,
+            pipeline_depth=int(meta.get("pipeline_depth", 1)),
         )
         session.load(states[max(states)])  # live = newest; older ones stay restorable
         return session

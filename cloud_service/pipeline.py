@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from splitkd.errors import InvalidArgument
+
 if TYPE_CHECKING:
     from cloud_service.session import Session
 
@@ -21,9 +23,19 @@ MAX_AHEAD = 3
 WAIT_SECONDS = 10.0
 
 
+def check_depth(depth: int) -> int:
+    if not 1 <= depth <= MAX_AHEAD + 1:
+        raise InvalidArgument(f"pipeline_depth must be in 1..{MAX_AHEAD + 1}, got {depth}")
+    return depth
+
+
 def wait_turn(session: Session, step: int) -> None:
-    """Called with ``session.lock`` held; returns when ``step`` is the next or may be refused."""
-    if 0 < step - session.next_step <= MAX_AHEAD:
+    """Called with ``session.lock`` held; returns when ``step`` is the next or may be refused.
+
+    Only a session whose edge said it pipelines waits, and only as far ahead as it said:
+    any other early step is refused at once, so no peer holds a worker thread for nothing.
+    """
+    if 0 < step - session.next_step < session.pipeline_depth:
         session.turn.wait_for(lambda: session.next_step >= step, timeout=WAIT_SECONDS)
 
 

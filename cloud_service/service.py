@@ -203,6 +203,7 @@ class CloudService:
             link_profile=link_profile,
             class_weights=weights,
             cache=self.grant_cache(ask.train_samples, spec),
+            pipeline_depth=pipeline.check_depth(ask.pipeline_depth),
         )
         # Pending until its first step: holds no capacity, nothing on disk (sessions.py).
         self.sessions.add(session)

@@ -63,6 +63,8 @@ class Session:
     persisted: bool = True
     device_profile: str = ""
     link_profile: str = ""
+    # Steps the edge keeps in flight: early steps within it wait for their turn.
+    pipeline_depth: int = 1
     # Weights of the CE term per class, chosen by the device (empty: none).
     class_weights: tuple[float, ...] = ()
     next_step: int = 0

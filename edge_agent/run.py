@@ -143,6 +143,7 @@ def train(
                     train_samples=0 if options.no_teacher_cache else len(split.train),
                     student_cut=options.student_cut,
                     teacher_cut=options.teacher_cut,
+                    pipeline_depth=options.pipeline_depth,
                 ),
             )
             store.start({**identity, "session_id": session.session_id})

@@ -62,6 +62,7 @@ class SessionAsk:
     train_samples: int = 0  # with it the cloud may grant a teacher-output cache
     student_cut: int = 0  # 0: the cloud's choice
     teacher_cut: int = 0
+    pipeline_depth: int = 1  # steps the edge keeps in flight (cloud_service/pipeline.py)
 
 
 @dataclass(frozen=True)

@@ -304,6 +304,7 @@ def session_ask_from_pb(message: pb.RegisterRequest) -> SessionAsk:
         train_samples=message.train_samples,
         student_cut=message.student_cut,
         teacher_cut=message.teacher_cut,
+        pipeline_depth=message.pipeline_depth or 1,
     )
 
 
@@ -313,6 +314,7 @@ def session_ask_to_pb(ask: SessionAsk, message: pb.RegisterRequest) -> None:
     message.train_samples = ask.train_samples
     message.student_cut = ask.student_cut
     message.teacher_cut = ask.teacher_cut
+    message.pipeline_depth = ask.pipeline_depth
 
 
 def step_outcome_to_pb(outcome: StepOutcome) -> pb.StepResponse:

@@ -26,6 +26,7 @@ from edge_agent.plan_model import (
 from splitkd import energy
 from splitkd.errors import FailedPrecondition
 from splitkd.hyper import Hyperparameters
+from splitkd.messages import SessionAsk
 from splitkd.models import zoo
 from tests.support import DIGITS, LiveCloud, make_service, make_teacher
 
@@ -278,7 +279,7 @@ def test_the_cloud_lets_an_early_step_wait_for_its_turn_and_refuses_one_far_ahea
 
     monkeypatch.setattr(cloud_pipeline, "wait_turn", spy)
     service = make_service(tmp_path)
-    session = service.register("early", DIGITS)
+    session = service.register("early", DIGITS, ask=SessionAsk(pipeline_depth=4))
     rng = np.random.default_rng(0)
 
     def step(number: int) -> Any:
@@ -292,6 +293,15 @@ def test_the_cloud_lets_an_early_step_wait_for_its_turn_and_refuses_one_far_ahea
 
     with pytest.raises(FailedPrecondition, match="out of order"):
         step(cloud_pipeline.MAX_AHEAD + 1)
+    unpipelined = service.register("early-2", DIGITS)
+    with pytest.raises(FailedPrecondition, match="out of order"):  # at once: it did not ask
+        service.step(
+            unpipelined.session_id,
+            1,
+            np.zeros((4, *session.student_activation_shape), np.float32),
+            np.zeros((4, *session.teacher_activation_shape), np.float32),
+            np.zeros(4, np.int64),
+        )
     waiting.clear()  # the refused call above went through the spy too
     results: list[Any] = []
     early = threading.Thread(target=lambda: results.append(step(1)))

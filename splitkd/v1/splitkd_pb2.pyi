@@ -379,6 +379,7 @@ class RegisterRequest(_message.Message):
     TRAIN_SAMPLES_FIELD_NUMBER: _builtins.int
     STUDENT_CUT_FIELD_NUMBER: _builtins.int
     TEACHER_CUT_FIELD_NUMBER: _builtins.int
+    PIPELINE_DEPTH_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     requested_epochs: _builtins.int
     """0: the cloud's default"""
@@ -397,6 +398,11 @@ class RegisterRequest(_message.Message):
     sends raw inputs) and answers the cut it took.
     """
     teacher_cut: _builtins.int
+    pipeline_depth: _builtins.int
+    """Steps the edge keeps in flight (splitkd-edge train --pipeline-depth; 0 or 1:
+    none, at most 4). A step that arrives up to depth - 1 ahead of its turn then
+    waits for it (bounded) instead of being refused as out of order.
+    """
     @_builtins.property
     def profile(self) -> Global___DeviceProfile: ...
     @_builtins.property
@@ -421,10 +427,11 @@ class RegisterRequest(_message.Message):
         train_samples: _builtins.int = ...,
         student_cut: _builtins.int = ...,
         teacher_cut: _builtins.int = ...,
+        pipeline_depth: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["profile", b"profile", "signature", b"signature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_weights", b"class_weights", "device_id", b"device_id", "profile", b"profile", "requested_epochs", b"requested_epochs", "signature", b"signature", "student_cut", b"student_cut", "teacher_cut", b"teacher_cut", "train_samples", b"train_samples", "wire_codec", b"wire_codec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_weights", b"class_weights", "device_id", b"device_id", "pipeline_depth", b"pipeline_depth", "profile", b"profile", "requested_epochs", b"requested_epochs", "signature", b"signature", "student_cut", b"student_cut", "teacher_cut", b"teacher_cut", "train_samples", b"train_samples", "wire_codec", b"wire_codec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
