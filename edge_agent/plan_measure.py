@@ -247,24 +247,38 @@ def _calibrate_cut(
     ask = SessionAsk("float32", 2 * batch, cut, teacher_cut)
     session = client.register(device_id, signature, ask=ask)
     rng = np.random.default_rng(0)
-    student_shape = zoo.activation_shape(task.student_spec, cut)
-    teacher_shape = zoo.activation_shape(task.teacher_spec, teacher_cut)
+    # A short training run on random inputs, as a real one interleaves device work with
+    # the calls (a channel that idles between calls is slower than one called back to back).
+    head = zoo.build(task.student_spec, hyper.seed).part(0, cut)
+    optimizer = make_optimizer(head.parameters(), hyper)
+    teacher_head = zoo.build(task.teacher_spec, hyper.seed).part(0, teacher_cut).eval()
     wire = codecs.make("float32")
     labels = rng.integers(0, task.student_spec.num_classes, batch)
     fresh: list[float] = []
     cached: list[float] = []
     for step in range(hyper.checkpoint_every + 1):
+        shape = (batch, *task.student_spec.input_shape)
+        inputs = torch.from_numpy(rng.random(shape, dtype=np.float32))
+        activations = head(inputs)
         ids = np.arange(batch, dtype=np.int32) + (batch if step == 1 else 0)
-        student = wire.encode(rng.random((batch, *student_shape), dtype=np.float32))
         teacher = None
         if step < 2:
-            teacher = wire.encode(rng.random((batch, *teacher_shape), dtype=np.float32))
+            with torch.no_grad():
+                teacher = wire.encode(teacher_head(inputs).numpy())
         before = (client.traffic.bytes_up, client.traffic.bytes_down)
         started = time.perf_counter()
-        client.step(
-            session.session_id, step, student, teacher, labels if step < 2 else None, sample_ids=ids
+        reply = client.step(
+            session.session_id,
+            step,
+            wire.encode(activations.detach().numpy()),
+            teacher,
+            labels if step < 2 else None,
+            sample_ids=ids,
         )
         seconds = time.perf_counter() - started
+        optimizer.zero_grad()
+        activations.backward(torch.from_numpy(reply.gradient))
+        optimizer.step()
         up, down = client.traffic.bytes_up - before[0], client.traffic.bytes_down - before[1]
         (fresh if step < 2 else cached).append(max(0.0, seconds - link.seconds(up, down)))
     return statistics.fmean(cached), statistics.fmean(fresh)
