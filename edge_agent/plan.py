@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from edge_agent.data import LocalData
-from edge_agent.plan_measure import calibrate_cloud, measure_device, measure_link
+from edge_agent.plan_measure import calibrate, measure_device, measure_link
 from edge_agent.plan_model import (
     Candidate,
     DeviceFigures,
@@ -121,11 +121,8 @@ def make_plan(client: CloudClient, local: LocalData, options: TrainOptions, obje
     device = measure_device(task, hyper, workload.teacher_cut)
     link = measure_link(client)
     log.info("plan: timing the cloud's side of a step at cuts %s", list(task.student_cuts))
-    device = replace(
-        device,
-        cloud_seconds=calibrate_cloud(
-            client, local.signature, options.device_id, task, hyper, workload.teacher_cut, link
-        ),
+    device = calibrate(
+        client, local.signature, options.device_id, task, hyper, workload.teacher_cut, link, device
     )
     log.info(
         "plan: link RTT %.1f ms, up %.1f / down %.1f Mbit/s",

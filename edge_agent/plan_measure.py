@@ -13,6 +13,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -206,7 +207,7 @@ def _throughput(probe: Callable[[int], float], rtt: float) -> float:
         size = min(LAST_PROBE_BYTES, size * 4)
 
 
-def calibrate_cloud(
+def calibrate(
     client: CloudClient,
     signature: DatasetSignature,
     device_id: str,
@@ -214,23 +215,35 @@ def calibrate_cloud(
     hyper: Hyperparameters,
     teacher_cut: int,
     link: LinkFigures,
-) -> dict[tuple[int, str], tuple[float, float]]:
-    """(a step whose teacher outputs the cloud caches, a step that sends them) in seconds, per
-    cut and codec: the real cloud's side of a step, under its real load and with its gRPC,
-    session and checkpoint work.
+    device: DeviceFigures,
+) -> DeviceFigures:
+    """``device`` with the cloud's side of a step and the heads' step compute as a real run
+    sees them, per cut.
 
-    A throwaway session per cut trains ``checkpoint_every + 1`` steps on random activations
-    (nothing of this device's data) so that one durable checkpoint is in the mean; each
-    step's round trip less what the link takes for its bytes is the cloud's time. The codec
-    changes the bytes (predicted from the messages) far more than the cloud's arithmetic,
-    so float32 stands for every codec at a cut.
+    A throwaway session per cut trains ``checkpoint_every + 1`` steps on random inputs
+    (nothing of this device's data; one durable checkpoint is in the mean) with the head
+    forward and backward in between, as a run interleaves them: a channel that idles
+    between calls, and a head that runs between calls, are slower than either back to back.
+    Each step's round trip less what the link takes for its bytes is the cloud's time; the
+    heads' time is their time in the loop. The codec changes the bytes (predicted from the
+    messages) far more than the arithmetic, so float32 stands for every codec at a cut.
     """
-    timed: dict[tuple[int, str], tuple[float, float]] = {}
+    cloud: dict[tuple[int, str], tuple[float, float]] = {}
+    students = dict(device.student)
     for cut in task.student_cuts:
-        cloud = _calibrate_cut(client, signature, device_id, task, hyper, cut, teacher_cut, link)
+        timed = _calibrate_cut(client, signature, device_id, task, hyper, cut, teacher_cut, link)
         for name in PLAN_CODECS:
-            timed[(cut, name)] = cloud
-    return timed
+            cloud[(cut, name)] = (timed.cached, timed.fresh)
+        students[cut] = replace(students[cut], forward=timed.forward, backward=timed.backward)
+    return replace(device, cloud_seconds=cloud, student=students)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    cached: float  # the cloud's side of a step whose teacher outputs it holds
+    fresh: float  # ... of a step that sends them
+    forward: float  # the head's forward and packing, in the loop
+    backward: float  # its backward and optimizer step, in the loop
 
 
 def _calibrate_cut(
@@ -242,7 +255,7 @@ def _calibrate_cut(
     cut: int,
     teacher_cut: int,
     link: LinkFigures,
-) -> tuple[float, float]:
+) -> Calibration:
     batch = hyper.batch_size
     ask = SessionAsk("float32", 2 * batch, cut, teacher_cut)
     session = client.register(device_id, signature, ask=ask)
@@ -256,10 +269,15 @@ def _calibrate_cut(
     labels = rng.integers(0, task.student_spec.num_classes, batch)
     fresh: list[float] = []
     cached: list[float] = []
+    forward: list[float] = []
+    backward: list[float] = []
     for step in range(hyper.checkpoint_every + 1):
         shape = (batch, *task.student_spec.input_shape)
         inputs = torch.from_numpy(rng.random(shape, dtype=np.float32))
+        begun = time.perf_counter()
         activations = head(inputs)
+        packed = wire.encode(activations.detach().numpy())
+        forward.append(time.perf_counter() - begun)
         ids = np.arange(batch, dtype=np.int32) + (batch if step == 1 else 0)
         teacher = None
         if step < 2:
@@ -270,7 +288,7 @@ def _calibrate_cut(
         reply = client.step(
             session.session_id,
             step,
-            wire.encode(activations.detach().numpy()),
+            packed,
             teacher,
             labels if step < 2 else None,
             sample_ids=ids,
@@ -279,6 +297,12 @@ def _calibrate_cut(
         optimizer.zero_grad()
         activations.backward(torch.from_numpy(reply.gradient))
         optimizer.step()
+        backward.append(time.perf_counter() - started - seconds)
         up, down = client.traffic.bytes_up - before[0], client.traffic.bytes_down - before[1]
         (fresh if step < 2 else cached).append(max(0.0, seconds - link.seconds(up, down)))
-    return statistics.fmean(cached), statistics.fmean(fresh)
+    return Calibration(
+        statistics.fmean(cached),
+        statistics.fmean(fresh),
+        statistics.fmean(forward[2:]),
+        statistics.fmean(backward[2:]),
+    )
