@@ -119,7 +119,7 @@ def evaluate(run_dir: Path, models: Path, adapt_report: dict[str, Any]) -> list[
     adapted = {
         "stage": "adapted on device",
         "user": adapt_report["adapted"]["accuracy"],
-        "presumed": float("nan"),  # the device has no presumed data to measure it on
+        "presumed": None,  # the device has no presumed data to measure it on
     }
     # In the loop's order: teacher v1, base student, adapted, teacher v2, new student.
     order = ("teacher v1", "base student", "adapted on device", "teacher v2", "new student")
@@ -135,7 +135,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 4))
     index = np.arange(len(rows))
     ax.bar(index - 0.2, [r["user"] for r in rows], 0.4, label="user's scenario (inverted)")
-    ax.bar(index + 0.2, [r["presumed"] for r in rows], 0.4, label="presumed scenario")
+    presumed = [float("nan") if r["presumed"] is None else r["presumed"] for r in rows]
+    ax.bar(index + 0.2, presumed, 0.4, label="presumed scenario")  # NaN: no bar
     ax.set_xticks(index, [r["stage"].split(" (")[0] for r in rows], rotation=15)
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1.05)
@@ -228,7 +229,8 @@ def _finish(
     rows = evaluate(run_dir, models, adapt_report)
     print(f"\n{'stage':34} {'user (inverted)':>16} {'presumed':>10}")
     for row in rows:
-        print(f"{row['stage']:34} {row['user']:16.3f} {row['presumed']:10.3f}")
+        presumed = "-" if row["presumed"] is None else f"{row['presumed']:.3f}"
+        print(f"{row['stage']:34} {row['user']:16.3f} {presumed:>10}")
     named = {row["stage"].split(" (")[0]: row for row in rows}
     if "teacher v2" not in named:
         print(f"the cloud refused the update: {adapt_report['reason']}")
