@@ -26,7 +26,7 @@ demo: $(STAMP) ## cloud + two edges on digits, split KD, ONNX, report in runs/la
 	$(BIN)/python -m splitkd.demo
 
 lm-demo: $(STAMP) ## transformer teacher -> on-device byte-level LM by split KD; perplexity, wire, ONNX tokens/s in runs/lm/latest
-	$(BIN)/python -m splitkd.lm_demo
+	$(BIN)/python -m splitkd.lm_demo $(LM_ARGS)
 
 fleet-demo: $(STAMP) ## 4 non-IID edges learn one student together: split and federated cohorts vs references
 	$(BIN)/python -m splitkd.fleet_demo $(FLEET_ARGS)
