@@ -25,9 +25,8 @@ from splitkd.hyper import Hyperparameters
 from splitkd.kd import KDLoss, kd_loss, per_token
 from splitkd.messages import SessionInfo, StepOutcome
 from splitkd.models import zoo
-from splitkd.models.spec import ModelSpec
+from splitkd.models.spec import ModelSpec, labels_per_sample
 from splitkd.models.staged import StagedModel
-from splitkd.models.transformer import labels_per_sample
 from splitkd.training import make_optimizer, weight_tensor
 
 # Teacher tails computed ahead of their step (see Session.step), for all sessions.

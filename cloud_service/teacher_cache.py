@@ -17,16 +17,12 @@ import numpy as np
 import torch
 
 from splitkd.errors import FailedPrecondition, InvalidArgument
-from splitkd.models.spec import ModelSpec
+from splitkd.models.spec import ModelSpec, labels_per_sample
 from splitkd.names import TEACHER_CACHE_MISS as CACHE_MISS
 
 
 def for_spec(capacity: int, spec: ModelSpec) -> TeacherCache:
     """A cache for ``capacity`` samples of the task ``spec`` (the student's) solves."""
-    # The zoo first: it imports the transformer family itself, at its end.
-    from splitkd.models import zoo  # noqa: F401
-    from splitkd.models.transformer import labels_per_sample
-
     labels = labels_per_sample(spec)
     return TeacherCache(capacity, labels * spec.num_classes, labels)
 

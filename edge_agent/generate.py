@@ -23,6 +23,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edge_agent.errors import EdgeError
+from edge_agent.inference import open_session
 from splitkd.data.text import encode
 from splitkd.errors import InvalidArgument
 
@@ -53,14 +54,7 @@ def is_language_model(path: Path) -> bool:
 
 class Generator:
     def __init__(self, path: Path, threads: int = 1) -> None:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        try:
-            self.session = ort.InferenceSession(
-                str(path), options, providers=["CPUExecutionProvider"]
-            )
-        except Exception as exc:  # onnxruntime's errors share no base class but Exception
-            raise EdgeError(f"{path} cannot be loaded ({exc}); pull the model again") from None
+        self.session = open_session(path, threads)
         names = tuple(i.name for i in self.session.get_inputs())
         meta = self.session.get_modelmeta().custom_metadata_map
         if names != INPUTS or meta.get("splitkd.tokenizer") != "bytes":

@@ -20,18 +20,21 @@ class Prediction:
     probabilities: np.ndarray  # float32 [N, K]
 
 
+def open_session(path: Path, threads: int = 1) -> ort.InferenceSession:
+    """An onnxruntime session on ``path``, or one line saying the file is unusable."""
+    options = ort.SessionOptions()
+    # One thread per request keeps latency predictable on a 4-core Pi that
+    # also runs other services; raise it for throughput.
+    options.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime's errors share no base class but Exception
+        raise EdgeError(f"{path} cannot be loaded ({exc}); pull the model again") from None
+
+
 class Predictor:
     def __init__(self, path: Path, input_shape: tuple[int, ...], threads: int = 1) -> None:
-        options = ort.SessionOptions()
-        # One thread per request keeps latency predictable on a 4-core Pi that
-        # also runs other services; raise it for throughput.
-        options.intra_op_num_threads = threads
-        try:
-            self.session = ort.InferenceSession(
-                str(path), options, providers=["CPUExecutionProvider"]
-            )
-        except Exception as exc:  # onnxruntime's errors share no base class but Exception
-            raise EdgeError(f"{path} cannot be loaded ({exc}); pull the model again") from None
+        self.session = open_session(path, threads)
         if len(self.session.get_inputs()) != 1:  # a language model's decoder (lm_export.py)
             raise EdgeError(
                 f"{path} is a language model: it generates text (splitkd-edge generate, "

@@ -44,11 +44,6 @@ class Encoded:
     zero_point: np.ndarray | None = None  # affine: int8 per channel
     indices: np.ndarray | None = None  # sparse: int32 flat positions, increasing
 
-    @property
-    def nbytes(self) -> int:
-        parts = (self.values, self.scale, self.zero_point, self.indices)
-        return sum(p.nbytes for p in parts if p is not None)
-
 
 def channels(shape: tuple[int, ...]) -> int:
     """Channels of per-channel scales: dimension 1, or one for a vector."""
@@ -193,9 +188,7 @@ _FACTORIES: dict[str, Callable[[int, float], WireCodec]] = {
 
 def make(name: str, *, seed: int = 0, topk_ratio: float = DEFAULT_TOPK_RATIO) -> WireCodec:
     """A fresh codec (one per session and direction)."""
-    if name not in _FACTORIES:
-        raise InvalidArgument(f"unknown wire codec {name!r}; use one of {', '.join(CODECS)}")
-    return _FACTORIES[name](seed, topk_ratio)
+    return _FACTORIES[check_name(name)](seed, topk_ratio)
 
 
 def check_name(name: str) -> str:
@@ -208,20 +201,3 @@ def evaluation_codec(name: str) -> str:
     """Evaluation sends every sample once per call: no error feedback to spread the
     loss of ``topk`` over later steps, so evaluation packs with float16 instead."""
     return "float16" if name == "topk" else name
-
-
-def bytes_per_sample(name: str, shape: tuple[int, ...], topk_ratio: float) -> float:
-    """Payload bytes one sample of ``shape`` (without the batch) costs, for the planner."""
-    elements = int(np.prod(shape))
-    if name == "float32":
-        return 4.0 * elements
-    if name == "float16":
-        return 2.0 * elements
-    if name.startswith("int8"):
-        return float(elements)
-    return 6.0 * max(1, round(topk_ratio * elements))
-
-
-def per_batch_bytes(name: str, shape: tuple[int, ...]) -> int:
-    """Bytes a batch costs on top of its samples (per-channel scales)."""
-    return 5 * channels((1, *shape)) if name.startswith("int8") else 0

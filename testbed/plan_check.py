@@ -32,8 +32,6 @@ from typing import Any
 
 from testbed import netns
 from testbed.run import (
-    CLOUD_GRPC_PORT,
-    CLOUD_HTTP_PORT,
     EMULATOR_BASE_PORT,
     Testbed,
     TestbedError,
@@ -57,39 +55,7 @@ class PlanCheck(Testbed):
         self.network.build()
         cloud = self.network.add_host(netns.CLOUD_ROLE)
         hosts = {e.index: self.network.add_host(e.role, e.shaping) for e in self.edges}
-        cloud_process = self.start(
-            "cloud",
-            cloud,
-            command(
-                self.python,
-                "-m",
-                "cloud_service.cli",
-                "serve",
-                host="127.0.0.1",
-                grpc_port=CLOUD_GRPC_PORT,
-                http_port=CLOUD_HTTP_PORT,
-                teacher=teacher,
-                state_dir=self.out / "cloud",
-                epochs=self.args.epochs,
-            ),
-        )
-        emulators = [
-            self.start_emulator(
-                f"linkemu-{e.role}",
-                cloud,
-                f"{cloud.address}:{EMULATOR_BASE_PORT + e.index}",
-                f"127.0.0.1:{CLOUD_GRPC_PORT}",
-                e,
-            )
-            for e in self.edges
-        ]
-        self.wait_ready(
-            cloud,
-            [f"http://127.0.0.1:{CLOUD_HTTP_PORT}/healthz"],
-            [f"{cloud.address}:{EMULATOR_BASE_PORT + e.index}" for e in self.edges],
-            [("cloud", cloud_process), *emulators],
-            timeout=self.args.startup_timeout,
-        )
+        self.start_cloud(cloud, teacher)
         results = {}
         for edge in self.edges:
             address = f"{cloud.address}:{EMULATOR_BASE_PORT + edge.index}"

@@ -260,36 +260,10 @@ class Testbed:
 
     # -- the run -----------------------------------------------------------
 
-    def run(self) -> dict[str, Any]:
-        started = time.monotonic()
-        self._clean_outputs()
-        teacher = self._teacher()
-        log.info(
-            "network %s: bridge in namespace %s, %s.0/24",
-            self.network.prefix,
-            self.network.switch,
-            self.args.subnet,
-        )
-        self.network.build()
-        cloud = self.network.add_host(netns.CLOUD_ROLE)
-        hosts = {}
-        for edge in self.edges:
-            hosts[edge.index] = self.network.add_host(edge.role, edge.shaping)
-            rates = edge.profile["bandwidth_mbps"]
-            log.info(
-                "  %-6s %-12s %-16s %-9s up %g / down %g Mbit/s (tbf), %g±%g ms one way (linkemu)",
-                edge.role,
-                hosts[edge.index].address,
-                edge.device,
-                edge.link,
-                rates["up"],
-                rates["down"],
-                edge.profile["latency_ms"],
-                edge.profile["jitter_ms"],
-            )
-
-        log.info("cloud: starting in %s (%s), teacher %s", cloud.namespace, cloud.address, teacher)
-        cloud_started = time.monotonic()
+    def start_cloud(
+        self, cloud: netns.Host, teacher: Path
+    ) -> list[tuple[str, subprocess.Popen[bytes]]]:
+        """The cloud in its namespace and a link emulator per edge, once all answer."""
         cloud_process = self.start(
             "cloud",
             cloud,
@@ -323,6 +297,39 @@ class Testbed:
             [("cloud", cloud_process), *emulators],
             timeout=self.args.startup_timeout,
         )
+        return [("cloud", cloud_process), *emulators]
+
+    def run(self) -> dict[str, Any]:
+        started = time.monotonic()
+        self._clean_outputs()
+        teacher = self._teacher()
+        log.info(
+            "network %s: bridge in namespace %s, %s.0/24",
+            self.network.prefix,
+            self.network.switch,
+            self.args.subnet,
+        )
+        self.network.build()
+        cloud = self.network.add_host(netns.CLOUD_ROLE)
+        hosts = {}
+        for edge in self.edges:
+            hosts[edge.index] = self.network.add_host(edge.role, edge.shaping)
+            rates = edge.profile["bandwidth_mbps"]
+            log.info(
+                "  %-6s %-12s %-16s %-9s up %g / down %g Mbit/s (tbf), %g±%g ms one way (linkemu)",
+                edge.role,
+                hosts[edge.index].address,
+                edge.device,
+                edge.link,
+                rates["up"],
+                rates["down"],
+                edge.profile["latency_ms"],
+                edge.profile["jitter_ms"],
+            )
+
+        log.info("cloud: starting in %s (%s), teacher %s", cloud.namespace, cloud.address, teacher)
+        cloud_started = time.monotonic()
+        services = self.start_cloud(cloud, teacher)
         health = json.loads(
             self.probe(
                 cloud,
@@ -334,7 +341,7 @@ class Testbed:
         )
         log.info("cloud ready after %.1f s", time.monotonic() - cloud_started)
 
-        trained = self._train(cloud, hosts, [("cloud", cloud_process), *emulators], started)
+        trained = self._train(cloud, hosts, services, started)
         inference = self._serve_and_predict(cloud, hosts)
         report = {
             "prefix": self.network.prefix,

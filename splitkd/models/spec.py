@@ -17,6 +17,9 @@ from splitkd.signature import DatasetSignature
 MAX_WIDTH = 8192
 MAX_LAYERS = 16
 MAX_OPTIONS = 16
+LM_FAMILY = "transformer_lm"
+# Families whose outputs are next-token logits at every position ([B, T, V]).
+LANGUAGE_FAMILIES = frozenset({LM_FAMILY, "llama"})
 
 
 @dataclass(frozen=True)
@@ -132,3 +135,8 @@ def _token_families() -> frozenset[str]:
     from splitkd.models import zoo
 
     return zoo.token_families()
+
+
+def labels_per_sample(spec: ModelSpec) -> int:
+    """A language model has a label (the next token) at every position; a classifier one."""
+    return spec.input_shape[0] if spec.family in LANGUAGE_FAMILIES else 1

@@ -24,13 +24,10 @@ import torch
 from torch import nn
 
 from splitkd.errors import InvalidArgument
-from splitkd.models.spec import ModelSpec
+from splitkd.models.spec import LM_FAMILY, ModelSpec
 from splitkd.models.zoo import register_family
 
-LM_FAMILY = "transformer_lm"
 CLASSIFIER_FAMILY = "transformer_cls"
-# Families whose outputs are next-token logits at every position ([B, T, V]).
-LANGUAGE_FAMILIES = frozenset({LM_FAMILY, "llama"})
 # Byte-level text (splitkd/lm/text.py): the classifier's inputs are bytes too.
 BYTE_VOCABULARY = 256
 HEAD_WIDTH = 16
@@ -187,8 +184,3 @@ def _language_model(spec: ModelSpec) -> list[nn.Module]:
 @register_family(CLASSIFIER_FAMILY, input_rank=1, standardise=False)
 def _sequence_classifier(spec: ModelSpec) -> list[nn.Module]:
     return _stages(spec, ClassifierHead(spec.widths[0], spec.num_classes), BYTE_VOCABULARY)
-
-
-def labels_per_sample(spec: ModelSpec) -> int:
-    """A language model has a label (the next token) at every position; a classifier one."""
-    return spec.input_shape[0] if spec.family in LANGUAGE_FAMILIES else 1
