@@ -276,18 +276,7 @@ class Lifecycle:
         self, task: Task, teacher: torch.nn.Module, student: CohortStudent, version: int
     ) -> ModelRecord:
         """A cohort class's next student: from the fleet's weights, taught by the new teacher."""
-        start = zoo.build(student.spec)
-        start.load_state_dict({k: torch.from_numpy(v) for k, v in student.weights.items()})
-        data = self.presumed.train
-        model = rediredi.distil_on_presumed(
-            teacher,
-            student.spec,
-            data.x,
-            data.y,
-            self.settings.loop,
-            transfer=task.probes,
-            start=start,
-        )
+        model = self._distil_from(teacher, student.spec, student.weights, task.probes)
         record = student.publish(model, version)
         self.weights.save(record, student.spec, model)
         self.service.metrics.models_published.inc()
@@ -342,21 +331,26 @@ class Lifecycle:
         student = self._redistil(task, new.model, new.version)
         return replace(refused, accepted=True, teacher_after=new.version, student=student)
 
+    def _distil_from(
+        self,
+        teacher: torch.nn.Module,
+        spec: ModelSpec,
+        state: dict[str, np.ndarray],
+        probes: np.ndarray,
+    ) -> StagedModel:
+        """A student started from ``state``, taught by ``teacher`` on the presumed data and
+        on the probes (where the new knowledge lives)."""
+        start = zoo.build(spec)
+        start.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+        data = self.presumed.train
+        return rediredi.distil_on_presumed(
+            teacher, spec, data.x, data.y, self.settings.loop, transfer=probes, start=start
+        )
+
     def _redistil(self, task: Task, teacher: torch.nn.Module, version: int) -> ModelRecord:
         """The device's next student: from its installed one, taught by the new teacher on
         the presumed data and the probes (where the new knowledge lives)."""
-        start = zoo.build(task.spec)
-        start.load_state_dict({k: torch.from_numpy(v) for k, v in task.state.items()})
-        data = self.presumed.train
-        student = rediredi.distil_on_presumed(
-            teacher,
-            task.spec,
-            data.x,
-            data.y,
-            self.settings.loop,
-            transfer=task.probes,
-            start=start,
-        )
+        student = self._distil_from(teacher, task.spec, task.state, task.probes)
         return self._publish(
             adapted_name(task.device_id), task.spec, student, version, task.device_id
         )
