@@ -90,9 +90,15 @@ class Generator:
         keys = values = self.empty_cache()
         positions = np.arange(len(ids), dtype=np.int64)
         feed_ids = ids[None].astype(np.int64)
+        outputs = list(OUTPUTS)
         for _ in range(max_tokens):
-            feed = {"ids": feed_ids, "positions": positions, "past_keys": keys}
-            logits, keys, values = self.session.run(list(OUTPUTS), {**feed, "past_values": values})
+            feed = {
+                "ids": feed_ids,
+                "positions": positions,
+                "past_keys": keys,
+                "past_values": values,
+            }
+            logits, keys, values = self.session.run(outputs, feed)
             token = _choose(logits[0, -1], temperature, rng)
             self.stats.tokens += 1
             self.stats.seconds = time.perf_counter() - started
@@ -174,7 +180,7 @@ def heldout_scores(
 
 def _choose(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> int:
     if temperature <= 0:
-        return int(np.argmax(logits))
+        return int(logits.argmax())
     scaled = (logits - logits.max()) / temperature
     probabilities = np.exp(scaled)
     return int(rng.choice(len(probabilities), p=probabilities / probabilities.sum()))

@@ -27,7 +27,7 @@ from torch import nn
 from splitkd.errors import FailedPrecondition
 from splitkd.models.normalize import token_vocabulary
 from splitkd.models.staged import StagedModel
-from splitkd.models.transformer import KeyValue
+from splitkd.models.transformer import KeyValue, causal_bias
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,11 @@ class CachedBlock(Protocol):
     """What a block of a language family offers (transformer.Block, llama.LlamaBlock)."""
 
     def decode(
-        self, x: torch.Tensor, positions: torch.Tensor, past: KeyValue | None = None
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        past: KeyValue | None = None,
+        bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, KeyValue]: ...
 
     def cache_layout(self) -> tuple[int, int]: ...
@@ -75,10 +79,11 @@ class IncrementalDecoder(nn.Module):
         past_values: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = self.embedding(ids)
+        bias = causal_bias(ids.shape[1], past_keys.shape[3] + ids.shape[1])
         keys, values = [], []
         for index, block in enumerate(self.blocks):
             past: KeyValue = (past_keys[index], past_values[index])
-            x, (k, v) = cast(CachedBlock, block).decode(x, positions, past)
+            x, (k, v) = cast(CachedBlock, block).decode(x, positions, past, bias)
             keys.append(k)
             values.append(v)
         return self.head(x), torch.stack(keys), torch.stack(values)

@@ -21,7 +21,7 @@ from torch import nn
 
 from splitkd.errors import InvalidArgument
 from splitkd.models.spec import ModelSpec
-from splitkd.models.transformer import KeyValue, TokenEmbedding, rotate
+from splitkd.models.transformer import KeyValue, TokenEmbedding, causal_bias, rotate
 from splitkd.models.zoo import register_family
 
 FAMILY = "llama"
@@ -65,15 +65,23 @@ class LlamaBlock(nn.Module):
         return self.kv_heads, self.head_dim
 
     def decode(
-        self, x: torch.Tensor, positions: torch.Tensor, past: KeyValue | None = None
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        past: KeyValue | None = None,
+        bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, KeyValue]:
-        mixed, cache = self._attend(self.input_layernorm(x), positions, past)
+        mixed, cache = self._attend(self.input_layernorm(x), positions, past, bias)
         x = x + mixed
         h = self.post_attention_layernorm(x)
         return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h)), cache
 
     def _attend(
-        self, x: torch.Tensor, positions: torch.Tensor, past: KeyValue | None
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        past: KeyValue | None,
+        bias: torch.Tensor | None,
     ) -> tuple[torch.Tensor, KeyValue]:
         batch, length, _ = x.shape
         q = self.q_proj(x).reshape(batch, length, self.heads, self.head_dim).transpose(1, 2)
@@ -88,11 +96,10 @@ class LlamaBlock(nn.Module):
             k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
         groups = self.heads // self.kv_heads
         keys, values = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        allowed = torch.arange(k.shape[2])[None, :] <= (
-            torch.arange(length)[:, None] + k.shape[2] - length
-        )
-        scores = (q @ keys.transpose(-1, -2)) * self.head_dim**-0.5
-        weights = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+        if bias is None:
+            bias = causal_bias(length, k.shape[2])
+        scores = (q @ keys.transpose(-1, -2)) * self.head_dim**-0.5 + bias
+        weights = torch.softmax(scores, dim=-1)
         mixed = (weights @ values).transpose(1, 2).reshape(batch, length, -1)
         return self.o_proj(mixed), (k, v)
 

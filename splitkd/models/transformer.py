@@ -21,6 +21,7 @@ exact up to 2**24): stage 0 casts them and never standardises them.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from splitkd.errors import InvalidArgument
@@ -64,13 +65,34 @@ def rotary(positions: torch.Tensor, head_width: int) -> tuple[torch.Tensor, torc
     return torch.cos(angles), torch.sin(angles)
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (first half, second half) of the last dimension of ``[B, H, S, D]``."""
-    half = x.shape[-1] // 2
+def rotate(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, width: int | None = None
+) -> torch.Tensor:
+    """Rotate pairs (first half, second half) of the last dimension of ``[B, H, S, D]``.
+
+    ``width`` is D as a Python int when the caller knows it: the exported graph then
+    slices by constants instead of computing the halves from the tensor's shape.
+    """
+    half = (x.shape[-1] if width is None else width) // 2
     if half == 0:
         return x
-    first, second, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
-    return torch.cat((first * cos - second * sin, first * sin + second * cos, rest), dim=-1)
+    first, second = x[..., :half], x[..., half : 2 * half]
+    rotated = (first * cos - second * sin, first * sin + second * cos)
+    if 2 * half == (x.shape[-1] if width is None else width):
+        return torch.cat(rotated, dim=-1)
+    return torch.cat((*rotated, x[..., 2 * half :]), dim=-1)
+
+
+def causal_bias(length: int, total: int) -> torch.Tensor:
+    """``[S, P + S]``: 0 where the S newest queries may see a cached key, -inf elsewhere.
+
+    By index in the cache, so keys keep the rotation of the position they were
+    computed at (what RoPE needs), whatever was dropped before them. Built once
+    per call and shared by every block (fewer nodes in the exported decoder).
+    """
+    query_index = torch.arange(length)[:, None] + (total - length)
+    allowed = torch.arange(total)[None, :] <= query_index
+    return torch.where(allowed, torch.tensor(0.0), torch.tensor(float("-inf")))
 
 
 class Attention(nn.Module):
@@ -82,30 +104,35 @@ class Attention(nn.Module):
         self.out = nn.Linear(width, width)
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, past: KeyValue | None = None
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        past: KeyValue | None = None,
+        bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, KeyValue]:
         """Causal attention of ``x`` ``[B, S, W]`` at ``positions`` over ``past`` + itself.
 
-        Returns the output and the keys/values ``[B, H, P + S, D]`` to cache. The
-        mask is by index in the cache, so keys keep the rotation of the position
-        they were computed at (what RoPE needs), whatever was dropped before them.
+        Returns the output and the keys/values ``[B, H, P + S, D]`` to cache.
+        ``bias`` is ``causal_bias(S, P + S)``, computed here when not given.
         """
-        batch, length, width = x.shape
-        q, k, v = (
-            t.reshape(batch, length, self.heads, self.head_width).transpose(1, 2)
-            for t in self.qkv(x).split(width, dim=-1)
-        )
+        length = x.shape[1]
+        # [B, S, 3W] -> [3, B, H, S, D]: one Reshape and one Transpose for q, k and v.
+        qkv = self.qkv(x).unflatten(-1, (3, self.heads, self.head_width)).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
         cos, sin = rotary(positions, self.head_width)
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        q, k = rotate(q, cos, sin, self.head_width), rotate(k, cos, sin, self.head_width)
         if past is not None:
             k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
-        offset = k.shape[2] - length
-        query_index = torch.arange(length)[:, None] + offset
-        allowed = torch.arange(k.shape[2])[None, :] <= query_index
-        scores = q @ k.transpose(-1, -2) / float(self.head_width) ** 0.5
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        mixed = torch.softmax(scores, dim=-1) @ v
-        return self.out(mixed.transpose(1, 2).reshape(batch, length, width)), (k, v)
+        if bias is None and past is None:
+            # Training: PyTorch's fused attention, half the time of the plain form on a CPU.
+            mixed = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            # Decoding (what lm_export exports): the plain form, fewer ONNX nodes per token.
+            if bias is None:
+                bias = causal_bias(length, k.shape[2])
+            scores = q @ k.transpose(-1, -2) / float(self.head_width) ** 0.5 + bias
+            mixed = torch.softmax(scores, dim=-1) @ v
+        return self.out(mixed.transpose(1, 2).flatten(2)), (k, v)
 
 
 class Block(nn.Module):
@@ -126,9 +153,13 @@ class Block(nn.Module):
         return self.attention.heads, self.attention.head_width
 
     def decode(
-        self, x: torch.Tensor, positions: torch.Tensor, past: KeyValue | None = None
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        past: KeyValue | None = None,
+        bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, KeyValue]:
-        mixed, cache = self.attention(self.norm1(x), positions, past)
+        mixed, cache = self.attention(self.norm1(x), positions, past, bias)
         x = x + mixed
         return x + self.mlp(self.norm2(x)), cache
 
