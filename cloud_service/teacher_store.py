@@ -84,6 +84,17 @@ class SharedTeacherVersions(TeacherVersions):
                 self._fetch(self.store, version)
         return super().get(version)
 
+    def made_for(self, purpose: str) -> Teacher | None:
+        """As for one cloud, over every replica's updates (their provenance is small;
+        only a matching version's weights are read)."""
+        with self._lock:
+            for version in self._listed(self.store):
+                if version not in self._provenance:
+                    self._provenance[version] = self._read_provenance(self.store, version)
+                if self._provenance[version].get("made_for") == purpose:
+                    self._fetch(self.store, version)
+        return super().made_for(purpose)
+
     def _follow_pointer(self) -> None:
         if self._clock() - self._looked < self.recheck_seconds:
             return
@@ -134,7 +145,9 @@ class SharedTeacherVersions(TeacherVersions):
         """Load one version from the store (callers hold the lock); a damaged or foreign
         one is left out with one line."""
         key = self._key(f"v{version}.safetensors")
-        raw = None if version in self._skipped else store.read(key)
+        if version in self._versions or version in self._skipped:
+            return
+        raw = store.read(key)
         if raw is None:
             return
         try:
@@ -150,11 +163,14 @@ class SharedTeacherVersions(TeacherVersions):
             return
         saved.version, saved.data_name = version, self._first.data_name
         self._versions[version] = saved
+        self._provenance[version] = self._read_provenance(store, version)
+
+    def _read_provenance(self, store: RetryingStore, version: int) -> dict[str, object]:
         try:
             provenance = json.loads(store.read(self._key(f"v{version}.json")) or b"{}")
         except ValueError:
-            provenance = {}
-        self._provenance[version] = provenance if isinstance(provenance, dict) else {}
+            return {}
+        return provenance if isinstance(provenance, dict) else {}
 
     # -- writing -----------------------------------------------------------------
     def update(

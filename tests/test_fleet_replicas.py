@@ -1,0 +1,198 @@
+"""Cohorts across replicas (issue 13 with the fleets of issue 9): a cohort survives its
+replica's death like a session does.
+
+In-process replicas over one shared store (a folder, and moto's real S3 server) with
+a clock for the leases; the real-process version, with Envoy and a SIGKILL, is in
+tests/test_fleet_processes.py's sibling below (``test_a_replica_killed_mid_cohort...``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cloud_service.fleet.service import FleetService, FleetSettings
+from cloud_service.fleet.shared import PREFIX, SharedCohorts
+from cloud_service.fleet.store import CohortStore
+from cloud_service.fleet.strategy import Contribution, Koala
+from cloud_service.leases import Leases
+from cloud_service.registry import ModelRegistry
+from cloud_service.service import CloudConfig, CloudService
+from cloud_service.sessions import SessionStore
+from cloud_service.storage import DirectoryStore, RetryingStore, S3Store
+from cloud_service.teacher import TeacherVersions
+from cloud_service.teacher_store import SharedTeacherVersions
+from splitkd import koala
+from splitkd.data import load_dataset
+from splitkd.errors import NotFound, Unavailable
+from splitkd.hyper import Hyperparameters
+from splitkd.messages import CohortConfig, RoundState, Update
+from splitkd.models import zoo
+from tests.support import DIGITS, make_teacher, wait_for
+from tests.test_storage import BUCKET, needs_moto, s3_client, s3_server  # noqa: F401
+
+LEASE = 10.0
+CONFIG = CohortConfig("federated", min_devices=2, rounds=3, local_epochs=1)
+PROXY = load_dataset("digits").x[:48]  # a few proxy inputs: KOALA's server model learns
+
+
+@pytest.fixture(params=["directory", pytest.param("s3", marks=needs_moto)])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> RetryingStore:
+    if request.param == "directory":
+        return RetryingStore(DirectoryStore(tmp_path / "shared"))
+    url, _ = request.getfixturevalue("s3_server")
+    return RetryingStore(S3Store(BUCKET, tmp_path.name, client=s3_client(url)))
+
+
+class Replicas:
+    """Replicas over one store; each keeps its own model registry (as with S3)."""
+
+    def __init__(self, store: RetryingStore, folder: Path) -> None:
+        self.store, self.folder = store, folder
+        self.clock = [1000.0]
+        self.fleets: list[FleetService] = []
+
+    def start(self, name: str) -> FleetService:
+        service = CloudService(
+            # No periodic look: what a replica serves changes only when it must.
+            SharedTeacherVersions(make_teacher(), self.store, recheck_seconds=1e9),
+            ModelRegistry(self.folder / f"models-{name}"),
+            SessionStore(),
+            CloudConfig(hyper=Hyperparameters(epochs=1, batch_size=16)),
+        )
+        leases = Leases(self.store, name, LEASE, prefix=PREFIX, clock=lambda: self.clock[0])
+        shared = SharedCohorts(CohortStore(self.store, PREFIX), leases)
+        fleet = FleetService(service, FleetSettings(CONFIG, {}, PROXY, None, None, shared))
+        self.fleets.append(fleet)
+        return fleet
+
+    def close(self) -> None:
+        for fleet in self.fleets:
+            fleet._closer.shutdown(wait=True)
+
+
+@pytest.fixture
+def replicas(store: RetryingStore, tmp_path: Path) -> Iterator[Replicas]:
+    group = Replicas(store, tmp_path)
+    yield group
+    group.close()
+
+
+def _update(fleet: FleetService, member_id: str, round_number: int) -> Update:
+    task = fleet.fetch(member_id, round_number - 1)
+    assert task.state is RoundState.TRAINING and task.round == round_number
+    return Update(member_id, round_number, task.weights, 20, 0.5)
+
+
+def _closed(fleet: FleetService, rounds: int) -> None:
+    wait_for(f"round {rounds} to close", lambda: len(fleet.describe("k")["rounds"]) >= rounds)  # type: ignore[arg-type]
+
+
+def test_a_dead_replicas_cohort_is_taken_over_and_no_round_is_applied_twice(
+    replicas: Replicas,
+) -> None:
+    a, b = replicas.start("a"), replicas.start("b")
+    one = a.join("dev-1", "k", DIGITS, 20).member_id
+    two = a.join("dev-2", "k", DIGITS, 20).member_id
+    first = _update(a, one, 1)
+    assert a.submit(first) == (True, 1)
+    # A call that lands on b while a holds the cohort: UNAVAILABLE, which the edge retries.
+    with pytest.raises(Unavailable, match="served by another replica"):
+        b.fetch(two, 0)
+    with pytest.raises(Unavailable):
+        b.join("dev-3", "k", DIGITS, 20)
+    replicas.clock[0] += LEASE + 1  # a dies: its lease runs out
+    # b restores round 1 with dev-1's update pending: sent again, it is a duplicate.
+    assert b.submit(first) == (False, 1)
+    assert b.fetch(one, 0).state is RoundState.WAITING
+    assert b.submit(_update(b, two, 1)) == (True, 1)
+    _closed(b, 1)
+    assert b.split.teachers.current().version == 2
+    # a comes back (a paused process): the cohort is b's now, and a forgets its stale copy.
+    with pytest.raises(Unavailable, match="moved to another replica"):
+        a.fetch(one, 1)
+    assert a.peek("k") is None
+    # b dies in round 2; a takes the cohort back from the shared checkpoint.
+    assert b.submit(_update(b, one, 2)) == (True, 2)
+    replicas.clock[0] += LEASE + 1
+    update = _update(a, two, 2)  # a takes the cohort over here
+    # a's memory had server-model v1; the take-over took up b's v2, before round 2 closes.
+    assert a.split.teachers.current().version == 2
+    assert a.submit(update) == (True, 2)
+    _closed(a, 2)
+    summary = a.describe("k")
+    assert [r["round"] for r in summary["rounds"]] == [1, 2]  # type: ignore[index, union-attr]
+    assert summary["server_model_version"] == 3
+    assert a.split.teachers.current().version == 3
+    # Each round's students are published in the registry of the replica that runs the
+    # cohort now (a registry per replica, as with S3): a member can download them here.
+    task = a.fetch(one, 2)
+    assert task.model is not None
+    assert a.split.registry.get(task.model.name, task.model.version).sha256 == task.model.sha256
+
+
+def test_a_member_unknown_to_every_replica_is_not_found(replicas: Replicas) -> None:
+    a = replicas.start("a")
+    with pytest.raises(NotFound):
+        a.fetch("0" * 32, 0)
+    with pytest.raises(NotFound):
+        a.fetch("../../etc/passwd", 0)  # never a storage key
+
+
+def test_cohort_checkpoints_round_trip_through_the_store(store: RetryingStore) -> None:
+    fleet_store = CohortStore(store, PREFIX)
+    replicas = Replicas(store, Path("unused"))
+    try:
+        a = replicas.start("a")
+        member = a.join("dev-1", "k", DIGITS, 20).member_id
+        a.join("dev-2", "k", DIGITS, 20)
+        a.submit(_update(a, member, 1))
+        loaded = fleet_store.load("k")
+        assert loaded is not None
+        cohort, _state = loaded
+        here = a.peek("k")
+        assert here is not None
+        assert cohort.round == 1 and set(cohort.members) == set(here.members)
+        assert list(cohort.pending) == [member]
+        for klass, weights in here.students.items():
+            for key, value in weights.items():
+                np.testing.assert_array_equal(cohort.students[klass][key], value)
+        assert fleet_store.cohort_of(member) == "k" and fleet_store.names() == ["k"]
+    finally:
+        replicas.close()
+
+
+def test_the_server_model_versions_are_shared_and_numbered_once(store: RetryingStore) -> None:
+    first = make_teacher()
+    a = SharedTeacherVersions(first, store)
+    b = SharedTeacherVersions(make_teacher(), store, recheck_seconds=0.0)
+    model = zoo.build(first.spec, 3)
+    assert a.update(model, provenance={"made_for": "x"}).version == 2
+    assert b.current().version == 2  # b looks at the pointer again
+    assert b.update(zoo.build(first.spec, 4)).version == 3
+    assert a.refresh().version == 3
+    c = SharedTeacherVersions(make_teacher(), store)  # a replica started later
+    assert c.current().version == 3
+    found = c.made_for("x")  # the update a made, found by its provenance
+    assert found is not None and found.version == 2
+
+
+def test_a_round_closed_again_reuses_its_server_model_update(tmp_path: Path) -> None:
+    """The cloud died after its server model learnt from a round, before the round was
+    saved: closing the round again must not teach the server model the round twice."""
+    teachers = TeacherVersions(make_teacher(), tmp_path / "versions")
+    spec = zoo.default_student(DIGITS)
+    students = {"standard": koala.weights_of(zoo.build(spec, 1))}
+    updates = [Contribution("m", "standard", students["standard"], 10)]
+    koala_k = Koala(teachers, PROXY, cohort="k")
+    first = koala_k.aggregate(1, students, {"standard": spec}, updates)
+    # A restarted cloud: the versions on disk, the round closed again.
+    again = TeacherVersions(make_teacher(), tmp_path / "versions")
+    second = Koala(again, PROXY, cohort="k").aggregate(1, students, {"standard": spec}, updates)
+    assert first.server_model_version == second.server_model_version == 2
+    assert again.versions() == [1, 2]
+    for key, value in first.students["standard"].items():
+        np.testing.assert_allclose(second.students["standard"][key], value, atol=1e-6)
