@@ -62,7 +62,7 @@ class Replicas:
         self.clock = [1000.0]
         self.fleets: list[FleetService] = []
 
-    def start(self, name: str) -> FleetService:
+    def start(self, name: str, config: CohortConfig = CONFIG) -> FleetService:
         service = CloudService(
             # No periodic look: what a replica serves changes only when it must.
             SharedTeacherVersions(make_teacher(), self.store, recheck_seconds=1e9),
@@ -72,7 +72,7 @@ class Replicas:
         )
         leases = Leases(self.store, name, LEASE, prefix=PREFIX, clock=lambda: self.clock[0])
         shared = SharedCohorts(CohortStore(self.store, PREFIX), leases)
-        fleet = FleetService(service, FleetSettings(CONFIG, {}, PROXY, None, None, shared))
+        fleet = FleetService(service, FleetSettings(config, {}, PROXY, None, None, shared))
         self.fleets.append(fleet)
         return fleet
 
@@ -139,6 +139,27 @@ def test_a_dead_replicas_cohort_is_taken_over_and_no_round_is_applied_twice(
     task = a.fetch(one, 2)
     assert task.model is not None
     assert a.split.registry.get(task.model.name, task.model.version).sha256 == task.model.sha256
+
+
+def test_a_split_round_whose_replica_died_is_fetched_again_on_the_next(
+    replicas: Replicas,
+) -> None:
+    split = CohortConfig("split", min_devices=1, rounds=2, local_epochs=1)
+    a, b = replicas.start("a", split), replicas.start("b", split)
+    one = a.join("dev-1", "k", DIGITS, 20).member_id
+    task = a.fetch(one, 0)
+    assert task.state is RoundState.TRAINING and task.session is not None
+    head = a.expected_update(one)
+    # An operator's look at b does not move the cohort: b answers from the checkpoint.
+    assert b.describe("k")["devices"] == 1 and b.peek("k") is None
+    replicas.clock[0] += LEASE + 1  # a dies with the round's split session in its memory
+    # b takes the cohort over; the round session is gone: NOT_FOUND, the edge fetches again.
+    with pytest.raises(NotFound, match="fetch the round again"):
+        b.expected_update(one)
+    again = b.fetch(one, 0)
+    assert again.state is RoundState.TRAINING and again.round == 1
+    assert again.session is not None and again.session.session_id != task.session.session_id
+    assert b.expected_update(one) == head
 
 
 def test_a_member_unknown_to_every_replica_is_not_found(replicas: Replicas) -> None:

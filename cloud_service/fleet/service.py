@@ -44,6 +44,12 @@ from splitkd.signature import DatasetSignature
 
 log = logging.getLogger(__name__)
 MAX_MEMBERS_PER_COHORT = 10_000
+# Round sessions live in memory only: after a restart or a take-over by another replica
+# the edge is told NOT_FOUND, on which it fetches the round again (edge_agent/fleet.py).
+_NO_ROUND_SESSION = (
+    "no split session of this round here (the cloud restarted or another replica took "
+    "the cohort over); fetch the round again"
+)
 
 
 @dataclass(frozen=True)
@@ -161,10 +167,10 @@ class FleetService:
                 cohort.students[klass] = koala.weights_of(
                     zoo.build(spec, self.split.config.hyper.seed)
                 )
-            known = set(cohort.members)
             member = cohort.join(device_id, klass, num_samples)
-            if self.shared is not None and member.member_id not in known:
-                # Before the answer: a member's later calls may land on any replica.
+            if self.shared is not None:
+                # Before the answer (and again on a retried join: the first may have
+                # failed here): a member's later calls may land on any replica.
                 self.shared.store.remember_member(member.member_id, cohort_name)
             self._save(cohort)
             answer = JoinAnswer(
@@ -267,7 +273,7 @@ class FleetService:
         if cohort.config.mode == "split":
             entry = self._sessions.get(member_id)
             if entry is None:
-                raise FailedPrecondition("no split session for this round; fetch the round first")
+                raise NotFound(_NO_ROUND_SESSION)
             return self.split.sessions.get(entry[1]).head_shapes()
         # A class's student exists from its first member's join on.
         return {k: tuple(v.shape) for k, v in cohort.students[member.device_class].items()}
@@ -291,7 +297,9 @@ class FleetService:
 
     def _split_update(self, member: Member, update: Update) -> dict[str, np.ndarray]:
         entry = self._sessions.get(member.member_id)
-        if entry is None or entry[0] != update.round:
+        if entry is None:
+            raise NotFound(_NO_ROUND_SESSION)
+        if entry[0] != update.round:
             raise FailedPrecondition(
                 f"no split session of round {update.round} for this device; fetch the round"
             )
@@ -490,7 +498,7 @@ class FleetService:
         cohort = self.peek(name)
         if cohort is None and self.shared is not None and names.is_cohort_name(name):
             try:
-                loaded = self.shared.store.load(name)
+                loaded = self.shared.store.load(name, weights=False)
             except (ValueError, KeyError, TypeError) as exc:
                 log.warning("cohort %s: its checkpoint cannot be read (%s)", name, exc)
                 return None

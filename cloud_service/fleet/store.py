@@ -115,8 +115,9 @@ class CohortStore:
                 out.append(loaded)
         return out
 
-    def load(self, name: str) -> tuple[Cohort, dict[str, Any]] | None:
+    def load(self, name: str, weights: bool = True) -> tuple[Cohort, dict[str, Any]] | None:
         """The cohort as last saved, and its raw state; None when it has no checkpoint.
+        Without ``weights``: rounds and members only (a look, not a cohort to run).
 
         Raises ValueError (or KeyError, TypeError) for a damaged one; the store's
         Unavailable when it does not answer (the caller's edge retries).
@@ -127,7 +128,10 @@ class CohortStore:
         state = json.loads(raw)
         specs = {k: ModelSpec.from_json(v["family"], v["spec"]) for k, v in state["specs"].items()}
         number = int(state["round"])
-        students = {k: self._weights(name, f"students-r{number}-{k}.safetensors") for k in specs}
+        students = {
+            k: self._weights(name, f"students-r{number}-{k}.safetensors") if weights else {}
+            for k in specs
+        }
         cohort = Cohort(state["name"], CohortConfig(**state["config"]), specs, students)
         cohort.round, cohort.complete = number, bool(state["complete"])
         cohort.server_model_version = int(state["server_model_version"])
@@ -138,8 +142,10 @@ class CohortStore:
         cohort.deadline = cohort.opened_at + cohort.config.round_timeout_seconds
         for member_id, figures in state["pending"].items():
             member = cohort.members[member_id]
-            weights = self._weights(name, f"pending-r{number}-{member_id}.safetensors")
-            contribution = Contribution(member_id, member.device_class, weights, figures["samples"])
+            update = (
+                self._weights(name, f"pending-r{number}-{member_id}.safetensors") if weights else {}
+            )
+            contribution = Contribution(member_id, member.device_class, update, figures["samples"])
             cohort.pending[member_id] = Pending(contribution, float(figures["accuracy"]))
         return cohort, state
 
