@@ -141,6 +141,23 @@ def test_a_dead_replicas_cohort_is_taken_over_and_no_round_is_applied_twice(
     assert a.split.registry.get(task.model.name, task.model.version).sha256 == task.model.sha256
 
 
+def test_a_replica_that_gets_a_cohort_back_restores_it_instead_of_its_stale_memory(
+    replicas: Replicas,
+) -> None:
+    a, b = replicas.start("a"), replicas.start("b")
+    one = a.join("dev-1", "k", DIGITS, 20).member_id
+    a.join("dev-2", "k", DIGITS, 20)
+    replicas.clock[0] += LEASE + 1  # a is paused past its lease; b takes the cohort
+    assert b.submit(_update(b, one, 1)) == (True, 1)
+    b.close()  # a clean stop: b releases the lease
+    a.poke_all()  # a's lease loop takes it back, and drops the copy it remembers
+    assert a.peek("k") is None
+    # Restored from b's checkpoint: dev-1's update is pending, nothing to train again.
+    assert a.fetch(one, 0).state is RoundState.WAITING
+    here = a.peek("k")
+    assert here is not None and list(here.pending) == [one]
+
+
 def test_a_split_round_whose_replica_died_is_fetched_again_on_the_next(
     replicas: Replicas,
 ) -> None:

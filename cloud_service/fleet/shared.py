@@ -46,6 +46,11 @@ class SharedCohorts:
     def held(self, fleet: FleetService, name: str) -> Cohort | None:
         """The cohort, held by this replica (taking it over when it is free); None when
         it has no checkpoint (a new one: the caller creates it, holding its lease)."""
+        here = fleet.peek(name)
+        if here is not None and self.leases.held(name):
+            # Every member's poll comes here: no storage call while the lease runs
+            # (renew() keeps it, and forgets a cohort whose lease changed hands).
+            return here
         with self._lock:
             here = fleet.peek(name)
             if here is not None:
@@ -88,7 +93,12 @@ class SharedCohorts:
     def still_ours(self, fleet: FleetService, cohort: Cohort) -> bool:
         """Before a closed round is applied (callers hold ``cohort.lock``)."""
         try:
-            if self.leases.holds(cohort.name) and fleet.peek(cohort.name) is cohort:
+            # Taken back after another replica ran it: what this close started from is stale.
+            if (
+                self.leases.holds(cohort.name)
+                and not self.leases.taken_from_other(cohort.name)
+                and fleet.peek(cohort.name) is cohort
+            ):
                 return True
         except SplitKDError as exc:
             log.warning("cohort %s: lease not renewed (%s)", cohort.name, exc)
@@ -101,13 +111,14 @@ class SharedCohorts:
         """Keep the leases of the cohorts held here (every half-second, from serve)."""
         for name in fleet.held_names():
             try:
-                kept = self.leases.holds(name)
+                # Taken back after another replica ran it: the next call restores it fresh.
+                kept = self.leases.holds(name) and not self.leases.taken_from_other(name)
             except SplitKDError as exc:  # the store is down: the replica reports not-ready
                 log.warning("cohort %s: lease not renewed (%s)", name, exc)
                 continue
             if not kept:
                 fleet.forget(name)
-                log.warning("cohort %s: its lease was taken; forgotten here", name)
+                log.warning("cohort %s: its lease changed hands; forgotten here", name)
 
     def release_all(self) -> None:
         for name in self.leases.owned():
