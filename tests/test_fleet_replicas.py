@@ -32,7 +32,7 @@ from cloud_service.teacher_store import SharedTeacherVersions
 from splitkd import koala
 from splitkd.data import load_dataset
 from splitkd.demo import http_json
-from splitkd.errors import NotFound, Unavailable
+from splitkd.errors import FailedPrecondition, NotFound, Unavailable
 from splitkd.hyper import Hyperparameters
 from splitkd.messages import CohortConfig, RoundState, Update
 from splitkd.models import zoo
@@ -185,6 +185,21 @@ def test_a_member_unknown_to_every_replica_is_not_found(replicas: Replicas) -> N
         a.fetch("0" * 32, 0)
     with pytest.raises(NotFound):
         a.fetch("../../etc/passwd", 0)  # never a storage key
+
+
+def test_a_damaged_cohort_checkpoint_is_refused_in_one_clear_line(
+    replicas: Replicas, store: RetryingStore
+) -> None:
+    a = replicas.start("a")
+    member = a.join("dev-1", "k", DIGITS, 20).member_id
+    store.write(f"{PREFIX}k/students-r0-standard.safetensors", b"not a safetensors file")
+    replicas.clock[0] += LEASE + 1
+    b = replicas.start("b")
+    with pytest.raises(FailedPrecondition, match="checkpoint cannot be restored"):
+        b.fetch(member, 0)
+    store.write(f"{PREFIX}k/cohort.json", b"{not json")
+    with pytest.raises(NotFound):
+        b.describe("k")
 
 
 def test_cohort_checkpoints_round_trip_through_the_store(store: RetryingStore) -> None:

@@ -108,7 +108,7 @@ class CohortStore:
         for name in self.names():
             try:
                 loaded = self.load(name)
-            except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
+            except (OSError, ValueError, KeyError, TypeError) as exc:
                 log.error("cohort checkpoint %s cannot be restored (%s); skipped", name, exc)
                 continue
             if loaded is not None:
@@ -153,7 +153,10 @@ class CohortStore:
         raw = self.store.read(self._key(name, file))
         if raw is None:
             raise ValueError(f"{file} is missing")
-        return dict(load(raw))
+        try:
+            return dict(load(raw))
+        except SafetensorError as exc:
+            raise ValueError(f"{file} is damaged ({exc})") from None
 
 
 def _weights_bytes(weights: Weights) -> bytes:
