@@ -22,8 +22,10 @@ baseline), and prints both side by side. Exits 1 when any step failed or any
 edge could not register.
 
 ``SimulatedEdge`` is also make scale-check's edge (benchmarks/scale_check.py):
-with ``route`` it sends the routing key, retries what a replica cannot take
-now, resumes after a take-over, and checks its step count against the cloud's.
+with ``route`` it sends what a real solo edge sends (its routing key, balanced
+placement, the replica its answers name: edge_agent/sticky.py), retries what a
+replica cannot take now, resumes after a take-over, and checks its step count
+against the cloud's.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from edge_agent.sticky import StickyUpstream
 from splitkd.grpc_options import ROUTE_HEADER
 
 MIB = 1024 * 1024
@@ -105,8 +108,9 @@ class SimulatedEdge:
         self.timeout = timeout
         self.result = EdgeResult(name)
         self.rng = np.random.default_rng(shard)
-        # Replicas behind Envoy: the routing key every real edge sends (its device id).
-        self.metadata = ((ROUTE_HEADER, name),) if route else None
+        # Replicas behind Envoy: what a real solo edge sends, its device id as the
+        # routing key and balanced placement, then the replica its answers name.
+        self.sticky = StickyUpstream() if route else None
         self.snapshots: dict[int, tuple[dict[str, Any], dict[str, Any]]] = {}
 
     async def register(self) -> None:
@@ -123,7 +127,8 @@ class SimulatedEdge:
 
         signature = self.data.signature
         try:
-            reply = await self.stub.Register(
+            reply = await self._unary(
+                self.stub.Register,
                 pb.RegisterRequest(
                     device_id=self.result.name,
                     profile=pb.DeviceProfile(name="loadtest", link="loopback", cpu_cores=1),
@@ -133,8 +138,6 @@ class SimulatedEdge:
                         name=signature.name,
                     ),
                 ),
-                timeout=self.timeout,
-                metadata=self.metadata,
                 wait_for_ready=True,
             )
         except grpc.aio.AioRpcError as exc:
@@ -193,15 +196,24 @@ class SimulatedEdge:
         self.result.redone += self.step - reply.step
         self.step = reply.step
 
+    async def _unary(self, method: Any, request: Any, **options: Any) -> Any:
+        """One call, with the headers a real edge sends; its answer may name a replica."""
+        metadata = None
+        if self.sticky is not None:
+            metadata = ((ROUTE_HEADER, self.result.name), *self.sticky.metadata())
+        call = method(request, timeout=self.timeout, metadata=metadata, **options)
+        reply = await call
+        if self.sticky is not None:
+            self.sticky.observe(await call.initial_metadata())
+        return reply
+
     async def _call(self, method: Any, request: Any) -> Any:
         """A call retried while the cloud is unavailable (a replica dying, a session moving)."""
         import grpc
 
         for attempt in itertools.count():
             try:
-                return await method(
-                    request, timeout=self.timeout, metadata=self.metadata, wait_for_ready=True
-                )
+                return await self._unary(method, request, wait_for_ready=True)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in _RETRIED or attempt >= 60:
                     raise
@@ -261,9 +273,7 @@ class SimulatedEdge:
             while reply is None and time.monotonic() < deadline:
                 started = time.perf_counter()
                 try:
-                    reply = await self.stub.Step(
-                        request, timeout=self.timeout, metadata=self.metadata
-                    )
+                    reply = await self._unary(self.stub.Step, request)
                 except grpc.aio.AioRpcError as exc:
                     if exc.code() in _RETRIED:
                         # A replica died or the session is moving: resending is safe

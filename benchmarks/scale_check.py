@@ -7,7 +7,8 @@
    store with leases, and a real Envoy (deploy/envoy/envoy.yaml, pointed at
    them) on loopback.
 3. Through Envoy: ``--edges`` (32) simulated edges (benchmarks/loadtest.py's,
-   sending the routing key, retrying, resuming) and the same two real edges.
+   placed as solo devices are: round robin, then sticky; retrying, resuming)
+   and the same two real edges.
 4. Once the real edges are well into training, SIGKILLs the replica that holds
    real edge 0's session (no checkpoint, no lease released).
 5. Prints sessions per replica before the kill (spread), failed steps, steps
@@ -317,7 +318,8 @@ def print_report(report: dict[str, Any], out: Path) -> None:
     latency = report["step_latency_ms"]
     waited = report["moved_sessions_waited_seconds"]
     rows = [
-        ("replicas", f"{report['replicas']} behind Envoy (Maglev on x-splitkd-route), "
+        ("replicas", f"{report['replicas']} behind Envoy (solo sessions: round robin, "
+         "then sticky by x-splitkd-upstream), "
          f"lease {report['lease_seconds']:.0f} s, checkpoint every {report['checkpoint_every']} steps"),
         ("edges", f"{report['simulated_edges']} simulated + {report['real_edges']} real"),
         ("sessions/replica", ", ".join(f"{k} {v}" for k, v in

@@ -24,6 +24,7 @@ import numpy as np
 from edge_agent.errors import CloudRefused, EdgeError
 from edge_agent.model_store import check_model_id
 from edge_agent.security import open_channel
+from edge_agent.sticky import StickyUpstream
 from splitkd import codec, serde
 from splitkd.codecs import Encoded
 from splitkd.grpc_options import DEFAULT_MAX_MESSAGE_BYTES, ROUTE_HEADER, channel_options
@@ -86,10 +87,13 @@ class CloudClient:
         credentials: grpc.ChannelCredentials | None = None,
         metadata: Sequence[tuple[str, str]] = (),
         routing_key: str = "",
+        sticky: bool = False,
     ) -> None:
         """``credentials``: TLS (None: plaintext); ``metadata``: the device's credential,
         sent on every call (edge_agent/security.py builds both); ``routing_key``: sent
-        on every call for the load balancer in front of cloud replicas (deploy/envoy/)."""
+        on every call for the load balancer in front of cloud replicas (deploy/envoy/);
+        ``sticky``: ask it for balanced placement, then follow the replica its answers
+        name (a solo device, edge_agent/sticky.py; a cohort's members meet by the key)."""
         self.address = address
         self._credentials = credentials
         self._metadata = tuple(metadata) + (((ROUTE_HEADER, routing_key),) if routing_key else ())
@@ -104,23 +108,32 @@ class CloudClient:
         self.last_call = time.monotonic()
         self.retried_calls = 0
         self._max_message_bytes = max_message_bytes
-        self._channel = open_channel(
-            address, channel_options(max_message_bytes), credentials, self._metadata
-        )
+        # Kept across _reset_channel: a fresh connection still goes to the same replica.
+        self._interceptors = (StickyUpstream(),) if sticky else ()
+        self._channel = self._open_channel()
         self._stub = pb_grpc.SplitTrainingStub(self._channel)
         self._fleet = pb_grpc.FleetStub(self._channel)
         self._heartbeat_stop = threading.Event()
+
+    @property
+    def upstream(self) -> str | None:
+        """The replica a sticky client's calls go to, as the load balancer names it."""
+        return self._interceptors[0].upstream if self._interceptors else None
+
+    def _open_channel(self) -> grpc.Channel:
+        return open_channel(
+            self.address,
+            channel_options(self._max_message_bytes),
+            self._credentials,
+            self._metadata,
+            self._interceptors,
+        )
 
     def _reset_channel(self) -> None:
         """A fresh connection: after a deadline the old one may be a black hole
         that TCP keepalive would only notice minutes later."""
         old = self._channel
-        self._channel = open_channel(
-            self.address,
-            channel_options(self._max_message_bytes),
-            self._credentials,
-            self._metadata,
-        )
+        self._channel = self._open_channel()
         self._stub = pb_grpc.SplitTrainingStub(self._channel)
         self._fleet = pb_grpc.FleetStub(self._channel)
         old.close()

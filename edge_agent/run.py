@@ -86,6 +86,8 @@ def cloud_client(options: TrainOptions, telemetry: TrainingTelemetry) -> CloudCl
         metadata=security.call_metadata(options.device_id),
         # A cohort's members share its state, so they share a replica too.
         routing_key=options.cohort or options.device_id,
+        # A solo session needs no hash: placed by balance, then kept where it is.
+        sticky=not options.cohort,
     )
     client.on_traffic = telemetry.on_traffic
     return client

@@ -11,6 +11,7 @@ are settings fields (:mod:`splitkd.settings`): flags, SPLITKD_* and the config f
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -147,20 +148,22 @@ def open_channel(
     options: Sequence[tuple[str, Any]],
     credentials: grpc.ChannelCredentials | None = None,
     metadata: Sequence[tuple[str, str]] = (),
+    interceptors: Sequence[Any] = (),
 ) -> grpc.Channel:
-    """A channel to the cloud: TLS when ``credentials`` are given, ``metadata`` on every call."""
+    """A channel to the cloud: TLS when ``credentials`` are given, ``metadata`` on every
+    call, then ``interceptors`` (e.g. edge_agent/sticky.py's)."""
     import grpc
 
     if credentials is not None:
         channel = grpc.secure_channel(address, credentials, options=list(options))
     else:
         channel = grpc.insecure_channel(address, options=list(options))
-    if not metadata:
-        return channel
-    return grpc.intercept_channel(channel, _metadata_interceptor(tuple(metadata)))
+    chain = (*((_metadata_interceptor(tuple(metadata)),) if metadata else ()), *interceptors)
+    return grpc.intercept_channel(channel, *chain) if chain else channel
 
 
-def _metadata_interceptor(metadata: tuple[tuple[str, str], ...]) -> Any:
+@functools.cache
+def _call_details_class() -> type:
     import grpc
 
     class CallDetails(
@@ -172,25 +175,36 @@ def _metadata_interceptor(metadata: tuple[tuple[str, str], ...]) -> Any:
     ):
         pass
 
-    class AddMetadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
-        def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
-            return CallDetails(
-                details.method,
-                details.timeout,
-                (*(details.metadata or ()), *metadata),
-                details.credentials,
-                getattr(details, "wait_for_ready", None),
-                getattr(details, "compression", None),
-            )
+    return CallDetails
 
+
+def with_metadata(
+    details: grpc.ClientCallDetails, metadata: Sequence[tuple[str, str]]
+) -> grpc.ClientCallDetails:
+    """``details`` of a call with ``metadata`` added (how an interceptor sends headers)."""
+    result: grpc.ClientCallDetails = _call_details_class()(
+        details.method,
+        details.timeout,
+        (*(details.metadata or ()), *metadata),
+        details.credentials,
+        getattr(details, "wait_for_ready", None),
+        getattr(details, "compression", None),
+    )
+    return result
+
+
+def _metadata_interceptor(metadata: tuple[tuple[str, str], ...]) -> Any:
+    import grpc
+
+    class AddMetadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
         def intercept_unary_unary(
             self, continuation: Callable[..., Any], details: grpc.ClientCallDetails, request: Any
         ) -> Any:
-            return continuation(self._details(details), request)
+            return continuation(with_metadata(details, metadata), request)
 
         def intercept_unary_stream(
             self, continuation: Callable[..., Any], details: grpc.ClientCallDetails, request: Any
         ) -> Any:
-            return continuation(self._details(details), request)
+            return continuation(with_metadata(details, metadata), request)
 
     return AddMetadata()

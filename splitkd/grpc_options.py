@@ -43,6 +43,12 @@ def server_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[t
 
 
 # The routing key a device sends on every call (its cohort's name, or its own id):
-# Envoy hashes it (deploy/envoy/) so a session's calls land on the replica that
+# Envoy hashes it (deploy/envoy/) so a cohort's calls land on the replica that
 # holds it. Lower case: gRPC metadata keys are.
 ROUTE_HEADER = "x-splitkd-route"
+# A solo device asks Envoy for balanced placement (PLACEMENT_HEADER: BALANCED) and
+# sends back the replica its answers name (UPSTREAM_HEADER, Envoy's stateful session):
+# edge_agent/sticky.py, deploy/envoy/envoy.yaml.
+PLACEMENT_HEADER = "x-splitkd-placement"
+BALANCED = "balanced"
+UPSTREAM_HEADER = "x-splitkd-upstream"

