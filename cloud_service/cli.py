@@ -39,7 +39,7 @@ def _serve(args: ServeSettings) -> int:
     from cloud_service.server import ServeOptions, serve
     from cloud_service.service import CloudConfig, CloudService
     from cloud_service.sessions import SessionStore
-    from cloud_service.teacher import Teacher, TeacherVersions, train_teacher
+    from cloud_service.teacher import Teacher, train_teacher
     from splitkd.hyper import Hyperparameters
 
     # TLS files and the device registry are checked before minutes of teacher training.
@@ -84,7 +84,7 @@ def _serve(args: ServeSettings) -> int:
     TEACHER_BATCHER.window_seconds = max(0.0, args.teacher_batch_ms) / 1000
     checkpoints = _session_checkpoints(args)
     service = CloudService(
-        TeacherVersions(teacher, args.state_dir / lifecycle_cli.VERSIONS_FOLDER),
+        _teacher_versions(args, teacher, checkpoints),
         ModelRegistry(_registry_root(args), keep_versions=args.keep_versions),
         SessionStore(idle_timeout=args.session_timeout),
         CloudConfig(
@@ -107,7 +107,7 @@ def _serve(args: ServeSettings) -> int:
         ServeOptions(
             lifecycle=lifecycle,
             replica=replica,
-            fleet=_fleet(args, service),
+            fleet=_fleet(args, service, checkpoints),
             host=args.host,
             grpc_port=args.grpc_port,
             http_port=args.http_port,
@@ -138,17 +138,35 @@ def _session_checkpoints(args: ServeSettings) -> Any:
     return SessionCheckpoints(store, prefix="sessions/")
 
 
-def _replica(args: ServeSettings, service: Any, checkpoints: Any) -> Any:
+def _is_replica(args: ServeSettings) -> bool:
+    if args.lease_seconds > 0 and not args.store:
+        raise SplitKDError("--lease-seconds needs --store: the replicas' shared storage")
+    return args.lease_seconds > 0
+
+
+def _replica_name(args: ServeSettings) -> str:
     import socket
 
+    return args.replica_id or f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _teacher_versions(args: ServeSettings, teacher: Any, checkpoints: Any) -> Any:
+    """The server model's versions: in the state folder, or shared by the replicas."""
+    from cloud_service.teacher import TeacherVersions
+    from cloud_service.teacher_store import SharedTeacherVersions
+
+    if _is_replica(args):
+        return SharedTeacherVersions(teacher, checkpoints.store)
+    return TeacherVersions(teacher, args.state_dir / lifecycle_cli.VERSIONS_FOLDER)
+
+
+def _replica(args: ServeSettings, service: Any, checkpoints: Any) -> Any:
     from cloud_service.leases import Leases
     from cloud_service.replicas import Replica
 
-    if args.lease_seconds <= 0:
+    if not _is_replica(args):
         return None
-    if not args.store:
-        raise SplitKDError("--lease-seconds needs --store: the replicas' shared storage")
-    name = args.replica_id or f"{socket.gethostname()}-{os.getpid()}"
+    name = _replica_name(args)
     replica = Replica(
         service, Leases(checkpoints.store, name, args.lease_seconds, prefix=checkpoints.prefix)
     )
@@ -156,7 +174,20 @@ def _replica(args: ServeSettings, service: Any, checkpoints: Any) -> Any:
     return replica
 
 
-def _fleet(args: ServeSettings, service: Any) -> Any:
+def _shared_cohorts(args: ServeSettings, checkpoints: Any) -> Any:
+    """Replicas: cohorts in the shared store, each run by the replica holding its lease."""
+    from cloud_service.fleet.shared import PREFIX, SharedCohorts
+    from cloud_service.fleet.store import CohortStore
+    from cloud_service.leases import Leases
+
+    if not _is_replica(args):
+        return None
+    store = checkpoints.store
+    leases = Leases(store, _replica_name(args), args.lease_seconds, prefix=PREFIX, kind="cohort")
+    return SharedCohorts(CohortStore(store, PREFIX), leases)
+
+
+def _fleet(args: ServeSettings, service: Any, checkpoints: Any) -> Any:
     """The cohorts' service, with the proxy inputs KOALA's knowledge transfer runs on."""
     from cloud_service.fleet.config import load_plans
     from cloud_service.fleet.service import FleetService, FleetSettings
@@ -186,8 +217,10 @@ def _fleet(args: ServeSettings, service: Any) -> Any:
         proxy = None
     publish_teacher(service)
     service.teachers.on_update.append(lambda _teacher: publish_teacher(service))
+    shared = _shared_cohorts(args, checkpoints)
     return FleetService(
-        service, FleetSettings(defaults, plans, proxy, anchor, args.state_dir / "cohorts")
+        service,
+        FleetSettings(defaults, plans, proxy, anchor, args.state_dir / "cohorts", shared),
     )
 
 

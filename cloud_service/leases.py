@@ -50,10 +50,13 @@ class Leases:
         *,
         prefix: str = "sessions/",
         clock: Callable[[], float] = time.time,
+        kind: str = "session",
     ) -> None:
-        """``prefix``: where sessions sit in ``store`` (as for SessionCheckpoints)."""
+        """``prefix``: where sessions sit in ``store`` (as for SessionCheckpoints);
+        ``kind``: what is leased, in log lines (cohorts are leased too, fleet/shared.py)."""
         self.store = store
         self.prefix = prefix
+        self.kind = kind
         self.replica = replica
         self.seconds = seconds
         # A step in flight when the lease runs out must still finish inside it.
@@ -139,14 +142,14 @@ class Leases:
             for old in generations[:-1]:
                 self.store.delete(self._key(session_id, old))
         self._held[session_id] = Held(top + 1, expires, not_before, from_other)
-        log.info("session %s…: lease generation %d taken", session_id[:8], top + 1)
+        log.info("%s %s…: lease generation %d taken", self.kind, session_id[:8], top + 1)
         return now >= not_before
 
     def _renew(self, session_id: str, held: Held, now: float) -> None:
         expires = now + self.seconds
         self.store.write(self._key(session_id, held.generation), self._record(expires))
         if self.store.read(self._key(session_id, held.generation + 1)) is not None:
-            log.warning("session %s…: another replica took it over", session_id[:8])
+            log.warning("%s %s…: another replica took it over", self.kind, session_id[:8])
             del self._held[session_id]
             return
         held.expires = expires

@@ -90,6 +90,8 @@ def _teacher_list(args: TeacherListSettings) -> int:
     for row in rows:
         mark = "*" if row["current"] else " "
         origin = "trained on the presumed data"
+        if "made_for" in row:  # a federated cohort's round (KOALA)
+            origin = f"learnt from {row['made_for']}"
         if "device_id" in row:
             origin = (
                 f"from {row['device_id']} at {row['received_at']}, presumed accuracy "

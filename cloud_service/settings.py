@@ -132,7 +132,8 @@ REPLICAS = "replicas (several clouds behind Envoy; see docs/KUBERNETES.md)"
 class ReplicaOptions(Options):
     store: str = option(
         "",
-        "shared storage of sessions and their leases: a folder every replica mounts "
+        "shared storage of sessions and their leases (with --lease-seconds: cohorts and the "
+        "server model's versions too): a folder every replica mounts "
         "(a ReadWriteMany volume) or s3://BUCKET/PREFIX; empty: STATE_DIR, this cloud alone",
         group=REPLICAS,
     )
@@ -143,7 +144,8 @@ class ReplicaOptions(Options):
     )
     lease_seconds: float = option(
         0.0,
-        "session leases: a dead replica's sessions move after this long; 0: this cloud is "
+        "session and cohort leases: a dead replica's sessions and cohorts move after this "
+        "long; 0: this cloud is "
         "the only one (no leases, every stored session restored at start)",
         group=REPLICAS,
     )

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors.torch import load, save
 
 from splitkd.atomic import write_bytes_atomic, write_json_atomic
 from splitkd.data import load_dataset
@@ -80,6 +80,10 @@ class Teacher:
     def save(self, path: Path) -> None:
         """Durably: a cloud killed while saving leaves the old file or the new one."""
         path.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(path, self.to_bytes())
+
+    def to_bytes(self) -> bytes:
+        """The safetensors file: weights, and the architecture in its metadata."""
         state = {k: v.contiguous() for k, v in self.model.state_dict().items()}
         metadata = {
             "family": self.spec.family,
@@ -87,36 +91,56 @@ class Teacher:
             "accuracy": str(self.accuracy or ""),
             "samples": json.dumps(self.samples),
         }
-        write_bytes_atomic(path, save(state, metadata=metadata))
+        return bytes(save(state, metadata=metadata))
 
     @classmethod
     def load(cls, path: Path) -> Teacher:
         if not path.is_file():
             raise InvalidArgument(f"teacher checkpoint {path} does not exist")
         try:
-            from safetensors import safe_open
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise InvalidArgument(f"{path} cannot be read ({exc})") from exc
+        teacher = cls.from_bytes(raw, str(path))
+        teacher.data_name = path.stem
+        return teacher
 
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = handle.metadata() or {}
-            state = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as exc:
+    @classmethod
+    def from_bytes(cls, raw: bytes, where: str) -> Teacher:
+        """A teacher from a safetensors file's bytes (``where`` names it in errors)."""
+        try:
+            metadata = _metadata(raw)
+            state = load(raw)
+        except (SafetensorError, ValueError, TypeError) as exc:
             raise InvalidArgument(
-                f"{path} is not a safetensors teacher checkpoint ({exc})"
+                f"{where} is not a safetensors teacher checkpoint ({exc})"
             ) from exc
         if "family" not in metadata or "spec" not in metadata:
-            raise InvalidArgument(f"{path} has no splitkd architecture metadata (family, spec)")
+            raise InvalidArgument(f"{where} has no splitkd architecture metadata (family, spec)")
         spec = ModelSpec.from_json(metadata["family"], metadata["spec"])
         model = zoo.build(spec)
-        _identity_stats_if_older(path, model.state_dict(), state)
+        _identity_stats_if_older(where, model.state_dict(), state)
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             raise InvalidArgument(
-                f"{path}: weights do not match the spec {spec.describe()}"
+                f"{where}: weights do not match the spec {spec.describe()}"
             ) from exc
         model.eval()
         accuracy = float(metadata["accuracy"]) if metadata.get("accuracy") else None
-        return cls(spec, model, accuracy, path.stem, _samples(metadata.get("samples", "{}")))
+        return cls(spec, model, accuracy, "", _samples(metadata.get("samples", "{}")))
+
+
+def _metadata(raw: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file (an 8-byte length, then a JSON header)."""
+    size = int.from_bytes(raw[:8], "little")
+    if len(raw) < 8 or size > len(raw) - 8:
+        raise ValueError("truncated header")
+    header = json.loads(raw[8 : 8 + size])
+    metadata = (header.get("__metadata__") or {}) if isinstance(header, dict) else {}
+    if not isinstance(metadata, dict):
+        raise ValueError("malformed metadata")
+    return {str(k): str(v) for k, v in metadata.items()}
 
 
 def _samples(text: str) -> dict[str, int]:
@@ -131,7 +155,7 @@ def _samples(text: str) -> dict[str, int]:
 
 
 def _identity_stats_if_older(
-    path: Path, expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]
+    path: Path | str, expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]
 ) -> None:
     """A file saved before models standardised their inputs: it was trained on raw ones."""
     missing = set(expected) - set(state)
@@ -202,6 +226,8 @@ class TeacherVersions:
         self.folder = folder
         self._pointer_stamp: tuple[int, int] | None = None
         self._versions: dict[int, Teacher] = {first.version: first}
+        # Each update's provenance (what made it), e.g. {"made_for": "cohort X round 3"}.
+        self._provenance: dict[int, dict[str, object]] = {}
         self._current = first
         self.on_update: list[Callable[[Teacher], None]] = []
         if folder is not None:
@@ -219,6 +245,7 @@ class TeacherVersions:
                 continue
             saved.version, saved.data_name = int(number), first.data_name
             self._versions[saved.version] = saved
+            self._provenance[saved.version] = _provenance(path.with_suffix(".json"))
         self._current = self._versions[max(self._versions)]
         pointed = read_current_version(self.folder)
         if pointed is not None and pointed in self._versions:
@@ -254,6 +281,22 @@ class TeacherVersions:
         if pointed in self._versions and pointed != self._current.version:
             log.info("server model switched to version %d (pointer changed)", pointed)
             self._current = self._versions[pointed]
+
+    def refresh(self) -> Teacher:
+        """The current version after looking at the versions kept (replicas: the shared
+        store, whatever the last look was; raises Unavailable when it does not answer)."""
+        return self.current()
+
+    def made_for(self, purpose: str) -> Teacher | None:
+        """The version an update made for ``purpose`` (its provenance's ``made_for``), if
+        any: a round that died after its server-model update reuses it, never learns twice."""
+        with self._lock:
+            for version, provenance in self._provenance.items():
+                # Past the current version: an update that died before its pointer
+                # was written, which does not count (the round learns again).
+                if provenance.get("made_for") == purpose and version <= self._current.version:
+                    return self._versions.get(version)
+        return None
 
     def get(self, version: int) -> Teacher:
         with self._lock:
@@ -294,6 +337,7 @@ class TeacherVersions:
                     write_json_atomic(self.folder / f"v{new.version}.json", provenance)
                 write_json_atomic(self.folder / CURRENT_FILE, {"version": new.version})
             self._versions[new.version] = new
+            self._provenance[new.version] = dict(provenance or {})
             self._current = new
         log.info("server model updated to version %d", new.version)
         for callback in self.on_update:
@@ -312,6 +356,15 @@ class TeacherVersions:
                 write_json_atomic(self.folder / CURRENT_FILE, {"version": version})
         log.info("server model rolled back to version %d", version)
         return self._current
+
+
+def _provenance(path: Path) -> dict[str, object]:
+    """A version's provenance record; empty when there is none or it is damaged."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def version_history(folder: Path) -> list[dict[str, object]]:

@@ -3,7 +3,8 @@
 Takes and returns typed values (``splitkd.messages``); the gRPC adapter is
 ``cloud_service/fleet/servicer.py``. Rounds close on a single background
 worker, so a device's submit answers at once even when the strategy runs
-seconds of knowledge transfer.
+seconds of knowledge transfer. With replicas, which one runs a cohort's
+rounds is decided by a lease (``cloud_service/fleet/shared.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 
 from cloud_service.fleet.cohort import RETRY_AFTER_SECONDS, Cohort, Member, Pending
 from cloud_service.fleet.config import CohortPlan
+from cloud_service.fleet.shared import SharedCohorts
 from cloud_service.fleet.store import CohortStore
 from cloud_service.fleet.strategy import Contribution, RoundOutcome, Strategy, strategy_for
 from cloud_service.registry import ModelRecord
@@ -42,6 +44,12 @@ from splitkd.signature import DatasetSignature
 
 log = logging.getLogger(__name__)
 MAX_MEMBERS_PER_COHORT = 10_000
+# Round sessions live in memory only: after a restart or a take-over by another replica
+# the edge is told NOT_FOUND, on which it fetches the round again (edge_agent/fleet.py).
+_NO_ROUND_SESSION = (
+    "no split session of this round here (the cloud restarted or another replica took "
+    "the cohort over); fetch the round again"
+)
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,8 @@ class FleetSettings:
     proxy: np.ndarray | None = None  # the cloud's unlabelled proxy inputs (KOALA)
     anchor: Dataset | None = None  # the cloud's labelled presumed data, if any
     state_dir: Path | None = None
+    # Replicas: cohort checkpoints in the shared store, each cohort owned through a lease.
+    shared: SharedCohorts | None = None
 
 
 class FleetService:
@@ -65,17 +75,23 @@ class FleetService:
         self._sessions: dict[str, tuple[int, str]] = {}  # member -> (round, split session id)
         self._session_lock = threading.Lock()
         self._closer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="round-close")
+        self.shared = settings.shared
         self.store = CohortStore(settings.state_dir) if settings.state_dir else None
+        if self.shared is not None:
+            self.store = self.shared.store  # cohorts come and go with their leases
         split.cohort_member = self.is_member
         split.cohort_students = self.finished_students
-        if self.store is not None:
+        if self.store is not None and self.shared is None:
             for cohort, state in self.store.load_all():
-                plan = self._plan_for(cohort.name)
-                plan = CohortPlan(cohort.config, state.get("strategy", ""), plan.classes)
-                self._adopt(cohort, plan)
+                self._resume(cohort, state)
                 log.info("cohort %s restored at round %d", cohort.name, cohort.round)
 
     # -- cohorts ----------------------------------------------------------------
+    def _resume(self, cohort: Cohort, state: dict[str, Any]) -> None:
+        """Adopt a cohort from its checkpoint, with the strategy it was created with."""
+        plan = self._plan_for(cohort.name)
+        self._adopt(cohort, CohortPlan(cohort.config, state.get("strategy", ""), plan.classes))
+
     def _plan_for(self, name: str) -> CohortPlan:
         return self.settings.plans.get(name) or CohortPlan(self.settings.defaults)
 
@@ -83,12 +99,20 @@ class FleetService:
         self._cohorts[cohort.name] = cohort
         self._plans[cohort.name] = plan
         self._strategies[cohort.name] = strategy_for(
-            plan.strategy_name, self.split.teachers, self.settings.proxy, self.settings.anchor
+            plan.strategy_name,
+            self.split.teachers,
+            self.settings.proxy,
+            self.settings.anchor,
+            cohort.name,
         )
         for member_id in cohort.members:
             self._member_cohort[member_id] = cohort.name
 
     def _cohort(self, name: str) -> Cohort:
+        if self.shared is not None:
+            held = self.shared.held(self, name)  # UNAVAILABLE while another replica has it
+            if held is not None:
+                return held
         with self._lock:
             if name not in self._cohorts:
                 plan = self._plan_for(name)
@@ -144,6 +168,10 @@ class FleetService:
                     zoo.build(spec, self.split.config.hyper.seed)
                 )
             member = cohort.join(device_id, klass, num_samples)
+            if self.shared is not None:
+                # Before the answer (and again on a retried join: the first may have
+                # failed here): a member's later calls may land on any replica.
+                self.shared.store.remember_member(member.member_id, cohort_name)
             self._save(cohort)
             answer = JoinAnswer(
                 member_id=member.member_id,
@@ -165,7 +193,10 @@ class FleetService:
         with self._lock:
             name = self._member_cohort.get(member_id)
             cohort = self._cohorts.get(name) if name else None
-        if cohort is None:
+        if self.shared is not None:
+            name = name or self.shared.store.cohort_of(member_id)
+            cohort = self.shared.held(self, name) if name else None
+        if cohort is None or member_id not in cohort.members:
             raise NotFound("unknown cohort member; join the cohort again")
         member = cohort.members[member_id]
         if device is not None and member.device_id != device:
@@ -242,7 +273,7 @@ class FleetService:
         if cohort.config.mode == "split":
             entry = self._sessions.get(member_id)
             if entry is None:
-                raise FailedPrecondition("no split session for this round; fetch the round first")
+                raise NotFound(_NO_ROUND_SESSION)
             return self.split.sessions.get(entry[1]).head_shapes()
         # A class's student exists from its first member's join on.
         return {k: tuple(v.shape) for k, v in cohort.students[member.device_class].items()}
@@ -266,7 +297,9 @@ class FleetService:
 
     def _split_update(self, member: Member, update: Update) -> dict[str, np.ndarray]:
         entry = self._sessions.get(member.member_id)
-        if entry is None or entry[0] != update.round:
+        if entry is None:
+            raise NotFound(_NO_ROUND_SESSION)
+        if entry[0] != update.round:
             raise FailedPrecondition(
                 f"no split session of round {update.round} for this device; fetch the round"
             )
@@ -291,6 +324,8 @@ class FleetService:
         self._closer.submit(self._close, cohort, pending)
 
     def poke_all(self) -> None:
+        if self.shared is not None:
+            self.shared.renew(self)  # leases of the cohorts held here; lost ones forgotten
         with self._lock:
             cohorts = list(self._cohorts.values())
         for cohort in cohorts:
@@ -314,6 +349,8 @@ class FleetService:
             )
             outcome = None
         with cohort.lock:
+            if self.shared is not None and not self.shared.still_ours(self, cohort):
+                return  # its new holder closes the round from the shared checkpoint
             record = cohort.end_close(outcome, published, pending)
             self._save(cohort)
         if record is not None:
@@ -364,8 +401,7 @@ class FleetService:
         return out
 
     def describe(self, name: str) -> dict[str, object]:
-        with self._lock:
-            cohort = self._cohorts.get(name)
+        cohort = self._known(name)
         if cohort is None:
             raise NotFound(f"no cohort named {name!r}")
         with cohort.lock:
@@ -376,6 +412,8 @@ class FleetService:
         rounds to publish: re-distilling it then would race them)."""
         with self._lock:
             cohort = self._cohorts.get(cohort_name)
+        if self.shared is not None:  # publishing its successors: only its holder
+            cohort = self.shared.held(self, cohort_name)
         if cohort is None:
             raise NotFound(f"no cohort named {cohort_name!r}")
         with cohort.lock:
@@ -408,12 +446,66 @@ class FleetService:
         return record
 
     def is_member(self, cohort_name: str, device_id: str) -> bool:
-        with self._lock:
-            cohort = self._cohorts.get(cohort_name)
+        cohort = self._known(cohort_name)
         if cohort is None:
             return False
         with cohort.lock:
             return any(m.device_id == device_id for m in cohort.members.values())
 
+    def forget(self, name: str) -> Cohort | None:
+        """Drop a cohort from memory (another replica holds it now)."""
+        with self._lock:
+            cohort = self._cohorts.pop(name, None)
+            self._plans.pop(name, None)
+            self._strategies.pop(name, None)
+            for member_id in [m for m, c in self._member_cohort.items() if c == name]:
+                del self._member_cohort[member_id]
+        return cohort
+
+    def peek(self, name: str) -> Cohort | None:
+        with self._lock:
+            return self._cohorts.get(name)
+
+    def held_names(self) -> list[str]:
+        with self._lock:
+            return list(self._cohorts)
+
+    def adopt_restored(self, cohort: Cohort, state: dict[str, Any]) -> None:
+        """A cohort taken over from another replica's checkpoint (fleet/shared.py)."""
+        with self._lock:
+            self._resume(cohort, state)
+        with cohort.lock:
+            self._republish_missing(cohort)
+
+    def _republish_missing(self, cohort: Cohort) -> None:
+        """A registry per replica (S3): the students the old holder published are not in
+        ours; publish them again so members can fetch and download them here."""
+        missing = []
+        for klass, version in cohort.published.items():
+            try:
+                self.split.registry.get(self.model_name(cohort.name, klass), version)
+            except NotFound:
+                missing.append(klass)
+        for klass in missing:
+            number = cohort.history[-1].round if cohort.history else 0
+            cohort.published[klass] = self._publish(cohort, klass, cohort.students[klass], number)
+        if missing:
+            self._save(cohort)
+
+    def _known(self, name: str) -> Cohort | None:
+        """The cohort if held here; with replicas, else as its shared checkpoint says (read
+        only: an operator's or a download's look must not move a cohort)."""
+        cohort = self.peek(name)
+        if cohort is None and self.shared is not None and names.is_cohort_name(name):
+            try:
+                loaded = self.shared.store.load(name, weights=False)
+            except (ValueError, KeyError, TypeError) as exc:
+                log.warning("cohort %s: its checkpoint cannot be read (%s)", name, exc)
+                return None
+            cohort = None if loaded is None else loaded[0]
+        return cohort
+
     def close(self) -> None:
         self._closer.shutdown(wait=True, cancel_futures=False)
+        if self.shared is not None:
+            self.shared.release_all()  # a clean stop: another replica takes them at once

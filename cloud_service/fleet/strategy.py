@@ -88,8 +88,10 @@ class Koala(FedAvg):
         proxy: np.ndarray,
         anchor: Dataset | None = None,
         settings: koala.TransferSettings | None = None,
+        cohort: str = "",
     ) -> None:
         self.teachers = teachers
+        self.cohort = cohort
         self.proxy = proxy
         self.anchor = anchor
         self.settings = settings or koala.TransferSettings()
@@ -104,15 +106,20 @@ class Koala(FedAvg):
         averaged = super().aggregate(round_number, students, specs, contributions)
         classes = sorted({c.device_class for c in contributions})
         models = {k: koala.model_from(specs[k], averaged.students[k]) for k in classes}
-        server = self.teachers.current()
         seed = 1000 + round_number
-        # The server model is half of the ensemble it learns from: early rounds' weak
-        # students cannot drag it far, a fleet that knows more moves it step by step.
-        ensemble = [*models.values(), *[server.model] * len(models)]
-        learned = koala.reverse_kd(
-            server.model, ensemble, self.proxy, self.settings, seed, self.anchor
-        )
-        updated = self.teachers.update(learned)
+        purpose = f"cohort {self.cohort} round {round_number}"
+        # A round closed again (its cloud died after the server model learnt from it,
+        # before the round was saved) takes that version: the server learns once a round.
+        updated = self.teachers.made_for(purpose) if self.cohort else None
+        if updated is None:
+            server = self.teachers.current()
+            # The server model is half of the ensemble it learns from: early rounds' weak
+            # students cannot drag it far, a fleet that knows more moves it step by step.
+            ensemble = [*models.values(), *[server.model] * len(models)]
+            learned = koala.reverse_kd(
+                server.model, ensemble, self.proxy, self.settings, seed, self.anchor
+            )
+            updated = self.teachers.update(learned, provenance={"made_for": purpose})
         for device_class, model in models.items():
             koala.forward_kd(model, updated.model, self.proxy, self.settings, seed)
             averaged.students[device_class] = koala.weights_of(model)
@@ -121,16 +128,20 @@ class Koala(FedAvg):
 
 
 def strategy_for(
-    name: str, teachers: TeacherVersions, proxy: np.ndarray | None, anchor: Dataset | None
+    name: str,
+    teachers: TeacherVersions,
+    proxy: np.ndarray | None,
+    anchor: Dataset | None,
+    cohort: str = "",
 ) -> Strategy:
-    """The named strategy; ``koala`` needs the cloud's proxy inputs."""
+    """The named strategy; ``koala`` needs the cloud's proxy inputs (``cohort``: whose)."""
     if name == "fedavg":
         return FedAvg()
     if name == "koala":
         if proxy is None or len(proxy) == 0:
             log.warning("no proxy inputs: the koala strategy falls back to plain FedAvg")
             return FedAvg()
-        return Koala(teachers, proxy, anchor)
+        return Koala(teachers, proxy, anchor, cohort=cohort)
     raise ValueError(f"unknown strategy {name!r}; known: {', '.join(STRATEGIES)}")
 
 
