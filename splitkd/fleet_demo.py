@@ -1,9 +1,10 @@
 """``make fleet-demo``: a fleet of non-IID devices learns one student together, in both modes.
 
 For each cohort mode (``split``, ``federated``) it starts one ``splitkd-cloud
-serve`` and four ``splitkd-edge train --cohort fleet`` processes on loopback,
-each edge holding a Dirichlet(0.3) slice of the digits (skewed: some classes
-barely present). As references it trains, in this process, each device's
+serve`` and four ``splitkd-edge train --cohort fleet`` processes on loopback.
+The edge data is dealt to a fleet of eight devices, Dirichlet(0.3) per class,
+and the demo's four edges are four of them: each holds a small, skewed slice
+(some classes absent), as a device of a real fleet does. As references it trains, in this process, each device's
 student alone on its own data and the student by centralised KD on the
 pooled data. Every student is evaluated on the union of the devices'
 held-out data. A second federated run starts from a teacher that saw only a
@@ -41,8 +42,18 @@ def _pythonpath_env() -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
+def _teacher_options(teacher: Path | None, proxy: Path) -> list[str]:
+    """No file: the cloud trains its teacher on its presumed share of the digits, which are
+    also its proxy inputs and, labelled, the anchor that keeps the server model's reverse
+    KD honest (the default ``serve`` path). A file (the few-label teacher): its proxy inputs
+    only, unlabelled."""
+    if teacher is None:
+        return ["--teacher-data", "digits", "--presumed-fraction", str(PRESUMED)]
+    return ["--teacher", str(teacher), "--proxy-data", f"npz:{proxy}"]
+
+
 def _start_cloud(
-    folder: Path, teacher: Path, proxy: Path, mode: str, args: argparse.Namespace
+    folder: Path, teacher: Path | None, proxy: Path, mode: str, args: argparse.Namespace
 ) -> tuple[subprocess.Popen[bytes], int, int]:
     grpc_port, http_port = free_port(), free_port()
     folder.mkdir(parents=True, exist_ok=True)
@@ -58,10 +69,7 @@ def _start_cloud(
         str(grpc_port),
         "--http-port",
         str(http_port),
-        "--teacher",
-        str(teacher),
-        "--proxy-data",
-        f"npz:{proxy}",
+        *_teacher_options(teacher, proxy),
         "--state-dir",
         str(folder / "cloud"),
         "--cohort-mode",
@@ -102,7 +110,7 @@ def _start_edges(
             "--data",
             "digits",
             "--shard",
-            f"{i}/{args.edges}",
+            f"{i}/{args.fleet_size}",
             "--dirichlet-alpha",
             str(args.alpha),
             "--presumed-fraction",
@@ -149,7 +157,7 @@ def _follow(edges: list[subprocess.Popen[bytes]], http_port: int, label: str) ->
 
 
 def run_mode(
-    mode: str, folder: Path, teacher: Path, proxy: Path, args: argparse.Namespace
+    mode: str, folder: Path, teacher: Path | None, proxy: Path, args: argparse.Namespace
 ) -> dict[str, Any]:
     """One cohort run: a cloud and the edges as processes; returns their reports and the cloud's folder."""
     started = time.monotonic()
@@ -213,7 +221,7 @@ def prepare(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
     dataset = load_dataset("digits")
     presumed = cloud_split(dataset, PRESUMED)
     splits = [
-        edge_split(dataset, Shard(i, args.edges), alpha=args.alpha, presumed_fraction=PRESUMED)
+        edge_split(dataset, Shard(i, args.fleet_size), alpha=args.alpha, presumed_fraction=PRESUMED)
         for i in range(args.edges)
     ]
     union_x = np.concatenate([s.heldout.x for s in splits])
@@ -321,7 +329,8 @@ def run(args: argparse.Namespace) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     point_latest(root / "latest", stamp)
     print(
-        f"splitkd fleet demo: {args.edges} non-IID devices (Dirichlet {args.alpha}), run folder {folder}"
+        f"splitkd fleet demo: {args.edges} non-IID devices of a fleet of {args.fleet_size} "
+        f"(Dirichlet {args.alpha}), run folder {folder}"
     )
     refs = prepare(folder, args)
     results: dict[str, Any] = {}
@@ -332,7 +341,7 @@ def run(args: argparse.Namespace) -> int:
         )
         results[mode] = summarise(
             mode,
-            run_mode(mode, folder / mode, folder / "teacher.safetensors", refs["proxy"], args),
+            run_mode(mode, folder / mode, None, refs["proxy"], args),
             refs,
         )
     if args.server_learns:
@@ -360,6 +369,7 @@ def _summary(
 ) -> dict[str, Any]:
     return {
         "devices": args.edges,
+        "fleet_size": args.fleet_size,
         "dirichlet_alpha": args.alpha,
         "rounds": args.rounds,
         "local_epochs": args.local_epochs,
@@ -478,6 +488,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--edges", type=int, default=4, help="devices in the cohort (default 4)")
     parser.add_argument(
+        "--fleet-size",
+        type=int,
+        default=8,
+        help="devices the edge data is dealt to; the demo's edges are the first --edges of "
+        "them (default 8: each holds a small slice; 4 gives the demo's devices all of it)",
+    )
+    parser.add_argument(
         "--alpha",
         type=float,
         default=0.3,
@@ -506,7 +523,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--runs", default="runs/fleet", help="folder for run outputs (default runs/fleet)"
     )
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    if not 1 <= args.edges <= args.fleet_size:
+        parser.error(f"--edges must be in 1..--fleet-size ({args.fleet_size}), got {args.edges}")
+    return run(args)
 
 
 if __name__ == "__main__":
