@@ -475,7 +475,7 @@ async def _run_phases(
 ) -> None:
     edges = [SimulatedEdge(address, name, shard, timeout) for name, shard, _ in edges_spec]
     await asyncio.gather(*(edge.register() for edge in edges))
-    ready.put(len(edges))
+    ready.put(sum(edge.result.registered for edge in edges))
     loop = asyncio.get_running_loop()
     for number, phase in enumerate(phases):
         await loop.run_in_executor(None, starts[number].wait)

@@ -46,8 +46,13 @@ def latency_summary(latencies: np.ndarray) -> dict[str, float]:
 def cpu_usage(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     """Cores used between two snapshots: the replica, the client processes, the rest."""
     seconds = after["at"] - before["at"]
+    cpus = float(os.cpu_count() or 0)
     if seconds <= 0:
-        return {"seconds": 0.0, "replica": math.nan, "generator": math.nan, "other": math.nan}
+        nan = math.nan
+        return dict.fromkeys(("replica", "generator", "other", "idle"), nan) | {
+            "seconds": 0.0,
+            "machine_cpus": cpus,
+        }
     cores = {k: (after[k] - before[k]) / seconds for k in ("replica", "generator", "machine")}
     return {
         "seconds": round(seconds, 2),
@@ -55,7 +60,9 @@ def cpu_usage(before: dict[str, float], after: dict[str, float]) -> dict[str, fl
         "generator": round(cores["generator"], 2),
         # Everything else busy on the machine: other people's work, this script's parent.
         "other": round(max(0.0, cores["machine"] - cores["replica"] - cores["generator"]), 2),
-        "machine_cpus": float(os.cpu_count() or 0),
+        # Idle while the replica was saturated: the clients did not starve it of CPU.
+        "idle": round(max(0.0, cpus - cores["machine"]), 2),
+        "machine_cpus": cpus,
     }
 
 
@@ -178,7 +185,7 @@ def print_phase(phase: dict[str, Any]) -> None:
     )
     print(
         f"    CPU cores: replica {cpu['replica']}, client processes {cpu['generator']}, "
-        f"other work {cpu['other']} (of {cpu['machine_cpus']:.0f})"
+        f"other work {cpu['other']}, idle {cpu['idle']} (of {cpu['machine_cpus']:.0f})"
     )
     pacing = phase.get("pacing")
     if pacing:

@@ -103,6 +103,7 @@ def test_cpu_usage_splits_the_machine_between_replica_clients_and_the_rest() -> 
     after = {"replica": 25.0, "generator": 10.0, "machine": 140.0, "at": 20.0}
     usage = cpu_usage(before, after)
     assert (usage["replica"], usage["generator"], usage["other"]) == (0.75, 0.25, 1.0)
+    assert usage["idle"] == max(0.0, usage["machine_cpus"] - 2.0)
 
 
 def _edge(profile: str, pace: float, latencies: list[float], late: int = 0) -> dict[str, object]:
