@@ -63,7 +63,7 @@ bench: $(STAMP) ## split step vs in-process step, wire bytes vs raw tensor bytes
 	$(BIN)/python -m benchmarks.wire_bench
 	$(BIN)/python -m benchmarks.linkemu_bench
 
-loadtest: $(STAMP) ## 64 async edges against one cloud, 3 min with and 3 without teacher micro-batching: steps/s, p50/p99, RSS
+loadtest: $(STAMP) ## 64 edges on one cloud, closed loop (60 s) and paced as real devices (90 s), with and without teacher micro-batching (~7 min)
 	$(BIN)/python -m benchmarks.loadtest $(LOADTEST_ARGS)
 
 scale-check: $(STAMP) ## 3 replicas behind a real Envoy, 32 simulated + 2 real edges, one replica SIGKILLed: nothing lost

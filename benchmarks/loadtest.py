@@ -8,18 +8,30 @@
    edge does: registers, builds the frozen teacher head and the trainable
    student head from its session, and for each batch of its own digits runs
    both heads, sends only the activations at the cut (raw inputs stay in the
-   worker), applies the returned gradient to its head. Steps run back to back
-   for ``--duration`` seconds (default 180).
+   worker), applies the returned gradient to its head. The edges register
+   once, then run two phases on the same sessions:
+   - **closed loop** (``--duration``, 60 s): each edge sends its next step as
+     soon as the answer arrives. With 64 edges the latency is then 64 / the
+     cloud's throughput by construction: this measures saturation.
+   - **paced** (``--paced-duration``, 90 s): between steps each edge waits what
+     a real device of its profile would spend on its side of a step (its heads'
+     FLOPs at the device's rate, the step's bytes over its link, with jitter:
+     benchmarks/pacing.py), the demo's mix of device and link profiles by
+     default (``--mix``). This measures whether the replica holds the fleet.
 3. Samples the cloud's RSS every second (psutil when installed, otherwise
-   ``/proc/PID/status``).
+   ``/proc/PID/status``) and, per phase, the CPU the replica, the client
+   processes and everything else used (``--pin split`` puts the replica and the
+   clients on different CPUs).
 
-Prints edges, steps, failed steps, steps/s, p50/p95/p99 step latency (the
-round trip one edge waits for, measured on the edge) and the cloud's RSS at
-start and at peak; writes ``runs/loadtest/{batching,no-batching}/report.json``.
+Prints, per phase, steps, failed steps, steps/s, p50/p95/p99 step latency (the
+round trip one edge waits for, measured on the edge, pauses excluded), CPU, and
+the cloud's RSS; writes ``runs/loadtest/{batching,no-batching}/report.json``.
 By default it runs twice, with the teacher tails of concurrent sessions
 micro-batched (cloud_service/batcher.py) and without (one pass per step, the
-baseline), and prints both side by side. Exits 1 when any step failed or any
-edge could not register.
+baseline), prints all four figures side by side and whether the issue's figure
+(>= 64 paced edges at p99 <= 50 ms, micro-batched) is met, next to the
+closed-loop baseline. Exits 1 when any step failed or any edge could not
+register (not when the figure is missed: it is a measurement).
 
 ``SimulatedEdge`` is also make scale-check's edge (benchmarks/scale_check.py):
 with ``route`` it sends what a real solo edge sends (its routing key, balanced
@@ -32,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import copy
 import itertools
 import json
@@ -52,10 +65,21 @@ from typing import Any
 import grpc
 import numpy as np
 
+from benchmarks.loadtest_report import (
+    cpu_usage,
+    describe_phase,
+    print_comparison,
+    print_figure,
+    print_report,
+    summarise_phase,
+)
+from benchmarks.loadtest_report import percentile_ms as percentile_ms  # make scale-check's
+from benchmarks.pacing import DEMO_MIX, Pace, make_pace, parse_mix, step_flops
+from edge_agent.plan_model import FRAME
 from edge_agent.sticky import StickyUpstream
+from splitkd.errors import InvalidArgument
 from splitkd.grpc_options import ROUTE_HEADER
 
-MIB = 1024 * 1024
 SHARDS = 8  # distinct slices of the digits the edges train on (edge i gets shard i % 8)
 # Worth sending again (what a real edge retries): no replica could take the call now.
 _RETRIED = (
@@ -85,6 +109,13 @@ class EdgeResult:
     redone: int = 0  # steps rolled back by those resumes and trained again
     # At the end, the cloud's next step minus this edge's: > 0 a step applied twice, < 0 lost.
     cloud_minus_edge: int | None = None
+    # Paced phase: the device/link profile, the pauses drawn and their seconds, and how
+    # many this host could not keep (its own head compute took longer than the device's).
+    profile: str = ""
+    pauses: int = 0
+    pause_seconds: float = 0.0
+    late_pauses: int = 0
+    pace_seconds: float = 0.0  # the mean pause its profiles ask for
 
 
 class SimulatedEdge:
@@ -119,6 +150,7 @@ class SimulatedEdge:
 
         from edge_agent.trainer import build_head
         from splitkd import codec
+        from splitkd.flops import forward_flops
         from splitkd.hyper import Hyperparameters
         from splitkd.models import zoo
         from splitkd.models.spec import ModelSpec
@@ -147,8 +179,9 @@ class SimulatedEdge:
         self.wire_dtype = pb.DTYPE_FLOAT32  # the loadtest asks for no codec: float32
         self.batch_size = reply.hyperparameters.batch_size
         self.step = reply.next_step
-        student = zoo.build(ModelSpec.from_json(reply.student.family, reply.student.spec_json))
-        teacher = zoo.build(ModelSpec.from_json(reply.teacher.family, reply.teacher.spec_json))
+        student_spec = ModelSpec.from_json(reply.student.family, reply.student.spec_json)
+        teacher_spec = ModelSpec.from_json(reply.teacher.family, reply.teacher.spec_json)
+        student, teacher = zoo.build(student_spec), zoo.build(teacher_spec)
         self.student_head = build_head(
             student, reply.student_cut, codec.decode_weights(reply.student_head)
         )
@@ -165,6 +198,11 @@ class SimulatedEdge:
             ),
         )
         self.x = torch.from_numpy(self.data.x)
+        # The device's share of a step (the paced phase's compute): both heads' FLOPs.
+        self.head_flops = (
+            forward_flops(student_spec, 0, reply.student_cut),
+            forward_flops(teacher_spec, 0, reply.teacher_cut),
+        )
         self.checkpoint_every = h.checkpoint_every or 25
         self._snapshot()
         self.result.registered = True
@@ -244,55 +282,36 @@ class SimulatedEdge:
             for start in range(0, len(order) - self.batch_size + 1, self.batch_size):
                 yield order[start : start + self.batch_size]
 
-    async def train(self, deadline: float) -> None:
-        import grpc
+    async def train(self, deadline: float, profiles: tuple[str, str] | None = None) -> None:
+        """Steps until ``deadline``: back to back (closed loop), or with ``profiles`` (a
+        device and a link profile) paced as that device would send them (open loop)."""
         import torch
 
         from splitkd import codec
-        from splitkd.v1 import splitkd_pb2 as pb
 
         if not self.result.registered:
             return
         self.student_head.train()
         batches = self._batches()
+        pace: Pace | None = None
+        rng = random.Random(f"{self.result.name}/{profiles}")
+        send_at = 0.0
         while time.monotonic() < deadline:
             index = next(batches)
             inputs = self.x[torch.from_numpy(index)]
             student_act = self.student_head(inputs)
             with torch.no_grad():
                 teacher_act = self.teacher_head(inputs)
-            request = pb.StepRequest(
-                session_id=self.session_id,
-                step=self.step,
-                student_activations=codec.encode(student_act.detach().numpy(), self.wire_dtype),
-                teacher_activations=codec.encode(teacher_act.numpy(), self.wire_dtype),
-                labels=codec.encode(self.data.y[index].astype(np.int64)),
-            )
-            reply = None
-            attempt = 0
-            while reply is None and time.monotonic() < deadline:
-                started = time.perf_counter()
-                try:
-                    reply = await self._unary(self.stub.Step, request)
-                except grpc.aio.AioRpcError as exc:
-                    if exc.code() in _RETRIED:
-                        # A replica died or the session is moving: resending is safe
-                        # (steps are idempotent by number), as a real edge does.
-                        self.result.retries += 1
-                        await asyncio.sleep(random.uniform(0, min(2.0, 0.1 * 2**attempt)))
-                        attempt += 1
-                        continue
-                    if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                        await self._resume()  # another replica restored a checkpoint
-                        break
-                    # Anything else is a failure: counted, and it fails the run.
-                    self.result.failures.append(
-                        f"step {self.step}: {exc.code().name}: {exc.details()}"
-                    )
-                    await asyncio.sleep(0.5)
-                    continue
-                self.result.latencies.append(time.perf_counter() - started)
-                self.result.answered_at.append(time.time())
+            request = self._step_request(student_act, teacher_act, index)
+            if profiles is not None:
+                if pace is None:
+                    pace = self._pace(profiles, request)
+                    # A random first offset: the edges do not start in step with each other.
+                    send_at = time.monotonic() + rng.uniform(0, pace.mean_seconds)
+                if not await self._wait_until(send_at, deadline):
+                    break
+            reply = await self._send(request, deadline)
+            answered = time.monotonic()
             if reply is None:
                 if time.monotonic() < deadline:
                     continue  # resumed: this step number's batch again
@@ -306,6 +325,86 @@ class SimulatedEdge:
             self.step += 1
             if self.step % self.checkpoint_every == 0:
                 self._snapshot()
+            if pace is not None:
+                # The device's side of the next step starts at the answer: this host's
+                # own head compute (backward, next forwards) counts towards the pause.
+                send_at = answered + pace.sample(rng)
+
+    def _step_request(self, student_act: Any, teacher_act: Any, index: np.ndarray) -> Any:
+        from splitkd import codec
+        from splitkd.v1 import splitkd_pb2 as pb
+
+        return pb.StepRequest(
+            session_id=self.session_id,
+            step=self.step,
+            student_activations=codec.encode(student_act.detach().numpy(), self.wire_dtype),
+            teacher_activations=codec.encode(teacher_act.numpy(), self.wire_dtype),
+            labels=codec.encode(self.data.y[index].astype(np.int64)),
+        )
+
+    def _pace(self, profiles: tuple[str, str], request: Any) -> Pace:
+        """This edge's pause from its profiles, the heads' FLOPs and the step's bytes on the
+        wire as the client counts them (protobuf size + gRPC's 5-byte frame); the answer
+        carries a gradient the size of the student's activations (plan_model.Wire's rule)."""
+        from splitkd.v1 import splitkd_pb2 as pb
+
+        reply = pb.StepResponse(
+            step=request.step,
+            gradient=request.student_activations,
+            loss=1.5,
+            kd_loss=1.5,
+            ce_loss=1.5,
+            correct=self.batch_size // 2,
+        )
+        flops = step_flops(*self.head_flops, self.batch_size)
+        pace = make_pace(profiles, flops, request.ByteSize() + FRAME, reply.ByteSize() + FRAME)
+        self.result.profile = pace.label
+        self.result.pace_seconds = pace.mean_seconds
+        return pace
+
+    async def _wait_until(self, send_at: float, deadline: float) -> bool:
+        """Sleep until ``send_at`` (False: the phase ends first); count pauses this host
+        could not keep because its own compute already took longer."""
+        now = time.monotonic()
+        self.result.pauses += 1
+        if send_at <= now:
+            self.result.late_pauses += 1
+            return True
+        if send_at >= deadline:
+            return False
+        self.result.pause_seconds += send_at - now
+        await asyncio.sleep(send_at - now)
+        return True
+
+    async def _send(self, request: Any, deadline: float) -> Any:
+        """One step's call, retried as a real edge retries; None after a resume or at the
+        deadline. Latency: the round trip the edge waits for, pauses excluded."""
+        import grpc
+
+        attempt = 0
+        while time.monotonic() < deadline:
+            started = time.perf_counter()
+            try:
+                reply = await self._unary(self.stub.Step, request)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in _RETRIED:
+                    # A replica died or the session is moving: resending is safe
+                    # (steps are idempotent by number), as a real edge does.
+                    self.result.retries += 1
+                    await asyncio.sleep(random.uniform(0, min(2.0, 0.1 * 2**attempt)))
+                    attempt += 1
+                    continue
+                if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                    await self._resume()  # another replica restored a checkpoint
+                    return None
+                # Anything else is a failure: counted, and it fails the run.
+                self.result.failures.append(f"step {self.step}: {exc.code().name}: {exc.details()}")
+                await asyncio.sleep(0.5)
+                continue
+            self.result.latencies.append(time.perf_counter() - started)
+            self.result.answered_at.append(time.time())
+            return reply
+        return None
 
     async def close(self) -> None:
         await self.channel.close(None)
@@ -351,6 +450,75 @@ def worker_main(
     except BaseException as exc:  # the parent must hear about it, not wait forever
         ready.put(0)
         results.put([asdict(EdgeResult(f"worker {names[0][0]}…", failures=[repr(exc)]))])
+        raise
+
+
+# The loadtest's phases, one after the other on the same sessions.
+CLOSED, PACED = "closed", "paced"
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str  # CLOSED: back to back (saturation); PACED: as real devices send (open loop)
+    duration: float
+
+
+async def _run_phases(
+    address: str,
+    edges_spec: list[tuple[str, int, tuple[str, str]]],
+    phases: list[Phase],
+    timeout: float,
+    ready: Any,
+    starts: list[Event],
+    results: Any,
+    worker: int,
+) -> None:
+    edges = [SimulatedEdge(address, name, shard, timeout) for name, shard, _ in edges_spec]
+    await asyncio.gather(*(edge.register() for edge in edges))
+    ready.put(sum(edge.result.registered for edge in edges))
+    loop = asyncio.get_running_loop()
+    for number, phase in enumerate(phases):
+        await loop.run_in_executor(None, starts[number].wait)
+        for edge in edges:  # each phase's figures on their own; the sessions carry on
+            old = edge.result
+            edge.result = EdgeResult(old.name, old.registered, failures=old.failures[:0])
+        deadline = time.monotonic() + phase.duration
+        await asyncio.gather(
+            *(
+                edge.train(deadline, profiles if phase.name == PACED else None)
+                for edge, (_, _, profiles) in zip(edges, edges_spec, strict=True)
+            )
+        )
+        results.put((worker, number, [asdict(edge.result) for edge in edges]))
+    await asyncio.gather(*(edge.close() for edge in edges))
+
+
+def phased_worker_main(
+    address: str,
+    edges_spec: list[tuple[str, int, tuple[str, str]]],
+    phases: list[Phase],
+    timeout: float,
+    ready: Any,
+    starts: list[Event],
+    results: Any,
+    worker: int,
+    cpus: set[int] | None = None,
+) -> None:
+    """One client process of ``make loadtest``: its edges through every phase."""
+    if cpus:
+        os.sched_setaffinity(0, cpus)  # before torch starts threads: they inherit it
+    import torch
+
+    # Each edge's heads are tiny: one thread, as on a device core.
+    torch.set_num_threads(1)
+    try:
+        asyncio.run(
+            _run_phases(address, edges_spec, phases, timeout, ready, starts, results, worker)
+        )
+    except BaseException as exc:  # the parent must hear about it, not wait forever
+        ready.put(0)
+        failed = EdgeResult(f"worker {worker}", failures=[repr(exc)])
+        results.put((worker, -1, [asdict(failed)]))
         raise
 
 
@@ -417,7 +585,7 @@ def make_teacher(path: Path) -> None:
 
 
 def start_cloud(
-    out: Path, extra_args: tuple[str, ...] = ()
+    out: Path, extra_args: tuple[str, ...] = (), cpus: set[int] | None = None
 ) -> tuple[subprocess.Popen[bytes], str, str]:
     from splitkd.demo import free_port, wait_healthy
 
@@ -434,7 +602,13 @@ def start_cloud(
     ]  # fmt: skip
     log_path = out / "cloud.log"
     with log_path.open("wb") as log:
-        cloud = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        cloud = subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            # Pinned before exec: every thread the cloud starts inherits the CPU set.
+            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
+        )
     http = f"http://127.0.0.1:{http_port}"
     wait_healthy(f"{http}/healthz", cloud, log_path, timeout=120)
     return cloud, f"127.0.0.1:{grpc_port}", http
@@ -445,49 +619,54 @@ def start_cloud(
 # ---------------------------------------------------------------------------
 
 
-def percentile_ms(values: np.ndarray, q: float) -> float:
-    return round(float(np.percentile(values, q)) * 1000, 2) if len(values) else math.nan
-
-
 def run(args: argparse.Namespace, batching: bool = True) -> dict[str, Any]:
+    """One cloud, ``args.edges`` edges registered once, then each phase in turn."""
     out = Path(args.out) / ("batching" if batching else "no-batching")
     out.mkdir(parents=True, exist_ok=True)
     load_start = round(os.getloadavg()[0], 2)
-    cloud, address, http = start_cloud(out, () if batching else ("--no-teacher-batching",))
+    pinning = pin_cpus(args.pin)
+    extra = () if batching else ("--no-teacher-batching",)
+    cloud, address, http = start_cloud(out, extra, pinning["replica"])
     sampler = MemorySampler(cloud.pid)
     sampler.start()
     rss_start = rss_bytes(cloud.pid)
     processes = max(1, min(args.processes, args.edges))
-    names = [(f"load-edge-{i:03d}", i % SHARDS) for i in range(args.edges)]
-    groups = [names[p::processes] for p in range(processes)]
+    spec = [
+        (f"load-edge-{i:03d}", i % SHARDS, args.mix[i % len(args.mix)]) for i in range(args.edges)
+    ]
+    groups = [spec[p::processes] for p in range(processes)]
+    phases = args.phases
     context = multiprocessing.get_context("spawn")
-    ready, results, start = context.Queue(), context.Queue(), context.Event()
+    ready, results = context.Queue(), context.Queue()
+    starts = [context.Event() for _ in phases]
     workers = [
         context.Process(
-            target=worker_main,
-            args=(address, group, args.duration, args.timeout, ready, start, results),
+            target=phased_worker_main,
+            args=(address, group, phases, args.timeout, ready, starts, results, p),
+            kwargs={"cpus": pinning["generator"]},
             name=f"edges-{p}",
         )
         for p, group in enumerate(groups)
     ]
+    reports: dict[str, Any] = {}
     try:
         for w in workers:
             w.start()
         registered = sum(ready.get(timeout=300) for _ in workers)
         rss_registered = rss_bytes(cloud.pid)
-        cpu_before = cpu_seconds(cloud.pid)
-        print(
-            f"loadtest: {registered} edges registered in {len(workers)} processes; "
-            f"stepping for {args.duration:.0f} s …",
-            flush=True,
-        )
-        started = time.monotonic()
-        start.set()
-        edges: list[dict[str, Any]] = []
-        for _ in workers:
-            edges.extend(results.get(timeout=args.duration + 4 * args.timeout + 120))
-        wall = time.monotonic() - started
-        cpu_used = cpu_seconds(cloud.pid) - cpu_before
+        dead: set[int] = set()
+        for number, phase in enumerate(phases):
+            print(
+                f"loadtest: {registered} edges in {len(workers)} processes, "
+                f"{describe_phase(phase.name)}, {phase.duration:.0f} s …",
+                flush=True,
+            )
+            before = cpu_snapshot(cloud.pid, workers)
+            starts[number].set()
+            wait = phase.duration + 4 * args.timeout + 120
+            edges = collect(results, number, len(workers), dead, wait)
+            usage = cpu_usage(before, cpu_snapshot(cloud.pid, workers))
+            reports[phase.name] = summarise_phase(phase, edges, usage, args.mix)
         for w in workers:
             w.join(60)
         cloud_alive = cloud.poll() is None
@@ -502,33 +681,14 @@ def run(args: argparse.Namespace, batching: bool = True) -> dict[str, Any]:
             cloud.wait(30)
         except subprocess.TimeoutExpired:
             cloud.kill()
-    latencies = np.array([s for e in edges for s in e["latencies"]])
-    steps = sum(e["steps"] for e in edges)
-    failures = [f for e in edges for f in e["failures"]]
-    # The window: from the start signal to the last edge's deadline (what the edges stepped in).
-    window = min(wall, args.duration)
     rss = [b for _, b in sampler.samples]
     report = {
         "teacher_batching": batching,
         "edges": args.edges,
-        "edges_registered": sum(1 for e in edges if e["registered"]),
+        "edges_registered": registered,
         "worker_processes": len(workers),
-        "duration_seconds": args.duration,
-        "total_steps": steps,
-        "failed_steps": len(failures),
-        "failures": failures[:50],
-        "steps_per_second": round(steps / window, 2),
-        "step_latency_ms": {
-            "p50": percentile_ms(latencies, 50),
-            "p95": percentile_ms(latencies, 95),
-            "p99": percentile_ms(latencies, 99),
-            "max": round(float(latencies.max()) * 1000, 2) if len(latencies) else math.nan,
-            "mean": round(float(latencies.mean()) * 1000, 2) if len(latencies) else math.nan,
-        },
-        "steps_per_edge": {
-            "min": min((e["steps"] for e in edges), default=0),
-            "max": max((e["steps"] for e in edges), default=0),
-        },
+        "pinning": {k: sorted(v) if v else None for k, v in pinning.items()},
+        "phases": reports,
         "cloud_rss_bytes": {
             "start": rss_start,
             "after_register": rss_registered,
@@ -536,7 +696,6 @@ def run(args: argparse.Namespace, batching: bool = True) -> dict[str, Any]:
             "end": rss[-1] if rss else rss_start,
         },
         "cloud_rss_samples": sampler.samples,
-        "cloud_cpu_cores_used": round(cpu_used / wall, 2) if wall else None,
         "cloud_alive_at_end": cloud_alive,
         "cloud_sessions_at_end": sessions,
         "machine": {
@@ -552,6 +711,53 @@ def run(args: argparse.Namespace, batching: bool = True) -> dict[str, Any]:
     return report
 
 
+def pin_cpus(mode: str) -> dict[str, set[int] | None]:
+    """``split``: the replica on the first CPU it may use, the generator on the rest."""
+    if mode == "none":
+        return {"replica": None, "generator": None}
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        raise SystemExit("--pin split needs at least 2 CPUs")
+    return {"replica": {allowed[0]}, "generator": set(allowed[1:])}
+
+
+def collect(
+    results: Any, number: int, workers: int, dead: set[int], timeout: float
+) -> list[dict[str, Any]]:
+    """Every worker's edges for phase ``number``; a worker that died reports once."""
+    got: dict[int, list[dict[str, Any]]] = {}
+    edges: list[dict[str, Any]] = []
+    while len(got) + len(dead) < workers:
+        worker, phase, results_of = results.get(timeout=timeout)
+        if phase == -1:
+            dead.add(worker)
+            edges.extend(results_of)
+        elif phase == number:
+            got[worker] = results_of
+    return edges + [e for w in sorted(got) for e in got[w]]
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds every core of the machine spent busy since boot (Linux /proc/stat)."""
+    with open("/proc/stat") as stat:
+        fields = [int(v) for v in stat.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal: all but idle and iowait are busy.
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_snapshot(cloud_pid: int, workers: list[Any]) -> dict[str, float]:
+    generator = 0.0
+    for worker in workers:
+        with contextlib.suppress(OSError):  # a worker that died: its CPU is gone with it
+            generator += cpu_seconds(worker.pid)
+    return {
+        "replica": cpu_seconds(cloud_pid),
+        "generator": generator,
+        "machine": machine_busy_seconds(),
+        "at": time.monotonic(),
+    }
+
+
 def _sessions(http: str) -> int | None:
     from splitkd.demo import http_json
 
@@ -561,86 +767,77 @@ def _sessions(http: str) -> int | None:
         return None
 
 
-def print_report(report: dict[str, Any], out: Path) -> None:
-    latency = report["step_latency_ms"]
-    rss = report["cloud_rss_bytes"]
-    lines = [
-        ("batching", "teacher tails micro-batched across sessions" if report["teacher_batching"]
-         else "one teacher pass per step (--no-teacher-batching)"),
-        ("edges", f"{report['edges']} ({report['edges_registered']} registered, "
-         f"{report['worker_processes']} client processes, one async gRPC channel each)"),
-        ("duration", f"{report['duration_seconds']:.0f} s"),
-        ("total steps", f"{report['total_steps']} (per edge {report['steps_per_edge']['min']}"
-         f"-{report['steps_per_edge']['max']})"),
-        ("failed steps", str(report["failed_steps"])),
-        ("steps/s", f"{report['steps_per_second']:.1f}"),
-        ("step latency", f"p50 {latency['p50']:.1f} ms, p95 {latency['p95']:.1f} ms, "
-         f"p99 {latency['p99']:.1f} ms (max {latency['max']:.1f} ms)"),
-        ("cloud RSS", f"start {rss['start'] / MIB:.1f} MiB, after register "
-         f"{rss['after_register'] / MIB:.1f} MiB, peak {rss['peak'] / MIB:.1f} MiB, "
-         f"end {rss['end'] / MIB:.1f} MiB"),
-        ("cloud CPU", f"{report['cloud_cpu_cores_used']} cores of {report['machine']['cpu_count']}"),
-        ("machine load", f"1-min load average {report['machine']['load_average_1min_at_start']} "
-         f"at start, {report['machine']['load_average_1min_at_end']} at end"),
-        ("report", str(out / "report.json")),
-    ]  # fmt: skip
-    for label, value in lines:
-        print(f"  {label + ':':<14} {value}")
-    for failure in report["failures"][:10]:
-        print(f"  failure: {failure}")
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--edges", type=int, default=64, help="simulated edges (default 64)")
-    parser.add_argument(
-        "--batching",
-        choices=("both", "on", "off"),
-        default="both",
-        help="teacher micro-batching: run with it, without it, or both and compare (default)",
-    )
-    parser.add_argument(
-        "--duration", type=float, default=180.0, help="seconds of stepping (default 180)"
-    )
-    parser.add_argument(
-        "--processes",
-        type=int,
-        default=2,
-        help="client worker processes the edges are spread over (default 2: one per core here)",
-    )
-    parser.add_argument(
-        "--timeout", type=float, default=30.0, help="deadline of one Step call, seconds"
-    )
-    parser.add_argument(
-        "--out", default="runs/loadtest", help="report folder (a subfolder per batching mode)"
-    )
-    args = parser.parse_args(argv)
-    if args.edges < 1 or args.duration <= 0:
-        parser.error("--edges must be >= 1 and --duration > 0")
+    args = parse_args(argv)
     modes = {"both": (False, True), "on": (True,), "off": (False,)}[args.batching]
     reports = []
     for batching in modes:
         report = run(args, batching)
         print_report(report, Path(args.out) / ("batching" if batching else "no-batching"))
         reports.append(report)
-    if len(reports) == 2:
-        print_comparison(reports)
+    print_comparison(reports)
+    print_figure(reports, args.edges)
     ok = all(
-        r["failed_steps"] == 0 and r["edges_registered"] == args.edges and r["cloud_alive_at_end"]
+        all(p["failed_steps"] == 0 for p in r["phases"].values())
+        and r["edges_registered"] == args.edges
+        and r["cloud_alive_at_end"]
         for r in reports
     )
     return 0 if ok else 1
 
 
-def print_comparison(reports: list[dict[str, Any]]) -> None:
-    print(f"\n  {'teacher passes':<34} {'steps/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'failed':>7}")
-    for r in reports:
-        label = "micro-batched" if r["teacher_batching"] else "one per step (the baseline)"
-        latency = r["step_latency_ms"]
-        print(
-            f"  {label:<34} {r['steps_per_second']:>8.1f} {latency['p50']:>8.1f} "
-            f"{latency['p99']:>8.1f} {r['failed_steps']:>7}"
-        )
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add = parser.add_argument
+    add("--edges", type=int, default=64, help="simulated edges (default 64)")
+    add(
+        "--batching",
+        choices=("both", "on", "off"),
+        default="both",
+        help="teacher micro-batching: run with it, without it, or both and compare (default)",
+    )
+    add(
+        "--phase",
+        choices=("both", CLOSED, PACED),
+        default="both",
+        help="closed loop (saturation), paced (devices' own pace), or both (default)",
+    )
+    add("--duration", type=float, default=60.0, help="seconds of the closed loop (default 60)")
+    add(
+        "--paced-duration", type=float, default=90.0, help="seconds of the paced phase (default 90)"
+    )
+    add(
+        "--mix",
+        default="demo",
+        help="device/link profiles of the paced edges, edge i gets entry i mod n: 'demo' "
+        "(splitkd.demo.DEMO_PROFILES) or e.g. raspberry-pi-4/wifi,jetson-nano/lte",
+    )
+    add(
+        "--pin",
+        choices=("none", "split"),
+        default="none",
+        help="split: the replica on one CPU, the client processes on the others "
+        "(default none: all share the machine's CPUs)",
+    )
+    add(
+        "--processes",
+        type=int,
+        default=2,
+        help="client worker processes the edges are spread over (default 2: one per core here)",
+    )
+    add("--timeout", type=float, default=30.0, help="deadline of one Step call, seconds")
+    add("--out", default="runs/loadtest", help="report folder (a subfolder per batching mode)")
+    args = parser.parse_args(argv)
+    if args.edges < 1 or args.duration <= 0 or args.paced_duration <= 0:
+        parser.error("--edges must be >= 1, --duration and --paced-duration > 0")
+    try:
+        args.mix = DEMO_MIX if args.mix == "demo" else parse_mix(args.mix)
+    except InvalidArgument as exc:
+        parser.error(f"--mix: {exc}")
+    chosen = (CLOSED, PACED) if args.phase == "both" else (args.phase,)
+    durations = {CLOSED: args.duration, PACED: args.paced_duration}
+    args.phases = [Phase(name, durations[name]) for name in chosen]
+    return args
 
 
 if __name__ == "__main__":
