@@ -163,3 +163,39 @@ def test_the_folder_backend_reads_the_same_layout(tmp_path: Path) -> None:
     a.publish("student-u", b"folder", **META)
     assert b.path("student-u").read_bytes() == b"folder"
     assert (tmp_path / "shared" / "models" / "student-u" / "1" / "metadata.json").is_file()
+
+
+def test_a_stale_look_never_brings_back_a_pruned_version_number(tmp_path: Path) -> None:
+    store = RetryingStore(DirectoryStore(tmp_path / "shared"))
+    registry = _replica(store, tmp_path, "a", keep=2)
+    for body in (b"v1", b"v2", b"v3"):
+        registry.publish("student-t", body, **META)
+    assert not store.list("models/student-t/1/")  # pruned, claim and all
+    real_listing = registry._listing
+    looks = iter([([], 0)])  # the first look predates every publish above
+
+    def listing(name: str) -> tuple[list[int], int]:
+        return next(looks, None) or real_listing(name)
+
+    registry._listing = listing  # type: ignore[method-assign]
+    assert registry.publish("student-t", b"v4", **META).version == 4
+    assert not store.list("models/student-t/1/")  # the stale claim was given back
+    assert [r.version for r in registry.versions("student-t")] == [3, 4]
+
+
+def test_serve_puts_the_registry_in_an_s3_store_and_in_a_folder_store(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from cloud_service.cli import _registry
+    from cloud_service.registry import ModelRegistry
+
+    store = RetryingStore(DirectoryStore(tmp_path / "shared"))
+    args = SimpleNamespace(
+        store="s3://bucket/prefix", state_dir=tmp_path / "state", keep_versions=3
+    )
+    shared = _registry(args, SimpleNamespace(store=store))  # type: ignore[arg-type]
+    assert isinstance(shared, StoreRegistry) and shared.store is store
+    assert shared.root == tmp_path / "state" / "model-cache" and shared.keep_versions == 3
+    args.store = str(tmp_path / "shared")
+    folder = _registry(args, SimpleNamespace(store=store))  # type: ignore[arg-type]
+    assert type(folder) is ModelRegistry and folder.root == tmp_path / "shared" / "models"
