@@ -35,7 +35,6 @@ def _serve(args: ServeSettings) -> int:
     import torch
 
     from cloud_service.limits import RateLimiter
-    from cloud_service.registry import ModelRegistry
     from cloud_service.server import ServeOptions, serve
     from cloud_service.service import CloudConfig, CloudService
     from cloud_service.sessions import SessionStore
@@ -85,7 +84,7 @@ def _serve(args: ServeSettings) -> int:
     checkpoints = _session_checkpoints(args)
     service = CloudService(
         _teacher_versions(args, teacher, checkpoints),
-        ModelRegistry(_registry_root(args), keep_versions=args.keep_versions),
+        _registry(args, checkpoints),
         SessionStore(idle_timeout=args.session_timeout),
         CloudConfig(
             student_cut=args.student_cut,
@@ -118,10 +117,22 @@ def _serve(args: ServeSettings) -> int:
     return 0
 
 
+def _registry(args: ServeSettings, checkpoints: Any) -> Any:
+    """Replicas sharing a store share their models too: a device downloads its student
+    from whichever replica it lands on. A folder store holds the registry in STORE/models;
+    an S3 store under its ``models/`` keys, each replica keeping checked local copies."""
+    from cloud_service.registry import ModelRegistry
+    from cloud_service.shared_registry import StoreRegistry
+
+    if args.store.startswith("s3://"):
+        cache = args.state_dir / "model-cache"
+        return StoreRegistry(checkpoints.store, cache, keep_versions=args.keep_versions)
+    return ModelRegistry(_registry_root(args), keep_versions=args.keep_versions)
+
+
 def _registry_root(args: ServeSettings) -> Path:
-    """Replicas sharing a folder share their models too: a device downloads its student
-    from whichever replica it lands on. (With S3 the registry stays per replica.)"""
-    if args.store and not args.store.startswith("s3://"):
+    """The folder registry: the shared folder store's, or this cloud's own."""
+    if args.store:
         return Path(args.store) / "models"
     return args.state_dir / "models"
 

@@ -21,6 +21,7 @@ _HTTP_STATUS = {
     "NOT_FOUND": 404,
     "FAILED_PRECONDITION": 409,
     "RESOURCE_EXHAUSTED": 429,
+    "UNAVAILABLE": 503,  # the shared store does not answer, or holds a damaged model
 }
 NAME = Path(pattern=names.MODEL_NAME_PATTERN, description="model name, e.g. student-edge-0")
 VERSION = Path(ge=1, le=1_000_000, description="model version, from 1")

@@ -132,8 +132,8 @@ REPLICAS = "replicas (several clouds behind Envoy; see docs/KUBERNETES.md)"
 class ReplicaOptions(Options):
     store: str = option(
         "",
-        "shared storage of sessions and their leases (with --lease-seconds: cohorts and the "
-        "server model's versions too): a folder every replica mounts "
+        "shared storage of sessions and their leases, and of the published models (with "
+        "--lease-seconds: cohorts and the server model's versions too): a folder every replica mounts "
         "(a ReadWriteMany volume) or s3://BUCKET/PREFIX; empty: STATE_DIR, this cloud alone",
         group=REPLICAS,
     )
