@@ -236,7 +236,10 @@ def test_a_replica_killed_mid_training_costs_the_edge_retries_not_a_failure(
             edge.kill()
     report = json.loads((out / "report.json").read_text())
     assert report["steps"] == EPOCHS * 14
-    assert report["faults"]["resumes"] >= 1  # the survivor restored a shared checkpoint
+    # The take-over cost the edge retries (UNAVAILABLE until the dead replica's lease ran
+    # out), and a resume unless the shared checkpoint was at the very step it was sending.
+    faults = report["faults"]
+    assert faults["retried_calls"] + faults["resumes"] >= 1, faults
     # One survivor took the session over from the shared checkpoint and finished it.
     survivors = [r for r in replicas if r is not victim]
     listed = [http_json(f"http://127.0.0.1:{r.http_port}/v1/sessions") for r in survivors]
