@@ -1,4 +1,5 @@
-"""The jobs every system runs: the demo's digits split and a non-IID fleet.
+"""The jobs every system runs: the demo's digits split, a non-IID fleet, and that
+fleet made of devices too small for the plain student.
 
 Shards come from splitkd's own partition functions (the cloud's presumed
 share set aside, then edge shards, then each edge's held-out split), so a
@@ -16,6 +17,7 @@ import numpy as np
 
 from splitkd.data import Dataset, Shard, edge_split, load_dataset
 from splitkd.data.partition import DEMO_PRESUMED_FRACTION
+from splitkd.device_classes import device_class, student_for
 from splitkd.hyper import Hyperparameters
 from splitkd.models import zoo
 from splitkd.models.spec import ModelSpec
@@ -28,6 +30,13 @@ class Scenario:
     name: str
     edges: int
     alpha: float | None  # Dirichlet concentration per class; None: IID (the demo's split)
+    # Every device's profile (``splitkd-edge train --device-profile``); "": none given,
+    # a standard device. Its class sets the student every system trains.
+    device_profile: str = ""
+
+    @property
+    def device_class(self) -> str:
+        return device_class(self.device_profile)
 
     def shard(self, index: int) -> str:
         return f"{index}/{self.edges}"
@@ -36,6 +45,9 @@ class Scenario:
 SCENARIOS = {
     "demo-2-iid": Scenario("demo-2-iid", 2, None),
     "noniid-4-a0.3": Scenario("noniid-4-a0.3", 4, 0.3),
+    # The same shards, every device a Raspberry Pi Zero 2 W (512 MB: class tiny): FedAvg
+    # trains the half-width student that fits it; splitkd's cohort gives it the same one.
+    "noniid-4-a0.3-tiny": Scenario("noniid-4-a0.3-tiny", 4, 0.3, "raspberry-pi-zero-2w"),
 }
 
 
@@ -105,7 +117,9 @@ def prepare(
         devices=devices,
         union_x=np.concatenate([h.x for h in heldouts]),
         union_y=np.concatenate([h.y for h in heldouts]),
-        student=zoo.default_student(dataset.signature),
+        # The student of the devices' class, as a cohort's cloud builds it from its
+        # standard student (device_classes.student_for): one architecture for all systems.
+        student=student_for(scenario.device_class, zoo.default_student(dataset.signature)),
         hyper=hyper,
         rounds=rounds,
         local_epochs=local_epochs,

@@ -91,6 +91,9 @@ def _edge_command(ctx: RunContext, folder: Path, device: str, shard: str, port: 
     ]
     if ctx.scenario.alpha is not None:
         command += ["--dirichlet-alpha", str(ctx.scenario.alpha)]
+    if ctx.scenario.device_profile:
+        # The device's real profile: a cohort places it in its class (and its student) by it.
+        command += ["--device-profile", ctx.scenario.device_profile]
     return command
 
 

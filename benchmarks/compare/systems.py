@@ -14,7 +14,9 @@ from __future__ import annotations
 
 from benchmarks.compare.flower import run_fedavg
 from benchmarks.compare.results import System
+from benchmarks.compare.scenarios import Scenario
 from benchmarks.compare.splitkd_systems import run_federated_cohort, run_split_cohort, run_split_kd
+from splitkd.device_classes import STANDARD
 
 SYSTEMS: dict[str, System] = {
     "flower-fedavg": run_fedavg,
@@ -22,3 +24,12 @@ SYSTEMS: dict[str, System] = {
     "splitkd-split-cohort": run_split_cohort,
     "splitkd-federated-cohort": run_federated_cohort,
 }
+
+# A solo split-KD session trains the cloud's one standard student whatever the device's
+# profile: on a fleet of smaller devices it would measure a student that does not fit them.
+STANDARD_DEVICES_ONLY = frozenset({"splitkd-split-kd"})
+
+
+def applies(system: str, scenario: Scenario) -> bool:
+    """Whether ``system`` can run ``scenario`` with the student the scenario's devices hold."""
+    return scenario.device_class == STANDARD or system not in STANDARD_DEVICES_ONLY
