@@ -11,7 +11,7 @@ import numpy as np
 
 from benchmarks.compare.processes import Device, RunFailed, cleanup, start, wait_devices
 from benchmarks.compare.results import DeviceResult, SystemRun
-from benchmarks.compare.scenarios import DATA, RunContext
+from benchmarks.compare.scenarios import DATA, DeviceData, RunContext
 from benchmarks.relay import CountingRelay
 from edge_agent.inference import Predictor
 from splitkd.data import load_dataset
@@ -63,20 +63,21 @@ def _run_processes(
         started = time.monotonic()
         for data in ctx.devices:
             relay = CountingRelay(grpc_port)
-            edge = _edge_command(ctx, folder, data.name, data.shard, relay.port)
+            edge = _edge_command(ctx, folder, data, relay.port)
             log = folder / f"{data.name}.log"
             devices.append(Device(data.name, start([*edge, *edge_flags], log), relay, log))
         ended = wait_devices(devices, [cloud], timeout=3600)
         results = [
-            _device_result(ctx, folder, d, data.shard)
+            _device_result(ctx, folder, d, data)
             for d, data in zip(devices, ctx.devices, strict=True)
         ]
     return SystemRun(results, ended - started, {"transport": transport})
 
 
-def _edge_command(ctx: RunContext, folder: Path, device: str, shard: str, port: int) -> list[str]:
+def _edge_command(ctx: RunContext, folder: Path, data: DeviceData, port: int) -> list[str]:
+    device = data.name
     command = [sys.executable, "-m", "edge_agent.cli", "train", "--cloud", f"127.0.0.1:{port}"]
-    command += ["--data", DATA, "--shard", shard, "--device-id", device, "--fresh"]
+    command += ["--data", DATA, "--shard", data.shard, "--device-id", device, "--fresh"]
     command += [
         "--report",
         str(folder / f"{device}.json"),
@@ -91,13 +92,13 @@ def _edge_command(ctx: RunContext, folder: Path, device: str, shard: str, port: 
     ]
     if ctx.scenario.alpha is not None:
         command += ["--dirichlet-alpha", str(ctx.scenario.alpha)]
-    if ctx.scenario.device_profile:
+    if data.profile:
         # The device's real profile: a cohort places it in its class (and its student) by it.
-        command += ["--device-profile", ctx.scenario.device_profile]
+        command += ["--device-profile", data.profile]
     return command
 
 
-def _device_result(ctx: RunContext, folder: Path, device: Device, shard: str) -> DeviceResult:
+def _device_result(ctx: RunContext, folder: Path, device: Device, data: DeviceData) -> DeviceResult:
     report = json.loads((folder / f"{device.name}.json").read_text())
     student = report["student"]
     # The ONNX student the device downloaded and verified, on everyone's held-out data.
@@ -106,12 +107,13 @@ def _device_result(ctx: RunContext, folder: Path, device: Device, shard: str) ->
     up, down = device.relay.snapshot()
     return DeviceResult(
         device.name,
-        shard,
+        data.shard,
         float(student["accuracy"]),
         union,
         up,
         down,
         len(device.relay.connections),
+        data.device_class,
     )
 
 

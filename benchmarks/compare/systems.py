@@ -32,4 +32,4 @@ STANDARD_DEVICES_ONLY = frozenset({"splitkd-split-kd"})
 
 def applies(system: str, scenario: Scenario) -> bool:
     """Whether ``system`` can run ``scenario`` with the student the scenario's devices hold."""
-    return scenario.device_class == STANDARD or system not in STANDARD_DEVICES_ONLY
+    return scenario.classes == {STANDARD} or system not in STANDARD_DEVICES_ONLY
