@@ -9,8 +9,9 @@ import numpy as np
 
 from benchmarks.compare.report import summarise
 from benchmarks.compare.scenarios import PI_4, PI_ZERO, SCENARIOS, RunContext, prepare
-from benchmarks.compare.splitkd_systems import _edge_command
+from benchmarks.compare.splitkd_systems import COHORT, _edge_command, cohort_file
 from benchmarks.compare.systems import applies
+from cloud_service.fleet.config import load_plans
 from cloud_service.fleet.service import FleetService, FleetSettings
 from splitkd.device_classes import STANDARD, TINY, student_for
 from splitkd.hyper import Hyperparameters
@@ -126,3 +127,11 @@ def test_the_summary_of_a_mixed_fleet_has_a_row_per_class() -> None:
     for device in old["devices"]:  # type: ignore[attr-defined]
         del device["device_class"]
     assert [r["scenario"] for r in summarise([old])] == ["mixed"]
+
+
+def test_the_ablation_gives_the_federated_cohort_plain_fedavg(tmp_path: Path) -> None:
+    defaults = CohortConfig("federated")
+    assert load_plans(None, defaults).get(COHORT) is None  # by default: KOALA
+    plans = load_plans(cohort_file(tmp_path / "fedavg.toml", "fedavg"), defaults)
+    assert plans[COHORT].strategy_name == "fedavg"
+    assert plans[COHORT].config.mode == "federated"

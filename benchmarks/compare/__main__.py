@@ -20,12 +20,12 @@ from typing import Any
 from benchmarks.compare import flower, report
 from benchmarks.compare.processes import RunFailed
 from benchmarks.compare.scenarios import SCENARIOS, prepare
-from benchmarks.compare.systems import SYSTEMS, applies
+from benchmarks.compare.systems import DEFAULT_SYSTEMS, SYSTEMS, applies
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=__doc__)
-    parser.add_argument("--systems", nargs="+", choices=sorted(SYSTEMS), default=list(SYSTEMS))
+    parser.add_argument("--systems", nargs="+", choices=sorted(SYSTEMS), default=DEFAULT_SYSTEMS)
     parser.add_argument(
         "--scenarios", nargs="+", choices=sorted(SCENARIOS), default=list(SCENARIOS)
     )

@@ -128,19 +128,32 @@ def proxy_file(folder: Path) -> Path:
     return path
 
 
-def _run_cohort(ctx: RunContext, mode: str) -> SystemRun:
-    """A cohort of ``ctx.devices`` in ``mode``: one cloud, one edge process per device."""
+COHORT = "compare"  # every device of a run joins this cohort
+
+
+def cohort_file(path: Path, strategy: str) -> Path:
+    """A ``--cohort-config`` file giving the cohort ``strategy`` instead of its mode's."""
+    path.write_text(f'[cohorts.{COHORT}]\nstrategy = "{strategy}"\n')
+    return path
+
+
+def _run_cohort(ctx: RunContext, mode: str, strategy: str = "") -> SystemRun:
+    """A cohort of ``ctx.devices`` in ``mode``: one cloud, one edge process per device;
+    ``strategy`` overrides the mode's (through a cohort file, as an operator would)."""
+    name = f"splitkd-{mode}-{strategy}-cohort" if strategy else f"splitkd-{mode}-cohort"
     proxy = proxy_file(ctx.folder.parent)
     cloud_flags = ["--proxy-data", f"npz:{proxy}", "--cohort-mode", mode]
     cloud_flags += ["--cohort-min-devices", str(len(ctx.devices)), "--round-timeout", "600"]
     cloud_flags += ["--rounds", str(ctx.rounds), "--local-epochs", str(ctx.local_epochs)]
+    if strategy:
+        cloud_flags += ["--cohort-config", str(cohort_file(ctx.folder / f"{name}.toml", strategy))]
     transport = {
         "federated": "splitkd gRPC, weights once per round (KOALA: the server model learns too)",
         "split": "splitkd gRPC, split steps per round, heads and tails averaged per round",
     }[mode]
-    return _run_processes(
-        ctx, f"splitkd-{mode}-cohort", cloud_flags, ["--cohort", "compare"], transport
-    )
+    if strategy:
+        transport += f"; strategy {strategy}"
+    return _run_processes(ctx, name, cloud_flags, ["--cohort", COHORT], transport)
 
 
 def run_split_cohort(ctx: RunContext) -> SystemRun:
@@ -149,3 +162,9 @@ def run_split_cohort(ctx: RunContext) -> SystemRun:
 
 def run_federated_cohort(ctx: RunContext) -> SystemRun:
     return _run_cohort(ctx, "federated")
+
+
+def run_federated_fedavg_cohort(ctx: RunContext) -> SystemRun:
+    """The federated cohort without its teacher (FedAvg within each class, nothing more):
+    what the server model's knowledge adds to the same rounds, bytes and students."""
+    return _run_cohort(ctx, "federated", "fedavg")

@@ -15,7 +15,12 @@ from __future__ import annotations
 from benchmarks.compare.flower import run_fedavg
 from benchmarks.compare.results import System
 from benchmarks.compare.scenarios import Scenario
-from benchmarks.compare.splitkd_systems import run_federated_cohort, run_split_cohort, run_split_kd
+from benchmarks.compare.splitkd_systems import (
+    run_federated_cohort,
+    run_federated_fedavg_cohort,
+    run_split_cohort,
+    run_split_kd,
+)
 from splitkd.device_classes import STANDARD
 
 SYSTEMS: dict[str, System] = {
@@ -23,7 +28,10 @@ SYSTEMS: dict[str, System] = {
     "splitkd-split-kd": run_split_kd,
     "splitkd-split-cohort": run_split_cohort,
     "splitkd-federated-cohort": run_federated_cohort,
+    # An ablation, not a default: the federated cohort without the server model's knowledge.
+    "splitkd-federated-fedavg-cohort": run_federated_fedavg_cohort,
 }
+DEFAULT_SYSTEMS = [name for name in SYSTEMS if name != "splitkd-federated-fedavg-cohort"]
 
 # A solo split-KD session trains the cloud's one standard student whatever the device's
 # profile: on a fleet of smaller devices it would measure a student that does not fit them.
