@@ -123,7 +123,9 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
         for x, mb in zip(xs, megabytes, strict=True):
             right.annotate(f"{mb:.2f}", (x, mb), ha="center", va="bottom", fontsize=8)
     for axis in (left, right):
-        axis.set_xticks([j + 0.4 - width / 2 for j in range(len(scenarios))], scenarios)
+        # Scenario names with a class ("noniid-4-a0.3-mixed [tiny]") are long: slanted.
+        ticks = [j + 0.4 - width / 2 for j in range(len(scenarios))]
+        axis.set_xticks(ticks, scenarios, rotation=15, ha="right", fontsize=8)
     lowest = min((r["union_accuracy"] for r in rows), default=0.5)
     left.set_ylim(max(0.0, min(lowest, min(r["accuracy"] for r in rows)) - 0.05), 1.0)
     left.set_ylabel("accuracy")
@@ -132,7 +134,7 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
     right.set_ylabel("MB per device (up + down)")
     right.set_title("bytes counted on each device's socket, mean over seeds", fontsize=9)
     left.legend(fontsize=8, loc="lower left")
-    fig.suptitle("accuracy vs bytes per device, same shards, same student")
+    fig.suptitle("accuracy vs bytes per device, same shards (students: docs/COMPARE.md)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
