@@ -20,12 +20,12 @@ from typing import Any
 from benchmarks.compare import flower, report
 from benchmarks.compare.processes import RunFailed
 from benchmarks.compare.scenarios import SCENARIOS, prepare
-from benchmarks.compare.systems import SYSTEMS
+from benchmarks.compare.systems import DEFAULT_SYSTEMS, SYSTEMS, applies
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=__doc__)
-    parser.add_argument("--systems", nargs="+", choices=sorted(SYSTEMS), default=list(SYSTEMS))
+    parser.add_argument("--systems", nargs="+", choices=sorted(SYSTEMS), default=DEFAULT_SYSTEMS)
     parser.add_argument(
         "--scenarios", nargs="+", choices=sorted(SCENARIOS), default=list(SCENARIOS)
     )
@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             ctx.options["flower_evaluate"] = args.flower_evaluate
             for system in args.systems:
+                if not applies(system, ctx.scenario):
+                    print(f"{scenario_name}: {system} skipped (standard devices only)", flush=True)
+                    continue
                 print(f"{scenario_name} seed {seed}: {system}…", flush=True)
                 try:
                     result = SYSTEMS[system](ctx)

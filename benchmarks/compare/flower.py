@@ -22,7 +22,7 @@ from benchmarks.compare.processes import (
     wait_listening,
 )
 from benchmarks.compare.results import DeviceResult, SystemRun
-from benchmarks.compare.scenarios import RunContext
+from benchmarks.compare.scenarios import DeviceData, RunContext
 from benchmarks.relay import CountingRelay
 from splitkd.demo import free_port
 from splitkd.models import zoo
@@ -103,13 +103,13 @@ def run_fedavg(ctx: RunContext, python: Path | None = None) -> SystemRun:
             devices.append(Device(data.name, start(command, log, env), relay, log))
         ended = wait_devices(devices, [server], timeout=3600)
         results = [
-            _device_result(ctx, folder, d, data.shard)
+            _device_result(ctx, folder, d, data)
             for d, data in zip(devices, ctx.devices, strict=True)
         ]
     return SystemRun(results, ended - started, {"transport": TRANSPORT, "evaluate": evaluate})
 
 
-def _device_result(ctx: RunContext, folder: Path, device: Device, shard: str) -> DeviceResult:
+def _device_result(ctx: RunContext, folder: Path, device: Device, data: DeviceData) -> DeviceResult:
     report_path = folder / f"{device.name}.json"
     if not report_path.exists():
         raise RunFailed(f"{device.name} wrote no final report; see {device.log}")
@@ -121,10 +121,11 @@ def _device_result(ctx: RunContext, folder: Path, device: Device, shard: str) ->
     up, down = device.relay.snapshot()
     return DeviceResult(
         device.name,
-        shard,
+        data.shard,
         float(report["accuracy"]),
         union,
         up,
         down,
         len(device.relay.connections),
+        data.device_class,
     )

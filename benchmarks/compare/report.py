@@ -11,32 +11,45 @@ MB = 1e6
 
 
 def summarise(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (system, scenario): means over seeds of per-device means."""
+    """One row per (system, scenario): means over seeds of per-device means. A scenario
+    whose devices are of several classes gets one more row per class, named
+    ``scenario [class]``: the fleet's mean hides what the small devices got."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for run in runs:
         groups.setdefault((run["system"], run["scenario"]), []).append(run)
     rows = []
     for (system, scenario), group in groups.items():
-        per_seed = [_per_seed(run) for run in group]
-        accuracies = [s["accuracy"] for s in per_seed]
-        rows.append(
-            {
-                "system": system,
-                "scenario": scenario,
-                "seeds": [run["seed"] for run in group],
-                "accuracy": statistics.fmean(accuracies),
-                "accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
-                "union_accuracy": statistics.fmean(s["union_accuracy"] for s in per_seed),
-                "bytes_up_per_device": statistics.fmean(s["bytes_up"] for s in per_seed),
-                "bytes_down_per_device": statistics.fmean(s["bytes_down"] for s in per_seed),
-                "seconds": statistics.fmean(run["seconds"] for run in group),
-            }
-        )
+        rows.append(_row(system, scenario, group, None))
+        classes = sorted({_class(d) for run in group for d in run["devices"]})
+        if len(classes) > 1:
+            rows += [_row(system, f"{scenario} [{c}]", group, c) for c in classes]
     return rows
 
 
-def _per_seed(run: dict[str, Any]) -> dict[str, float]:
-    devices = run["devices"]
+def _class(device: dict[str, Any]) -> str:
+    return str(device.get("device_class", "standard"))  # reports before device classes
+
+
+def _row(
+    system: str, scenario: str, group: list[dict[str, Any]], device_class: str | None
+) -> dict[str, Any]:
+    per_seed = [_per_seed(run, device_class) for run in group]
+    accuracies = [s["accuracy"] for s in per_seed]
+    return {
+        "system": system,
+        "scenario": scenario,
+        "seeds": [run["seed"] for run in group],
+        "accuracy": statistics.fmean(accuracies),
+        "accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+        "union_accuracy": statistics.fmean(s["union_accuracy"] for s in per_seed),
+        "bytes_up_per_device": statistics.fmean(s["bytes_up"] for s in per_seed),
+        "bytes_down_per_device": statistics.fmean(s["bytes_down"] for s in per_seed),
+        "seconds": statistics.fmean(run["seconds"] for run in group),
+    }
+
+
+def _per_seed(run: dict[str, Any], device_class: str | None) -> dict[str, float]:
+    devices = [d for d in run["devices"] if device_class in (None, _class(d))]
     return {
         key: statistics.fmean(d[key] for d in devices)
         for key in ("accuracy", "union_accuracy", "bytes_up", "bytes_down")
@@ -110,7 +123,9 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
         for x, mb in zip(xs, megabytes, strict=True):
             right.annotate(f"{mb:.2f}", (x, mb), ha="center", va="bottom", fontsize=8)
     for axis in (left, right):
-        axis.set_xticks([j + 0.4 - width / 2 for j in range(len(scenarios))], scenarios)
+        # Scenario names with a class ("noniid-4-a0.3-mixed [tiny]") are long: slanted.
+        ticks = [j + 0.4 - width / 2 for j in range(len(scenarios))]
+        axis.set_xticks(ticks, scenarios, rotation=15, ha="right", fontsize=8)
     lowest = min((r["union_accuracy"] for r in rows), default=0.5)
     left.set_ylim(max(0.0, min(lowest, min(r["accuracy"] for r in rows)) - 0.05), 1.0)
     left.set_ylabel("accuracy")
@@ -119,7 +134,7 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
     right.set_ylabel("MB per device (up + down)")
     right.set_title("bytes counted on each device's socket, mean over seeds", fontsize=9)
     left.legend(fontsize=8, loc="lower left")
-    fig.suptitle("accuracy vs bytes per device, same shards, same student")
+    fig.suptitle("accuracy vs bytes per device, same shards (students: docs/COMPARE.md)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

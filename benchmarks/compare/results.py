@@ -18,6 +18,7 @@ class DeviceResult:
     bytes_up: int  # counted on the device's socket (relay), client to server
     bytes_down: int
     connections: int = 1
+    device_class: str = "standard"  # splitkd.device_classes: the student it can hold
 
 
 @dataclass

@@ -11,7 +11,7 @@ import numpy as np
 
 from benchmarks.compare.processes import Device, RunFailed, cleanup, start, wait_devices
 from benchmarks.compare.results import DeviceResult, SystemRun
-from benchmarks.compare.scenarios import DATA, RunContext
+from benchmarks.compare.scenarios import DATA, DeviceData, RunContext
 from benchmarks.relay import CountingRelay
 from edge_agent.inference import Predictor
 from splitkd.data import load_dataset
@@ -63,20 +63,21 @@ def _run_processes(
         started = time.monotonic()
         for data in ctx.devices:
             relay = CountingRelay(grpc_port)
-            edge = _edge_command(ctx, folder, data.name, data.shard, relay.port)
+            edge = _edge_command(ctx, folder, data, relay.port)
             log = folder / f"{data.name}.log"
             devices.append(Device(data.name, start([*edge, *edge_flags], log), relay, log))
         ended = wait_devices(devices, [cloud], timeout=3600)
         results = [
-            _device_result(ctx, folder, d, data.shard)
+            _device_result(ctx, folder, d, data)
             for d, data in zip(devices, ctx.devices, strict=True)
         ]
     return SystemRun(results, ended - started, {"transport": transport})
 
 
-def _edge_command(ctx: RunContext, folder: Path, device: str, shard: str, port: int) -> list[str]:
+def _edge_command(ctx: RunContext, folder: Path, data: DeviceData, port: int) -> list[str]:
+    device = data.name
     command = [sys.executable, "-m", "edge_agent.cli", "train", "--cloud", f"127.0.0.1:{port}"]
-    command += ["--data", DATA, "--shard", shard, "--device-id", device, "--fresh"]
+    command += ["--data", DATA, "--shard", data.shard, "--device-id", device, "--fresh"]
     command += [
         "--report",
         str(folder / f"{device}.json"),
@@ -91,10 +92,13 @@ def _edge_command(ctx: RunContext, folder: Path, device: str, shard: str, port: 
     ]
     if ctx.scenario.alpha is not None:
         command += ["--dirichlet-alpha", str(ctx.scenario.alpha)]
+    if data.profile:
+        # The device's real profile: a cohort places it in its class (and its student) by it.
+        command += ["--device-profile", data.profile]
     return command
 
 
-def _device_result(ctx: RunContext, folder: Path, device: Device, shard: str) -> DeviceResult:
+def _device_result(ctx: RunContext, folder: Path, device: Device, data: DeviceData) -> DeviceResult:
     report = json.loads((folder / f"{device.name}.json").read_text())
     student = report["student"]
     # The ONNX student the device downloaded and verified, on everyone's held-out data.
@@ -103,12 +107,13 @@ def _device_result(ctx: RunContext, folder: Path, device: Device, shard: str) ->
     up, down = device.relay.snapshot()
     return DeviceResult(
         device.name,
-        shard,
+        data.shard,
         float(student["accuracy"]),
         union,
         up,
         down,
         len(device.relay.connections),
+        data.device_class,
     )
 
 
@@ -123,19 +128,32 @@ def proxy_file(folder: Path) -> Path:
     return path
 
 
-def _run_cohort(ctx: RunContext, mode: str) -> SystemRun:
-    """A cohort of ``ctx.devices`` in ``mode``: one cloud, one edge process per device."""
+COHORT = "compare"  # every device of a run joins this cohort
+
+
+def cohort_file(path: Path, strategy: str) -> Path:
+    """A ``--cohort-config`` file giving the cohort ``strategy`` instead of its mode's."""
+    path.write_text(f'[cohorts.{COHORT}]\nstrategy = "{strategy}"\n')
+    return path
+
+
+def _run_cohort(ctx: RunContext, mode: str, strategy: str = "") -> SystemRun:
+    """A cohort of ``ctx.devices`` in ``mode``: one cloud, one edge process per device;
+    ``strategy`` overrides the mode's (through a cohort file, as an operator would)."""
+    name = f"splitkd-{mode}-{strategy}-cohort" if strategy else f"splitkd-{mode}-cohort"
     proxy = proxy_file(ctx.folder.parent)
     cloud_flags = ["--proxy-data", f"npz:{proxy}", "--cohort-mode", mode]
     cloud_flags += ["--cohort-min-devices", str(len(ctx.devices)), "--round-timeout", "600"]
     cloud_flags += ["--rounds", str(ctx.rounds), "--local-epochs", str(ctx.local_epochs)]
+    if strategy:
+        cloud_flags += ["--cohort-config", str(cohort_file(ctx.folder / f"{name}.toml", strategy))]
     transport = {
         "federated": "splitkd gRPC, weights once per round (KOALA: the server model learns too)",
         "split": "splitkd gRPC, split steps per round, heads and tails averaged per round",
     }[mode]
-    return _run_processes(
-        ctx, f"splitkd-{mode}-cohort", cloud_flags, ["--cohort", "compare"], transport
-    )
+    if strategy:
+        transport += f"; strategy {strategy}"
+    return _run_processes(ctx, name, cloud_flags, ["--cohort", COHORT], transport)
 
 
 def run_split_cohort(ctx: RunContext) -> SystemRun:
@@ -144,3 +162,9 @@ def run_split_cohort(ctx: RunContext) -> SystemRun:
 
 def run_federated_cohort(ctx: RunContext) -> SystemRun:
     return _run_cohort(ctx, "federated")
+
+
+def run_federated_fedavg_cohort(ctx: RunContext) -> SystemRun:
+    """The federated cohort without its teacher (FedAvg within each class, nothing more):
+    what the server model's knowledge adds to the same rounds, bytes and students."""
+    return _run_cohort(ctx, "federated", "fedavg")
