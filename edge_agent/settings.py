@@ -52,8 +52,9 @@ class DeviceOptions(Options):
 class ProfileOptions(Options):
     device_profile: str = option(
         "laptop-x86",
-        "device power profile for the energy estimate: raspberry-pi-4, raspberry-pi-5, "
-        "jetson-nano or laptop-x86 (docs/ENERGY.md)",
+        "device profile (power for the energy estimate, memory for a cohort's device class): "
+        "raspberry-pi-4, raspberry-pi-5, raspberry-pi-zero-2w, jetson-nano or laptop-x86 "
+        "(splitkd/profiles/devices.json, docs/ENERGY.md)",
     )
     link_profile: str = option(
         "ethernet",
