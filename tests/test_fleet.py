@@ -28,6 +28,7 @@ from splitkd.data.partition import Shard, cloud_split
 from splitkd.errors import FailedPrecondition, InvalidArgument
 from splitkd.messages import CohortConfig, RoundState
 from splitkd.models import zoo
+from splitkd.models.normalize import fit_stats
 from splitkd.v1 import splitkd_pb2 as pb
 from splitkd.v1 import splitkd_pb2_grpc as pb_grpc
 from tests.support import DIGITS, make_service
@@ -387,3 +388,24 @@ def test_an_accepted_knowledge_report_redistils_a_finished_cohort(
     }
     for record in outcome.cohort_students:
         assert record.teacher_version == outcome.teacher_after
+
+
+def test_a_cohorts_first_student_scales_inputs_by_the_clouds_proxy(tmp_path: Path) -> None:
+    """Every device starts from one input scaling (the proxy's), not its own skewed one."""
+    config = CohortConfig("federated", min_devices=2, rounds=1, local_epochs=1)
+    proxy = cloud_split(load_dataset("digits"), 0.4).train.x
+    means = {}
+    for with_proxy in (True, False):
+        live = _live_fleet(tmp_path / str(with_proxy), config, proxy=with_proxy)
+        fleet = next(live).fleet
+        try:
+            fleet.join("edge-0", "kitchen", DIGITS, 100, "raspberry-pi-4")
+            student = fleet._cohort("kitchen").students["standard"]
+        finally:
+            live.close()
+        (key,) = [k for k in student if k.endswith("input_mean")]
+        means[with_proxy] = student[key].reshape(-1)
+    expected = fit_stats(proxy)[0].reshape(-1)
+    assert expected.any()
+    np.testing.assert_allclose(means[True], expected, rtol=1e-5)
+    assert not means[False].any()  # no proxy: the device fits its own, as before
