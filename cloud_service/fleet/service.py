@@ -22,6 +22,7 @@ from cloud_service.fleet.cohort import RETRY_AFTER_SECONDS, Cohort, Member, Pend
 from cloud_service.fleet.config import CohortPlan
 from cloud_service.fleet.store import CohortStore
 from cloud_service.fleet.strategy import Contribution, RoundOutcome, Strategy, strategy_for
+from cloud_service.fleet.wire import MemberCaches, current_join_ask, negotiate
 from cloud_service.registry import ModelRecord
 from cloud_service.service import CloudService, CohortStudent
 from splitkd import koala, names
@@ -34,7 +35,15 @@ from splitkd.errors import (
     PermissionDenied,
     SplitKDError,
 )
-from splitkd.messages import CohortConfig, JoinAnswer, ModelSummary, RoundState, RoundTask, Update
+from splitkd.messages import (
+    CohortConfig,
+    JoinAnswer,
+    ModelSummary,
+    RoundState,
+    RoundTask,
+    SessionAsk,
+    Update,
+)
 from splitkd.models import zoo
 from splitkd.models.spec import ModelSpec
 from splitkd.models.staged import StagedModel
@@ -68,6 +77,7 @@ class FleetService:
         self.store = CohortStore(settings.state_dir) if settings.state_dir else None
         split.cohort_member = self.is_member
         split.cohort_students = self.finished_students
+        self.caches = MemberCaches(split)  # splitwire: teacher caches kept across rounds
         if self.store is not None:
             for cohort, state in self.store.load_all():
                 plan = self._plan_for(cohort.name)
@@ -123,7 +133,9 @@ class FleetService:
         signature: DatasetSignature,
         num_samples: int,
         profile: str = "",
+        ask: SessionAsk | None = None,
     ) -> JoinAnswer:
+        """``ask``: the wire the device wants in split rounds (default: its JoinCohort's)."""
         if not names.is_cohort_name(cohort_name):
             raise InvalidArgument(
                 f"cohort name {cohort_name!r} must be 1-48 letters, digits, '.', '_' or '-'"
@@ -134,6 +146,9 @@ class FleetService:
         self.split.teacher.check_serves(signature)
         klass = device_class(profile)
         cohort = self._cohort(cohort_name)
+        # splitwire: refused (a codec the cohort does not allow, a bad cut) before joining.
+        spec = cohort.specs.get(klass) or self._spec_for(cohort_name, klass)
+        ask = negotiate(cohort.config, spec, ask or current_join_ask())
         with cohort.lock:
             if len(cohort.members) >= MAX_MEMBERS_PER_COHORT:
                 raise FailedPrecondition(f"cohort {cohort_name} is full")
@@ -143,7 +158,7 @@ class FleetService:
                 cohort.students[klass] = koala.weights_of(
                     zoo.build(spec, self.split.config.hyper.seed)
                 )
-            member = cohort.join(device_id, klass, num_samples)
+            member = cohort.join(device_id, klass, num_samples, ask)
             self._save(cohort)
             answer = JoinAnswer(
                 member_id=member.member_id,
@@ -226,15 +241,9 @@ class FleetService:
             return session
 
     def _new_round_session(self, cohort: Cohort, member: Member, weights: Any) -> Any:
-        return self.split.register(
-            member.device_id,
-            self.split.teacher.signature,
-            requested_epochs=cohort.config.local_epochs,
-            student_spec=cohort.specs[member.device_class],
-            initial_state=weights,
-            model_name=self.model_name(cohort.name, member.device_class),
-            persist=False,
-        )
+        # splitwire: on the member's negotiated wire, with its cache across rounds.
+        name = self.model_name(cohort.name, member.device_class)
+        return self.caches.register_round(cohort, member, weights, name)
 
     def expected_update(self, member_id: str) -> dict[str, tuple[int, ...]]:
         """Names and shapes a member's update must have (its whole student, or its head)."""
@@ -316,6 +325,8 @@ class FleetService:
         with cohort.lock:
             record = cohort.end_close(outcome, published, pending)
             self._save(cohort)
+            finished = list(cohort.members) if cohort.complete else []
+        self.caches.drop(finished)  # splitwire: a complete cohort's teacher caches go
         if record is not None:
             self.split.metrics.observe_round(
                 cohort.name,
