@@ -17,7 +17,7 @@ import uvicorn
 from google.protobuf.message import DecodeError
 
 from cloud_service.fleet.service import FleetService
-from cloud_service.fleet.servicer import FleetServicer
+from cloud_service.fleet.wire_servicer import WireFleetServicer
 from cloud_service.health import add_health, set_serving
 from cloud_service.http_api import create_app
 from cloud_service.lifecycle import Lifecycle
@@ -106,7 +106,8 @@ def build_grpc_server(
     )
     pb_grpc.add_SplitTrainingServicer_to_server(SplitTrainingServicer(service), server)
     if fleet is not None:
-        pb_grpc.add_FleetServicer_to_server(FleetServicer(fleet), server)
+        # The Fleet servicer, reading what a joining device asks of its wire (splitwire).
+        pb_grpc.add_FleetServicer_to_server(WireFleetServicer(fleet), server)
     if lifecycle is not None:
         pb_grpc.add_LifecycleServicer_to_server(LifecycleServicer(lifecycle), server)
     if health:

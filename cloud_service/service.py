@@ -103,6 +103,8 @@ class CloudService:
         self.export_lock = threading.Lock()
         # Set by a FleetService: may this device read that cohort's students?
         self.cohort_member: Callable[[str, str], bool] | None = None
+        # Set by a FleetService: teacher caches its members keep between rounds (fleet/wire.py).
+        self.held_caches: Callable[[], list[TeacherCache]] | None = None
         # Set by a FleetService: a finished cohort's students, to re-distil (lifecycle.py).
         self.cohort_students: Callable[[str], list[CohortStudent]] | None = None
         self.checkpoints = checkpoints
@@ -161,8 +163,10 @@ class CloudService:
         persist: bool = True,
         class_weights: Sequence[float] = (),
         ask: SessionAsk | None = None,
+        cache: TeacherCache | None = None,
     ) -> Session:
-        """A new split session; a cohort passes its class's spec and current weights."""
+        """A new split session; a cohort passes its class's spec and current weights,
+        and the member's teacher-output ``cache`` kept across its rounds (fleet/wire.py)."""
         ask = ask or SessionAsk()
         self.check_device(device_id)
         check_label(device_profile, "device profile")
@@ -202,7 +206,7 @@ class CloudService:
             device_profile=device_profile,
             link_profile=link_profile,
             class_weights=weights,
-            cache=self.grant_cache(ask.train_samples, spec),
+            cache=cache if cache is not None else self.grant_cache(ask.train_samples, spec),
             pipeline_depth=pipeline.check_depth(ask.pipeline_depth),
         )
         # Pending until its first step: holds no capacity, nothing on disk (sessions.py).
@@ -258,9 +262,7 @@ class CloudService:
         if not 0 < train_samples <= self.config.teacher_cache_samples:
             return None
         wanted = for_spec(train_samples, spec).reserved_bytes
-        # Pending sessions count too (their pool is bounded; evicted ones free theirs).
-        sessions = self.sessions.with_pending()
-        held = sum(s.cache.reserved_bytes for s in sessions if s.cache is not None)
+        held = sum(c.reserved_bytes for c in self._caches())
         if held + wanted > self.config.teacher_cache_bytes:
             log.warning("teacher cache budget spent (%d bytes held): no cache granted", held)
             return None
@@ -268,8 +270,16 @@ class CloudService:
 
     def cache_bytes(self) -> tuple[int, int]:
         """(allocated, reserved) bytes of every session's teacher cache."""
-        caches = [s.cache for s in self.sessions.with_pending() if s.cache is not None]
+        caches = self._caches()
         return sum(c.nbytes for c in caches), sum(c.reserved_bytes for c in caches)
+
+    def _caches(self) -> list[TeacherCache]:
+        """Every teacher cache held: the sessions' (pending ones too: their pool is bounded,
+        evicted ones free theirs) and the cohort members' between rounds, each once."""
+        caches = {id(s.cache): s.cache for s in self.sessions.with_pending() if s.cache is not None}
+        for cache in self.held_caches() if self.held_caches is not None else []:
+            caches[id(cache)] = cache
+        return list(caches.values())
 
     def admit(self, session_id: str, what: str = "steps") -> Session:
         """The session, once the caller's rate limit allows one more call: the

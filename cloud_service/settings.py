@@ -101,7 +101,8 @@ class FleetOptions(Options):
     cohort_config: Path | None = option(
         None,
         "TOML file with per-cohort overrides ([cohorts.NAME] mode, rounds, local_epochs, "
-        "min_devices, round_timeout, strategy, classes.CLASS.widths); see docs/FLEETS.md",
+        "min_devices, round_timeout, strategy, classes.CLASS.widths, and for split cohorts "
+        "wire_codec, wire_codecs, student_cut); see docs/FLEETS.md",
         group=FLEETS,
     )
     proxy_data: str | None = option(

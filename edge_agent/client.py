@@ -419,7 +419,9 @@ class CloudClient:
         *,
         device_profile: str = "",
         link_profile: str = "",
+        ask: SessionAsk | None = None,
     ) -> JoinAnswer:
+        """``ask``: the wire this device wants for its round sessions (split cohorts)."""
         request = pb.JoinCohortRequest(
             device_id=device_id,
             cohort=cohort,
@@ -427,6 +429,7 @@ class CloudClient:
             signature=serde.signature_to_pb(signature),
             num_samples=num_samples,
         )
+        serde.cohort_ask_to_pb(ask or SessionAsk(), request)
         # Joining again returns the same member: a retry is safe.
         reply: pb.JoinCohortResponse = self._call(
             "JoinCohort",

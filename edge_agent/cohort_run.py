@@ -13,9 +13,20 @@ from edge_agent.model_store import ModelStore
 from edge_agent.run import TrainOptions, _plot, cloud_client, write_report
 from edge_agent.telemetry import TrainingTelemetry
 from splitkd.classes import class_scores
+from splitkd.messages import SessionAsk
 from splitkd.models import zoo
 
 log = logging.getLogger(__name__)
+
+
+def cohort_ask(options: TrainOptions, train_samples: int) -> SessionAsk:
+    """What this device asks of its round sessions in a split cohort: the solo flags
+    (--wire-codec, --student-cut, --no-teacher-cache) mean the same there."""
+    return SessionAsk(
+        wire_codec="" if options.wire_codec == "cloud" else options.wire_codec,
+        train_samples=0 if options.no_teacher_cache else train_samples,
+        student_cut=options.student_cut,
+    )
 
 
 def train_cohort(options: TrainOptions) -> dict[str, Any]:
@@ -32,6 +43,7 @@ def train_cohort(options: TrainOptions) -> dict[str, Any]:
             len(split.train),
             device_profile=telemetry.device.name,
             link_profile=telemetry.link.name,
+            ask=cohort_ask(options, len(split.train)),
         )
         log.info(
             "member of cohort %s (%s mode, class %s, %d rounds of %d local epochs)",

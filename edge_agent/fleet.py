@@ -52,6 +52,10 @@ class CohortRun:
     server_model_version: int = 0
     last: RoundTask | None = None
     mark: tuple[int, int, float] | None = None  # traffic and time when the next round began
+    # Split mode: which training samples' teacher outputs the cloud holds for this member
+    # (its cache outlives the round sessions), and the wire the round sessions use.
+    cached: np.ndarray | None = None
+    wire: dict[str, Any] = field(default_factory=dict)
 
 
 def run_rounds(
@@ -83,7 +87,7 @@ def run_rounds(
             telemetry.meter.wait(time.monotonic() - started)
             continue
         try:
-            figures = _one_round(client, join, task, split, telemetry, run.mark)
+            figures = _one_round(client, join, task, split, telemetry, run)
         except CloudRefused as exc:
             if exc.code != "NOT_FOUND" or join.config.mode != "split":
                 raise
@@ -101,9 +105,10 @@ def _one_round(
     task: RoundTask,
     split: EdgeSplit,
     telemetry: TrainingTelemetry,
-    mark: tuple[int, int, float],
+    run: CohortRun,
 ) -> RoundFigures:
-    up, down, started = mark
+    assert run.mark is not None
+    up, down, started = run.mark
     compute_started = time.perf_counter()
     if join.config.mode == "federated":
         model = koala.model_from(join.student_spec, task.weights)
@@ -120,7 +125,7 @@ def _one_round(
         steps = 0
     else:
         assert isinstance(task.session, SessionInfo), "split round without a session"
-        weights, accuracy, steps, compute = _split_round(client, task.session, split)
+        weights, accuracy, steps, compute = _split_round(client, task.session, split, run)
     telemetry.meter.compute(compute)
     answer = client.submit_update(
         Update(join.member_id, task.round, weights, len(split.train), accuracy, steps)
@@ -144,11 +149,26 @@ def _one_round(
 
 
 def _split_round(
-    client: CloudClient, session: SessionInfo, split: EdgeSplit
+    client: CloudClient, session: SessionInfo, split: EdgeSplit, run: CohortRun
 ) -> tuple[dict[str, np.ndarray], float, int, float]:
-    """Train the round's split session; returns head, start accuracy, steps, device seconds."""
+    """Train the round's split session; returns head, start accuracy, steps, device seconds.
+
+    The held-out set is measured once, on the round's starting model (the cohort's
+    figure for the round): a measure within the round would be of a head and a private
+    copy of the tail that no device ever gets, so none is made (``eval_every`` 0).
+    """
     transport = GrpcTransport(client, session)
     trainer = EdgeTrainer(session, split.train, split.heldout, transport)
+    trainer.eval_every = 0
+    if trainer.cached is not None and run.cached is not None:
+        # The cloud keeps this member's teacher outputs across rounds (a miss, e.g. after
+        # a restart or a new teacher version, makes the trainer send a batch again).
+        trainer.cached = run.cached
+    run.wire = {
+        "codec": session.hyper.wire_codec,
+        "student_cut": session.student_cut,
+        "teacher_cache": trainer.cached is not None,
+    }
     accuracy = trainer.evaluate_split()
     for _ in range(MAX_RESUMES_PER_ROUND):
         try:
@@ -163,6 +183,7 @@ def _split_round(
     else:
         raise EdgeError(f"gave up the round after {MAX_RESUMES_PER_ROUND} resumes")
     compute = sum(r.forward_seconds + r.backward_seconds for r in result.history)
+    run.cached = trainer.cached
     return trainer.head_state(), accuracy, result.steps, compute
 
 
@@ -197,5 +218,6 @@ def cohort_report(run: CohortRun) -> dict[str, Any]:
         "devices": run.devices,
         "server_model_version": run.server_model_version,
         "config": asdict(run.join.config),
+        "wire": run.wire or None,  # split mode: codec, student cut, teacher cache
         "rounds": [asdict(r) for r in run.rounds],
     }

@@ -91,19 +91,22 @@ class TrainSettings(ClientSecurityOptions, ProfileOptions, DeviceOptions, ModelD
         "cloud",
         "how activations and gradients travel: the cloud's default, float32, float16, int8 "
         "(per-channel affine, 1 byte per value), int8-stochastic, topk (largest values with "
-        "error feedback)",
+        "error feedback); with --cohort: the cohort's default, and it may refuse a codec",
     )
     no_teacher_cache: bool = option(
         False,
         "send the teacher's activations every epoch instead of once per sample (the cloud then "
-        "keeps no teacher outputs for this device)",
+        "keeps no teacher outputs for this device; in a split cohort they are kept across rounds)",
     )
     eval_every: int = option(
         1,
         "measure held-out accuracy through the split every this many epochs (and after the "
-        "last); each measurement sends the held-out activations up",
+        "last); each measurement sends the held-out activations up. A split cohort measures "
+        "each round's starting model once instead",
     )
-    student_cut: int = option(0, "student stages on this device (0: the cloud's choice)")
+    student_cut: int = option(
+        0, "student stages on this device (0: the cloud's choice, or a split cohort's)"
+    )
     teacher_cut: int = option(0, "frozen teacher stages on this device (0: the cloud's choice)")
     # The planner (edge_agent/plan.py) and pipelining (edge_agent/pipeline.py).
     plan: Literal["", "auto"] = option(

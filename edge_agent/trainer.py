@@ -238,6 +238,8 @@ class EdgeTrainer:
         return result
 
     def evaluates(self, epoch: int) -> bool:
+        if self.eval_every == 0:  # none within the run (a cohort's round measures its start)
+            return False
         return (epoch + 1) % self.eval_every == 0 or epoch + 1 == self.hyper.epochs
 
     def schedule(self) -> list[tuple[int, np.ndarray]]:

@@ -27,7 +27,15 @@ from typing import Any
 
 import numpy as np
 
-from splitkd.demo import free_port, http_json, point_latest, wait_healthy
+from splitkd import codecs
+from splitkd.demo import (
+    DEMO_STUDENT_CUT,
+    DEMO_WIRE_CODEC,
+    free_port,
+    http_json,
+    point_latest,
+    wait_healthy,
+)
 
 PROFILES = [
     ("raspberry-pi-4", "wifi"),
@@ -93,8 +101,17 @@ def _start_cloud(
     return process, grpc_port, http_port
 
 
+def _wire_flags(mode: str, args: argparse.Namespace) -> list[str]:
+    """Split rounds on the frugal wire of ``make demo`` (codec, cut, teacher outputs kept
+    in the cloud across rounds), unless asked otherwise; federated rounds send only weights."""
+    if mode != "split":
+        return []
+    flags = ["--wire-codec", args.wire_codec, "--student-cut", str(args.student_cut)]
+    return flags + (["--no-teacher-cache"] if args.no_teacher_cache else [])
+
+
 def _start_edges(
-    folder: Path, grpc_port: int, args: argparse.Namespace
+    folder: Path, grpc_port: int, mode: str, args: argparse.Namespace
 ) -> list[subprocess.Popen[bytes]]:
     edges = []
     for i in range(args.edges):
@@ -131,6 +148,7 @@ def _start_edges(
             str(folder / device / "checkpoints"),
             "--no-progress",
             "--no-plots",
+            *_wire_flags(mode, args),
         ]
         log = (folder / f"{device}.log").open("wb")
         edges.append(
@@ -164,7 +182,7 @@ def run_mode(
     cloud, grpc_port, http_port = _start_cloud(folder, teacher, proxy, mode, args)
     edges: list[subprocess.Popen[bytes]] = []
     try:
-        edges = _start_edges(folder, grpc_port, args)
+        edges = _start_edges(folder, grpc_port, mode, args)
         _follow(edges, http_port, mode)
         failed = [i for i, p in enumerate(edges) if p.returncode != 0]
         if failed:
@@ -318,6 +336,7 @@ def summarise(mode: str, result: dict[str, Any], refs: dict[str, Any]) -> dict[s
         "seconds": result["seconds"],
         "server_model_accuracy": _versions_accuracy(result["models"], "teacher", x, y),
         "rounds": result["cohort"]["rounds"],
+        "wire": reports[0]["cohort"].get("wire"),
     }
 
 
@@ -396,9 +415,14 @@ def _table(summary: dict[str, Any]) -> None:
     for name in ("split", "federated"):
         if name in modes:
             m = modes[name]
+            wire = m.get("wire") or {}
+            label = f"{name} cohort"
+            if wire:
+                cache = ", cache" if wire["teacher_cache"] else ""
+                label += f" ({wire['codec']}, cut {wire['student_cut']}{cache})"
             rows.append(
                 (
-                    f"{name} cohort",
+                    label,
                     f"{m['accuracy']:.4f}",
                     f"{m['mb_per_device']:.3f}",
                     f"{m['seconds']:.0f}",
@@ -523,6 +547,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--runs", default="runs/fleet", help="folder for run outputs (default runs/fleet)"
     )
+    wire = parser.add_argument_group(
+        "the split cohort's wire (defaults: make demo's frugal wire; --wire-codec float32 "
+        "--student-cut 1 --no-teacher-cache is the old wire)"
+    )
+    wire.add_argument("--wire-codec", default=DEMO_WIRE_CODEC, choices=codecs.CODECS)
+    wire.add_argument("--student-cut", type=int, default=DEMO_STUDENT_CUT)
+    wire.add_argument("--no-teacher-cache", action="store_true")
     args = parser.parse_args(argv)
     if not 1 <= args.edges <= args.fleet_size:
         parser.error(f"--edges must be in 1..--fleet-size ({args.fleet_size}), got {args.edges}")

@@ -11,7 +11,7 @@ from enum import Enum
 
 import numpy as np
 
-from splitkd.codecs import Encoded
+from splitkd.codecs import CODECS, Encoded
 from splitkd.errors import InvalidArgument
 from splitkd.hyper import Hyperparameters
 from splitkd.models.spec import ModelSpec
@@ -91,8 +91,17 @@ class CohortConfig:
     rounds: int = 10
     local_epochs: int = 3
     round_timeout_seconds: float = 300.0
+    # The frugal wire of split cohorts (cloud_service/fleet/wire.py): the round sessions'
+    # codec and student cut when a member asks none ("" / 0: the cloud's --wire-codec /
+    # --student-cut), and the codecs a member may ask (empty: any).
+    wire_codec: str = ""
+    wire_codecs: tuple[str, ...] = ()
+    student_cut: int = 0
 
     def __post_init__(self) -> None:
+        # A checkpoint's JSON gives a list: keep the config hashable and immutable.
+        object.__setattr__(self, "wire_codecs", tuple(self.wire_codecs))
+        self._check_wire()
         if self.mode not in COHORT_MODES:
             raise InvalidArgument(f"cohort mode must be one of {COHORT_MODES}, got {self.mode!r}")
         if not 1 <= self.min_devices <= 100_000:
@@ -105,6 +114,21 @@ class CohortConfig:
             raise InvalidArgument(
                 f"round timeout must be in 0.1..86400 s, got {self.round_timeout_seconds}"
             )
+
+    def _check_wire(self) -> None:
+        named = [self.wire_codec] if self.wire_codec else []
+        for name in [*named, *self.wire_codecs]:
+            if name not in CODECS:
+                raise InvalidArgument(
+                    f"unknown wire codec {name!r}; use one of {', '.join(CODECS)}"
+                )
+        if self.wire_codecs and self.wire_codec not in self.wire_codecs:
+            raise InvalidArgument(
+                f"the cohort's wire codec {self.wire_codec or 'default'!r} is not among the "
+                f"codecs it allows {list(self.wire_codecs)}"
+            )
+        if not 0 <= self.student_cut <= 64:
+            raise InvalidArgument(f"student cut must be in 0..64, got {self.student_cut}")
 
 
 @dataclass(frozen=True)

@@ -94,6 +94,9 @@ def cohort_config_to_pb(config: CohortConfig) -> pb.CohortConfig:
         rounds=config.rounds,
         local_epochs=config.local_epochs,
         round_timeout_seconds=config.round_timeout_seconds,
+        wire_codec=config.wire_codec,
+        wire_codecs=list(config.wire_codecs),
+        student_cut=config.student_cut,
     )
 
 
@@ -104,6 +107,9 @@ def cohort_config_from_pb(message: pb.CohortConfig) -> CohortConfig:
         rounds=message.rounds,
         local_epochs=message.local_epochs,
         round_timeout_seconds=message.round_timeout_seconds,
+        wire_codec=message.wire_codec,
+        wire_codecs=tuple(message.wire_codecs),
+        student_cut=message.student_cut,
     )
 
 
@@ -306,6 +312,21 @@ def session_ask_from_pb(message: pb.RegisterRequest) -> SessionAsk:
         teacher_cut=message.teacher_cut,
         pipeline_depth=message.pipeline_depth or 1,
     )
+
+
+def cohort_ask_from_pb(message: pb.JoinCohortRequest) -> SessionAsk:
+    """What a device asks of its round sessions in a split cohort (its join)."""
+    return SessionAsk(
+        wire_codec=message.wire_codec,
+        train_samples=message.train_samples,
+        student_cut=message.student_cut,
+    )
+
+
+def cohort_ask_to_pb(ask: SessionAsk, message: pb.JoinCohortRequest) -> None:
+    message.wire_codec = ask.wire_codec
+    message.train_samples = ask.train_samples
+    message.student_cut = ask.student_cut
 
 
 def session_ask_to_pb(ask: SessionAsk, message: pb.RegisterRequest) -> None:

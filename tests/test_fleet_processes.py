@@ -77,7 +77,9 @@ class FleetCloud:
             time.sleep(0.2)
 
 
-def start_edge(folder: Path, cloud: FleetCloud, i: int, count: int) -> subprocess.Popen[bytes]:
+def start_edge(
+    folder: Path, cloud: FleetCloud, i: int, count: int, *flags: str
+) -> subprocess.Popen[bytes]:
     name = f"edge-{i}"
     command = [
         sys.executable, "-m", "edge_agent.cli", "train", "--cloud", f"127.0.0.1:{cloud.grpc_port}",
@@ -85,7 +87,7 @@ def start_edge(folder: Path, cloud: FleetCloud, i: int, count: int) -> subproces
         "--presumed-fraction", "0.4", "--cohort", "fleet", "--device-id", name,
         "--report", str(folder / f"{name}.json"), "--model-dir", str(folder / name / "models"),
         "--checkpoint-dir", str(folder / name / "checkpoints"), "--no-progress", "--no-plots",
-        "--timeout", "20", "--retry-seconds", "180",
+        "--timeout", "20", "--retry-seconds", "180", *flags,
     ]  # fmt: skip
     log = (folder / f"{name}.log").open("ab")
     return subprocess.Popen(command, env=ENV, stdout=log, stderr=subprocess.STDOUT)
@@ -158,3 +160,47 @@ def test_a_cloud_killed_mid_cohort_resumes_it_and_applies_nothing_twice(
     assert state["server_model_version"] == 4
     for report in reports:
         assert [r["round"] for r in report["cohort"]["rounds"]] == [1, 2, 3]
+
+
+def test_a_split_cohort_on_the_frugal_wire_survives_a_cloud_restart(
+    assets: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The edges ask int8 and cut 2 on the command line; the cloud keeps each member's
+    teacher outputs across rounds, loses them when killed, and the edges send them again."""
+    teacher, proxy = assets
+    cloud = FleetCloud(
+        tmp_path, teacher, proxy, cohort_mode="split", cohort_min_devices=2, rounds=3,
+        local_epochs=1, round_timeout=60,
+    )  # fmt: skip
+    cloud.start()
+    wire = ("--wire-codec", "int8-stochastic", "--student-cut", "2")
+    edges = [start_edge(tmp_path, cloud, i, 2, *wire) for i in range(2)]
+    try:
+        cloud.wait_round(1, edges)
+        assert cloud.process is not None
+        cloud.process.send_signal(signal.SIGKILL)
+        cloud.process.wait(10)
+        cloud.start()  # same ports, same state folder; the members' caches are gone
+        reports = [finished(edges[i], tmp_path, i) for i in range(2)]
+        state = cloud.cohort_state()
+    finally:
+        for e in edges:
+            stop(e)
+        assert cloud.process is not None
+        stop(cloud.process)
+    assert state["complete"] is True
+    assert [r["round"] for r in state["rounds"]] == [1, 2, 3]
+    for report in reports:
+        cohort = report["cohort"]
+        assert cohort["wire"] == {
+            "codec": "int8-stochastic",
+            "student_cut": 2,
+            "teacher_cache": True,
+        }
+        rounds = cohort["rounds"]
+        assert [r["round"] for r in rounds] == [1, 2, 3]
+        # Round 1 sent the teacher's activations; the restart made the cloud ask for them
+        # again in the round it hit (2, or 3 on a slow box); the other found them cached.
+        later = min(rounds[1]["bytes_up"], rounds[2]["bytes_up"])
+        assert later < 0.7 * rounds[0]["bytes_up"], rounds
+        assert report["student"]["accuracy"] > 0.3  # chance is 0.1

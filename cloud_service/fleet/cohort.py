@@ -19,7 +19,7 @@ import numpy as np
 
 from cloud_service.fleet.strategy import Contribution, RoundOutcome
 from splitkd.errors import FailedPrecondition
-from splitkd.messages import CohortConfig, RoundState
+from splitkd.messages import CohortConfig, RoundState, SessionAsk
 from splitkd.models.spec import ModelSpec
 
 Weights = dict[str, np.ndarray]
@@ -34,6 +34,19 @@ class Member:
     device_class: str
     num_samples: int
     missed: int = 0  # consecutive rounds closed without this member's update
+    # What the member asked of its round sessions (split cohorts, fleet/wire.py), as
+    # flat fields so that checkpoints keep them; empty / 0: the cohort's settings.
+    wire_codec: str = ""
+    student_cut: int = 0
+    train_samples: int = 0  # > 0: a teacher-output cache kept across its rounds
+
+    @property
+    def ask(self) -> SessionAsk:
+        return SessionAsk(self.wire_codec, self.train_samples, self.student_cut)
+
+    def asks(self, ask: SessionAsk) -> None:
+        self.wire_codec, self.student_cut = ask.wire_codec, ask.student_cut
+        self.train_samples = ask.train_samples
 
 
 @dataclass
@@ -84,8 +97,13 @@ class Cohort:
         self.published: dict[str, int] = {}  # device class -> latest version
 
     # -- membership ---------------------------------------------------------
-    def join(self, device_id: str, device_class: str, num_samples: int) -> Member:
-        """Join (or rejoin: a device keeps its member id); opens round 1 when enough joined."""
+    def join(
+        self, device_id: str, device_class: str, num_samples: int, ask: SessionAsk | None = None
+    ) -> Member:
+        """Join (or rejoin: a device keeps its member id); opens round 1 when enough joined.
+
+        ``ask``: the wire the device wants for its round sessions (a rejoin may change it).
+        """
         for member in self.members.values():
             if member.device_id == device_id:
                 if member.device_class != device_class:
@@ -94,8 +112,10 @@ class Cohort:
                         f"{member.device_class}, not {device_class}"
                     )
                 member.num_samples, member.missed = num_samples, 0
+                member.asks(ask or SessionAsk())
                 return member
         member = Member(secrets.token_hex(16), device_id, device_class, num_samples)
+        member.asks(ask or SessionAsk())
         self.members[member.member_id] = member
         if self.round == 0 and len(self.members) >= self.config.min_devices:
             self._open(1)
@@ -218,6 +238,12 @@ class Cohort:
                 "device_class": m.device_class,
                 "missed_rounds": m.missed,
                 "samples": m.num_samples,
+                # What it asked of its round sessions ("" / 0: the cohort's settings).
+                "asks": {
+                    "wire_codec": m.wire_codec,
+                    "student_cut": m.student_cut,
+                    "teacher_cache": m.train_samples > 0,
+                },
             }
             for m in self.members.values()
         ]

@@ -8,6 +8,12 @@ rounds = 5
 local_epochs = 2
 round_timeout = 120          # seconds
 strategy = "fedavg"          # "koala" (federated default) or "fedavg" (split default)
+# split mode, the frugal wire (fleet/wire.py): what a member's round sessions use when
+# it asks nothing, and the codecs it may ask (default: serve's --wire-codec and
+# --student-cut, any codec; with wire_codecs alone the first listed is the default)
+wire_codec = "int8-stochastic"
+wire_codecs = ["int8-stochastic", "int8", "float16"]
+student_cut = 2
 
 [cohorts.kitchen.classes.tiny]   # a student sized for a device class
 widths = [4, 8]
@@ -37,6 +43,9 @@ _COHORT_KEYS = {
     "round_timeout",
     "strategy",
     "classes",
+    "wire_codec",
+    "wire_codecs",
+    "student_cut",
 }
 _CLASS_KEYS = {"widths", "hidden"}
 
@@ -64,6 +73,18 @@ def _ints(value: Any, what: str) -> tuple[int, ...]:
     return tuple(value)
 
 
+def _wire(name: str, table: dict[str, Any], defaults: CohortConfig) -> dict[str, Any]:
+    """The split wire keys; ``wire_codecs`` alone makes its first codec the default."""
+    allowed = table.get("wire_codecs", list(defaults.wire_codecs))
+    if not isinstance(allowed, list) or not all(isinstance(c, str) for c in allowed):
+        raise InvalidArgument(f"cohorts.{name}.wire_codecs must be a list of codec names")
+    codec = table.get("wire_codec", allowed[0] if allowed else defaults.wire_codec)
+    cut = table.get("student_cut", defaults.student_cut)
+    if not isinstance(codec, str) or not isinstance(cut, int):
+        raise InvalidArgument(f"cohorts.{name}: wire_codec is a name, student_cut an integer")
+    return {"wire_codec": codec, "wire_codecs": tuple(allowed), "student_cut": cut}
+
+
 def _plan(name: str, table: Any, defaults: CohortConfig) -> CohortPlan:
     if not isinstance(table, dict):
         raise InvalidArgument(f"cohorts.{name} must be a table")
@@ -80,6 +101,7 @@ def _plan(name: str, table: Any, defaults: CohortConfig) -> CohortPlan:
             rounds=int(table.get("rounds", defaults.rounds)),
             local_epochs=int(table.get("local_epochs", defaults.local_epochs)),
             round_timeout_seconds=float(table.get("round_timeout", defaults.round_timeout_seconds)),
+            **_wire(name, table, defaults),
         )
     except (TypeError, ValueError) as exc:
         raise InvalidArgument(f"cohorts.{name}: {exc}") from None

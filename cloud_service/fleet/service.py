@@ -24,6 +24,7 @@ from cloud_service.fleet.config import CohortPlan
 from cloud_service.fleet.shared import SharedCohorts
 from cloud_service.fleet.store import CohortStore
 from cloud_service.fleet.strategy import Contribution, RoundOutcome, Strategy, strategy_for
+from cloud_service.fleet.wire import MemberCaches, current_join_ask, negotiate
 from cloud_service.registry import ModelRecord
 from cloud_service.service import CloudService, CohortStudent
 from splitkd import koala, names
@@ -36,7 +37,15 @@ from splitkd.errors import (
     PermissionDenied,
     SplitKDError,
 )
-from splitkd.messages import CohortConfig, JoinAnswer, ModelSummary, RoundState, RoundTask, Update
+from splitkd.messages import (
+    CohortConfig,
+    JoinAnswer,
+    ModelSummary,
+    RoundState,
+    RoundTask,
+    SessionAsk,
+    Update,
+)
 from splitkd.models import zoo
 from splitkd.models.normalize import fit_inputs
 from splitkd.models.spec import ModelSpec
@@ -82,6 +91,7 @@ class FleetService:
             self.store = self.shared.store  # cohorts come and go with their leases
         split.cohort_member = self.is_member
         split.cohort_students = self.finished_students
+        self.caches = MemberCaches(split)  # splitwire: teacher caches kept across rounds
         if self.store is not None and self.shared is None:
             for cohort, state in self.store.load_all():
                 self._resume(cohort, state)
@@ -148,7 +158,9 @@ class FleetService:
         signature: DatasetSignature,
         num_samples: int,
         profile: str = "",
+        ask: SessionAsk | None = None,
     ) -> JoinAnswer:
+        """``ask``: the wire the device wants in split rounds (default: its JoinCohort's)."""
         if not names.is_cohort_name(cohort_name):
             raise InvalidArgument(
                 f"cohort name {cohort_name!r} must be 1-48 letters, digits, '.', '_' or '-'"
@@ -159,6 +171,9 @@ class FleetService:
         self.split.teacher.check_serves(signature)
         klass = device_class(profile)
         cohort = self._cohort(cohort_name)
+        # splitwire: refused (a codec the cohort does not allow, a bad cut) before joining.
+        spec = cohort.specs.get(klass) or self._spec_for(cohort_name, klass)
+        ask = negotiate(cohort.config, spec, ask or current_join_ask())
         with cohort.lock:
             if len(cohort.members) >= MAX_MEMBERS_PER_COHORT:
                 raise FailedPrecondition(f"cohort {cohort_name} is full")
@@ -166,7 +181,7 @@ class FleetService:
                 spec = self._spec_for(cohort_name, klass)
                 cohort.specs[klass] = spec
                 cohort.students[klass] = self._first_student(spec)
-            member = cohort.join(device_id, klass, num_samples)
+            member = cohort.join(device_id, klass, num_samples, ask)
             if self.shared is not None:
                 # Before the answer (and again on a retried join: the first may have
                 # failed here): a member's later calls may land on any replica.
@@ -266,15 +281,9 @@ class FleetService:
             return session
 
     def _new_round_session(self, cohort: Cohort, member: Member, weights: Any) -> Any:
-        return self.split.register(
-            member.device_id,
-            self.split.teacher.signature,
-            requested_epochs=cohort.config.local_epochs,
-            student_spec=cohort.specs[member.device_class],
-            initial_state=weights,
-            model_name=self.model_name(cohort.name, member.device_class),
-            persist=False,
-        )
+        # splitwire: on the member's negotiated wire, with its cache across rounds.
+        name = self.model_name(cohort.name, member.device_class)
+        return self.caches.register_round(cohort, member, weights, name)
 
     def expected_update(self, member_id: str) -> dict[str, tuple[int, ...]]:
         """Names and shapes a member's update must have (its whole student, or its head)."""
@@ -362,6 +371,8 @@ class FleetService:
                 return  # its new holder closes the round from the shared checkpoint
             record = cohort.end_close(outcome, published, pending)
             self._save(cohort)
+            finished = list(cohort.members) if cohort.complete else []
+        self.caches.drop(finished)  # splitwire: a complete cohort's teacher caches go
         if record is not None:
             self.split.metrics.observe_round(
                 cohort.name,
@@ -467,8 +478,10 @@ class FleetService:
             cohort = self._cohorts.pop(name, None)
             self._plans.pop(name, None)
             self._strategies.pop(name, None)
-            for member_id in [m for m, c in self._member_cohort.items() if c == name]:
+            members = [m for m, c in self._member_cohort.items() if c == name]
+            for member_id in members:
                 del self._member_cohort[member_id]
+        self.caches.drop(members)  # its teacher caches go with it to the new holder
         return cohort
 
     def peek(self, name: str) -> Cohort | None:

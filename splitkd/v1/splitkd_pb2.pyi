@@ -1088,6 +1088,9 @@ class CohortConfig(_message.Message):
     ROUNDS_FIELD_NUMBER: _builtins.int
     LOCAL_EPOCHS_FIELD_NUMBER: _builtins.int
     ROUND_TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    WIRE_CODEC_FIELD_NUMBER: _builtins.int
+    WIRE_CODECS_FIELD_NUMBER: _builtins.int
+    STUDENT_CUT_FIELD_NUMBER: _builtins.int
     mode: _builtins.str
     """"federated" (KOALA) or "split" (split-federated)"""
     min_devices: _builtins.int
@@ -1097,6 +1100,15 @@ class CohortConfig(_message.Message):
     """device epochs per round"""
     round_timeout_seconds: _builtins.float
     """a round closes at its deadline with whoever delivered"""
+    wire_codec: _builtins.str
+    """The frugal wire in split cohorts (splitwire): what a member's round sessions use
+    when the member asks nothing. Empty / 0: the cloud's --wire-codec / --student-cut.
+    """
+    student_cut: _builtins.int
+    @_builtins.property
+    def wire_codecs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """the codecs a member may ask (empty: any)"""
+
     def __init__(
         self,
         *,
@@ -1105,10 +1117,13 @@ class CohortConfig(_message.Message):
         rounds: _builtins.int = ...,
         local_epochs: _builtins.int = ...,
         round_timeout_seconds: _builtins.float = ...,
+        wire_codec: _builtins.str = ...,
+        wire_codecs: _abc.Iterable[_builtins.str] | None = ...,
+        student_cut: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["local_epochs", b"local_epochs", "min_devices", b"min_devices", "mode", b"mode", "round_timeout_seconds", b"round_timeout_seconds", "rounds", b"rounds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["local_epochs", b"local_epochs", "min_devices", b"min_devices", "mode", b"mode", "round_timeout_seconds", b"round_timeout_seconds", "rounds", b"rounds", "student_cut", b"student_cut", "wire_codec", b"wire_codec", "wire_codecs", b"wire_codecs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1123,10 +1138,22 @@ class JoinCohortRequest(_message.Message):
     PROFILE_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
     NUM_SAMPLES_FIELD_NUMBER: _builtins.int
+    WIRE_CODEC_FIELD_NUMBER: _builtins.int
+    TRAIN_SAMPLES_FIELD_NUMBER: _builtins.int
+    STUDENT_CUT_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     cohort: _builtins.str
     num_samples: _builtins.int
     """training samples on the device (FedAvg weight)"""
+    wire_codec: _builtins.str
+    """The frugal wire in split cohorts (splitwire): what the device asks of its round
+    sessions, as RegisterRequest's fields of the same names (empty / 0: the cohort's).
+    A codec outside the cohort's wire_codecs: FAILED_PRECONDITION; an unknown codec or
+    a cut the cloud does not allow: INVALID_ARGUMENT. With train_samples the cloud keeps
+    the teacher's outputs for this device's samples across all its rounds.
+    """
+    train_samples: _builtins.int
+    student_cut: _builtins.int
     @_builtins.property
     def profile(self) -> Global___DeviceProfile:
         """its name chooses the device class"""
@@ -1141,10 +1168,13 @@ class JoinCohortRequest(_message.Message):
         profile: Global___DeviceProfile | None = ...,
         signature: Global___DatasetSignature | None = ...,
         num_samples: _builtins.int = ...,
+        wire_codec: _builtins.str = ...,
+        train_samples: _builtins.int = ...,
+        student_cut: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["profile", b"profile", "signature", b"signature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cohort", b"cohort", "device_id", b"device_id", "num_samples", b"num_samples", "profile", b"profile", "signature", b"signature"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cohort", b"cohort", "device_id", b"device_id", "num_samples", b"num_samples", "profile", b"profile", "signature", b"signature", "student_cut", b"student_cut", "train_samples", b"train_samples", "wire_codec", b"wire_codec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,28 @@
+"""The Fleet servicer, with the wire a device asks for read from its JoinCohort.
+
+``FleetService.join`` reads the ask through ``wire.current_join_ask()`` (a context
+variable, as ``auth.authenticated_device()``), so that the servicer's own
+JoinCohort stays as it is. Folding this into ``fleet/servicer.py`` is one argument
+(``ask=serde.cohort_ask_from_pb(request)``) once nobody else is editing it.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from cloud_service.fleet.servicer import FleetServicer
+from cloud_service.fleet.wire import join_ask
+from splitkd import serde
+from splitkd.v1 import splitkd_pb2 as pb
+
+
+class WireFleetServicer(FleetServicer):
+    def JoinCohort(
+        self, request: pb.JoinCohortRequest, context: grpc.ServicerContext
+    ) -> pb.JoinCohortResponse:
+        token = join_ask.set(serde.cohort_ask_from_pb(request))
+        try:
+            reply: pb.JoinCohortResponse = super().JoinCohort(request, context)
+            return reply
+        finally:
+            join_ask.reset(token)
