@@ -79,6 +79,7 @@ from edge_agent.plan_model import FRAME
 from edge_agent.sticky import StickyUpstream
 from splitkd.errors import InvalidArgument
 from splitkd.grpc_options import ROUTE_HEADER
+from splitkd.names import TEACHER_CACHE_MISS as CACHE_MISS
 
 SHARDS = 8  # distinct slices of the digits the edges train on (edge i gets shard i % 8)
 # Worth sending again (what a real edge retries): no replica could take the call now.
@@ -107,6 +108,7 @@ class EdgeResult:
     retries: int = 0  # calls answered UNAVAILABLE (or timed out) and sent again
     resumes: int = 0  # FAILED_PRECONDITION, then Resume: both sides back to a common step
     redone: int = 0  # steps rolled back by those resumes and trained again
+    cache_misses: int = 0  # a restored session's cloud lacked the teacher outputs: sent again
     # At the end, the cloud's next step minus this edge's: > 0 a step applied twice, < 0 lost.
     cloud_minus_edge: int | None = None
     # Paced phase: the device/link profile, the pauses drawn and their seconds, and how
@@ -122,7 +124,13 @@ class SimulatedEdge:
     """One edge: its own channel, session, heads, optimizer and private data."""
 
     def __init__(
-        self, address: str, name: str, shard: int, timeout: float, route: bool = False
+        self,
+        address: str,
+        name: str,
+        shard: int,
+        timeout: float,
+        route: bool = False,
+        teacher_cache: bool = True,
     ) -> None:
         import grpc
 
@@ -143,6 +151,10 @@ class SimulatedEdge:
         # routing key and balanced placement, then the replica its answers name.
         self.sticky = StickyUpstream() if route else None
         self.snapshots: dict[int, tuple[dict[str, Any], dict[str, Any]]] = {}
+        # The cloud's teacher-output cache, as a real edge uses it by default: which
+        # samples' teacher activations the cloud holds (None: not asked or not granted).
+        self.teacher_cache = teacher_cache
+        self.cached: np.ndarray | None = None
 
     async def register(self) -> None:
         import grpc
@@ -169,6 +181,9 @@ class SimulatedEdge:
                         num_classes=signature.num_classes,
                         name=signature.name,
                     ),
+                    # As a real edge does (edge_agent/trainer.py): the cloud keeps the
+                    # teacher's outputs per sample, so they go up once, not every epoch.
+                    train_samples=len(self.data) if self.teacher_cache else 0,
                 ),
                 wait_for_ready=True,
             )
@@ -178,6 +193,8 @@ class SimulatedEdge:
         self.session_id = reply.session_id
         self.wire_dtype = pb.DTYPE_FLOAT32  # the loadtest asks for no codec: float32
         self.batch_size = reply.hyperparameters.batch_size
+        fits = self.teacher_cache and 0 < len(self.data) <= reply.teacher_cache_samples
+        self.cached = np.zeros(len(self.data), dtype=bool) if fits else None
         self.step = reply.next_step
         student_spec = ModelSpec.from_json(reply.student.family, reply.student.spec_json)
         teacher_spec = ModelSpec.from_json(reply.teacher.family, reply.teacher.spec_json)
@@ -300,8 +317,11 @@ class SimulatedEdge:
             index = next(batches)
             inputs = self.x[torch.from_numpy(index)]
             student_act = self.student_head(inputs)
-            with torch.no_grad():
-                teacher_act = self.teacher_head(inputs)
+            held = self.cached is not None and bool(self.cached[index].all())
+            teacher_act = None
+            if not held:
+                with torch.no_grad():
+                    teacher_act = self.teacher_head(inputs)
             request = self._step_request(student_act, teacher_act, index)
             if profiles is not None:
                 if pace is None:
@@ -316,6 +336,8 @@ class SimulatedEdge:
                 if time.monotonic() < deadline:
                     continue  # resumed: this step number's batch again
                 break
+            if self.cached is not None:
+                self.cached[index] = True
             gradient = codec.decode(reply.gradient, shape=tuple(student_act.shape), finite=True)
             self.optimizer.zero_grad()
             student_act.backward(torch.from_numpy(gradient.astype(np.float32)))
@@ -331,16 +353,22 @@ class SimulatedEdge:
                 send_at = answered + pace.sample(rng)
 
     def _step_request(self, student_act: Any, teacher_act: Any, index: np.ndarray) -> Any:
+        """The step as a real edge sends it: the teacher's side and the labels only for a
+        batch the cloud does not hold yet (``teacher_act`` None: it holds them)."""
         from splitkd import codec
         from splitkd.v1 import splitkd_pb2 as pb
 
-        return pb.StepRequest(
+        request = pb.StepRequest(
             session_id=self.session_id,
             step=self.step,
             student_activations=codec.encode(student_act.detach().numpy(), self.wire_dtype),
-            teacher_activations=codec.encode(teacher_act.numpy(), self.wire_dtype),
-            labels=codec.encode(self.data.y[index].astype(np.int64)),
         )
+        if teacher_act is not None:
+            request.teacher_activations.CopyFrom(codec.encode(teacher_act.numpy(), self.wire_dtype))
+            request.labels.CopyFrom(codec.encode(self.data.y[index].astype(np.int64)))
+        if self.cached is not None:
+            request.sample_ids.CopyFrom(codec.encode(index.astype(np.int32)))
+        return request
 
     def _pace(self, profiles: tuple[str, str], request: Any) -> Pace:
         """This edge's pause from its profiles, the heads' FLOPs and the step's bytes on the
@@ -395,6 +423,10 @@ class SimulatedEdge:
                     attempt += 1
                     continue
                 if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                    if CACHE_MISS in (exc.details() or "") and self.cached is not None:
+                        self.cached[:] = False  # a restored session: send teacher outputs again
+                        self.result.cache_misses += 1
+                        return None
                     await self._resume()  # another replica restored a checkpoint
                     return None
                 # Anything else is a failure: counted, and it fails the run.

@@ -3,7 +3,8 @@
 Each scenario trains the same edge (same data, same seed) against a cloud
 process while a fault is injected mid-training: the cloud SIGKILLed and
 restarted, the cloud SIGTERMed (it drains and checkpoints) and restarted, the
-edge SIGKILLed and restarted, the edge's link cut for 60 s. Afterwards the
+edge SIGKILLed and restarted, the edge's link cut for 30 s (longer than its 20 s
+call deadline). Afterwards the
 final student must match an uninterrupted run within 0.5 point of accuracy;
 because both sides roll back to a common checkpoint and replay the same
 batches, it matches exactly.
@@ -227,10 +228,12 @@ def test_cloud_killed_or_stopped_mid_training(
             stop(cloud.process)
     restarted = (tmp_path / "cloud-1.log").read_text()
     assert "restored at step" in restarted
-    assert report["faults"]["resumes"] >= 1 or how == signal.SIGTERM
     record(f"cloud {how.name}", report, reference)
     if how == signal.SIGKILL:  # rolled back to the last common checkpoint (every 25 steps)
-        assert 0 <= report["faults"]["repeated_steps"] <= 25 + 5
+        faults = report["faults"]
+        # No resume only when the kill fell right after a checkpoint: nothing to redo.
+        assert faults["resumes"] >= 1 or faults["repeated_steps"] == 0, faults
+        assert 0 <= faults["repeated_steps"] <= 25 + 5
 
 
 def test_edge_killed_and_restarted(
@@ -265,7 +268,7 @@ def test_edge_killed_and_restarted(
     assert report["wall_seconds"] > earlier["wall_seconds"] > 0
 
 
-def test_link_cut_for_60_seconds(
+def test_link_cut_for_30_seconds(
     teacher_file: Path, reference: dict[str, Any], tmp_path: Path
 ) -> None:
     cloud = CloudProcess(tmp_path)
@@ -274,7 +277,7 @@ def test_link_cut_for_60_seconds(
     edge = run_edge(edge_command(tmp_path, link.port), tmp_path / "edge.log")
     try:
         wait_for_step(cloud, FAULT_AT_STEP, edge)
-        link.cut(60)
+        link.cut(30)
         cut_at = cloud.steps(timeout=30)
         assert cut_at >= FAULT_AT_STEP
         # Finishing (exit code 0, every step) proves the edge did not give up during the outage.
@@ -288,4 +291,4 @@ def test_link_cut_for_60_seconds(
     assert cut_at <= link.at_restore <= cut_at + 1, "steps went through a cut link"
     assert link.refused >= 2, "the edge did not keep trying while the link was down"
     assert report["faults"]["retried_calls"] >= 1
-    record("link cut 60 s", report, reference)
+    record("link cut 30 s", report, reference)

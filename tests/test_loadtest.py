@@ -148,3 +148,29 @@ def test_the_figure_is_the_paced_micro_batched_p99_at_64_edges() -> None:
     assert figure([_run(False, 1900, under), _run(True, 700, over)])["met"] is False
     assert figure([_run(True, 700, under, edges=32)])["met"] is False
     assert figure([_run(False, 1900, under)])["met"] is None
+
+
+def test_simulated_edges_send_the_teacher_side_once_per_sample_like_a_real_edge() -> None:
+    """The load test's edges use the cloud's teacher-output cache as a real edge does:
+    a batch the cloud holds goes up as sample ids and student activations only."""
+    import torch
+
+    from benchmarks.loadtest import SimulatedEdge
+    from splitkd import codec
+    from splitkd.v1 import splitkd_pb2 as pb
+
+    edge = SimulatedEdge.__new__(SimulatedEdge)
+    edge.session_id, edge.step, edge.wire_dtype = "s" * 32, 7, pb.DTYPE_FLOAT32
+    edge.data = SimpleNamespace(y=np.arange(10) % 3)
+    edge.cached = np.zeros(10, dtype=bool)
+    index = np.array([1, 4, 5])
+    student, teacher = torch.ones(3, 2), torch.zeros(3, 4)
+    first = edge._step_request(student, teacher, index)
+    assert first.HasField("teacher_activations") and first.HasField("labels")
+    assert codec.decode(first.sample_ids, shape=(3,)).tolist() == [1, 4, 5]
+    held = edge._step_request(student, None, index)
+    assert not held.HasField("teacher_activations") and not held.HasField("labels")
+    assert held.HasField("sample_ids") and held.HasField("student_activations")
+    edge.cached = None  # no cache granted: the old wire, teacher side every step, no ids
+    plain = edge._step_request(student, teacher, index)
+    assert plain.HasField("teacher_activations") and not plain.HasField("sample_ids")
