@@ -500,8 +500,9 @@ class FleetService:
             self._republish_missing(cohort)
 
     def _republish_missing(self, cohort: Cohort) -> None:
-        """A registry per replica (S3): the students the old holder published are not in
-        ours; publish them again so members can fetch and download them here."""
+        """Replicas share one registry (a folder store's or an S3 store's), so this finds
+        nothing to do there; a replica with a registry of its own (a state folder) publishes
+        the old holder's students again so members can fetch and download them here."""
         missing = []
         for klass, version in cohort.published.items():
             try:
