@@ -21,7 +21,7 @@ from torch import nn
 
 from splitkd.errors import InvalidArgument
 from splitkd.models.spec import ModelSpec
-from splitkd.models.transformer import KeyValue, TokenEmbedding, causal_bias, rotate
+from splitkd.models.transformer import KeyValue, TokenEmbedding, causal_bias, rotary, rotate
 from splitkd.models.zoo import register_family
 
 FAMILY = "llama"
@@ -87,11 +87,8 @@ class LlamaBlock(nn.Module):
         q = self.q_proj(x).reshape(batch, length, self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).reshape(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).reshape(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
-        half = self.head_dim // 2
-        inverse = self.theta ** (-torch.arange(half, dtype=torch.float32) / half)
-        angles = positions.to(torch.float32)[:, None] * inverse[None, :]
-        cos, sin = torch.cos(angles), torch.sin(angles)
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        cos, sin = rotary(positions, self.head_dim, self.theta)
+        q, k = rotate(q, cos, sin, self.head_dim), rotate(k, cos, sin, self.head_dim)
         if past is not None:
             k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
         groups = self.heads // self.kv_heads

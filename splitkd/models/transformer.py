@@ -57,10 +57,12 @@ def check_transformer(spec: ModelSpec) -> None:
         raise InvalidArgument(f"vocabulary of {spec.num_classes} tokens is above 65536")
 
 
-def rotary(positions: torch.Tensor, head_width: int) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary(
+    positions: torch.Tensor, head_width: int, base: float = ROPE_BASE
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin ``[S, head_width / 2]`` of the rotation at each position."""
     half = head_width // 2
-    inverse = ROPE_BASE ** (-torch.arange(half, dtype=torch.float32) / max(1, half))
+    inverse = base ** (-torch.arange(half, dtype=torch.float32) / max(1, half))
     angles = positions.to(torch.float32)[:, None] * inverse[None, :]
     return torch.cos(angles), torch.sin(angles)
 
@@ -73,12 +75,13 @@ def rotate(
     ``width`` is D as a Python int when the caller knows it: the exported graph then
     slices by constants instead of computing the halves from the tensor's shape.
     """
-    half = (x.shape[-1] if width is None else width) // 2
+    size = x.shape[-1] if width is None else width
+    half = size // 2
     if half == 0:
         return x
     first, second = x[..., :half], x[..., half : 2 * half]
     rotated = (first * cos - second * sin, first * sin + second * cos)
-    if 2 * half == (x.shape[-1] if width is None else width):
+    if 2 * half == size:
         return torch.cat(rotated, dim=-1)
     return torch.cat((*rotated, x[..., 2 * half :]), dim=-1)
 
