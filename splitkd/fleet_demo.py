@@ -524,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
         default=0.3,
         help="Dirichlet alpha of the non-IID split (default 0.3)",
     )
-    parser.add_argument("--rounds", type=int, default=10, help="rounds per cohort (default 10)")
+    parser.add_argument("--rounds", type=int, default=20, help="rounds per cohort (default 20)")
     parser.add_argument(
         "--local-epochs", type=int, default=3, help="device epochs per round (default 3)"
     )
