@@ -174,6 +174,14 @@ def _follow(edges: list[subprocess.Popen[bytes]], http_port: int, label: str) ->
         time.sleep(1.0)
 
 
+def _original(args: argparse.Namespace) -> argparse.Namespace:
+    """The split cohort's wire when the fleet issue set its traffic bar: float32 at cut 1,
+    the teacher's activations every epoch (no cache)."""
+    return argparse.Namespace(
+        **{**vars(args), "wire_codec": "float32", "student_cut": 1, "no_teacher_cache": True}
+    )
+
+
 def run_mode(
     mode: str, folder: Path, teacher: Path | None, proxy: Path, args: argparse.Namespace
 ) -> dict[str, Any]:
@@ -363,6 +371,12 @@ def run(args: argparse.Namespace) -> int:
             run_mode(mode, folder / mode, None, refs["proxy"], args),
             refs,
         )
+    if args.original_wire and "split" in args.modes:
+        print("      split cohort again on the original wire (the federated traffic's yardstick)…")
+        original = run_mode(
+            "split", folder / "split-original", None, refs["proxy"], _original(args)
+        )
+        results["split-original"] = summarise("split", original, refs)
     if args.server_learns:
         print(
             "[5/5] federated cohort against a teacher that saw a few labelled samples…", flush=True
@@ -412,11 +426,11 @@ def _table(summary: dict[str, Any]) -> None:
     rows.append(
         ("centralised KD, pooled data", f"{summary['centralised_kd']:.4f}", "(all data)", "-")
     )
-    for name in ("split", "federated"):
+    for name in ("split", "split-original", "federated"):
         if name in modes:
             m = modes[name]
             wire = m.get("wire") or {}
-            label = f"{name} cohort"
+            label = f"{name.split('-')[0]} cohort"
             if wire:
                 cache = ", cache" if wire["teacher_cache"] else ""
                 label += f" ({wire['codec']}, cut {wire['student_cut']}{cache})"
@@ -452,9 +466,17 @@ def _table(summary: dict[str, Any]) -> None:
     if "split" in modes and "federated" in modes:
         f, s = modes["federated"], modes["split"]
         print(
-            f"  federated traffic: 1/{s['mb_per_device'] / f['mb_per_device']:.0f} of split's, "
-            f"accuracy {100 * (f['accuracy'] - s['accuracy']):+.1f} points"
+            f"  federated traffic: 1/{s['mb_per_device'] / f['mb_per_device']:.0f} of the split "
+            f"cohort's, accuracy {100 * (f['accuracy'] - s['accuracy']):+.1f} points"
         )
+        if "split-original" in modes:
+            o = modes["split-original"]
+            print(
+                f"  against the split cohort on the original wire: 1/"
+                f"{o['mb_per_device'] / f['mb_per_device']:.0f} of its traffic, accuracy "
+                f"{100 * (f['accuracy'] - o['accuracy']):+.1f} points; the frugal wire moves "
+                f"{o['mb_per_device'] / s['mb_per_device']:.1f}x fewer bytes than the original"
+            )
     c = summary["device_costs"]
     print(
         f"  device training vs the teacher on the device: {100 * c['flops_saving']:.1f} % fewer FLOPs "
@@ -496,7 +518,8 @@ def _plot(folder: Path, summary: dict[str, Any]) -> None:
     right.set(title="server model (teacher) versions", xlabel="version", ylabel="accuracy")
     for axis in (left, right):
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=8)
     fig.tight_layout()
     path = folder / "fleet-rounds.png"
     fig.savefig(path, dpi=110)
@@ -531,6 +554,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--round-timeout", type=float, default=300.0, help="seconds (default 300)")
     parser.add_argument(
         "--modes", nargs="+", default=["split", "federated"], choices=["split", "federated"]
+    )
+    parser.add_argument(
+        "--no-original-wire",
+        dest="original_wire",
+        action="store_false",
+        help="skip the split cohort's second run on the original wire (float32, cut 1, "
+        "the teacher's activations every epoch), the yardstick of the federated traffic",
     )
     parser.add_argument(
         "--few-labels",

@@ -16,7 +16,17 @@ from benchmarks.relay import CountingRelay
 from edge_agent.inference import Predictor
 from splitkd.data import load_dataset
 from splitkd.data.partition import DEMO_PRESUMED_FRACTION, cloud_split
-from splitkd.demo import free_port, wait_healthy
+from splitkd.demo import (
+    DEMO_EVAL_EVERY,
+    DEMO_STUDENT_CUT,
+    DEMO_WIRE_CODEC,
+    free_port,
+    wait_healthy,
+)
+
+# make demo's wire for every split system: teacher outputs once per sample (the cache is on
+# by default), int8 with stochastic rounding, the cut after the student's convolutions.
+FRUGAL_WIRE = ["--wire-codec", DEMO_WIRE_CODEC, "--student-cut", str(DEMO_STUDENT_CUT)]
 
 
 def teacher_file(folder: Path) -> Path:
@@ -38,8 +48,8 @@ def run_split_kd(ctx: RunContext) -> SystemRun:
         ctx,
         "splitkd-split-kd",
         ["--epochs", str(ctx.epochs)],
-        [],
-        "splitkd gRPC (per-step activations and gradients)",
+        [*FRUGAL_WIRE, "--eval-every", str(DEMO_EVAL_EVERY)],
+        "splitkd gRPC (per-step activations and gradients; make demo's frugal wire)",
     )
 
 
@@ -153,7 +163,8 @@ def _run_cohort(ctx: RunContext, mode: str, strategy: str = "") -> SystemRun:
     }[mode]
     if strategy:
         transport += f"; strategy {strategy}"
-    return _run_processes(ctx, name, cloud_flags, ["--cohort", COHORT], transport)
+    edge_flags = ["--cohort", COHORT, *(FRUGAL_WIRE if mode == "split" else [])]
+    return _run_processes(ctx, name, cloud_flags, edge_flags, transport)
 
 
 def run_split_cohort(ctx: RunContext) -> SystemRun:
