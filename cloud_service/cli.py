@@ -200,9 +200,12 @@ def _shared_cohorts(args: ServeSettings, checkpoints: Any) -> Any:
 
 def _fleet(args: ServeSettings, service: Any, checkpoints: Any) -> Any:
     """The cohorts' service, with the proxy inputs KOALA's knowledge transfer runs on."""
+    import numpy as np
+
     from cloud_service.fleet.config import load_plans
     from cloud_service.fleet.service import FleetService, FleetSettings
     from cloud_service.publish import publish_teacher
+    from splitkd import koala
     from splitkd.data import load_dataset
     from splitkd.data.partition import cloud_split, default_presumed_fraction
     from splitkd.messages import CohortConfig
@@ -215,23 +218,26 @@ def _fleet(args: ServeSettings, service: Any, checkpoints: Any) -> Any:
         round_timeout_seconds=args.round_timeout,
     )
     plans = load_plans(args.cohort_config, defaults)
-    anchor = None
-    if args.proxy_data:
-        proxy = load_dataset(args.proxy_data).x
+    labels = None
+    if args.labelled_data:
+        labels = koala.CloudLabels.split(load_dataset(args.labelled_data))
     elif not args.teacher and not args.teacher_hf:
         fraction = args.presumed_fraction
         if fraction is None:
             fraction = default_presumed_fraction(args.teacher_data)
-        anchor = cloud_split(load_dataset(args.teacher_data), fraction).train
-        proxy = anchor.x
-    else:
-        proxy = None
+        presumed = cloud_split(load_dataset(args.teacher_data), fraction)
+        labels = koala.CloudLabels(presumed.train, presumed.heldout)
+    proxy: np.ndarray | None = None
+    if args.proxy_data:
+        proxy = load_dataset(args.proxy_data).x
+    elif labels is not None:
+        proxy = labels.train.x
     publish_teacher(service)
     service.teachers.on_update.append(lambda _teacher: publish_teacher(service))
     shared = _shared_cohorts(args, checkpoints)
     return FleetService(
         service,
-        FleetSettings(defaults, plans, proxy, anchor, args.state_dir / "cohorts", shared),
+        FleetSettings(defaults, plans, proxy, labels, args.state_dir / "cohorts", shared),
     )
 
 

@@ -111,6 +111,13 @@ class FleetOptions(Options):
         "students exchange knowledge in federated cohorts (default: the teacher's presumed data)",
         group=FLEETS,
     )
+    labelled_data: str | None = option(
+        None,
+        f"the cloud's own labelled data ({DATA}), never a device's: anchors the server model's "
+        "reverse KD, and every fifth sample decides whether a server model the fleet taught is "
+        "kept (default: the teacher's presumed data when serve trains it; none with --teacher)",
+        group=FLEETS,
+    )
 
 
 LIFECYCLE = (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -10,14 +11,16 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import torch
 
 from cloud_service.fleet.cohort import Cohort, Pending
 from cloud_service.fleet.config import load_plans
 from cloud_service.fleet.service import FleetService, FleetSettings
-from cloud_service.fleet.strategy import Contribution, FedAvg
+from cloud_service.fleet.strategy import Contribution, FedAvg, Koala
 from cloud_service.publish import publish_teacher
 from cloud_service.server import build_grpc_server
 from cloud_service.service import CloudService
+from cloud_service.teacher import TeacherVersions
 from edge_agent.client import CloudClient
 from edge_agent.fleet import install_final, run_rounds
 from edge_agent.model_store import ModelStore
@@ -25,13 +28,16 @@ from edge_agent.telemetry import TrainingTelemetry
 from splitkd import codec, koala
 from splitkd.data import edge_split, load_dataset
 from splitkd.data.partition import Shard, cloud_split
+from splitkd.data.specs import Dataset
 from splitkd.errors import FailedPrecondition, InvalidArgument
 from splitkd.messages import CohortConfig, RoundState
 from splitkd.models import zoo
 from splitkd.models.normalize import fit_stats
+from splitkd.models.staged import StagedModel
+from splitkd.training import predict
 from splitkd.v1 import splitkd_pb2 as pb
 from splitkd.v1 import splitkd_pb2_grpc as pb_grpc
-from tests.support import DIGITS, make_service
+from tests.support import DIGITS, make_service, make_teacher
 
 
 class Clock:
@@ -152,11 +158,12 @@ class LiveFleet:
 def _live_fleet(tmp_path: Path, config: CohortConfig, proxy: bool = True) -> Iterator[LiveFleet]:
     service = make_service(tmp_path)
     dataset = load_dataset("digits")
-    anchor = cloud_split(dataset, 0.4).train if proxy else None
+    presumed = cloud_split(dataset, 0.4)
+    labels = koala.CloudLabels(presumed.train, presumed.heldout) if proxy else None
     fleet = FleetService(
         service,
         FleetSettings(
-            config, {}, None if anchor is None else anchor.x, anchor, tmp_path / "cohorts"
+            config, {}, None if labels is None else labels.train.x, labels, tmp_path / "cohorts"
         ),
     )
     publish_teacher(service)
@@ -409,3 +416,55 @@ def test_a_cohorts_first_student_scales_inputs_by_the_clouds_proxy(tmp_path: Pat
     assert expected.any()
     np.testing.assert_allclose(means[True], expected, rtol=1e-5)
     assert not means[False].any()  # no proxy: the device fits its own, as before
+
+
+def _labels_the_server_gets_right(server: StagedModel) -> koala.CloudLabels:
+    x = load_dataset("digits").x[:60]
+    y = predict(server, x).argmax(axis=1).astype(np.int64)
+    return koala.CloudLabels(Dataset(x, y, DIGITS), Dataset(x, y, DIGITS))
+
+
+def test_a_server_model_the_fleet_made_worse_is_not_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With held-out labels of its own, the cloud keeps its server model when reverse KD
+    made it less accurate there, and teaches the round's students from the one it has."""
+    teachers = TeacherVersions(make_teacher(), tmp_path / "versions")
+    server = teachers.current().model
+    labels = _labels_the_server_gets_right(server)
+    spec = zoo.default_student(DIGITS)
+    students = {"standard": koala.weights_of(zoo.build(spec, 1))}
+    updates = [Contribution("m", "standard", students["standard"], 10)]
+    proxy = labels.train.x
+
+    wrong = (int(np.bincount(labels.heldout.y).argmax()) + 1) % 10  # a class it rarely says
+
+    def one_class(*_args: object, **_kwargs: object) -> StagedModel:
+        # Reverse KD stands in: a copy of the server model that answers one class only.
+        worse = copy.deepcopy(server)
+        last = [p for p in worse.parameters() if p.dim() == 1][-1]
+        with torch.no_grad():
+            last.add_(torch.nn.functional.one_hot(torch.tensor(wrong), last.numel()) * 1e4)
+        return worse
+
+    monkeypatch.setattr(koala, "reverse_kd", one_class)
+    outcome = Koala(teachers, proxy, labels, cohort="k").aggregate(
+        1, students, {"standard": spec}, updates
+    )
+    assert outcome.server_model_version == 1 and teachers.versions() == [1]
+    taught = outcome.students["standard"]  # forward KD from the server model it kept
+    assert any(not np.allclose(taught[k], v) for k, v in students["standard"].items())
+
+    monkeypatch.setattr(koala, "reverse_kd", lambda *_a, **_k: copy.deepcopy(server))
+    again = Koala(teachers, proxy, labels, cohort="k").aggregate(
+        2, students, {"standard": spec}, updates
+    )
+    assert again.server_model_version == 2 and teachers.versions() == [1, 2]
+
+
+def test_cloud_labels_hold_out_every_fifth_sample() -> None:
+    data = load_dataset("digits")
+    labels = koala.CloudLabels.split(data)
+    assert len(labels.heldout) == (len(data) + 4) // 5
+    assert len(labels.train) + len(labels.heldout) == len(data)
+    np.testing.assert_array_equal(labels.heldout.y, data.y[::5])

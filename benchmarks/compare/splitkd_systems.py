@@ -138,6 +138,25 @@ def proxy_file(folder: Path) -> Path:
     return path
 
 
+def labelled_file(folder: Path) -> Path:
+    """The cloud's own labelled data (its presumed share, the teacher's), laid out so that
+    ``--labelled-data`` holds out (every fifth sample) exactly the teacher's held-out part."""
+    path = folder / "labelled.npz"
+    if not path.exists():
+        presumed = cloud_split(load_dataset(DATA), DEMO_PRESUMED_FRACTION)
+        train, held = presumed.train, presumed.heldout
+        n = len(train) + len(held)
+        fifth = np.zeros(n, dtype=bool)
+        fifth[::5] = True
+        assert int(fifth.sum()) == len(held), "the presumed split is not 4:1"
+        x = np.empty((n, *train.x.shape[1:]), train.x.dtype)
+        y = np.empty(n, np.int64)
+        x[fifth], y[fifth] = held.x, held.y
+        x[~fifth], y[~fifth] = train.x, train.y
+        np.savez(path, x=x, y=y)
+    return path
+
+
 COHORT = "compare"  # every device of a run joins this cohort
 
 
@@ -152,7 +171,9 @@ def _run_cohort(ctx: RunContext, mode: str, strategy: str = "") -> SystemRun:
     ``strategy`` overrides the mode's (through a cohort file, as an operator would)."""
     name = f"splitkd-{mode}-{strategy}-cohort" if strategy else f"splitkd-{mode}-cohort"
     proxy = proxy_file(ctx.folder.parent)
-    cloud_flags = ["--proxy-data", f"npz:{proxy}", "--cohort-mode", mode]
+    labelled = labelled_file(ctx.folder.parent)
+    cloud_flags = ["--proxy-data", f"npz:{proxy}", "--labelled-data", f"npz:{labelled}"]
+    cloud_flags += ["--cohort-mode", mode]
     cloud_flags += ["--cohort-min-devices", str(len(ctx.devices)), "--round-timeout", "600"]
     cloud_flags += ["--rounds", str(ctx.rounds), "--local-epochs", str(ctx.local_epochs)]
     if strategy:

@@ -28,7 +28,6 @@ from cloud_service.fleet.wire import MemberCaches, current_join_ask, negotiate
 from cloud_service.registry import ModelRecord
 from cloud_service.service import CloudService, CohortStudent
 from splitkd import koala, names
-from splitkd.data.specs import Dataset
 from splitkd.device_classes import STANDARD, device_class, student_for
 from splitkd.errors import (
     FailedPrecondition,
@@ -67,7 +66,7 @@ class FleetSettings:
     defaults: CohortConfig
     plans: dict[str, CohortPlan]
     proxy: np.ndarray | None = None  # the cloud's unlabelled proxy inputs (KOALA)
-    anchor: Dataset | None = None  # the cloud's labelled presumed data, if any
+    labels: koala.CloudLabels | None = None  # the cloud's own labelled data, if any
     state_dir: Path | None = None
     # Replicas: cohort checkpoints in the shared store, each cohort owned through a lease.
     shared: SharedCohorts | None = None
@@ -113,7 +112,7 @@ class FleetService:
             plan.strategy_name,
             self.split.teachers,
             self.settings.proxy,
-            self.settings.anchor,
+            self.settings.labels,
             cohort.name,
         )
         for member_id in cohort.members:

@@ -14,10 +14,10 @@ from typing import Protocol
 
 import numpy as np
 
-from cloud_service.teacher import TeacherVersions
+from cloud_service.teacher import Teacher, TeacherVersions
 from splitkd import koala
-from splitkd.data.specs import Dataset
 from splitkd.models.spec import ModelSpec
+from splitkd.models.staged import StagedModel
 
 log = logging.getLogger(__name__)
 Weights = dict[str, np.ndarray]
@@ -86,14 +86,14 @@ class Koala(FedAvg):
         self,
         teachers: TeacherVersions,
         proxy: np.ndarray,
-        anchor: Dataset | None = None,
+        labels: koala.CloudLabels | None = None,
         settings: koala.TransferSettings | None = None,
         cohort: str = "",
     ) -> None:
         self.teachers = teachers
         self.cohort = cohort
         self.proxy = proxy
-        self.anchor = anchor
+        self.labels = labels
         self.settings = settings or koala.TransferSettings()
 
     def aggregate(
@@ -116,22 +116,35 @@ class Koala(FedAvg):
             # The server model is half of the ensemble it learns from: early rounds' weak
             # students cannot drag it far, a fleet that knows more moves it step by step.
             ensemble = [*models.values(), *[server.model] * len(models)]
-            learned = koala.reverse_kd(
-                server.model, ensemble, self.proxy, self.settings, seed, self.anchor
-            )
-            updated = self.teachers.update(learned, provenance={"made_for": purpose})
+            updated = self._learn(server, ensemble, seed, purpose)
         for device_class, model in models.items():
             koala.forward_kd(model, updated.model, self.proxy, self.settings, seed)
             averaged.students[device_class] = koala.weights_of(model)
         averaged.server_model_version = updated.version
         return averaged
 
+    def _learn(
+        self, server: Teacher, ensemble: list[StagedModel], seed: int, purpose: str
+    ) -> Teacher:
+        """Reverse KD; the new server model is published unless the cloud's held-out labels
+        say it got worse (then the round teaches the students from the current one)."""
+        anchor = self.labels.train if self.labels else None
+        learned = koala.reverse_kd(server.model, ensemble, self.proxy, self.settings, seed, anchor)
+        if self.labels is not None and not koala.keeps(learned, server.model, self.labels.heldout):
+            log.info(
+                "%s: the server model learnt nothing its held-out labels confirm; kept v%d",
+                purpose,
+                server.version,
+            )
+            return server
+        return self.teachers.update(learned, provenance={"made_for": purpose})
+
 
 def strategy_for(
     name: str,
     teachers: TeacherVersions,
     proxy: np.ndarray | None,
-    anchor: Dataset | None,
+    labels: koala.CloudLabels | None,
     cohort: str = "",
 ) -> Strategy:
     """The named strategy; ``koala`` needs the cloud's proxy inputs (``cohort``: whose)."""
@@ -141,7 +154,7 @@ def strategy_for(
         if proxy is None or len(proxy) == 0:
             log.warning("no proxy inputs: the koala strategy falls back to plain FedAvg")
             return FedAvg()
-        return Koala(teachers, proxy, anchor, cohort=cohort)
+        return Koala(teachers, proxy, labels, cohort=cohort)
     raise ValueError(f"unknown strategy {name!r}; known: {', '.join(STRATEGIES)}")
 
 
