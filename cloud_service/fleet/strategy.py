@@ -132,7 +132,7 @@ class Koala(FedAvg):
         learned = koala.reverse_kd(server.model, ensemble, self.proxy, self.settings, seed, anchor)
         if self.labels is not None and not koala.keeps(learned, server.model, self.labels.heldout):
             log.info(
-                "%s: the server model learnt nothing its held-out labels confirm; kept v%d",
+                "%s: reverse KD scored lower on the cloud's held-out labels; server model v%d kept",
                 purpose,
                 server.version,
             )
