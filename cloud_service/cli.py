@@ -41,6 +41,8 @@ def _serve(args: ServeSettings) -> int:
     from cloud_service.teacher import Teacher, train_teacher
     from splitkd.hyper import Hyperparameters
 
+    if not 1 <= args.grpc_workers <= 256:
+        raise SplitKDError(f"--grpc-workers must be in 1..256, got {args.grpc_workers}")
     # TLS files and the device registry are checked before minutes of teacher training.
     cloud_security = security.CloudSecurity.from_options(args, args.state_dir)
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
@@ -111,6 +113,7 @@ def _serve(args: ServeSettings) -> int:
             grpc_port=args.grpc_port,
             http_port=args.http_port,
             max_message_bytes=int(args.max_message_mb * 1024 * 1024),
+            grpc_workers=args.grpc_workers,
             security=cloud_security,
         ),
     )

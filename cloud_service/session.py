@@ -223,7 +223,8 @@ class Session:
         ids = self._check_ids(sample_ids, batch)
         # The student's tail first: a teacher tail computing ahead finishes meanwhile.
         student_started = time.perf_counter()
-        self.student.train()
+        if not self.student.training:  # train() walks every submodule: once, not per step
+            self.student.train()
         cut = torch.from_numpy(student_act.astype(np.float32)).requires_grad_(True)
         student_logits = self.student.run(cut, self.student_cut, len(self.student.stages))
         teacher_logits, labels, teacher_seconds = self._targets(
