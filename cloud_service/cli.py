@@ -83,6 +83,9 @@ def _serve(args: ServeSettings) -> int:
 
     TEACHER_BATCHER.enabled = not args.no_teacher_batching
     TEACHER_BATCHER.window_seconds = max(0.0, args.teacher_batch_ms) / 1000
+    from cloud_service.compute import TENSOR_WORK
+
+    TENSOR_WORK.enabled = not args.parallel_tensor_work
     checkpoints = _session_checkpoints(args)
     service = CloudService(
         _teacher_versions(args, teacher, checkpoints),

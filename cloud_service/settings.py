@@ -209,6 +209,11 @@ class ServeSettings(
         False,
         "one teacher pass per step, instead of one pass for the steps of concurrent sessions",
     )
+    parallel_tensor_work: bool = option(
+        False,
+        "let concurrent steps run their tensor work at the same time (large models on many "
+        "cores); by default they take turns, which spares small models a fight over the GIL",
+    )
     teacher_batch_ms: float = option(
         2.0,
         "longest wait for more steps to batch with, only under load (milliseconds)",
