@@ -9,7 +9,9 @@
    student head from its session, and for each batch of its own digits runs
    both heads, sends only the activations at the cut (raw inputs stay in the
    worker), applies the returned gradient to its head. The edges register
-   once, then run two phases on the same sessions:
+   once (then each worker freezes its start-up objects for the garbage
+   collector: a full collection would stop all its edges at once, which no
+   fleet of separate devices does), then run two phases on the same sessions:
    - **closed loop** (``--duration``, 60 s): each edge sends its next step as
      soon as the answer arrives. With 64 edges the latency is then 64 / the
      cloud's throughput by construction: this measures saturation.
