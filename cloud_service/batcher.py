@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from cloud_service.compute import TENSOR_WORK
 from splitkd.models.staged import StagedModel
 
 # Bounded: the wait is at most this, and only under load.
@@ -143,7 +144,8 @@ class TeacherBatcher:
 
 def _forward(teacher: StagedModel, cut: int, activations: np.ndarray) -> tuple[torch.Tensor, float]:
     started = time.perf_counter()
-    with torch.no_grad():  # grad mode is per thread: set it here
+    # Grad mode is per thread: set it here. One pass at a time with the steps (compute.py).
+    with TENSOR_WORK, torch.no_grad():
         logits = teacher.run(
             torch.from_numpy(activations.astype(np.float32)), cut, len(teacher.stages)
         )

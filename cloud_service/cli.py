@@ -41,6 +41,8 @@ def _serve(args: ServeSettings) -> int:
     from cloud_service.teacher import Teacher, train_teacher
     from splitkd.hyper import Hyperparameters
 
+    if not 1 <= args.grpc_workers <= 256:
+        raise SplitKDError(f"--grpc-workers must be in 1..256, got {args.grpc_workers}")
     # TLS files and the device registry are checked before minutes of teacher training.
     cloud_security = security.CloudSecurity.from_options(args, args.state_dir)
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
@@ -81,6 +83,9 @@ def _serve(args: ServeSettings) -> int:
 
     TEACHER_BATCHER.enabled = not args.no_teacher_batching
     TEACHER_BATCHER.window_seconds = max(0.0, args.teacher_batch_ms) / 1000
+    from cloud_service.compute import TENSOR_WORK
+
+    TENSOR_WORK.enabled = not args.parallel_tensor_work
     checkpoints = _session_checkpoints(args)
     service = CloudService(
         _teacher_versions(args, teacher, checkpoints),
@@ -111,6 +116,7 @@ def _serve(args: ServeSettings) -> int:
             grpc_port=args.grpc_port,
             http_port=args.http_port,
             max_message_bytes=int(args.max_message_mb * 1024 * 1024),
+            grpc_workers=args.grpc_workers,
             security=cloud_security,
         ),
     )

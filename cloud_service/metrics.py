@@ -7,6 +7,7 @@ gRPC status name, ``model`` teacher or student. Never a session or device id.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -100,8 +101,10 @@ class CloudMetrics:
             self.received_bytes.labels(method=method)
             self.sent_bytes.labels(method=method)
             self.rpc_duration.labels(method=method, code="OK")
-        for model in ("teacher", "student"):
-            self.compute_duration.labels(model=model)
+        self._teacher_compute = self.compute_duration.labels(model="teacher")
+        self._student_compute = self.compute_duration.labels(model="student")
+        # (method, code) -> its duration histogram and byte counters (observe_rpc).
+        self._rpc_children: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
 
     def track_sessions(self, count: Callable[[], int]) -> None:
         """Read the active session count at scrape time (never stale)."""
@@ -113,14 +116,23 @@ class CloudMetrics:
         self.teacher_cache_bytes.labels(kind="reserved").set_function(lambda: float(sizes()[1]))
 
     def observe_rpc(self, method: str, code: str, seconds: float, received: int, sent: int) -> None:
-        self.rpc_duration.labels(method=method, code=code).observe(seconds)
-        self.received_bytes.labels(method=method).inc(received)
-        self.sent_bytes.labels(method=method).inc(sent)
+        # Every call lands here: the labelled children are looked up once, not per call.
+        children = self._rpc_children.get((method, code))
+        if children is None:
+            children = (
+                self.rpc_duration.labels(method=method, code=code),
+                self.received_bytes.labels(method=method),
+                self.sent_bytes.labels(method=method),
+            )
+            self._rpc_children[(method, code)] = children
+        children[0].observe(seconds)
+        children[1].inc(received)
+        children[2].inc(sent)
 
     def observe_step(self, teacher_seconds: float, student_seconds: float) -> None:
         self.steps.inc()
-        self.compute_duration.labels(model="teacher").observe(teacher_seconds)
-        self.compute_duration.labels(model="student").observe(student_seconds)
+        self._teacher_compute.observe(teacher_seconds)
+        self._student_compute.observe(student_seconds)
 
     def observe_round(
         self, cohort: str, round_number: int, devices: int, accuracy: float, server_version: int

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from cloud_service.batcher import TEACHER_BATCHER
+from cloud_service.compute import TENSOR_WORK
 from cloud_service.teacher_cache import TeacherCache
 from splitkd import checkpoint, codecs
 from splitkd.codecs import Encoded
@@ -223,25 +224,28 @@ class Session:
         ids = self._check_ids(sample_ids, batch)
         # The student's tail first: a teacher tail computing ahead finishes meanwhile.
         student_started = time.perf_counter()
-        self.student.train()
-        cut = torch.from_numpy(student_act.astype(np.float32)).requires_grad_(True)
-        student_logits = self.student.run(cut, self.student_cut, len(self.student.stages))
+        with TENSOR_WORK:  # one step's tensors at a time (compute.py); never held while waiting
+            if not self.student.training:  # train() walks every submodule: once, not per step
+                self.student.train()
+            cut = torch.from_numpy(student_act.astype(np.float32)).requires_grad_(True)
+            student_logits = self.student.run(cut, self.student_cut, len(self.student.stages))
         teacher_logits, labels, teacher_seconds = self._targets(
             step, batch, teacher_act, labels, ids
         )
-        loss = kd_loss(
-            student_logits,
-            teacher_logits,
-            torch.from_numpy(labels.astype(np.int64)),
-            self.hyper.kd_alpha if kd_alpha is None else kd_alpha,
-            self.hyper.kd_temperature,
-            self._class_weights,
-        )
-        gradient = self._apply(step, loss, cut)
+        with TENSOR_WORK:
+            loss = kd_loss(
+                student_logits,
+                teacher_logits,
+                torch.from_numpy(labels.astype(np.int64)),
+                self.hyper.kd_alpha if kd_alpha is None else kd_alpha,
+                self.hyper.kd_temperature,
+                self._class_weights,
+            )
+            gradient = self._apply(step, loss, cut)
+            predicted = per_token(student_logits.detach()).argmax(dim=1).numpy()
         if ids is not None and (teacher_act is not None or self._ahead_for(step)):
             assert self.cache is not None
             self.cache.put(ids, teacher_logits, labels)
-        predicted = per_token(student_logits.detach()).argmax(dim=1).numpy()
         correct = int((predicted == labels).sum())
         self.times = SessionTimes(teacher_seconds, time.perf_counter() - student_started)
         self._prefetch = None
@@ -371,7 +375,7 @@ class Session:
     def evaluate(self, student_act: np.ndarray) -> np.ndarray:
         self._check_batch(student_act, None)
         self.student.eval()
-        with torch.no_grad():
+        with TENSOR_WORK, torch.no_grad():
             logits = self.student.run(
                 torch.from_numpy(student_act.astype(np.float32)),
                 self.student_cut,

@@ -197,6 +197,11 @@ class ServeSettings(
         "one is published (0 = keep all)",
     )
     max_message_mb: float = option(16.0, "largest gRPC message accepted (MiB)")
+    grpc_workers: int = option(
+        16,
+        "threads answering gRPC calls (1-256); a step blocks one while it waits for its turn, "
+        "its teacher batch or a checkpoint write",
+    )
     session_timeout: float = option(900.0, "seconds of silence after which a session expires")
     max_steps_per_second: float = option(
         400.0, "per device: more steps than this get RESOURCE_EXHAUSTED (0: no limit)"
@@ -210,6 +215,11 @@ class ServeSettings(
     no_teacher_batching: bool = option(
         False,
         "one teacher pass per step, instead of one pass for the steps of concurrent sessions",
+    )
+    parallel_tensor_work: bool = option(
+        False,
+        "let concurrent steps run their tensor work at the same time (large models on many "
+        "cores); by default they take turns, which spares small models a fight over the GIL",
     )
     teacher_batch_ms: float = option(
         2.0,
