@@ -398,3 +398,25 @@ def _decoded(update: Update) -> Update:
         0.5,
         weights_base=update.weights_base,
     )
+
+
+def test_a_device_waiting_on_a_close_asks_again_about_when_it_should_be_done() -> None:
+    from cloud_service.fleet.pace import MAX_RETRY_AFTER_SECONDS, ClosePace
+
+    now = [0.0]
+    pace = ClosePace(lambda: now[0])
+    assert pace.retry_after("k", closing=True) == 0.5  # no close measured yet
+    pace.began("k")
+    now[0] = 4.0
+    pace.ended("k")  # a close takes 4 s
+    pace.began("k")
+    now[0] = 5.0
+    assert pace.retry_after("k", closing=True) == pytest.approx(0.9 * 4 - 1)
+    assert pace.retry_after("k", closing=False) == 0.5  # waiting on other devices: unknown
+    now[0] = 8.0
+    assert pace.retry_after("k", closing=True) == 0.5  # overdue: ask often again
+    pace.began("k")
+    now[0] = 108.0
+    pace.ended("k")
+    pace.began("k")
+    assert pace.retry_after("k", closing=True) == MAX_RETRY_AFTER_SECONDS

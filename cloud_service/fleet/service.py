@@ -19,8 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from cloud_service.fleet.cohort import RETRY_AFTER_SECONDS, Cohort, Member, Pending
+from cloud_service.fleet.cohort import Cohort, Member, Pending
 from cloud_service.fleet.config import CohortPlan
+from cloud_service.fleet.pace import ClosePace
 from cloud_service.fleet.shared import SharedCohorts
 from cloud_service.fleet.store import CohortStore
 from cloud_service.fleet.strategy import Contribution, RoundOutcome, Strategy, strategy_for
@@ -95,6 +96,7 @@ class FleetService:
         split.cohort_students = self.finished_students
         self.caches = MemberCaches(split)  # splitwire: teacher caches kept across rounds
         self.mirrors = WeightMirrors(split.config.hyper.seed)  # fedwire: what members hold
+        self.pace = ClosePace()  # fedwire: waiting devices ask again when a close should be done
         if self.store is not None and self.shared is None:
             for cohort, state in self.store.load_all():
                 self._resume(cohort, state)
@@ -247,6 +249,7 @@ class FleetService:
             )
             summary = self._summary(cohort, member.device_class)
             devices = len(cohort.members)
+            retry = self.pace.retry_after(cohort.name, cohort.aggregating)
         session = None
         if state is RoundState.TRAINING and cohort.config.mode == "split":
             session = self._round_session(cohort, member, number, weights)
@@ -258,7 +261,7 @@ class FleetService:
                 round=number,
                 weights=down.weights,
                 deadline_seconds=left,
-                retry_after_seconds=RETRY_AFTER_SECONDS,
+                retry_after_seconds=retry,
                 server_model_version=self.split.teachers.current().version,
                 model=summary,
                 devices=devices,
@@ -271,7 +274,7 @@ class FleetService:
             round=number,
             weights=weights,
             deadline_seconds=left,
-            retry_after_seconds=RETRY_AFTER_SECONDS,
+            retry_after_seconds=retry,
             server_model_version=self.split.teachers.current().version,
             model=summary,
             session=session,
@@ -381,6 +384,7 @@ class FleetService:
             if not cohort.ready_to_close():
                 return
             pending = cohort.begin_close()
+            self.pace.began(cohort.name)
         self._closer.submit(self._close, cohort, pending)
 
     def poke_all(self) -> None:
@@ -412,6 +416,7 @@ class FleetService:
             if self.shared is not None and not self.shared.still_ours(self, cohort):
                 return  # its new holder closes the round from the shared checkpoint
             record = cohort.end_close(outcome, published, pending)
+            self.pace.ended(cohort.name)
             self._save(cohort)
             finished = list(cohort.members) if cohort.complete else []
         self.caches.drop(finished)  # splitwire: a complete cohort's teacher caches go
