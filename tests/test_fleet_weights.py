@@ -176,6 +176,7 @@ def _cohort_run(live: Live, codec_name: str) -> dict[int, Any]:
     return runs
 
 
+@pytest.mark.slow
 def test_cloud_and_devices_hold_the_same_bits_and_move_fewer_bytes(tmp_path: Path) -> None:
     sent: dict[str, int] = {}
     for codec_name in ("float32", "int8-delta"):
