@@ -425,3 +425,35 @@ def test_a_device_waiting_on_a_close_asks_again_about_when_it_should_be_done() -
     pace.ended("k")
     pace.began("k")
     assert pace.retry_after("k", closing=True) == MAX_RETRY_AFTER_SECONDS
+
+
+def test_forged_delta_messages_get_invalid_argument_and_nothing_else() -> None:
+    """Random damage to a valid delta message: refused in one clear error, or decoded to
+    exactly the expected shapes (the cloud then checks the result is finite)."""
+    weights = koala.weights_of(zoo.build(zoo.default_student(DIGITS), 1))
+    expected = {k: tuple(v.shape) for k, v in weights.items()}
+    quantiser = wc.DeltaQuantiser(seed=2)
+    good = wc.pack({k: quantiser.encode(v * 0.01) for k, v in weights.items()})
+    rng = np.random.default_rng(0)
+    refused = 0
+    for _ in range(300):
+        message = pb.ModelWeights()
+        message.CopyFrom(good)
+        tensor = message.tensors[int(rng.integers(len(message.tensors)))].tensor
+        field = rng.choice(["shape", "scale", "zero_point", "data", "encoding", "dtype", "indices"])
+        if field == "shape":
+            tensor.shape[int(rng.integers(len(tensor.shape)))] = int(rng.integers(-2, 70))
+        elif field in ("scale", "zero_point", "data", "indices"):
+            raw = bytearray(getattr(tensor, field))
+            cut = int(rng.integers(0, len(raw) + 1))
+            raw = raw[:cut] + rng.bytes(int(rng.integers(0, 9)))
+            setattr(tensor, field, bytes(raw))
+        else:
+            setattr(tensor, field, int(rng.integers(0, 8)))
+        try:
+            decoded = wc.unpack(message, expected, "fuzzed")
+        except InvalidArgument:
+            refused += 1
+            continue
+        assert {k: v.shape for k, v in decoded.items()} == expected
+    assert refused > 150  # most damage is caught at the wire
