@@ -222,6 +222,7 @@ def _fleet(args: ServeSettings, service: Any, checkpoints: Any) -> Any:
         rounds=args.rounds,
         local_epochs=args.local_epochs,
         round_timeout_seconds=args.round_timeout,
+        weights_codec=args.weights_codec,
     )
     plans = load_plans(args.cohort_config, defaults)
     labels = None

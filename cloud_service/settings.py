@@ -101,8 +101,16 @@ class FleetOptions(Options):
     cohort_config: Path | None = option(
         None,
         "TOML file with per-cohort overrides ([cohorts.NAME] mode, rounds, local_epochs, "
-        "min_devices, round_timeout, strategy, classes.CLASS.widths, and for split cohorts "
-        "wire_codec, wire_codecs, student_cut); see docs/FLEETS.md",
+        "min_devices, round_timeout, strategy, classes.CLASS.widths, for split cohorts "
+        "wire_codec, wire_codecs, student_cut, for federated ones weights_codec, "
+        "weights_codecs); see docs/FLEETS.md",
+        group=FLEETS,
+    )
+    weights_codec: Literal["int8-delta", "float32"] = option(
+        _COHORT.weights_codec,
+        "how a federated cohort's weights travel when a device asks nothing: int8-delta (int8 "
+        "per output row, stochastic rounding, against the version both sides hold; uploads "
+        "with error feedback) or float32 (the whole student each way, each round)",
         group=FLEETS,
     )
     proxy_data: str | None = option(

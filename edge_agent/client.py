@@ -420,14 +420,17 @@ class CloudClient:
         device_profile: str = "",
         link_profile: str = "",
         ask: SessionAsk | None = None,
+        weights_codec: str = "",
     ) -> JoinAnswer:
-        """``ask``: the wire this device wants for its round sessions (split cohorts)."""
+        """``ask``: the wire this device wants for its round sessions (split cohorts);
+        ``weights_codec``: how its weights travel in federated ones ("": the cohort's)."""
         request = pb.JoinCohortRequest(
             device_id=device_id,
             cohort=cohort,
             profile=pb.DeviceProfile(name=device_profile, link=link_profile),
             signature=serde.signature_to_pb(signature),
             num_samples=num_samples,
+            weights_codec=weights_codec,
         )
         serde.cohort_ask_to_pb(ask or SessionAsk(), request)
         # Joining again returns the same member: a retry is safe.
@@ -440,9 +443,12 @@ class CloudClient:
         return serde.join_answer_from_pb(reply)
 
     def fetch_round(
-        self, member_id: str, after_round: int, expected: dict[str, tuple[int, ...]]
+        self, member_id: str, after_round: int, expected: dict[str, tuple[int, ...]], held: int = 0
     ) -> RoundTask:
-        request = pb.FetchRoundRequest(member_id=member_id, after_round=after_round)
+        """``held``: the digest of the student this device holds (fedwire; 0: none)."""
+        request = pb.FetchRoundRequest(
+            member_id=member_id, after_round=after_round, held_weights=held
+        )
         reply: pb.RoundTask = self._call(
             "FetchRound",
             lambda: self._fleet.FetchRound(request, timeout=self.timeout),

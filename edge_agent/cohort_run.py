@@ -44,6 +44,7 @@ def train_cohort(options: TrainOptions) -> dict[str, Any]:
             device_profile=telemetry.device.name,
             link_profile=telemetry.link.name,
             ask=cohort_ask(options, len(split.train)),
+            weights_codec="" if options.weights_codec == "cloud" else options.weights_codec,
         )
         log.info(
             "member of cohort %s (%s mode, class %s, %d rounds of %d local epochs)",
@@ -54,7 +55,7 @@ def train_cohort(options: TrainOptions) -> dict[str, Any]:
             join.config.local_epochs,
         )
         local.check_task(join.student_spec.num_classes)
-        run = run_rounds(client, join, split, telemetry)
+        run = run_rounds(client, join, split, telemetry, options.device_id)
         installed, predictor = install_final(
             client, run, ModelStore(options.model_dir), dataset.signature.input_shape
         )

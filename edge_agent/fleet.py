@@ -12,18 +12,21 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+import zlib
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from edge_agent.client import CloudClient
 from edge_agent.errors import CloudRefused, EdgeError
+from edge_agent.fleet_weights import HeldStudent, StaleBase
 from edge_agent.inference import Predictor
 from edge_agent.model_store import LocalModel, ModelStore
 from edge_agent.telemetry import TrainingTelemetry
 from edge_agent.trainer import EdgeTrainer, GrpcTransport
 from splitkd import koala
+from splitkd import weights_codec as wc
 from splitkd.data.partition import EdgeSplit
 from splitkd.messages import JoinAnswer, RoundState, RoundTask, SessionInfo, Update
 from splitkd.models import zoo
@@ -56,13 +59,24 @@ class CohortRun:
     # (its cache outlives the round sessions), and the wire the round sessions use.
     cached: np.ndarray | None = None
     wire: dict[str, Any] = field(default_factory=dict)
+    held: HeldStudent | None = None  # federated mode: the student held here (fedwire)
 
 
 def run_rounds(
-    client: CloudClient, join: JoinAnswer, split: EdgeSplit, telemetry: TrainingTelemetry
+    client: CloudClient,
+    join: JoinAnswer,
+    split: EdgeSplit,
+    telemetry: TrainingTelemetry,
+    device_id: str = "",
 ) -> CohortRun:
-    """Take part in rounds until the cohort completes; returns what the device saw."""
+    """Take part in rounds until the cohort completes; returns what the device saw.
+
+    ``device_id`` seeds the rounding of its weight uploads (a run then repeats).
+    """
     run = CohortRun(join)
+    if join.config.mode == "federated":
+        seed = join.hyper.seed * (1 << 32) + zlib.crc32(device_id.encode())
+        run.held = HeldStudent.for_member(join.weights_codec, seed)
     expected = {k: tuple(v.shape) for k, v in zoo.build(join.student_spec).state_dict().items()}
     after, idle_since = 0, time.monotonic()
     # A cohort whose rounds stop coming for this long is gone (its cloud lost it).
@@ -71,7 +85,8 @@ def run_rounds(
         # A round's bytes include the polls that waited for it and the weights fetched.
         if run.mark is None:
             run.mark = (client.traffic.bytes_up, client.traffic.bytes_down, time.monotonic())
-        task = client.fetch_round(join.member_id, after, expected)
+        held = run.held.held_digest() if run.held is not None else 0
+        task = client.fetch_round(join.member_id, after, expected, held)
         run.devices, run.server_model_version, run.last = (
             task.devices,
             task.server_model_version,
@@ -86,6 +101,13 @@ def run_rounds(
             time.sleep(max(0.05, task.retry_after_seconds))  # the cloud says when to ask again
             telemetry.meter.wait(time.monotonic() - started)
             continue
+        if run.held is not None:
+            try:
+                task = replace(task, weights=run.held.take(task))
+            except StaleBase as exc:
+                log.warning("round %d: %s; fetching the whole student", task.round, exc)
+                run.held.forget()
+                continue
         try:
             figures = _one_round(client, join, task, split, telemetry, run)
         except CloudRefused as exc:
@@ -127,9 +149,8 @@ def _one_round(
         assert isinstance(task.session, SessionInfo), "split round without a session"
         weights, accuracy, steps, compute = _split_round(client, task.session, split, run)
     telemetry.meter.compute(compute)
-    answer = client.submit_update(
-        Update(join.member_id, task.round, weights, len(split.train), accuracy, steps)
-    )
+    update = Update(join.member_id, task.round, weights, len(split.train), accuracy, steps)
+    answer = _submit(client, update, run.held)
     log.info(
         "%s round %d: start model %.4f on held-out data, update %s",
         join.cohort,
@@ -146,6 +167,21 @@ def _one_round(
         compute_seconds=compute,
         steps=steps,
     )
+
+
+def _submit(client: CloudClient, update: Update, held: HeldStudent | None) -> Any:
+    """Submit ``update``; as a delta when the weights codec says so, whole when the
+    cloud no longer holds the delta's base (it restarted, another replica took over)."""
+    if held is None or not held.deltas:
+        return client.submit_update(update)
+    try:
+        return client.submit_update(held.as_sent(update))
+    except CloudRefused as exc:
+        if wc.BASE_UNKNOWN not in exc.details:
+            raise
+        log.warning("round %d: %s; sending the whole student", update.round, exc.details)
+        held.encoder.reset()  # the whole student carries everything owed
+        return client.submit_update(update)
 
 
 def _split_round(
@@ -219,5 +255,7 @@ def cohort_report(run: CohortRun) -> dict[str, Any]:
         "server_model_version": run.server_model_version,
         "config": asdict(run.join.config),
         "wire": run.wire or None,  # split mode: codec, student cut, teacher cache
+        # federated mode: how the weights travelled (fedwire)
+        "weights_codec": run.held.codec if run.held is not None else None,
         "rounds": [asdict(r) for r in run.rounds],
     }

@@ -64,6 +64,7 @@ class TrainOptions:
     # on this device's held-out data (edge_agent/teacher_check.py).
     kd_alpha: str = "cloud"
     cohort: str = ""  # join this cohort (a fleet) instead of training alone
+    weights_codec: str = "cloud"  # federated cohorts: how weights travel (splitkd/weights_codec.py)
     # The frugal wire (splitkd/codecs.py, cloud_service/teacher_cache.py) and the cuts.
     wire_codec: str = "cloud"  # "cloud": the cloud's default
     no_teacher_cache: bool = False

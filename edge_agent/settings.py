@@ -147,6 +147,12 @@ class TrainSettings(ClientSecurityOptions, ProfileOptions, DeviceOptions, ModelD
         "join this named cohort: the fleet's devices train one student per device class together "
         "(mode, rounds and epochs come from the cloud); without it the device trains alone",
     )
+    weights_codec: Literal["cloud", "int8-delta", "float32"] = option(
+        "cloud",
+        "with --cohort in a federated cohort: how the student's weights travel each round: the "
+        "cohort's default, int8-delta (int8 deltas against the version both sides hold) or "
+        "float32 (whole); the cohort may refuse a codec",
+    )
     fresh: bool = option(
         False,
         "end the saved unfinished session: discard this device's checkpoints of it (only the "

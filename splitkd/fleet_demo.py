@@ -36,6 +36,7 @@ from splitkd.demo import (
     point_latest,
     wait_healthy,
 )
+from splitkd.weights_codec import DEFAULT_WEIGHTS_CODEC, WEIGHTS_CODECS
 
 PROFILES = [
     ("raspberry-pi-4", "wifi"),
@@ -105,7 +106,7 @@ def _wire_flags(mode: str, args: argparse.Namespace) -> list[str]:
     """Split rounds on the frugal wire of ``make demo`` (codec, cut, teacher outputs kept
     in the cloud across rounds), unless asked otherwise; federated rounds send only weights."""
     if mode != "split":
-        return []
+        return ["--weights-codec", args.weights_codec]  # fedwire: how the weights travel
     flags = ["--wire-codec", args.wire_codec, "--student-cut", str(args.student_cut)]
     return flags + (["--no-teacher-cache"] if args.no_teacher_cache else [])
 
@@ -584,6 +585,12 @@ def main(argv: list[str] | None = None) -> int:
     wire.add_argument("--wire-codec", default=DEMO_WIRE_CODEC, choices=codecs.CODECS)
     wire.add_argument("--student-cut", type=int, default=DEMO_STUDENT_CUT)
     wire.add_argument("--no-teacher-cache", action="store_true")
+    wire.add_argument(
+        "--weights-codec",
+        default=DEFAULT_WEIGHTS_CODEC,
+        choices=WEIGHTS_CODECS,
+        help="the federated cohort's weights: int8 deltas (default) or float32, whole",
+    )
     args = parser.parse_args(argv)
     if not 1 <= args.edges <= args.fleet_size:
         parser.error(f"--edges must be in 1..--fleet-size ({args.fleet_size}), got {args.edges}")

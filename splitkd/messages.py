@@ -15,6 +15,7 @@ from splitkd.codecs import CODECS, Encoded
 from splitkd.errors import InvalidArgument
 from splitkd.hyper import Hyperparameters
 from splitkd.models.spec import ModelSpec
+from splitkd.weights_codec import DEFAULT_WEIGHTS_CODEC, WEIGHTS_CODECS
 
 COHORT_MODES = ("federated", "split")
 Weights = dict[str, np.ndarray]
@@ -97,11 +98,17 @@ class CohortConfig:
     wire_codec: str = ""
     wire_codecs: tuple[str, ...] = ()
     student_cut: int = 0
+    # The frugal wire of federated cohorts (splitkd/weights_codec.py): how the weights
+    # travel when a member asks nothing, and the codecs a member may ask (empty: any).
+    weights_codec: str = DEFAULT_WEIGHTS_CODEC
+    weights_codecs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # A checkpoint's JSON gives a list: keep the config hashable and immutable.
         object.__setattr__(self, "wire_codecs", tuple(self.wire_codecs))
+        object.__setattr__(self, "weights_codecs", tuple(self.weights_codecs))
         self._check_wire()
+        self._check_weights_wire()
         if self.mode not in COHORT_MODES:
             raise InvalidArgument(f"cohort mode must be one of {COHORT_MODES}, got {self.mode!r}")
         if not 1 <= self.min_devices <= 100_000:
@@ -130,6 +137,18 @@ class CohortConfig:
         if not 0 <= self.student_cut <= 64:
             raise InvalidArgument(f"student cut must be in 0..64, got {self.student_cut}")
 
+    def _check_weights_wire(self) -> None:
+        for name in [self.weights_codec, *self.weights_codecs]:
+            if name not in WEIGHTS_CODECS:
+                raise InvalidArgument(
+                    f"unknown weights codec {name!r}; use one of {', '.join(WEIGHTS_CODECS)}"
+                )
+        if self.weights_codecs and self.weights_codec not in self.weights_codecs:
+            raise InvalidArgument(
+                f"the cohort's weights codec {self.weights_codec!r} is not among the codecs "
+                f"it allows {list(self.weights_codecs)}"
+            )
+
 
 @dataclass(frozen=True)
 class JoinAnswer:
@@ -144,6 +163,7 @@ class JoinAnswer:
     model_name: str
     round: int
     server_model_version: int
+    weights_codec: str = "float32"  # fedwire: how this member's weights travel
 
 
 class RoundState(Enum):
@@ -175,6 +195,11 @@ class RoundTask:
     model: ModelSummary | None = None
     session: object | None = None  # split mode: the round's split session (edge: SessionInfo)
     devices: int = 0
+    # fedwire: with a base, ``weights`` are float32 deltas against the weights of that
+    # digest (on the edge, decoded) and ``packed`` their int8 form (on the cloud).
+    weights_base: int = 0
+    weights_digest: int = 0
+    packed: dict[str, Encoded] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -187,6 +212,10 @@ class Update:
     num_samples: int
     heldout_accuracy: float = 0.0
     steps: int = 0
+    # fedwire: with a base, ``weights`` are float32 deltas against the round's student of
+    # that digest (on the cloud, decoded) and ``packed`` their int8 form (on the edge).
+    weights_base: int = 0
+    packed: dict[str, Encoded] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

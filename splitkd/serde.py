@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from splitkd import codec, codecs
+from splitkd import codec, codecs, weights_codec
 from splitkd.errors import InvalidArgument
 from splitkd.hyper import Hyperparameters
 from splitkd.messages import (
@@ -97,6 +97,8 @@ def cohort_config_to_pb(config: CohortConfig) -> pb.CohortConfig:
         wire_codec=config.wire_codec,
         wire_codecs=list(config.wire_codecs),
         student_cut=config.student_cut,
+        weights_codec=config.weights_codec,
+        weights_codecs=list(config.weights_codecs),
     )
 
 
@@ -110,6 +112,9 @@ def cohort_config_from_pb(message: pb.CohortConfig) -> CohortConfig:
         wire_codec=message.wire_codec,
         wire_codecs=tuple(message.wire_codecs),
         student_cut=message.student_cut,
+        # A cloud that predates fedwire sends none: its weights travel whole.
+        weights_codec=message.weights_codec or weights_codec.FLOAT32,
+        weights_codecs=tuple(message.weights_codecs),
     )
 
 
@@ -124,6 +129,7 @@ def join_answer_to_pb(answer: JoinAnswer) -> pb.JoinCohortResponse:
         model_name=answer.model_name,
         round=answer.round,
         server_model_version=answer.server_model_version,
+        weights_codec=answer.weights_codec,
     )
 
 
@@ -138,6 +144,7 @@ def join_answer_from_pb(message: pb.JoinCohortResponse) -> JoinAnswer:
         model_name=message.model_name,
         round=message.round,
         server_model_version=message.server_model_version,
+        weights_codec=message.weights_codec or weights_codec.FLOAT32,
     )
 
 
@@ -145,11 +152,17 @@ def round_task_to_pb(task: RoundTask, session: pb.RegisterResponse | None = None
     message = pb.RoundTask(
         state=_ROUND_STATES[task.state],
         round=task.round,
-        weights=codec.encode_weights(task.weights),
+        weights=(
+            weights_codec.pack(task.packed)
+            if task.weights_base
+            else codec.encode_weights(task.weights)
+        ),
         deadline_seconds=task.deadline_seconds,
         retry_after_seconds=task.retry_after_seconds,
         server_model_version=task.server_model_version,
         devices=task.devices,
+        weights_base=task.weights_base,
+        weights_digest=task.weights_digest,
     )
     if task.model is not None:
         message.model.CopyFrom(
@@ -179,11 +192,14 @@ def round_task_from_pb(
             message.model.sha256,
             message.model.size_bytes,
         )
-    weights = (
-        codec.decode_weights(message.weights, expected=expected, what="round weights")
-        if message.weights.tensors
-        else {}
-    )
+    if message.weights_base and message.weights.tensors:
+        if expected is None:
+            raise InvalidArgument("round task: weight deltas need the student's shapes")
+        weights = weights_codec.unpack(message.weights, expected, "round weight deltas")
+    elif message.weights.tensors:
+        weights = codec.decode_weights(message.weights, expected=expected, what="round weights")
+    else:
+        weights = {}
     return RoundTask(
         state=states[message.state],
         round=message.round,
@@ -194,6 +210,8 @@ def round_task_from_pb(
         model=model,
         session=message.session if message.HasField("session") else None,
         devices=message.devices,
+        weights_base=message.weights_base,
+        weights_digest=message.weights_digest,
     )
 
 
@@ -201,18 +219,30 @@ def update_to_pb(update: Update) -> pb.SubmitUpdateRequest:
     return pb.SubmitUpdateRequest(
         member_id=update.member_id,
         round=update.round,
-        weights=codec.encode_weights(update.weights),
+        weights=(
+            weights_codec.pack(update.packed)
+            if update.weights_base
+            else codec.encode_weights(update.weights)
+        ),
         num_samples=update.num_samples,
         heldout_accuracy=update.heldout_accuracy,
         steps=update.steps,
+        weights_base=update.weights_base,
     )
 
 
 def update_from_pb(message: pb.SubmitUpdateRequest, expected: dict[str, tuple[int, ...]]) -> Update:
-    """Decode a device's update, refusing wrong names, shapes or non-finite values."""
-    weights = codec.decode_weights(message.weights, expected=expected, what="update weights")
-    for name, value in weights.items():
-        check_std(name, value)  # input statistics must not divide by zero
+    """Decode a device's update, refusing wrong names, shapes or non-finite values.
+
+    With ``weights_base`` the weights are int8 deltas (fedwire), decoded here and
+    checked once applied to their base (``cloud_service/fleet/weights.py``).
+    """
+    if message.weights_base:
+        weights = weights_codec.unpack(message.weights, expected, "update weight deltas")
+    else:
+        weights = codec.decode_weights(message.weights, expected=expected, what="update weights")
+        for name, value in weights.items():
+            check_std(name, value)  # input statistics must not divide by zero
     if not 0.0 <= message.heldout_accuracy <= 1.0:
         raise InvalidArgument(f"heldout_accuracy must be in [0, 1], got {message.heldout_accuracy}")
     if not 1 <= message.num_samples <= 1 << 40:
@@ -224,6 +254,7 @@ def update_from_pb(message: pb.SubmitUpdateRequest, expected: dict[str, tuple[in
         num_samples=message.num_samples,
         heldout_accuracy=message.heldout_accuracy,
         steps=message.steps,
+        weights_base=message.weights_base,
     )
 
 

@@ -47,6 +47,13 @@ def _parser() -> argparse.ArgumentParser:
         "still ends with the final model) or after every round (FedAvg's stock behaviour: one more "
         "model download per round)",
     )
+    parser.add_argument(
+        "--weights-codec",
+        choices=["int8-delta", "float32"],
+        default="",
+        help="splitkd's federated cohorts: how the weights travel (default: serve's default, "
+        "int8-delta; docs/FLEETS.md)",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/compare"), help="output folder")
     return parser
 
@@ -76,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.local_epochs,
             )
             ctx.options["flower_evaluate"] = args.flower_evaluate
+            ctx.options["weights_codec"] = args.weights_codec
             for system in args.systems:
                 if not applies(system, ctx.scenario):
                     print(f"{scenario_name}: {system} skipped (standard devices only)", flush=True)

@@ -178,6 +178,8 @@ def _run_cohort(ctx: RunContext, mode: str, strategy: str = "") -> SystemRun:
     cloud_flags += ["--rounds", str(ctx.rounds), "--local-epochs", str(ctx.local_epochs)]
     if strategy:
         cloud_flags += ["--cohort-config", str(cohort_file(ctx.folder / f"{name}.toml", strategy))]
+    if mode == "federated" and ctx.options.get("weights_codec"):
+        cloud_flags += ["--weights-codec", ctx.options["weights_codec"]]
     transport = {
         "federated": "splitkd gRPC, weights once per round (KOALA: the server model learns too)",
         "split": "splitkd gRPC, split steps per round, heads and tails averaged per round",

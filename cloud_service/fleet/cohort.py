@@ -39,6 +39,8 @@ class Member:
     wire_codec: str = ""
     student_cut: int = 0
     train_samples: int = 0  # > 0: a teacher-output cache kept across its rounds
+    # How its weights travel in federated rounds (fleet/weights.py), settled at its join.
+    weights_codec: str = "float32"
 
     @property
     def ask(self) -> SessionAsk:
@@ -243,6 +245,7 @@ class Cohort:
                     "wire_codec": m.wire_codec,
                     "student_cut": m.student_cut,
                     "teacher_cache": m.train_samples > 0,
+                    "weights_codec": m.weights_codec,
                 },
             }
             for m in self.members.values()

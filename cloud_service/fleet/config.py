@@ -14,6 +14,10 @@ strategy = "fedavg"          # "koala" (federated default) or "fedavg" (split de
 wire_codec = "int8-stochastic"
 wire_codecs = ["int8-stochastic", "int8", "float16"]
 student_cut = 2
+# federated mode, the frugal wire (fleet/weights.py): how the weights travel when a
+# member asks nothing (default: serve's --weights-codec), and what a member may ask
+weights_codec = "int8-delta"
+weights_codecs = ["int8-delta", "float32"]
 
 [cohorts.kitchen.classes.tiny]   # a student sized for a device class
 widths = [4, 8]
@@ -46,6 +50,8 @@ _COHORT_KEYS = {
     "wire_codec",
     "wire_codecs",
     "student_cut",
+    "weights_codec",
+    "weights_codecs",
 }
 _CLASS_KEYS = {"widths", "hidden"}
 
@@ -85,6 +91,20 @@ def _wire(name: str, table: dict[str, Any], defaults: CohortConfig) -> dict[str,
     return {"wire_codec": codec, "wire_codecs": tuple(allowed), "student_cut": cut}
 
 
+def _weights_wire(name: str, table: dict[str, Any], defaults: CohortConfig) -> dict[str, Any]:
+    """The federated wire keys; ``weights_codecs`` alone makes its first the default."""
+    allowed = table.get("weights_codecs", list(defaults.weights_codecs))
+    if not isinstance(allowed, list) or not all(isinstance(c, str) for c in allowed):
+        raise InvalidArgument(f"cohorts.{name}.weights_codecs must be a list of codec names")
+    codec = table.get(
+        "weights_codec",
+        defaults.weights_codec if not allowed or defaults.weights_codec in allowed else allowed[0],
+    )
+    if not isinstance(codec, str):
+        raise InvalidArgument(f"cohorts.{name}: weights_codec is a name")
+    return {"weights_codec": codec, "weights_codecs": tuple(allowed)}
+
+
 def _plan(name: str, table: Any, defaults: CohortConfig) -> CohortPlan:
     if not isinstance(table, dict):
         raise InvalidArgument(f"cohorts.{name} must be a table")
@@ -102,6 +122,7 @@ def _plan(name: str, table: Any, defaults: CohortConfig) -> CohortPlan:
             local_epochs=int(table.get("local_epochs", defaults.local_epochs)),
             round_timeout_seconds=float(table.get("round_timeout", defaults.round_timeout_seconds)),
             **_wire(name, table, defaults),
+            **_weights_wire(name, table, defaults),
         )
     except (TypeError, ValueError) as exc:
         raise InvalidArgument(f"cohorts.{name}: {exc}") from None

@@ -19,15 +19,18 @@ from typing import Any
 
 import numpy as np
 
-from cloud_service.fleet.cohort import RETRY_AFTER_SECONDS, Cohort, Member, Pending
+from cloud_service.fleet.cohort import Cohort, Member, Pending
 from cloud_service.fleet.config import CohortPlan
+from cloud_service.fleet.pace import ClosePace
 from cloud_service.fleet.shared import SharedCohorts
 from cloud_service.fleet.store import CohortStore
 from cloud_service.fleet.strategy import Contribution, RoundOutcome, Strategy, strategy_for
+from cloud_service.fleet.weights import WeightMirrors, negotiate_weights, weights_ask
 from cloud_service.fleet.wire import MemberCaches, current_join_ask, negotiate
 from cloud_service.registry import ModelRecord
 from cloud_service.service import CloudService, CohortStudent
 from splitkd import koala, names
+from splitkd import weights_codec as wc
 from splitkd.device_classes import STANDARD, device_class, student_for
 from splitkd.errors import (
     FailedPrecondition,
@@ -91,6 +94,8 @@ class FleetService:
         split.cohort_member = self.is_member
         split.cohort_students = self.finished_students
         self.caches = MemberCaches(split)  # splitwire: teacher caches kept across rounds
+        self.mirrors = WeightMirrors(split.config.hyper.seed)  # fedwire: what members hold
+        self.pace = ClosePace()  # fedwire: waiting devices ask again when a close should be done
         if self.store is not None and self.shared is None:
             for cohort, state in self.store.load_all():
                 self._resume(cohort, state)
@@ -158,8 +163,10 @@ class FleetService:
         num_samples: int,
         profile: str = "",
         ask: SessionAsk | None = None,
+        weights_codec: str | None = None,
     ) -> JoinAnswer:
-        """``ask``: the wire the device wants in split rounds (default: its JoinCohort's)."""
+        """``ask``: the wire the device wants in split rounds, ``weights_codec`` how its
+        weights travel in federated ones (default: its JoinCohort's)."""
         if not names.is_cohort_name(cohort_name):
             raise InvalidArgument(
                 f"cohort name {cohort_name!r} must be 1-48 letters, digits, '.', '_' or '-'"
@@ -180,7 +187,14 @@ class FleetService:
                 spec = self._spec_for(cohort_name, klass)
                 cohort.specs[klass] = spec
                 cohort.students[klass] = self._first_student(spec)
+            # fedwire: refused (before joining) like the split wire's ask.
+            weights = negotiate_weights(
+                cohort.config,
+                weights_ask.get() if weights_codec is None else weights_codec,
+                cohort.students[klass],
+            )
             member = cohort.join(device_id, klass, num_samples, ask)
+            member.weights_codec = weights
             if self.shared is not None:
                 # Before the answer (and again on a retried join: the first may have
                 # failed here): a member's later calls may land on any replica.
@@ -196,6 +210,7 @@ class FleetService:
                 model_name=self.model_name(cohort_name, klass),
                 round=cohort.round,
                 server_model_version=self.split.teachers.current().version,
+                weights_codec=member.weights_codec,
             )
         with self._lock:
             self._member_cohort[member.member_id] = cohort_name
@@ -219,7 +234,10 @@ class FleetService:
     def check_member(self, member_id: str, device: str | None) -> None:
         self._member(member_id, device)
 
-    def fetch(self, member_id: str, after_round: int, device: str | None = None) -> RoundTask:
+    def fetch(
+        self, member_id: str, after_round: int, device: str | None = None, held: int = 0
+    ) -> RoundTask:
+        """``held``: the digest of the student the device holds (fedwire; 0: none)."""
         cohort, member = self._member(member_id, device)
         self.poke(cohort)
         with cohort.lock:
@@ -230,16 +248,32 @@ class FleetService:
             )
             summary = self._summary(cohort, member.device_class)
             devices = len(cohort.members)
+            retry = self.pace.retry_after(cohort.name, cohort.aggregating)
         session = None
         if state is RoundState.TRAINING and cohort.config.mode == "split":
             session = self._round_session(cohort, member, number, weights)
             weights = {}  # the session carries the head; the tail stays in the cloud
+        elif state is RoundState.TRAINING and member.weights_codec == wc.INT8_DELTA:
+            down = self.mirrors.download(member, number, weights, held)
+            return RoundTask(
+                state=state,
+                round=number,
+                weights=down.weights,
+                deadline_seconds=left,
+                retry_after_seconds=retry,
+                server_model_version=self.split.teachers.current().version,
+                model=summary,
+                devices=devices,
+                weights_base=down.base,
+                weights_digest=down.digest,
+                packed=down.deltas,
+            )
         return RoundTask(
             state=state,
             round=number,
             weights=weights,
             deadline_seconds=left,
-            retry_after_seconds=RETRY_AFTER_SECONDS,
+            retry_after_seconds=retry,
             server_model_version=self.split.teachers.current().version,
             model=summary,
             session=session,
@@ -300,6 +334,8 @@ class FleetService:
         weights = update.weights
         if cohort.config.mode == "split":
             weights = self._split_update(member, update)
+        elif update.weights_base:
+            weights = self._delta_update(member, update)
         contribution = Contribution(
             member.member_id, member.device_class, weights, update.num_samples
         )
@@ -311,6 +347,15 @@ class FleetService:
                 self._save(cohort)
         self.poke(cohort)
         return fresh, update.round
+
+    def _delta_update(self, member: Member, update: Update) -> dict[str, np.ndarray]:
+        """fedwire: a federated update sent as int8 deltas, applied to its base."""
+        if member.weights_codec != wc.INT8_DELTA:
+            raise FailedPrecondition(
+                f"this member's weights travel as {member.weights_codec}, not as deltas: "
+                "send the whole student (or join again asking for int8-delta)"
+            )
+        return self.mirrors.reconstruct(member, update.weights_base, update.weights)
 
     def _split_update(self, member: Member, update: Update) -> dict[str, np.ndarray]:
         entry = self._sessions.get(member.member_id)
@@ -338,6 +383,7 @@ class FleetService:
             if not cohort.ready_to_close():
                 return
             pending = cohort.begin_close()
+            self.pace.began(cohort.name)
         self._closer.submit(self._close, cohort, pending)
 
     def poke_all(self) -> None:
@@ -369,9 +415,11 @@ class FleetService:
             if self.shared is not None and not self.shared.still_ours(self, cohort):
                 return  # its new holder closes the round from the shared checkpoint
             record = cohort.end_close(outcome, published, pending)
+            self.pace.ended(cohort.name)
             self._save(cohort)
             finished = list(cohort.members) if cohort.complete else []
         self.caches.drop(finished)  # splitwire: a complete cohort's teacher caches go
+        self.mirrors.drop(finished)  # fedwire: and what its members held
         if record is not None:
             self.split.metrics.observe_round(
                 cohort.name,
@@ -481,6 +529,7 @@ class FleetService:
             for member_id in members:
                 del self._member_cohort[member_id]
         self.caches.drop(members)  # its teacher caches go with it to the new holder
+        self.mirrors.drop(members)  # fedwire: the new holder sends whole weights first
         return cohort
 
     def peek(self, name: str) -> Cohort | None:

@@ -47,7 +47,9 @@ class FleetServicer(pb_grpc.FleetServicer):
         self, request: pb.FetchRoundRequest, context: grpc.ServicerContext
     ) -> pb.RoundTask:
         _require_member(request.member_id)
-        task = self.fleet.fetch(request.member_id, request.after_round, authenticated_device())
+        task = self.fleet.fetch(
+            request.member_id, request.after_round, authenticated_device(), request.held_weights
+        )
         accuracy = self.fleet.split.teacher.accuracy
         session = None if task.session is None else session_message(task.session, accuracy)  # type: ignore[arg-type]
         return serde.round_task_to_pb(task, session)

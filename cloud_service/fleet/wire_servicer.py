@@ -11,6 +11,7 @@ from __future__ import annotations
 import grpc
 
 from cloud_service.fleet.servicer import FleetServicer
+from cloud_service.fleet.weights import weights_ask
 from cloud_service.fleet.wire import join_ask
 from splitkd import serde
 from splitkd.v1 import splitkd_pb2 as pb
@@ -21,8 +22,10 @@ class WireFleetServicer(FleetServicer):
         self, request: pb.JoinCohortRequest, context: grpc.ServicerContext
     ) -> pb.JoinCohortResponse:
         token = join_ask.set(serde.cohort_ask_from_pb(request))
+        weights = weights_ask.set(request.weights_codec)  # fedwire
         try:
             reply: pb.JoinCohortResponse = super().JoinCohort(request, context)
             return reply
         finally:
+            weights_ask.reset(weights)
             join_ask.reset(token)

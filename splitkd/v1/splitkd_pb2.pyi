@@ -66,7 +66,8 @@ class _EncodingEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Encoding.Val
     """Per-channel affine int8: data holds prod(shape) int8 values q; channel c
     (dimension 1; the whole tensor when the rank is 1) decodes as
     scale[c] * (q - zero_point[c]). scale: float32 per channel, finite and > 0;
-    zero_point: int8 per channel.
+    zero_point: int8 per channel. In a federated cohort's weight deltas (fedwire,
+    splitkd/weights_codec.py) the channel is dimension 0 instead: an output row.
     """
     ENCODING_SPARSE: _Encoding.ValueType  # 2
     """Top-k sparse: indices holds k int32 flat (C-order) positions, strictly
@@ -83,7 +84,8 @@ ENCODING_AFFINE_INT8: Encoding.ValueType  # 1
 """Per-channel affine int8: data holds prod(shape) int8 values q; channel c
 (dimension 1; the whole tensor when the rank is 1) decodes as
 scale[c] * (q - zero_point[c]). scale: float32 per channel, finite and > 0;
-zero_point: int8 per channel.
+zero_point: int8 per channel. In a federated cohort's weight deltas (fedwire,
+splitkd/weights_codec.py) the channel is dimension 0 instead: an output row.
 """
 ENCODING_SPARSE: Encoding.ValueType  # 2
 """Top-k sparse: indices holds k int32 flat (C-order) positions, strictly
@@ -1091,6 +1093,8 @@ class CohortConfig(_message.Message):
     WIRE_CODEC_FIELD_NUMBER: _builtins.int
     WIRE_CODECS_FIELD_NUMBER: _builtins.int
     STUDENT_CUT_FIELD_NUMBER: _builtins.int
+    WEIGHTS_CODEC_FIELD_NUMBER: _builtins.int
+    WEIGHTS_CODECS_FIELD_NUMBER: _builtins.int
     mode: _builtins.str
     """"federated" (KOALA) or "split" (split-federated)"""
     min_devices: _builtins.int
@@ -1105,10 +1109,17 @@ class CohortConfig(_message.Message):
     when the member asks nothing. Empty / 0: the cloud's --wire-codec / --student-cut.
     """
     student_cut: _builtins.int
+    weights_codec: _builtins.str
+    """The frugal wire of federated cohorts (fedwire): how the student's weights travel
+    when a member asks nothing ("float32": whole weights; "int8-delta": int8 deltas
+    against the version the device holds), and the codecs a member may ask (empty: any).
+    """
     @_builtins.property
     def wire_codecs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """the codecs a member may ask (empty: any)"""
 
+    @_builtins.property
+    def weights_codecs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
@@ -1120,10 +1131,12 @@ class CohortConfig(_message.Message):
         wire_codec: _builtins.str = ...,
         wire_codecs: _abc.Iterable[_builtins.str] | None = ...,
         student_cut: _builtins.int = ...,
+        weights_codec: _builtins.str = ...,
+        weights_codecs: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["local_epochs", b"local_epochs", "min_devices", b"min_devices", "mode", b"mode", "round_timeout_seconds", b"round_timeout_seconds", "rounds", b"rounds", "student_cut", b"student_cut", "wire_codec", b"wire_codec", "wire_codecs", b"wire_codecs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["local_epochs", b"local_epochs", "min_devices", b"min_devices", "mode", b"mode", "round_timeout_seconds", b"round_timeout_seconds", "rounds", b"rounds", "student_cut", b"student_cut", "weights_codec", b"weights_codec", "weights_codecs", b"weights_codecs", "wire_codec", b"wire_codec", "wire_codecs", b"wire_codecs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1141,6 +1154,7 @@ class JoinCohortRequest(_message.Message):
     WIRE_CODEC_FIELD_NUMBER: _builtins.int
     TRAIN_SAMPLES_FIELD_NUMBER: _builtins.int
     STUDENT_CUT_FIELD_NUMBER: _builtins.int
+    WEIGHTS_CODEC_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     cohort: _builtins.str
     num_samples: _builtins.int
@@ -1154,6 +1168,10 @@ class JoinCohortRequest(_message.Message):
     """
     train_samples: _builtins.int
     student_cut: _builtins.int
+    weights_codec: _builtins.str
+    """Federated cohorts (fedwire): how this device wants the weights to travel (empty: the
+    cohort's weights_codec). Unknown: INVALID_ARGUMENT; outside weights_codecs: FAILED_PRECONDITION.
+    """
     @_builtins.property
     def profile(self) -> Global___DeviceProfile:
         """its name chooses the device class"""
@@ -1171,10 +1189,11 @@ class JoinCohortRequest(_message.Message):
         wire_codec: _builtins.str = ...,
         train_samples: _builtins.int = ...,
         student_cut: _builtins.int = ...,
+        weights_codec: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["profile", b"profile", "signature", b"signature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cohort", b"cohort", "device_id", b"device_id", "num_samples", b"num_samples", "profile", b"profile", "signature", b"signature", "student_cut", b"student_cut", "train_samples", b"train_samples", "wire_codec", b"wire_codec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cohort", b"cohort", "device_id", b"device_id", "num_samples", b"num_samples", "profile", b"profile", "signature", b"signature", "student_cut", b"student_cut", "train_samples", b"train_samples", "weights_codec", b"weights_codec", "wire_codec", b"wire_codec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1193,6 +1212,7 @@ class JoinCohortResponse(_message.Message):
     MODEL_NAME_FIELD_NUMBER: _builtins.int
     ROUND_FIELD_NUMBER: _builtins.int
     SERVER_MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    WEIGHTS_CODEC_FIELD_NUMBER: _builtins.int
     member_id: _builtins.str
     """the device's handle in this cohort"""
     cohort: _builtins.str
@@ -1202,6 +1222,8 @@ class JoinCohortResponse(_message.Message):
     round: _builtins.int
     """the round in progress (0: not started yet)"""
     server_model_version: _builtins.int
+    weights_codec: _builtins.str
+    """fedwire: how this member's weights travel"""
     @_builtins.property
     def config(self) -> Global___CohortConfig: ...
     @_builtins.property
@@ -1222,10 +1244,11 @@ class JoinCohortResponse(_message.Message):
         model_name: _builtins.str = ...,
         round: _builtins.int = ...,
         server_model_version: _builtins.int = ...,
+        weights_codec: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "hyperparameters", b"hyperparameters", "student", b"student"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cohort", b"cohort", "config", b"config", "device_class", b"device_class", "hyperparameters", b"hyperparameters", "member_id", b"member_id", "model_name", b"model_name", "round", b"round", "server_model_version", b"server_model_version", "student", b"student"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cohort", b"cohort", "config", b"config", "device_class", b"device_class", "hyperparameters", b"hyperparameters", "member_id", b"member_id", "model_name", b"model_name", "round", b"round", "server_model_version", b"server_model_version", "student", b"student", "weights_codec", b"weights_codec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1237,18 +1260,24 @@ class FetchRoundRequest(_message.Message):
 
     MEMBER_ID_FIELD_NUMBER: _builtins.int
     AFTER_ROUND_FIELD_NUMBER: _builtins.int
+    HELD_WEIGHTS_FIELD_NUMBER: _builtins.int
     member_id: _builtins.str
     after_round: _builtins.int
     """the last round this device completed (0: none)"""
+    held_weights: _builtins.int
+    """fedwire: the digest (splitkd/weights_codec.py) of the class student the device holds,
+    0 for none. On the int8-delta codec the cloud sends a delta against it when it knows it.
+    """
     def __init__(
         self,
         *,
         member_id: _builtins.str = ...,
         after_round: _builtins.int = ...,
+        held_weights: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_round", b"after_round", "member_id", b"member_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_round", b"after_round", "held_weights", b"held_weights", "member_id", b"member_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1267,6 +1296,8 @@ class RoundTask(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     SESSION_FIELD_NUMBER: _builtins.int
     DEVICES_FIELD_NUMBER: _builtins.int
+    WEIGHTS_BASE_FIELD_NUMBER: _builtins.int
+    WEIGHTS_DIGEST_FIELD_NUMBER: _builtins.int
     state: Global___RoundState.ValueType
     round: _builtins.int
     deadline_seconds: _builtins.float
@@ -1275,6 +1306,14 @@ class RoundTask(_message.Message):
     server_model_version: _builtins.int
     devices: _builtins.int
     """devices in the cohort"""
+    weights_base: _builtins.int
+    """fedwire: non-zero when `weights` is an int8 delta (per output row) against the weights
+    of this digest (the device's held_weights); 0 when `weights` is the whole student.
+    """
+    weights_digest: _builtins.int
+    """fedwire: the digest of the student once the delta is applied (the cloud holds the
+    same bits); the device checks it and fetches whole weights (held_weights 0) if it differs.
+    """
     @_builtins.property
     def weights(self) -> Global___ModelWeights:
         """the class's current student (whole model)"""
@@ -1299,10 +1338,12 @@ class RoundTask(_message.Message):
         model: Global___ModelInfo | None = ...,
         session: Global___RegisterResponse | None = ...,
         devices: _builtins.int = ...,
+        weights_base: _builtins.int = ...,
+        weights_digest: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "session", b"session", "weights", b"weights"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline_seconds", b"deadline_seconds", "devices", b"devices", "model", b"model", "retry_after_seconds", b"retry_after_seconds", "round", b"round", "server_model_version", b"server_model_version", "session", b"session", "state", b"state", "weights", b"weights"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline_seconds", b"deadline_seconds", "devices", b"devices", "model", b"model", "retry_after_seconds", b"retry_after_seconds", "round", b"round", "server_model_version", b"server_model_version", "session", b"session", "state", b"state", "weights", b"weights", "weights_base", b"weights_base", "weights_digest", b"weights_digest"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1318,6 +1359,7 @@ class SubmitUpdateRequest(_message.Message):
     NUM_SAMPLES_FIELD_NUMBER: _builtins.int
     HELDOUT_ACCURACY_FIELD_NUMBER: _builtins.int
     STEPS_FIELD_NUMBER: _builtins.int
+    WEIGHTS_BASE_FIELD_NUMBER: _builtins.int
     member_id: _builtins.str
     round: _builtins.int
     num_samples: _builtins.int
@@ -1325,6 +1367,12 @@ class SubmitUpdateRequest(_message.Message):
     """of the round's starting model on the device's held-out data"""
     steps: _builtins.int
     """split mode: steps applied in the round's session"""
+    weights_base: _builtins.int
+    """fedwire: non-zero when `weights` is an int8 delta (per output row) against the round's
+    student of this digest (the one the device trained from); 0: the whole student. A base
+    the cloud does not hold (a restart, a take-over): FAILED_PRECONDITION naming
+    "weights-base-unknown"; the device then sends the whole student.
+    """
     @_builtins.property
     def weights(self) -> Global___ModelWeights:
         """Federated: the whole locally trained student. Split: the trained head only."""
@@ -1338,10 +1386,11 @@ class SubmitUpdateRequest(_message.Message):
         num_samples: _builtins.int = ...,
         heldout_accuracy: _builtins.float = ...,
         steps: _builtins.int = ...,
+        weights_base: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["weights", b"weights"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heldout_accuracy", b"heldout_accuracy", "member_id", b"member_id", "num_samples", b"num_samples", "round", b"round", "steps", b"steps", "weights", b"weights"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heldout_accuracy", b"heldout_accuracy", "member_id", b"member_id", "num_samples", b"num_samples", "round", b"round", "steps", b"steps", "weights", b"weights", "weights_base", b"weights_base"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
