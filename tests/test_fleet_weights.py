@@ -122,7 +122,8 @@ class Live:
     def __init__(self, tmp_path: Path, config: CohortConfig) -> None:
         self.service = make_service(tmp_path)
         anchor = cloud_split(load_dataset("digits"), 0.4).train
-        settings = FleetSettings(config, {}, anchor.x, anchor, tmp_path / "cohorts")
+        labels = koala.CloudLabels.split(anchor)
+        settings = FleetSettings(config, {}, anchor.x, labels, tmp_path / "cohorts")
         self.fleet = FleetService(self.service, settings)
         self.server, port = build_grpc_server(self.service, "127.0.0.1:0", fleet=self.fleet)
         self.server.start()
