@@ -28,7 +28,7 @@ from edge_agent.trainer import EdgeTrainer, GrpcTransport
 from splitkd import koala
 from splitkd import weights_codec as wc
 from splitkd.data.partition import EdgeSplit
-from splitkd.messages import JoinAnswer, RoundState, RoundTask, SessionInfo, Update
+from splitkd.messages import NEXT_ROUND, JoinAnswer, RoundState, RoundTask, SessionInfo, Update
 from splitkd.models import zoo
 from splitkd.training import accuracy_of, predict
 
@@ -111,6 +111,11 @@ def run_rounds(
         try:
             figures = _one_round(client, join, task, split, telemetry, run)
         except CloudRefused as exc:
+            if exc.code == "FAILED_PRECONDITION" and NEXT_ROUND in exc.details:
+                # A straggler: the round closed at its deadline without this update.
+                log.warning("round %d closed without this device's update; next round", task.round)
+                after = task.round
+                continue
             if exc.code != "NOT_FOUND" or join.config.mode != "split":
                 raise
             # The cloud restarted and lost the round's split session: fetch the round again.

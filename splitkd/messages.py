@@ -18,6 +18,9 @@ from splitkd.models.spec import ModelSpec
 from splitkd.weights_codec import DEFAULT_WEIGHTS_CODEC, WEIGHTS_CODECS
 
 COHORT_MODES = ("federated", "split")
+# How the cloud ends its answer to an update for a round that closed without it: a
+# straggler that reads it goes on with the next round instead of giving up.
+NEXT_ROUND = "fetch the next round"
 Weights = dict[str, np.ndarray]
 
 

@@ -109,6 +109,64 @@ def test_a_straggler_never_stalls_the_fleet() -> None:
     assert cohort.ready_to_close()
 
 
+class _LateDevice:
+    """A client whose first update arrives after its round closed: the real cohort's answer."""
+
+    def __init__(self, cohort: Cohort, member_id: str) -> None:
+        self.cohort, self.member_id = cohort, member_id
+        self.traffic = type("Traffic", (), {"bytes_up": 0, "bytes_down": 0})()
+        self.fetched: list[int] = []
+        self.submitted: list[int] = []
+
+    def fetch_round(self, member_id: str, after: int, *_: object) -> object:
+        from splitkd.messages import RoundTask
+
+        self.fetched.append(after)
+        if after >= 2:
+            return RoundTask(RoundState.COMPLETE, after)
+        return RoundTask(RoundState.TRAINING, after + 1, dict(self.cohort.students["standard"]))
+
+    def submit_update(self, update: object) -> object:
+        from edge_agent.errors import CloudRefused
+
+        round_number = update.round  # type: ignore[attr-defined]
+        self.submitted.append(round_number)
+        member = self.cohort.members[self.member_id]
+        try:
+            self.cohort.accept(member, round_number, _pending(self.cohort, self.member_id))
+        except FailedPrecondition as exc:
+            raise CloudRefused("SubmitUpdate", "FAILED_PRECONDITION", str(exc)) from exc
+        return type("Answer", (), {"duplicate": False})()
+
+
+def test_a_straggler_whose_round_closed_goes_on_with_the_next_round() -> None:
+    from splitkd.hyper import Hyperparameters
+    from splitkd.messages import JoinAnswer
+
+    cohort = _cohort(Clock(), min_devices=1, rounds=3)
+    member = cohort.join("late", "standard", 10)
+    cohort.round = 2  # round 1 closed at its deadline without this device
+    config = CohortConfig("federated", rounds=3, local_epochs=1)
+    join = JoinAnswer(
+        member.member_id,
+        "k",
+        "standard",
+        config,
+        cohort.specs["standard"],
+        Hyperparameters(seed=0, epochs=1),
+        "cohort-k",
+        1,
+        1,
+    )
+    split = edge_split(load_dataset("digits"), Shard(0, 8), presumed_fraction=0.4)
+    client = _LateDevice(cohort, member.member_id)
+    run = run_rounds(client, join, split, TrainingTelemetry("laptop-x86", "wifi"))  # type: ignore[arg-type]
+    # Round 1 was refused as closed; the device fetched on after it and delivered round 2.
+    assert client.submitted == [1, 2] and client.fetched == [0, 1, 2]
+    assert [r.round for r in run.rounds] == [2]
+    assert member.member_id in cohort.pending
+
+
 def test_a_round_nobody_delivered_is_extended_not_closed_empty() -> None:
     clock = Clock()
     cohort = _cohort(clock, min_devices=1, round_timeout_seconds=10)

@@ -19,7 +19,7 @@ import numpy as np
 
 from cloud_service.fleet.strategy import Contribution, RoundOutcome
 from splitkd.errors import FailedPrecondition
-from splitkd.messages import CohortConfig, RoundState, SessionAsk
+from splitkd.messages import NEXT_ROUND, CohortConfig, RoundState, SessionAsk
 from splitkd.models.spec import ModelSpec
 
 Weights = dict[str, np.ndarray]
@@ -158,7 +158,7 @@ class Cohort:
         if round_number != self.round or self.aggregating:
             raise FailedPrecondition(
                 f"round {round_number} of cohort {self.name} is closed (the open round is "
-                f"{self.round}{', closing' if self.aggregating else ''}); fetch the next round"
+                f"{self.round}{', closing' if self.aggregating else ''}); {NEXT_ROUND}"
             )
         if member.member_id in self.pending:
             return False
