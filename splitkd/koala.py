@@ -195,7 +195,9 @@ def forward_kd(
     proxy: np.ndarray,
     settings: TransferSettings,
     seed: int,
+    anchor: Dataset | None = None,
 ) -> StagedModel:
-    """Large -> small: the class's student trained towards the server model (in place)."""
-    _distil(student, [server], proxy, settings, settings.forward_epochs, seed)
+    """Large -> small: the class's student trained towards the server model (in place),
+    and towards the cloud's own labels when it has some (``anchor``)."""
+    _distil(student, [server], proxy, settings, settings.forward_epochs, seed, anchor)
     return student

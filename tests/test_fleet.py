@@ -32,7 +32,7 @@ from splitkd.data.specs import Dataset
 from splitkd.errors import FailedPrecondition, InvalidArgument
 from splitkd.messages import CohortConfig, RoundState
 from splitkd.models import zoo
-from splitkd.models.normalize import fit_stats
+from splitkd.models.normalize import fit_inputs, fit_stats
 from splitkd.models.staged import StagedModel
 from splitkd.training import predict
 from splitkd.v1 import splitkd_pb2 as pb
@@ -526,3 +526,23 @@ def test_cloud_labels_hold_out_every_fifth_sample() -> None:
     assert len(labels.heldout) == (len(data) + 4) // 5
     assert len(labels.train) + len(labels.heldout) == len(data)
     np.testing.assert_array_equal(labels.heldout.y, data.y[::5])
+
+
+def test_forward_kd_also_learns_the_clouds_own_labels_when_it_has_some() -> None:
+    """A server model that knows nothing (random weights) teaches nothing on its own; with
+    the cloud's labelled data as the anchor the class's student learns the task anyway."""
+    data = cloud_split(load_dataset("digits"), 0.4)
+    labels = koala.CloudLabels.split(data.train)
+    spec = zoo.default_student(DIGITS)
+    server = zoo.build(zoo.default_teacher(DIGITS), 7)
+    settings = koala.TransferSettings(forward_epochs=30, learning_rate=0.01)
+
+    def student_after(anchor: Dataset | None) -> float:
+        student = zoo.build(spec, 3)
+        fit_inputs(student, data.train.x)
+        koala.forward_kd(student, server, data.train.x, settings, seed=1, anchor=anchor)
+        held = labels.heldout
+        return float((predict(student, held.x).argmax(1) == held.y).mean())
+
+    alone, anchored = student_after(None), student_after(labels.train)
+    assert anchored > 0.6 and anchored > alone + 0.3, (alone, anchored)

@@ -118,7 +118,8 @@ class Koala(FedAvg):
             ensemble = [*models.values(), *[server.model] * len(models)]
             updated = self._learn(server, ensemble, seed, purpose)
         for device_class, model in models.items():
-            koala.forward_kd(model, updated.model, self.proxy, self.settings, seed)
+            anchor = self.labels.train if self.labels else None
+            koala.forward_kd(model, updated.model, self.proxy, self.settings, seed, anchor)
             averaged.students[device_class] = koala.weights_of(model)
         averaged.server_model_version = updated.version
         return averaged
