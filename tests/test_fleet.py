@@ -22,6 +22,7 @@ from cloud_service.server import build_grpc_server
 from cloud_service.service import CloudService
 from cloud_service.teacher import TeacherVersions
 from edge_agent.client import CloudClient
+from edge_agent.errors import CloudRefused
 from edge_agent.fleet import install_final, run_rounds
 from edge_agent.model_store import ModelStore
 from edge_agent.telemetry import TrainingTelemetry
@@ -30,7 +31,8 @@ from splitkd.data import edge_split, load_dataset
 from splitkd.data.partition import Shard, cloud_split
 from splitkd.data.specs import Dataset
 from splitkd.errors import FailedPrecondition, InvalidArgument
-from splitkd.messages import CohortConfig, RoundState
+from splitkd.hyper import Hyperparameters
+from splitkd.messages import CohortConfig, JoinAnswer, RoundState, RoundTask
 from splitkd.models import zoo
 from splitkd.models.normalize import fit_inputs, fit_stats
 from splitkd.models.staged import StagedModel
@@ -119,16 +121,12 @@ class _LateDevice:
         self.submitted: list[int] = []
 
     def fetch_round(self, member_id: str, after: int, *_: object) -> object:
-        from splitkd.messages import RoundTask
-
         self.fetched.append(after)
         if after >= 2:
             return RoundTask(RoundState.COMPLETE, after)
         return RoundTask(RoundState.TRAINING, after + 1, dict(self.cohort.students["standard"]))
 
     def submit_update(self, update: object) -> object:
-        from edge_agent.errors import CloudRefused
-
         round_number = update.round  # type: ignore[attr-defined]
         self.submitted.append(round_number)
         member = self.cohort.members[self.member_id]
@@ -140,9 +138,6 @@ class _LateDevice:
 
 
 def test_a_straggler_whose_round_closed_goes_on_with_the_next_round() -> None:
-    from splitkd.hyper import Hyperparameters
-    from splitkd.messages import JoinAnswer
-
     cohort = _cohort(Clock(), min_devices=1, rounds=3)
     member = cohort.join("late", "standard", 10)
     cohort.round = 2  # round 1 closed at its deadline without this device
