@@ -21,7 +21,7 @@ from cloud_service.publish import publish_teacher
 from cloud_service.server import build_grpc_server
 from cloud_service.service import CloudService
 from cloud_service.teacher import TeacherVersions
-from edge_agent.client import CloudClient
+from edge_agent.client import CloudClient, Traffic
 from edge_agent.errors import CloudRefused
 from edge_agent.fleet import install_final, run_rounds
 from edge_agent.model_store import ModelStore
@@ -116,7 +116,7 @@ class _LateDevice:
 
     def __init__(self, cohort: Cohort, member_id: str) -> None:
         self.cohort, self.member_id = cohort, member_id
-        self.traffic = type("Traffic", (), {"bytes_up": 0, "bytes_down": 0})()
+        self.traffic = Traffic()
         self.fetched: list[int] = []
         self.submitted: list[int] = []
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from cloud_service.teacher import Teacher, TeacherVersions
 from splitkd import koala
+from splitkd.data.specs import Dataset
 from splitkd.models.spec import ModelSpec
 from splitkd.models.staged import StagedModel
 
@@ -96,6 +97,11 @@ class Koala(FedAvg):
         self.labels = labels
         self.settings = settings or koala.TransferSettings()
 
+    @property
+    def anchor(self) -> Dataset | None:
+        """The cloud's labelled training data both knowledge transfers also learn from."""
+        return self.labels.train if self.labels else None
+
     def aggregate(
         self,
         round_number: int,
@@ -118,8 +124,7 @@ class Koala(FedAvg):
             ensemble = [*models.values(), *[server.model] * len(models)]
             updated = self._learn(server, ensemble, seed, purpose)
         for device_class, model in models.items():
-            anchor = self.labels.train if self.labels else None
-            koala.forward_kd(model, updated.model, self.proxy, self.settings, seed, anchor)
+            koala.forward_kd(model, updated.model, self.proxy, self.settings, seed, self.anchor)
             averaged.students[device_class] = koala.weights_of(model)
         averaged.server_model_version = updated.version
         return averaged
@@ -129,8 +134,9 @@ class Koala(FedAvg):
     ) -> Teacher:
         """Reverse KD; the new server model is published unless the cloud's held-out labels
         say it got worse (then the round teaches the students from the current one)."""
-        anchor = self.labels.train if self.labels else None
-        learned = koala.reverse_kd(server.model, ensemble, self.proxy, self.settings, seed, anchor)
+        learned = koala.reverse_kd(
+            server.model, ensemble, self.proxy, self.settings, seed, self.anchor
+        )
         if self.labels is not None and not koala.keeps(learned, server.model, self.labels.heldout):
             log.info(
                 "%s: reverse KD scored lower on the cloud's held-out labels; server model v%d kept",
