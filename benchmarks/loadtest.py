@@ -55,7 +55,6 @@ import math
 import multiprocessing
 import os
 import random
-import shutil
 import subprocess
 import sys
 import threading
@@ -71,6 +70,7 @@ import numpy as np
 from benchmarks.loadtest_report import (
     cpu_usage,
     describe_phase,
+    histogram_summary,
     print_comparison,
     print_figure,
     print_report,
@@ -80,7 +80,8 @@ from benchmarks.loadtest_report import percentile_ms as percentile_ms  # make sc
 from benchmarks.pacing import DEMO_MIX, Pace, make_pace, parse_mix, step_flops
 from edge_agent.plan_model import FRAME
 from edge_agent.sticky import StickyUpstream
-from splitkd.errors import InvalidArgument
+from splitkd import outdir
+from splitkd.errors import InvalidArgument, SplitKDError
 from splitkd.grpc_options import ROUTE_HEADER
 from splitkd.names import TEACHER_CACHE_MISS as CACHE_MISS
 
@@ -493,14 +494,34 @@ CLOSED, PACED = "closed", "paced"
 
 
 @dataclass(frozen=True)
+class EdgeSpec:
+    """One simulated edge of ``make loadtest``: its place in the fleet, data and profiles."""
+
+    index: int
+    name: str
+    shard: int
+    profiles: tuple[str, str]  # (device, link) of the paced phases
+
+
+@dataclass(frozen=True)
 class Phase:
     name: str  # CLOSED: back to back (saturation); PACED: as real devices send (open loop)
     duration: float
+    # The first this many edges step (a capacity sweep's point); None: every edge.
+    edges: int | None = None
+
+    @property
+    def key(self) -> str:
+        """The phase's name in the report: ``paced``, or ``paced-16`` for 16 of the edges."""
+        return self.name if self.edges is None else f"{self.name}-{self.edges}"
+
+    def active(self, index: int) -> bool:
+        return self.edges is None or index < self.edges
 
 
 async def _run_phases(
     address: str,
-    edges_spec: list[tuple[str, int, tuple[str, str]]],
+    edges_spec: list[EdgeSpec],
     phases: list[Phase],
     timeout: float,
     ready: Any,
@@ -508,7 +529,7 @@ async def _run_phases(
     results: Any,
     worker: int,
 ) -> None:
-    edges = [SimulatedEdge(address, name, shard, timeout) for name, shard, _ in edges_spec]
+    edges = [SimulatedEdge(address, e.name, e.shard, timeout) for e in edges_spec]
     await asyncio.gather(*(edge.register() for edge in edges))
     # torch and these edges' models live as long as the worker: frozen, the collector's
     # oldest generation never walks them again (each walk stopped all of this process's
@@ -522,19 +543,24 @@ async def _run_phases(
             old = edge.result
             edge.result = EdgeResult(old.name, old.registered, failures=old.failures[:0])
         deadline = time.monotonic() + phase.duration
+        active = [
+            (edge, spec)
+            for edge, spec in zip(edges, edges_spec, strict=True)
+            if phase.active(spec.index)
+        ]
         await asyncio.gather(
             *(
-                edge.train(deadline, profiles if phase.name == PACED else None)
-                for edge, (_, _, profiles) in zip(edges, edges_spec, strict=True)
+                edge.train(deadline, spec.profiles if phase.name == PACED else None)
+                for edge, spec in active
             )
         )
-        results.put((worker, number, [asdict(edge.result) for edge in edges]))
+        results.put((worker, number, [asdict(edge.result) for edge, _ in active]))
     await asyncio.gather(*(edge.close() for edge in edges))
 
 
 def phased_worker_main(
     address: str,
-    edges_spec: list[tuple[str, int, tuple[str, str]]],
+    edges_spec: list[EdgeSpec],
     phases: list[Phase],
     timeout: float,
     ready: Any,
@@ -630,7 +656,7 @@ def start_cloud(
 
     state = out / "cloud-state"
     # A fresh state: the cloud would otherwise restore the last run's checkpointed sessions.
-    shutil.rmtree(state, ignore_errors=True)
+    outdir.clear(state, owner=out)
     make_teacher(state / "teacher.safetensors")
     grpc_port, http_port = free_port(), free_port()
     command = [
@@ -660,8 +686,7 @@ def start_cloud(
 
 def run(args: argparse.Namespace, batching: bool = True) -> dict[str, Any]:
     """One cloud, ``args.edges`` edges registered once, then each phase in turn."""
-    out = Path(args.out) / ("batching" if batching else "no-batching")
-    out.mkdir(parents=True, exist_ok=True)
+    out = outdir.claim(Path(args.out) / ("batching" if batching else "no-batching"), "loadtest")
     load_start = round(os.getloadavg()[0], 2)
     pinning = pin_cpus(args.pin)
     extra = () if batching else ("--no-teacher-batching",)
@@ -671,7 +696,8 @@ def run(args: argparse.Namespace, batching: bool = True) -> dict[str, Any]:
     rss_start = rss_bytes(cloud.pid)
     processes = max(1, min(args.processes, args.edges))
     spec = [
-        (f"load-edge-{i:03d}", i % SHARDS, args.mix[i % len(args.mix)]) for i in range(args.edges)
+        EdgeSpec(i, f"load-edge-{i:03d}", i % SHARDS, args.mix[i % len(args.mix)])
+        for i in range(args.edges)
     ]
     groups = [spec[p::processes] for p in range(processes)]
     phases = args.phases
@@ -695,17 +721,22 @@ def run(args: argparse.Namespace, batching: bool = True) -> dict[str, Any]:
         rss_registered = rss_bytes(cloud.pid)
         dead: set[int] = set()
         for number, phase in enumerate(phases):
+            stepping = registered if phase.edges is None else min(phase.edges, registered)
             print(
-                f"loadtest: {registered} edges in {len(workers)} processes, "
+                f"loadtest: {stepping} of {registered} edges in {len(workers)} processes, "
                 f"{describe_phase(phase.name)}, {phase.duration:.0f} s …",
                 flush=True,
             )
             before = cpu_snapshot(cloud.pid, workers)
+            handler_before = step_handler_buckets(http)
             starts[number].set()
             wait = phase.duration + 4 * args.timeout + 120
             edges = collect(results, number, len(workers), dead, wait)
             usage = cpu_usage(before, cpu_snapshot(cloud.pid, workers))
-            reports[phase.name] = summarise_phase(phase, edges, usage, args.mix)
+            reports[phase.key] = summarise_phase(phase, edges, usage, args.mix)
+            reports[phase.key]["handler_latency_ms"] = histogram_summary(
+                handler_before, step_handler_buckets(http)
+            )
         for w in workers:
             w.join(60)
         cloud_alive = cloud.poll() is None
@@ -797,6 +828,31 @@ def cpu_snapshot(cloud_pid: int, workers: list[Any]) -> dict[str, float]:
     }
 
 
+def step_handler_buckets(http: str) -> dict[float, float]:
+    """The replica's own Step latency histogram (cumulative count per bucket bound): the
+    time in its handler, without the client processes' event loops or the wire."""
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urlopen(f"{http}/metrics", timeout=10) as response:
+            text = response.read().decode()
+    except OSError:
+        return {}
+    buckets: dict[float, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "splitkd_cloud_rpc_duration_seconds":
+            continue
+        for sample in family.samples:
+            labels = sample.labels
+            wanted = labels.get("method") == "Step" and labels.get("code") == "OK"
+            if wanted and sample.name.endswith("_bucket"):
+                bound = float(labels["le"])
+                buckets[bound] = buckets.get(bound, 0.0) + sample.value
+    return buckets
+
+
 def _sessions(http: str) -> int | None:
     from splitkd.demo import http_json
 
@@ -811,7 +867,11 @@ def main(argv: list[str] | None = None) -> int:
     modes = {"both": (False, True), "on": (True,), "off": (False,)}[args.batching]
     reports = []
     for batching in modes:
-        report = run(args, batching)
+        try:
+            report = run(args, batching)
+        except SplitKDError as exc:
+            print(f"loadtest: {exc}", file=sys.stderr)
+            return 2
         print_report(report, Path(args.out) / ("batching" if batching else "no-batching"))
         reports.append(report)
     print_comparison(reports)
@@ -864,11 +924,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=2,
         help="client worker processes the edges are spread over (default 2: one per core here)",
     )
+    add(
+        "--capacity",
+        default="8,16,24,32,48",
+        help="after the paced phase, the same pace with only the first N edges stepping, for "
+        "each N of this list: the most edges the replica holds at p99 <= 50 ms "
+        "(default 8,16,24,32,48; 'none' to skip)",
+    )
+    add(
+        "--capacity-duration",
+        type=float,
+        default=20.0,
+        help="seconds of each capacity point (default 20)",
+    )
     add("--timeout", type=float, default=30.0, help="deadline of one Step call, seconds")
     add("--out", default="runs/loadtest", help="report folder (a subfolder per batching mode)")
     args = parser.parse_args(argv)
-    if args.edges < 1 or args.duration <= 0 or args.paced_duration <= 0:
-        parser.error("--edges must be >= 1, --duration and --paced-duration > 0")
+    if args.edges < 1 or min(args.duration, args.paced_duration, args.capacity_duration) <= 0:
+        parser.error("--edges must be >= 1, --duration, --paced-duration, --capacity-duration > 0")
     try:
         args.mix = DEMO_MIX if args.mix == "demo" else parse_mix(args.mix)
     except InvalidArgument as exc:
@@ -876,7 +949,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     chosen = (CLOSED, PACED) if args.phase == "both" else (args.phase,)
     durations = {CLOSED: args.duration, PACED: args.paced_duration}
     args.phases = [Phase(name, durations[name]) for name in chosen]
+    if PACED in chosen:
+        args.phases += [
+            Phase(PACED, args.capacity_duration, n)
+            for n in _capacity_points(parser, args.capacity)
+            if n < args.edges
+        ]
     return args
+
+
+def _capacity_points(parser: argparse.ArgumentParser, text: str) -> list[int]:
+    if text.strip().lower() == "none":
+        return []
+    try:
+        points = sorted({int(item) for item in text.split(",")})
+    except ValueError:
+        parser.error(f"--capacity: a comma-separated list of edge counts or 'none', got {text!r}")
+    if points[0] < 1:
+        parser.error("--capacity: every edge count must be >= 1")
+    return points
 
 
 if __name__ == "__main__":

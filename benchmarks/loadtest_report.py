@@ -43,6 +43,32 @@ def latency_summary(latencies: np.ndarray) -> dict[str, float]:
     }
 
 
+def histogram_quantile(buckets: dict[float, float], q: float) -> float:
+    """The ``q`` quantile (0-1) of a Prometheus histogram's cumulative bucket counts,
+    interpolated linearly inside its bucket (as PromQL's histogram_quantile does)."""
+    bounds = sorted(b for b in buckets if math.isfinite(b))
+    total = buckets.get(math.inf, buckets[bounds[-1]] if bounds else 0.0)
+    if total <= 0:
+        return math.nan
+    rank, lower, below = q * total, 0.0, 0.0
+    for bound in bounds:
+        count = buckets[bound]
+        if count >= rank:
+            share = (rank - below) / (count - below) if count > below else 1.0
+            return lower + (bound - lower) * share
+        lower, below = bound, count
+    return bounds[-1] if bounds else math.nan  # beyond the last finite bound
+
+
+def histogram_summary(before: dict[float, float], after: dict[float, float]) -> dict[str, float]:
+    """p50/p99 in ms of what a histogram recorded between two scrapes."""
+    delta = {bound: after[bound] - before.get(bound, 0.0) for bound in after}
+    return {
+        name: round(histogram_quantile(delta, q) * 1000, 2)
+        for name, q in (("p50", 0.5), ("p99", 0.99))
+    }
+
+
 def cpu_usage(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     """Cores used between two snapshots: the replica, the client processes, the rest."""
     seconds = after["at"] - before["at"]
@@ -76,6 +102,7 @@ def summarise_phase(
     window = min(usage["seconds"], phase.duration) or phase.duration
     report: dict[str, Any] = {
         "phase": phase.name,
+        "edges_stepping": len(edges),
         "duration_seconds": phase.duration,
         "total_steps": steps,
         "failed_steps": len(failures),
@@ -103,6 +130,9 @@ def pacing_summary(edges: list[dict[str, Any]], window: float) -> dict[str, Any]
     return {
         # The steps/s the edges would send if the cloud answered in no time.
         "offered_steps_per_second": round(sum(1 / e["pace_seconds"] for e in paced), 1),
+        # The least they send if every step took the figure's bound: what holding them
+        # at p99 <= the bound asks of the cloud at the very least.
+        "needed_steps_per_second": round(needed_rate([e["pace_seconds"] for e in paced]), 1),
         "late_pause_share": round(sum(e["late_pauses"] for e in paced) / pauses, 4)
         if pauses
         else 0.0,
@@ -117,6 +147,31 @@ def pacing_summary(edges: list[dict[str, Any]], window: float) -> dict[str, Any]
             }
             for label, group in sorted(groups.items())
         },
+    }
+
+
+def needed_rate(pauses: list[float], bound_ms: float = FIGURE_P99_MS) -> float:
+    """Steps/s edges with these mean pauses send when each step takes ``bound_ms``: an
+    edge's cycle is its pause plus the step, so faster answers only raise the rate."""
+    return sum(1 / (pause + bound_ms / 1000) for pause in pauses)
+
+
+def demand(phase: dict[str, Any]) -> dict[str, float] | None:
+    """What holding a paced phase's edges at the bound takes, at its measured CPU per step:
+    the replica's cores and the simulated edges' cores (None: no steps or no pacing)."""
+    pacing = phase.get("pacing")
+    rate = phase["steps_per_second"]
+    if not pacing or rate <= 0:
+        return None
+    needed = pacing["needed_steps_per_second"]
+    cpu = phase["cpu_cores"]
+    replica_ms, edges_ms = 1000 * cpu["replica"] / rate, 1000 * cpu["generator"] / rate
+    return {
+        "needed_steps_per_second": needed,
+        "replica_cpu_ms_per_step": round(replica_ms, 3),
+        "edges_cpu_ms_per_step": round(edges_ms, 3),
+        "replica_cores_needed": round(needed * replica_ms / 1000, 2),
+        "edges_cores_needed": round(needed * edges_ms / 1000, 2),
     }
 
 
@@ -142,7 +197,25 @@ def figure(reports: list[dict[str, Any]]) -> dict[str, Any]:
         "paced_batched": paced,
         "baseline": phase(False, "closed"),
         "closed_batched": phase(True, "closed"),
+        "demand": demand(paced) if paced is not None else None,
+        "capacity": {
+            ("micro-batched" if r["teacher_batching"] else "one per step"): capacity(r)
+            for r in reports
+        },
     }
+
+
+def capacity(report: dict[str, Any]) -> int | None:
+    """The most paced edges this run held at p99 <= the figure's bound with no failed step
+    (the capacity points and the full paced phase; None: no paced phase, or none held)."""
+    held = [
+        phase["edges_stepping"]
+        for phase in report["phases"].values()
+        if phase["phase"] == "paced"
+        and phase["failed_steps"] == 0
+        and phase["step_latency_ms"]["p99"] <= FIGURE_P99_MS
+    ]
+    return max(held, default=None)
 
 
 def print_report(report: dict[str, Any], out: Path) -> None:
@@ -173,7 +246,10 @@ def print_report(report: dict[str, Any], out: Path) -> None:
 
 def print_phase(phase: dict[str, Any]) -> None:
     latency, cpu = phase["step_latency_ms"], phase["cpu_cores"]
-    print(f"  {describe_phase(phase['phase'])}, {phase['duration_seconds']:.0f} s:")
+    print(
+        f"  {describe_phase(phase['phase'])}, {phase.get('edges_stepping', '?')} edges, "
+        f"{phase['duration_seconds']:.0f} s:"
+    )
     print(
         f"    {phase['total_steps']} steps (per edge {phase['steps_per_edge']['min']}-"
         f"{phase['steps_per_edge']['max']}), {phase['failed_steps']} failed, "
@@ -183,6 +259,12 @@ def print_phase(phase: dict[str, Any]) -> None:
         f"    step latency p50 {latency['p50']:.1f} ms, p95 {latency['p95']:.1f} ms, "
         f"p99 {latency['p99']:.1f} ms (max {latency['max']:.1f} ms)"
     )
+    handler = phase.get("handler_latency_ms")
+    if handler:
+        print(
+            f"    in the replica's Step handler (its own histogram): p50 {handler['p50']:.1f} ms, "
+            f"p99 {handler['p99']:.1f} ms"
+        )
     print(
         f"    CPU cores: replica {cpu['replica']}, client processes {cpu['generator']}, "
         f"other work {cpu['other']}, idle {cpu['idle']} (of {cpu['machine_cpus']:.0f})"
@@ -205,21 +287,25 @@ def print_phase(phase: dict[str, Any]) -> None:
 
 
 def print_comparison(reports: list[dict[str, Any]]) -> None:
+    """Every phase of every run, one row each; p99 as the edges saw it and in the handler."""
     print(
-        f"\n  {'phase':<8} {'teacher passes':<28} {'steps/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
-        f"{'failed':>7} {'replica CPU':>12} {'clients CPU':>12}"
+        f"\n  {'phase':<10} {'edges':>5} {'teacher passes':<15} {'steps/s':>8} {'p50 ms':>7} "
+        f"{'p99 ms':>7} {'handler p99':>11} {'failed':>6} {'replica CPU':>11} {'clients CPU':>11}"
     )
-    for name in ("closed", "paced"):
+    keys = list(dict.fromkeys(key for r in reports for key in r["phases"]))
+    for key in keys:
         for r in reports:
-            phase = r["phases"].get(name)
+            phase = r["phases"].get(key)
             if phase is None:
                 continue
             label = "micro-batched" if r["teacher_batching"] else "one per step"
             latency, cpu = phase["step_latency_ms"], phase["cpu_cores"]
+            handler = phase.get("handler_latency_ms", {}).get("p99", math.nan)
             print(
-                f"  {name:<8} {label:<28} {phase['steps_per_second']:>8.1f} "
-                f"{latency['p50']:>8.1f} {latency['p99']:>8.1f} {phase['failed_steps']:>7} "
-                f"{cpu['replica']:>12} {cpu['generator']:>12}"
+                f"  {phase['phase']:<10} {phase.get('edges_stepping', 0):>5} {label:<15} "
+                f"{phase['steps_per_second']:>8.1f} {latency['p50']:>7.1f} {latency['p99']:>7.1f} "
+                f"{handler:>11.1f} {phase['failed_steps']:>6} {cpu['replica']:>11} "
+                f"{cpu['generator']:>11}"
             )
 
 
@@ -235,6 +321,23 @@ def print_figure(reports: list[dict[str, Any]], edges: int) -> None:
             f"\n  figure ({wanted}): {verdict}: p99 {paced['step_latency_ms']['p99']:.1f} ms, "
             f"{paced['steps_per_second']:.1f} steps/s, {paced['failed_steps']} failed "
             f"at {paced['edges']} paced edges"
+        )
+    need = result["demand"]
+    if need is not None and paced is not None:
+        cores = need["replica_cores_needed"] + need["edges_cores_needed"]
+        print(
+            f"  what {paced['edges']} paced edges at p99 <= {FIGURE_P99_MS:.0f} ms ask: at least "
+            f"{need['needed_steps_per_second']:.0f} steps/s (each edge's pause + "
+            f"{FIGURE_P99_MS:.0f} ms a step); at this run's CPU per step (replica "
+            f"{need['replica_cpu_ms_per_step']:.2f} ms, simulated edges "
+            f"{need['edges_cpu_ms_per_step']:.2f} ms) that is {need['replica_cores_needed']:.2f} "
+            f"cores for the replica and {need['edges_cores_needed']:.2f} for the edges: "
+            f"{cores:.2f} of this machine's {os.cpu_count()}"
+        )
+    for label, held in result["capacity"].items():
+        print(
+            f"  capacity, {label}: {held if held is not None else 'none'} of the paced edges "
+            f"measured held at p99 <= {FIGURE_P99_MS:.0f} ms (the points: --capacity)"
         )
     for label, phase in (
         ("baseline, closed loop, one teacher pass per step", baseline),

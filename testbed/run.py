@@ -22,7 +22,6 @@ import ctypes
 import json
 import logging
 import os
-import shutil
 import signal
 import statistics
 import subprocess
@@ -33,6 +32,8 @@ from importlib import resources
 from pathlib import Path
 from typing import IO, Any
 
+from splitkd import outdir
+from splitkd.errors import SplitKDError
 from testbed import netns
 from testbed.linkemu import link_profile
 
@@ -364,12 +365,11 @@ class Testbed:
         return report
 
     def _clean_outputs(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        for path in self.out.glob("edge*"):
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        for name in ("logs", "cloud"):
-            shutil.rmtree(self.out / name, ignore_errors=True)
-        (self.out / "report.json").unlink(missing_ok=True)
+        """The last run's outputs go; a --out folder splitkd did not make is refused."""
+        outdir.claim(self.out, "the testbed")
+        for path in [*self.out.glob("edge*"), self.out / "logs", self.out / "cloud"]:
+            outdir.clear(path, owner=self.out)
+        outdir.clear(self.out / "report.json", owner=self.out)
 
     def _teacher(self) -> Path:
         """The teacher checkpoint: cached, because training it is most of a cold run."""
@@ -813,7 +813,13 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, _on_signal)
     try:
         report = bed.run()
-    except (TestbedError, netns.NetnsError, OSError, subprocess.SubprocessError) as exc:
+    except (
+        TestbedError,
+        SplitKDError,
+        netns.NetnsError,
+        OSError,
+        subprocess.SubprocessError,
+    ) as exc:
         log.error("testbed failed: %s", exc)
         return 1
     except KeyboardInterrupt:

@@ -15,8 +15,13 @@ import pytest
 from benchmarks import pacing
 from benchmarks.loadtest_report import (
     FIGURE_P99_MS,
+    capacity,
     cpu_usage,
+    demand,
     figure,
+    histogram_quantile,
+    histogram_summary,
+    needed_rate,
     percentile_ms,
     summarise_phase,
 )
@@ -125,18 +130,28 @@ def test_a_paced_phase_summary_per_profile_and_offered_load() -> None:
     assert report["steps_per_second"] == 2.0
     pacing_report = report["pacing"]
     assert pacing_report["offered_steps_per_second"] == pytest.approx(25 + 5)
+    bound = FIGURE_P99_MS / 1000
+    assert pacing_report["needed_steps_per_second"] == pytest.approx(
+        1 / (0.04 + bound) + 1 / (0.2 + bound), abs=0.1
+    )
     assert pacing_report["late_pause_share"] == 0.25
     assert pacing_report["profiles"]["pi/lte"]["step_latency_ms"]["p99"] == pytest.approx(30)
 
 
 def _run(batching: bool, closed_p99: float, paced_p99: float, edges: int = 64) -> dict:
-    def phase(p99: float) -> dict:
-        return {"step_latency_ms": {"p99": p99}, "failed_steps": 0, "steps_per_second": 100.0}
+    def phase(name: str, p99: float) -> dict:
+        return {
+            "phase": name,
+            "edges_stepping": edges,
+            "step_latency_ms": {"p99": p99},
+            "failed_steps": 0,
+            "steps_per_second": 100.0,
+        }
 
     return {
         "teacher_batching": batching,
         "edges_registered": edges,
-        "phases": {"closed": phase(closed_p99), "paced": phase(paced_p99)},
+        "phases": {"closed": phase("closed", closed_p99), "paced": phase("paced", paced_p99)},
     }
 
 
@@ -148,6 +163,8 @@ def test_the_figure_is_the_paced_micro_batched_p99_at_64_edges() -> None:
     assert figure([_run(False, 1900, under), _run(True, 700, over)])["met"] is False
     assert figure([_run(True, 700, under, edges=32)])["met"] is False
     assert figure([_run(False, 1900, under)])["met"] is None
+    held = figure([_run(False, 1900, over), _run(True, 700, under)])["capacity"]
+    assert held == {"one per step": None, "micro-batched": 64}
 
 
 def test_simulated_edges_send_the_teacher_side_once_per_sample_like_a_real_edge() -> None:
@@ -174,3 +191,51 @@ def test_simulated_edges_send_the_teacher_side_once_per_sample_like_a_real_edge(
     edge.cached = None  # no cache granted: the old wire, teacher side every step, no ids
     plain = edge._step_request(student, teacher, index)
     assert plain.HasField("teacher_activations") and not plain.HasField("sample_ids")
+
+
+def test_the_demand_of_the_figure_in_steps_and_cores_from_the_measured_cpu_per_step() -> None:
+    """64 edges pausing 1 ms need >= 64 / 51 ms steps/s at p99 <= 50 ms; at 2 ms of
+    replica CPU a step that is 2.5 cores, more than a 2-core replica has."""
+    assert needed_rate([0.001] * 64) == pytest.approx(64 / 0.051)
+    assert needed_rate([0.001] * 64, bound_ms=0) == pytest.approx(64_000)
+    phase = {
+        "steps_per_second": 400.0,
+        "cpu_cores": {"replica": 0.8, "generator": 0.4},
+        "pacing": {"needed_steps_per_second": 1255.0},
+    }
+    need = demand(phase)
+    assert need is not None
+    assert need["replica_cpu_ms_per_step"] == pytest.approx(2.0)
+    assert need["edges_cpu_ms_per_step"] == pytest.approx(1.0)
+    assert need["replica_cores_needed"] == pytest.approx(2.51)
+    assert need["edges_cores_needed"] == pytest.approx(1.255, abs=0.01)
+    assert demand(dict(phase, steps_per_second=0.0)) is None
+    assert demand({"steps_per_second": 1.0, "cpu_cores": {}}) is None
+
+
+def test_capacity_is_the_most_paced_edges_held_at_the_bound_without_failures() -> None:
+    def paced(edges: int, p99: float, failed: int = 0) -> dict:
+        return {
+            "phase": "paced",
+            "edges_stepping": edges,
+            "failed_steps": failed,
+            "step_latency_ms": {"p99": p99},
+        }
+
+    closed = dict(paced(64, 1.0), phase="closed")  # a closed loop never counts
+    phases = {"closed": closed, "paced": paced(64, 400), "paced-8": paced(8, 30),
+              "paced-16": paced(16, 49), "paced-24": paced(24, 20, failed=1)}  # fmt: skip
+    assert capacity({"phases": phases}) == 16
+    assert capacity({"phases": {"paced": paced(64, 51)}}) is None
+
+
+def test_a_histograms_quantile_interpolates_inside_its_bucket() -> None:
+    buckets = {0.01: 50.0, 0.05: 90.0, 0.1: 100.0, math.inf: 100.0}
+    assert histogram_quantile(buckets, 0.5) == pytest.approx(0.01)
+    assert histogram_quantile(buckets, 0.7) == pytest.approx(0.03)
+    assert histogram_quantile(buckets, 0.99) == pytest.approx(0.095)
+    assert math.isnan(histogram_quantile({}, 0.5))
+    # Between two scrapes: 10 new calls <= 10 ms, 10 in 10-50 ms, 10 in 50-100 ms.
+    before = {0.01: 40.0, 0.05: 80.0, 0.1: 90.0, math.inf: 90.0}
+    summary = histogram_summary(before, {0.01: 50.0, 0.05: 100.0, 0.1: 120.0, math.inf: 120.0})
+    assert summary == {"p50": pytest.approx(30.0), "p99": pytest.approx(98.5)}
