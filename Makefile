@@ -63,7 +63,7 @@ bench: $(STAMP) ## split step vs in-process step, wire bytes vs raw tensor bytes
 	$(BIN)/python -m benchmarks.wire_bench
 	$(BIN)/python -m benchmarks.linkemu_bench
 
-loadtest: $(STAMP) ## 64 edges on one cloud, closed loop (60 s) and paced as real devices (90 s), with and without teacher micro-batching (~7 min)
+loadtest: $(STAMP) ## 64 edges on one cloud: closed loop (60 s), paced as real devices (90 s), capacity at p99 <= 50 ms (7 x 20 s); with and without teacher micro-batching (~12 min)
 	$(BIN)/python -m benchmarks.loadtest $(LOADTEST_ARGS)
 
 scale-check: $(STAMP) ## 3 replicas behind a real Envoy, 32 simulated + 2 real edges, one replica SIGKILLed: nothing lost

@@ -20,14 +20,22 @@
      FLOPs at the device's rate, the step's bytes over its link, with jitter:
      benchmarks/pacing.py), the demo's mix of device and link profiles by
      default (``--mix``). This measures whether the replica holds the fleet.
+   - **capacity** (``--capacity``, 4 to 48 edges, 20 s each): the same pace
+     with only the first N edges stepping (the others idle, their sessions
+     kept): the most edges, and the steps/s, the replica holds at p99 <= 50 ms.
 3. Samples the cloud's RSS every second (psutil when installed, otherwise
    ``/proc/PID/status``) and, per phase, the CPU the replica, the client
    processes and everything else used (``--pin split`` puts the replica and the
    clients on different CPUs).
 
 Prints, per phase, steps, failed steps, steps/s, p50/p95/p99 step latency (the
-round trip one edge waits for, measured on the edge, pauses excluded), CPU, and
-the cloud's RSS; writes ``runs/loadtest/{batching,no-batching}/report.json``.
+round trip one edge waits for, measured on the edge, pauses excluded), the p50
+and p99 inside the replica's Step handler (its own histogram: without the wire
+and the client processes' event loops), CPU, and the cloud's RSS; writes
+``runs/loadtest/{batching,no-batching}/report.json`` (a folder it made, or a new
+one: it refuses to clean a folder holding files it did not write). Next to the
+figure it prints what the figure asks: the least steps/s 64 paced edges send
+when every step takes 50 ms, and the cores that takes at this run's CPU per step.
 By default it runs twice, with the teacher tails of concurrent sessions
 micro-batched (cloud_service/batcher.py) and without (one pass per step, the
 baseline), prints all four figures side by side and whether the issue's figure
@@ -926,10 +934,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     add(
         "--capacity",
-        default="8,16,24,32,48",
+        default="4,8,12,16,24,32,48",
         help="after the paced phase, the same pace with only the first N edges stepping, for "
         "each N of this list: the most edges the replica holds at p99 <= 50 ms "
-        "(default 8,16,24,32,48; 'none' to skip)",
+        "(default 4,8,12,16,24,32,48; 'none' to skip)",
     )
     add(
         "--capacity-duration",

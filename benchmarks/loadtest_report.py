@@ -205,17 +205,21 @@ def figure(reports: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def capacity(report: dict[str, Any]) -> int | None:
-    """The most paced edges this run held at p99 <= the figure's bound with no failed step
-    (the capacity points and the full paced phase; None: no paced phase, or none held)."""
+def capacity(report: dict[str, Any]) -> dict[str, float] | None:
+    """The most paced edges this run held at p99 <= the figure's bound with no failed step,
+    and the steps/s the replica served them (the capacity points and the full paced phase;
+    None: no paced phase, or none held). That rate sizes the autoscaler's target."""
     held = [
-        phase["edges_stepping"]
+        phase
         for phase in report["phases"].values()
         if phase["phase"] == "paced"
         and phase["failed_steps"] == 0
         and phase["step_latency_ms"]["p99"] <= FIGURE_P99_MS
     ]
-    return max(held, default=None)
+    if not held:
+        return None
+    best = max(held, key=lambda phase: phase["edges_stepping"])
+    return {"edges": best["edges_stepping"], "steps_per_second": best["steps_per_second"]}
 
 
 def print_report(report: dict[str, Any], out: Path) -> None:
@@ -335,9 +339,12 @@ def print_figure(reports: list[dict[str, Any]], edges: int) -> None:
             f"{cores:.2f} of this machine's {os.cpu_count()}"
         )
     for label, held in result["capacity"].items():
+        text = "none" if held is None else (
+            f"{held['edges']:.0f} edges ({held['steps_per_second']:.0f} steps/s)"
+        )  # fmt: skip
         print(
-            f"  capacity, {label}: {held if held is not None else 'none'} of the paced edges "
-            f"measured held at p99 <= {FIGURE_P99_MS:.0f} ms (the points: --capacity)"
+            f"  capacity, {label}: {text} of the paced edges measured held at p99 <= "
+            f"{FIGURE_P99_MS:.0f} ms (the points: --capacity)"
         )
     for label, phase in (
         ("baseline, closed loop, one teacher pass per step", baseline),

@@ -164,7 +164,7 @@ def test_the_figure_is_the_paced_micro_batched_p99_at_64_edges() -> None:
     assert figure([_run(True, 700, under, edges=32)])["met"] is False
     assert figure([_run(False, 1900, under)])["met"] is None
     held = figure([_run(False, 1900, over), _run(True, 700, under)])["capacity"]
-    assert held == {"one per step": None, "micro-batched": 64}
+    assert held == {"one per step": None, "micro-batched": {"edges": 64, "steps_per_second": 100}}
 
 
 def test_simulated_edges_send_the_teacher_side_once_per_sample_like_a_real_edge() -> None:
@@ -218,6 +218,7 @@ def test_capacity_is_the_most_paced_edges_held_at_the_bound_without_failures() -
         return {
             "phase": "paced",
             "edges_stepping": edges,
+            "steps_per_second": 10.0 * edges,
             "failed_steps": failed,
             "step_latency_ms": {"p99": p99},
         }
@@ -225,7 +226,7 @@ def test_capacity_is_the_most_paced_edges_held_at_the_bound_without_failures() -
     closed = dict(paced(64, 1.0), phase="closed")  # a closed loop never counts
     phases = {"closed": closed, "paced": paced(64, 400), "paced-8": paced(8, 30),
               "paced-16": paced(16, 49), "paced-24": paced(24, 20, failed=1)}  # fmt: skip
-    assert capacity({"phases": phases}) == 16
+    assert capacity({"phases": phases}) == {"edges": 16, "steps_per_second": 160.0}
     assert capacity({"phases": {"paced": paced(64, 51)}}) is None
 
 
