@@ -1,5 +1,5 @@
 """Fixtures shared by the whole suite (helpers live in tests/support.py)."""
 
-from tests.support import live_cloud
+from tests.support import digits_teacher_file, live_cloud
 
-__all__ = ["live_cloud"]
+__all__ = ["digits_teacher_file", "live_cloud"]

@@ -162,20 +162,34 @@ def job_names(config: Path) -> list[str]:
     return names
 
 
-@functools.cache
-def discover_targets(config: Path, promtool: str) -> list[ScrapeTarget]:
-    """Every target of every job of ``config``, with labels, parsed by promtool."""
-    targets: list[ScrapeTarget] = []
-    for job in job_names(config):
+# promtool waits the whole --timeout for results, though static targets arrive at once: ask
+# with a short timeout, and once more with a long one should a loaded machine find none in it.
+SD_TIMEOUTS = ("0.5s", "5s")
+
+
+def discover_job(config: Path, promtool: str, job: str) -> list[dict[str, Any]]:
+    """What ``promtool check service-discovery`` finds for ``job``: one entry per target."""
+    entries: list[dict[str, Any]] = []
+    for timeout in SD_TIMEOUTS:
         result = subprocess.run(
-            # promtool waits the whole --timeout for results; static targets need far less.
-            [promtool, "check", "service-discovery", "--timeout=2s", str(config), job],
+            [promtool, "check", "service-discovery", f"--timeout={timeout}", str(config), job],
             capture_output=True,
             text=True,
             timeout=60,
         )
         assert result.returncode == 0, f"promtool service-discovery {job}: {result.stderr}"
-        for entry in json.loads(result.stdout):
+        entries = json.loads(result.stdout) or []
+        if entries:
+            break
+    return entries
+
+
+@functools.cache
+def discover_targets(config: Path, promtool: str) -> list[ScrapeTarget]:
+    """Every target of every job of ``config``, with labels, parsed by promtool."""
+    targets: list[ScrapeTarget] = []
+    for job in job_names(config):
+        for entry in discover_job(config, promtool, job):
             labels = entry["labels"]
             targets.append(
                 ScrapeTarget(

@@ -32,6 +32,17 @@ RPC_TIMEOUT = 60.0
 DIGITS = DatasetSignature((1, 8, 8), 10, "digits")
 
 
+@pytest.fixture(scope="session")
+def digits_teacher_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A briefly trained digits teacher (8 epochs), saved once for every module that starts
+    clouds with ``--teacher`` from it; nothing writes to it."""
+    from cloud_service.teacher import train_teacher
+
+    path = tmp_path_factory.mktemp("digits-teacher") / "teacher.safetensors"
+    train_teacher("digits", hyper=Hyperparameters(epochs=8, learning_rate=0.001)).save(path)
+    return path
+
+
 def make_teacher(signature: DatasetSignature = DIGITS, seed: int = 7) -> Teacher:
     """An untrained but fixed teacher: enough for protocol and equivalence tests."""
     spec = zoo.default_teacher(signature)

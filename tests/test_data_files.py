@@ -13,7 +13,7 @@ import struct
 import subprocess
 import sys
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +22,6 @@ import pytest
 pytestmark = pytest.mark.slow  # a Python process (with torch) per case
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "SPLITKD_LOG_LEVEL": "WARNING"}
 ROWS = "".join(f"{i * 0.5},{i % 3},{i % 2}\n" for i in range(20))
-
-
-def run_cli(*args: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", *args]
-    env = {**ENV, "XDG_STATE_HOME": str(tmp_path / "state")}
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
 
 
 def npy_header_only(shape: tuple[int, ...]) -> bytes:
@@ -80,17 +74,72 @@ CASES: dict[str, tuple[str, Callable[[Path], None], str]] = {
 }
 
 
+class Started:
+    """``python -m ARGS`` started now, its state in ``tmp_path``; ``result()`` waits for it."""
+
+    def __init__(self, *args: str, tmp_path: Path) -> None:
+        command = [sys.executable, "-m", *args]
+        env = {**ENV, "XDG_STATE_HOME": str(tmp_path / "state")}
+        self.out, self.err = tmp_path / "cli.out", tmp_path / "cli.err"
+        with self.out.open("wb") as out, self.err.open("wb") as err:
+            self.process = subprocess.Popen(command, env=env, stdout=out, stderr=err)
+
+    def result(self) -> subprocess.CompletedProcess[str]:
+        try:
+            code = self.process.wait(timeout=120)
+        finally:
+            self.kill()
+        out, err = (path.read_text() for path in (self.out, self.err))
+        return subprocess.CompletedProcess(self.process.args, code, out, err)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+BOM = "a csv with a byte order mark"
+
+
+def write_bom_csv(path: Path) -> None:
+    rng = np.random.default_rng(0)
+    rows = "".join(f"{a:.3f},{b:.3f},{int(a > b)}\n" for a, b in rng.standard_normal((50, 2)))
+    path.write_text(rows, encoding="utf-8-sig")
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Started]]:
+    """``splitkd-edge train`` on every case's file and ``splitkd-cloud train-teacher`` on the
+    csv with a byte order mark, all started at once (each is a Python process with torch,
+    and reads nothing of the others); each test reads its own."""
+    runs: dict[str, Started] = {}
+    try:
+        tmp_path = tmp_path_factory.mktemp("bom")
+        write_bom_csv(tmp_path / "bom.csv")
+        runs[BOM] = Started(
+            "cloud_service.cli", "-q", "train-teacher", "--data", f"csv:{tmp_path / 'bom.csv'}",
+            "--out", str(tmp_path / "teacher.safetensors"), tmp_path=tmp_path,
+        )  # fmt: skip
+        for case, (name, write, _) in CASES.items():
+            tmp_path = tmp_path_factory.mktemp("bad-file")
+            write(tmp_path / name)
+            kind = "npz" if name.endswith(".npz") else "csv"
+            runs[case] = Started(
+                "edge_agent.cli", "train", "--cloud", "127.0.0.1:1", "--data",
+                f"{kind}:{tmp_path / name}", "--retry-seconds", "1", "--timeout", "2",
+                "--no-progress", "--no-plots", "--report", str(tmp_path / "report.json"),
+                "--model-dir", str(tmp_path / "models"), tmp_path=tmp_path,
+            )  # fmt: skip
+        yield runs
+    finally:
+        for run in runs.values():
+            run.kill()
+
+
 @pytest.mark.parametrize("case", CASES)
-def test_a_bad_file_is_one_line_and_exit_code_2(case: str, tmp_path: Path) -> None:
-    name, write, message = CASES[case]
-    write(tmp_path / name)
-    kind = "npz" if name.endswith(".npz") else "csv"
-    result = run_cli(
-        "edge_agent.cli", "train", "--cloud", "127.0.0.1:1", "--data",
-        f"{kind}:{tmp_path / name}", "--retry-seconds", "1", "--timeout", "2",
-        "--no-progress", "--no-plots", "--report", str(tmp_path / "report.json"),
-        "--model-dir", str(tmp_path / "models"), tmp_path=tmp_path,
-    )  # fmt: skip
+def test_a_bad_file_is_one_line_and_exit_code_2(case: str, cli_runs: dict[str, Started]) -> None:
+    message = CASES[case][2]
+    result = cli_runs[case].result()
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2, result.stderr
     assert len(lines) == 1, result.stderr
@@ -99,14 +148,10 @@ def test_a_bad_file_is_one_line_and_exit_code_2(case: str, tmp_path: Path) -> No
         assert noise not in result.stderr
 
 
-def test_a_csv_with_a_byte_order_mark_trains_the_teacher_on_every_row(tmp_path: Path) -> None:
-    rng = np.random.default_rng(0)
-    rows = "".join(f"{a:.3f},{b:.3f},{int(a > b)}\n" for a, b in rng.standard_normal((50, 2)))
-    (tmp_path / "bom.csv").write_text(rows, encoding="utf-8-sig")
-    result = run_cli(
-        "cloud_service.cli", "-q", "train-teacher", "--data", f"csv:{tmp_path / 'bom.csv'}",
-        "--out", str(tmp_path / "teacher.safetensors"), tmp_path=tmp_path,
-    )  # fmt: skip
+def test_a_csv_with_a_byte_order_mark_trains_the_teacher_on_every_row(
+    cli_runs: dict[str, Started],
+) -> None:
+    result = cli_runs[BOM].result()
     assert result.returncode == 0, result.stderr
     # All 50 rows, all of them the teacher's: 40 to train on, 10 held out, none set aside.
     assert "(40 training, 10 held-out samples, 0 set aside for the edges)" in result.stdout

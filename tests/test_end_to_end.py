@@ -23,9 +23,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from cloud_service.teacher import train_teacher
 from splitkd.demo import free_port
-from splitkd.hyper import Hyperparameters
 
 pytestmark = pytest.mark.slow
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "SPLITKD_LOG_LEVEL": "WARNING"}
@@ -93,12 +91,12 @@ def edge(
 
 
 @pytest.fixture(scope="module")
-def digits_cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cloud]:
+def digits_cloud(
+    tmp_path_factory: pytest.TempPathFactory, digits_teacher_file: Path
+) -> Iterator[Cloud]:
     tmp = tmp_path_factory.mktemp("digits-cloud")
     # A briefly trained teacher from a checkpoint: the --teacher path, and fast.
-    teacher = train_teacher("digits", hyper=Hyperparameters(epochs=8, learning_rate=0.001))
-    teacher.save(tmp / "teacher.safetensors")
-    cloud = start_cloud(tmp, "--teacher", str(tmp / "teacher.safetensors"))
+    cloud = start_cloud(tmp, "--teacher", str(digits_teacher_file))
     yield cloud
     stop(cloud.process)
 
@@ -139,17 +137,20 @@ def test_two_edges_train_at_once_then_predict_and_serve(
     assert {"student-edge-0", "student-edge-1"} <= models
 
     sample = np.zeros((1, 8, 8), dtype=np.float32).tolist()
-    once = edge("predict", "--model-dir", str(tmp_path / "edge-0"), "--json", json.dumps(sample))
-    assert once.returncode == 0, once.stderr
-    answer = json.loads(once.stdout)
-    assert len(answer["predictions"]) == 1
-    assert abs(sum(answer["predictions"][0]["probabilities"]) - 1) < 1e-4
-
+    # The server starts while predict runs: two processes, two model folders.
     port = free_port()
     server = edge("serve", "--host", "127.0.0.1", "--http-port", str(port),
                   "--model-dir", str(tmp_path / "edge-1"), wait=False)  # fmt: skip
     assert isinstance(server, subprocess.Popen)
     try:
+        once = edge(
+            "predict", "--model-dir", str(tmp_path / "edge-0"), "--json", json.dumps(sample)
+        )
+        assert once.returncode == 0, once.stderr
+        answer = json.loads(once.stdout)
+        assert len(answer["predictions"]) == 1
+        assert abs(sum(answer["predictions"][0]["probabilities"]) - 1) < 1e-4
+
         health = wait_http(f"http://127.0.0.1:{port}/healthz", server)
         assert health["status"] == "ok"
         served = http_json(f"http://127.0.0.1:{port}/v1/predict", {"inputs": [sample, sample]})
@@ -165,25 +166,67 @@ def test_two_edges_train_at_once_then_predict_and_serve(
         stop(server)
 
 
-def test_cli_mistakes_print_one_line_and_exit_nonzero(digits_cloud: Cloud, tmp_path: Path) -> None:
+class Background:
+    """An edge command running while others do; ``result()`` waits for it, like ``edge()``."""
+
+    def __init__(self, folder: Path, name: str, *args: str) -> None:
+        self.out, self.err = folder / f"{name}.out", folder / f"{name}.err"
+        command = [sys.executable, "-m", "edge_agent.cli", *args]
+        with self.out.open("wb") as out, self.err.open("wb") as err:
+            self.process = subprocess.Popen(command, env=ENV, stdout=out, stderr=err)
+
+    def result(self) -> subprocess.CompletedProcess[str]:
+        code = self.process.wait(timeout=300)
+        out, err = (path.read_text(errors="replace") for path in (self.out, self.err))
+        return subprocess.CompletedProcess(self.process.args, code, out, err)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def unreachable_cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Background]:
+    """The CLI mistake that takes longest: an edge whose cloud does not answer gives up only
+    after its connect timeout (10 s, whatever --timeout says). Started with the module, it
+    waits while the other tests run; the CLI-mistakes test reads its answer."""
+    tmp = tmp_path_factory.mktemp("unreachable-cloud")
+    edge = Background(
+        tmp, "unreachable", "train", "--cloud", "127.0.0.1:1", "--data", "digits",
+        "--timeout", "2", "--report", str(tmp / "r.json"), "--no-progress",
+    )  # fmt: skip
+    yield edge
+    edge.kill()
+
+
+def test_cli_mistakes_print_one_line_and_exit_nonzero(
+    digits_cloud: Cloud, unreachable_cloud: Background, tmp_path: Path
+) -> None:
     cases = [
         (["--cloud", digits_cloud.grpc, "--data", f"npz:{tmp_path}/missing.npz"], "does not exist"),
         (["--cloud", digits_cloud.grpc, "--data", "digits", "--shard", "2/2"], "shard"),
-        (
-            ["--cloud", "127.0.0.1:1", "--data", "digits", "--timeout", "2"],
-            "cannot reach the cloud",
-        ),
         (
             ["--cloud", digits_cloud.grpc, "--data", "digits", "--device-profile", "toaster"],
             "toaster",
         ),
     ]
-    for args, message in cases:
-        result = edge("train", *args, "--report", str(tmp_path / "r.json"), "--no-progress")
-        assert isinstance(result, subprocess.CompletedProcess)
-        assert result.returncode != 0
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and message in lines[0], result.stderr
+    # The cases at once, each its own process; the unreachable cloud's started with the module.
+    running: list[tuple[Background, str]] = []
+    try:
+        for i, (args, message) in enumerate(cases):
+            report = str(tmp_path / f"r{i}.json")
+            running.append((Background(tmp_path, f"case-{i}", "train", *args, "--report", report,
+                                       "--no-progress"), message))  # fmt: skip
+        running.append((unreachable_cloud, "cannot reach the cloud"))
+        for device, message in running:
+            result = device.result()
+            assert result.returncode != 0
+            lines = result.stderr.strip().splitlines()
+            assert len(lines) == 1 and message in lines[0], result.stderr
+    finally:
+        for device, _ in running:
+            device.kill()
 
 
 def test_tabular_npz_with_three_classes_devices_with_some_and_refused_mismatches(
@@ -195,14 +238,34 @@ def test_tabular_npz_with_three_classes_devices_with_some_and_refused_mismatches
     y = rng.integers(0, 3, size=400)
     x = (centres[y] + rng.normal(0, 1, size=(400, 6))).astype(np.float32)
     np.savez(tmp_path / "sensors.npz", x=x, y=y)
+    _kitchen_and_alien_files(tmp_path, centres)
     cloud = start_cloud(tmp_path, "--teacher-data", f"npz:{tmp_path / 'sensors.npz'}", epochs=5)
-    try:
-        result = edge(
+    # Every device at once, each its own process on the one cloud; checked one by one below.
+    devices = {
+        "gateway": (
             "train", "--cloud", cloud.grpc, "--data", f"npz:{tmp_path / 'sensors.npz'}",
             "--shard", "1/2", "--device-id", "gateway-1", "--report", str(tmp_path / "gw.json"),
             "--model-dir", str(tmp_path / "gw"), "--no-progress", "--no-plots",
-        )  # fmt: skip
-        assert isinstance(result, subprocess.CompletedProcess)
+        ),
+        # Digits (1x8x8, 10 classes) cannot be served by this cloud's teacher.
+        "refused": ("train", "--cloud", cloud.grpc, "--data", "digits",
+                    "--report", str(tmp_path / "no.json"), "--no-progress"),
+        "kitchen": (
+            "train", "--cloud", cloud.grpc, "--data", f"npz:{tmp_path / 'kitchen.npz'}",
+            "--class-weighting", "balanced", "--device-id", "kitchen",
+            "--report", str(tmp_path / "kitchen.json"), "--model-dir", str(tmp_path / "kitchen"),
+            "--no-progress", "--no-plots",
+        ),
+        "alien": (
+            "train", "--cloud", cloud.grpc, "--data", f"npz:{tmp_path / 'alien.npz'}",
+            "--report", str(tmp_path / "alien.json"), "--no-progress",
+        ),
+    }  # fmt: skip
+    running: list[Background] = []
+    try:
+        for name, args in devices.items():
+            running.append(Background(tmp_path, name, *args))
+        result, refused, kitchen, alien = (device.result() for device in running)
         assert result.returncode == 0, result.stderr
         report = json.loads((tmp_path / "gw.json").read_text())
         assert report["data"]["signature"] == "features 6, 3 classes"
@@ -222,31 +285,31 @@ def test_tabular_npz_with_three_classes_devices_with_some_and_refused_mismatches
         assert "200 in other shards" in result.stdout
         meta = http_json(f"{cloud.http}/v1/models/student-gateway-1/versions/1")
         assert meta["num_classes"] == 3 and meta["input_shape"] == [6]
-        # Digits (1x8x8, 10 classes) cannot be served by this cloud's teacher.
-        refused = edge("train", "--cloud", cloud.grpc, "--data", "digits",
-                       "--report", str(tmp_path / "no.json"), "--no-progress")  # fmt: skip
-        assert isinstance(refused, subprocess.CompletedProcess)
         assert refused.returncode != 0
         assert "FAILED_PRECONDITION" in refused.stderr and "--teacher-data" in refused.stderr
-        _devices_with_some_classes(cloud, tmp_path, centres)
+        _devices_with_some_classes(tmp_path, kitchen, alien)
     finally:
+        for device in running:
+            device.kill()
         stop(cloud.process)
 
 
-def _devices_with_some_classes(cloud: Cloud, tmp_path: Path, centres: np.ndarray) -> None:
-    """A device holding classes 0 and 2 of 3, imbalanced 9:1, trains with balanced class
-    weights and reports per-class recall; one with a label 3 is refused at Register."""
+def _kitchen_and_alien_files(tmp_path: Path, centres: np.ndarray) -> None:
+    """A device holding classes 0 and 2 of 3, imbalanced 9:1; another with a label 3."""
     rng = np.random.default_rng(4)
     y = np.array([0] * 270 + [2] * 30)
     x = (centres[y] + rng.normal(0, 1, size=(300, 6))).astype(np.float32)
     np.savez(tmp_path / "kitchen.npz", x=x, y=y)
-    result = edge(
-        "train", "--cloud", cloud.grpc, "--data", f"npz:{tmp_path / 'kitchen.npz'}",
-        "--class-weighting", "balanced", "--device-id", "kitchen",
-        "--report", str(tmp_path / "kitchen.json"), "--model-dir", str(tmp_path / "kitchen"),
-        "--no-progress", "--no-plots",
-    )  # fmt: skip
-    assert isinstance(result, subprocess.CompletedProcess)
+    np.savez(tmp_path / "alien.npz", x=x, y=np.where(y == 2, 3, y))
+
+
+def _devices_with_some_classes(
+    tmp_path: Path,
+    result: subprocess.CompletedProcess[str],
+    alien: subprocess.CompletedProcess[str],
+) -> None:
+    """The device with classes 0 and 2 of 3 trained with balanced class weights and
+    reports per-class recall; the one with a label 3 was refused at Register."""
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "kitchen.json").read_text())
     data, student = report["data"], report["student"]
@@ -257,11 +320,5 @@ def _devices_with_some_classes(cloud: Cloud, tmp_path: Path, centres: np.ndarray
     assert set(student["per_class_recall"]) == {"0", "2"}
     assert student["macro_recall"] == np.mean(list(student["per_class_recall"].values()))
     assert 0.0 <= student["macro_f1"] <= 1.0
-    np.savez(tmp_path / "alien.npz", x=x, y=np.where(y == 2, 3, y))
-    alien = edge(
-        "train", "--cloud", cloud.grpc, "--data", f"npz:{tmp_path / 'alien.npz'}",
-        "--report", str(tmp_path / "alien.json"), "--no-progress",
-    )  # fmt: skip
-    assert isinstance(alien, subprocess.CompletedProcess)
     assert alien.returncode != 0
     assert "FAILED_PRECONDITION" in alien.stderr and "labels go up to 3" in alien.stderr

@@ -134,6 +134,15 @@ shapes = st.one_of(
 )
 
 
+# Strategies that do not depend on a drawn value are built once, here: one built inside a
+# draw is built again for every example, which costs as much as a good part of the draw.
+_HOW = st.sampled_from(["exact", "non-finite", "short", "long", "random"])
+_SEEDS = st.integers(0, 2**32 - 1)
+_RANDOM_SIZES = st.integers(0, 512)
+_EXTRA_SIZES = st.integers(1, 64)
+_NON_FINITE_VALUES = {dtype: st.sampled_from(values) for dtype, values in NON_FINITE.items()}
+
+
 @st.composite
 def tensors(draw: st.DrawFn) -> pb.Tensor:
     """Any Tensor message, mostly malformed: see the module docstring."""
@@ -141,20 +150,20 @@ def tensors(draw: st.DrawFn) -> pb.Tensor:
     shape = draw(shapes)
     itemsize = NUMPY_DTYPES[dtype].itemsize if dtype in NUMPY_DTYPES else 4
     claimed = prod(shape) * itemsize if all(d >= 0 for d in shape) else -1
-    how = draw(st.sampled_from(["exact", "non-finite", "short", "long", "random"]))
-    seed = draw(st.integers(0, 2**32 - 1))
+    how = draw(_HOW)
+    seed = draw(_SEEDS)
     if how == "random" or not 0 <= claimed <= MAX_PAYLOAD:
-        data = random_bytes(seed, draw(st.integers(0, 512)))
+        data = random_bytes(seed, draw(_RANDOM_SIZES))
     else:
         data = random_bytes(seed, claimed)
         if how == "non-finite" and dtype in NON_FINITE and data:
             index = draw(st.integers(0, len(data) // itemsize - 1)) * itemsize
-            value = draw(st.sampled_from(NON_FINITE[dtype]))
+            value = draw(_NON_FINITE_VALUES[dtype])
             data = data[:index] + value + data[index + itemsize :]
         elif how == "short" and data:
             data = data[: draw(st.integers(0, len(data) - 1))]
         elif how == "long":
-            data += random_bytes(seed + 1, draw(st.integers(1, 64)))
+            data += random_bytes(seed + 1, draw(_EXTRA_SIZES))
     return pb.Tensor(dtype=dtype, shape=shape, data=data)
 
 
@@ -368,14 +377,13 @@ decode_options = st.fixed_dictionaries(
 )
 
 
+_OTHER_SHAPES = st.lists(st.one_of(st.none(), st.integers(0, 6)), max_size=9)
+
+
 def expected_shapes(dims: list[int]) -> st.SearchStrategy[list[int | None] | None]:
     """No expectation, the tensor's own shape with a free batch, or some other shape."""
     own: list[int | None] = [None, *dims[1:]] if dims else []
-    return st.one_of(
-        st.none(),
-        st.just(own),
-        st.lists(st.one_of(st.none(), st.integers(0, 6)), max_size=9),
-    )
+    return st.one_of(st.none(), st.just(own), _OTHER_SHAPES)
 
 
 @fuzz(CODEC_EXAMPLES)

@@ -183,11 +183,17 @@ def figures(value: Any) -> Any:
     return value
 
 
-def demo(runs: Path, seed: int, teacher: Path) -> dict[str, Any]:
+def start_demo(runs: Path, seed: int, teacher: Path) -> subprocess.Popen[bytes]:
     command = [sys.executable, "-m", "splitkd.demo", "--epochs", "2", "--seed", str(seed)]
     command += ["--teacher", str(teacher), "--runs", str(runs)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert result.returncode == 0, result.stdout + result.stderr
+    runs.mkdir(parents=True)
+    with (runs / "demo.log").open("wb") as log:
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+
+
+def demo_report(runs: Path, process: subprocess.Popen[bytes]) -> dict[str, Any]:
+    code = process.wait(timeout=300)
+    assert code == 0, (runs / "demo.log").read_text(errors="replace")
     run_dir = runs / "latest"
     summary = json.loads((run_dir / "report.json").read_text())
     edges = {p.stem: json.loads(p.read_text()) for p in sorted(run_dir.glob("edge-*.json"))}
@@ -199,7 +205,16 @@ def test_two_demo_runs_with_one_seed_report_the_same_figures(tmp_path: Path) -> 
     # A teacher of two epochs: training the demo's own takes minutes on a loaded machine.
     teacher = train_teacher("digits", hyper=Hyperparameters(epochs=2, learning_rate=0.001))
     teacher.save(tmp_path / "teacher.safetensors")
-    runs = [demo(tmp_path / run, 0, tmp_path / "teacher.safetensors") for run in ("a", "b")]
+    # Both runs at once: separate processes and ports, so neither can see the other, and each
+    # runs under the other's load, which must not change a figure either.
+    started = {run: start_demo(tmp_path / run, 0, tmp_path / "teacher.safetensors") for run in "ab"}
+    try:
+        runs = [demo_report(tmp_path / run, process) for run, process in started.items()]
+    finally:
+        for process in started.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
     first, second = figures(runs[0]), figures(runs[1])
     assert first == second
     # The comparison covers what matters: per-step losses, accuracies, bytes, the model.

@@ -56,6 +56,18 @@ def cloud_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     )
 
 
+def start_cloud_cli(*args: str, cwd: Path = ROOT) -> subprocess.Popen[str]:
+    """``cloud_cli`` started, not waited for: ``communicate()`` gives its output."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "cloud_service.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=cwd,
+        env={**CLI_ENV, "PYTHONPATH": str(ROOT)},
+    )
+
+
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("certs")
@@ -214,16 +226,28 @@ def test_a_corrupt_device_registry_is_one_line_at_start_up_and_no_path_in_answer
     tmp_path: Path, servers: list[Server], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "state").mkdir()
-    for garbage in ("[]", "{", '{"format": 1, "devices": {"a": {"name": 1}}}',
-                    '{"format": 1, "devices": {"a": {"name": "a", "state": "enrolled", '
-                    '"salt": "zz", "digest": "00", "enrolled_at": ""}}}'):  # fmt: skip
-        (tmp_path / "state" / "devices.json").write_text(garbage)
-        done = cloud_cli("serve", "--state-dir", "state", cwd=tmp_path)
-        assert done.returncode == 2, (garbage, done.stderr)
-        lines = done.stderr.strip().splitlines()
-        assert len(lines) == 1 and "state/devices.json" in lines[0], (garbage, done.stderr)
-        assert str(tmp_path) not in done.stderr
+    garbages = ("[]", "{", '{"format": 1, "devices": {"a": {"name": 1}}}',
+                '{"format": 1, "devices": {"a": {"name": "a", "state": "enrolled", '
+                '"salt": "zz", "digest": "00", "enrolled_at": ""}}}')  # fmt: skip
+    # One cloud per registry, all started at once: each in its own folder, ./state.
+    started: list[tuple[str, subprocess.Popen[str]]] = []
+    try:
+        for i, garbage in enumerate(garbages):
+            folder = tmp_path / f"corrupt-{i}"
+            (folder / "state").mkdir(parents=True)
+            (folder / "state" / "devices.json").write_text(garbage)
+            started.append((garbage, start_cloud_cli("serve", "--state-dir", "state", cwd=folder)))
+        for garbage, process in started:
+            _, stderr = process.communicate(timeout=60)
+            assert process.returncode == 2, (garbage, stderr)
+            lines = stderr.strip().splitlines()
+            assert len(lines) == 1 and "state/devices.json" in lines[0], (garbage, stderr)
+            assert str(tmp_path) not in stderr
+    finally:
+        for _, process in started:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
     # Damaged while the cloud runs: answers say nothing of the server's files.
     server = start(tmp_path / "running")
     servers.append(server)
@@ -243,7 +267,7 @@ def test_a_corrupt_device_registry_is_one_line_at_start_up_and_no_path_in_answer
     health = client.get("/healthz")
     assert health.status_code == 200 and str(tmp_path) not in health.text
     # A registry that was never read well refuses everyone (fails closed).
-    never_good = DeviceRegistry.in_state_dir(tmp_path / "state")
+    never_good = DeviceRegistry.in_state_dir(tmp_path / f"corrupt-{len(garbages) - 1}" / "state")
     assert never_good.has_entries()
     assert never_good.verify("a", "anything").name == "UNKNOWN"
 
